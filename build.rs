@@ -1,0 +1,21 @@
+//! Generates the gRPC code and the descriptor set that server reflection serves.
+
+use std::{env, path::PathBuf};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // A vendored protoc, so the build needs nothing preinstalled.
+    // SAFETY: build scripts are single-threaded; nothing reads the environment concurrently.
+    unsafe { env::set_var("PROTOC", protoc_bin_vendored::protoc_bin_path()?) };
+
+    let out_dir = PathBuf::from(env::var("OUT_DIR")?);
+    tonic_prost_build::configure()
+        .file_descriptor_set_path(out_dir.join("readthrough_descriptor.bin"))
+        .compile_protos(
+            &[
+                PathBuf::from("proto/readthrough/v1/users.proto"),
+                PathBuf::from("proto/readthrough/v1/products.proto"),
+            ],
+            &[PathBuf::from("proto"), protoc_bin_vendored::include_path()?],
+        )?;
+    Ok(())
+}

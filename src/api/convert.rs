@@ -1,0 +1,190 @@
+//! Conversions between protobuf messages and domain types.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use prost_types::{FieldMask, ListValue, Struct, Timestamp, Value, value::Kind};
+
+use crate::{
+    domain::{Preferences, Product, User, ValidationError},
+    proto,
+};
+
+pub fn user_to_proto(user: User) -> proto::User {
+    proto::User {
+        id: user.id.to_string(),
+        email: user.email,
+        preferences: Some(json_object_to_struct(user.preferences)),
+        version: user.version,
+        created_at: Some(timestamp(user.created_at)),
+        last_modified: Some(timestamp(user.last_modified)),
+    }
+}
+
+pub fn product_to_proto(product: Product) -> proto::Product {
+    proto::Product {
+        id: product.id.to_string(),
+        category_id: product.category_id,
+        name: product.name,
+        description: product.description,
+        price_cents: product.price_cents,
+        currency: product.currency,
+        version: product.version,
+        created_at: Some(timestamp(product.created_at)),
+        updated_at: Some(timestamp(product.updated_at)),
+    }
+}
+
+fn timestamp(at: DateTime<Utc>) -> Timestamp {
+    Timestamp {
+        seconds: at.timestamp(),
+        nanos: at.timestamp_subsec_nanos() as i32,
+    }
+}
+
+/// Absent preferences are an empty object.
+pub fn preferences(raw: Option<Struct>) -> Result<Preferences, ValidationError> {
+    match raw {
+        None => Ok(Preferences::empty()),
+        Some(raw) => Preferences::parse(struct_to_json(raw)?),
+    }
+}
+
+fn struct_to_json(raw: Struct) -> Result<serde_json::Value, ValidationError> {
+    let fields = raw
+        .fields
+        .into_iter()
+        .map(|(key, value)| Ok((key, value_to_json(value)?)))
+        .collect::<Result<serde_json::Map<_, _>, ValidationError>>()?;
+    Ok(serde_json::Value::Object(fields))
+}
+
+fn value_to_json(value: Value) -> Result<serde_json::Value, ValidationError> {
+    Ok(match value.kind {
+        None | Some(Kind::NullValue(_)) => serde_json::Value::Null,
+        Some(Kind::BoolValue(b)) => serde_json::Value::Bool(b),
+        Some(Kind::StringValue(s)) => serde_json::Value::String(s),
+        Some(Kind::NumberValue(n)) => serde_json::Number::from_f64(n)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| ValidationError::new("preferences", "numbers must be finite"))?,
+        Some(Kind::StructValue(s)) => struct_to_json(s)?,
+        Some(Kind::ListValue(list)) => serde_json::Value::Array(
+            list.values
+                .into_iter()
+                .map(value_to_json)
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
+/// Stored preferences are always an object (validated on the way in).
+fn json_object_to_struct(value: serde_json::Value) -> Struct {
+    match json_to_value(value).kind {
+        Some(Kind::StructValue(s)) => s,
+        _ => Struct::default(),
+    }
+}
+
+fn json_to_value(value: serde_json::Value) -> Value {
+    let kind = match value {
+        serde_json::Value::Null => Kind::NullValue(0),
+        serde_json::Value::Bool(b) => Kind::BoolValue(b),
+        serde_json::Value::Number(n) => Kind::NumberValue(n.as_f64().unwrap_or_default()),
+        serde_json::Value::String(s) => Kind::StringValue(s),
+        serde_json::Value::Array(items) => Kind::ListValue(ListValue {
+            values: items.into_iter().map(json_to_value).collect(),
+        }),
+        serde_json::Value::Object(map) => Kind::StructValue(Struct {
+            fields: map
+                .into_iter()
+                .map(|(k, v)| (k, json_to_value(v)))
+                .collect::<BTreeMap<_, _>>(),
+        }),
+    };
+    Value { kind: Some(kind) }
+}
+
+/// The paths of an update mask, checked against the fields a resource lets callers change.
+/// `*` means all of them (AIP-134); an empty mask is an error.
+pub fn mask_paths<'a>(
+    mask: Option<&'a FieldMask>,
+    updatable: &[&'static str],
+) -> Result<Vec<&'a str>, ValidationError> {
+    let paths: Vec<&str> = mask
+        .map(|m| m.paths.iter().map(String::as_str).collect())
+        .unwrap_or_default();
+    if paths.is_empty() {
+        return Err(ValidationError::new(
+            "update_mask",
+            "must name at least one field",
+        ));
+    }
+    if paths == ["*"] {
+        return Ok(updatable.to_vec());
+    }
+    if let Some(unknown) = paths.iter().find(|p| !updatable.contains(p)) {
+        return Err(ValidationError::new(
+            "update_mask",
+            format!(
+                "cannot update {unknown:?}; updatable fields are {}",
+                updatable.join(", ")
+            ),
+        ));
+    }
+    Ok(paths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn preferences_round_trip_through_struct() {
+        let json = serde_json::json!({"theme": "dark", "n": 2.5, "tags": ["a", null, true], "nested": {"x": {}}});
+        let back = struct_to_json(json_object_to_struct(json.clone())).unwrap();
+        assert_eq!(back, json);
+    }
+
+    #[test]
+    fn non_finite_numbers_are_rejected() {
+        let raw = Struct {
+            fields: [(
+                "x".to_string(),
+                Value {
+                    kind: Some(Kind::NumberValue(f64::NAN)),
+                },
+            )]
+            .into(),
+        };
+        assert_eq!(preferences(Some(raw)).unwrap_err().field, "preferences");
+    }
+
+    #[test]
+    fn masks_name_only_updatable_fields() {
+        let mask = |paths: &[&str]| FieldMask {
+            paths: paths.iter().map(|p| p.to_string()).collect(),
+        };
+        assert_eq!(
+            mask_paths(Some(&mask(&["email"])), &["email", "preferences"]).unwrap(),
+            ["email"]
+        );
+        assert_eq!(
+            mask_paths(Some(&mask(&["*"])), &["email", "preferences"]).unwrap(),
+            ["email", "preferences"]
+        );
+        assert_eq!(
+            mask_paths(Some(&mask(&["version"])), &["email"])
+                .unwrap_err()
+                .field,
+            "update_mask"
+        );
+        assert_eq!(
+            mask_paths(Some(&mask(&[])), &["email"]).unwrap_err().field,
+            "update_mask"
+        );
+        assert_eq!(
+            mask_paths(None, &["email"]).unwrap_err().field,
+            "update_mask"
+        );
+    }
+}

@@ -1,0 +1,33 @@
+//! gRPC handlers: request -> validated domain input -> service -> response.
+//!
+//! Handlers hold no SQL and no Redis commands. Errors become a gRPC status in
+//! one place (`status.rs`); every call is timed per method (`observe`).
+
+mod convert;
+mod products;
+mod status;
+mod users;
+
+use std::{future::Future, time::Instant};
+
+use tonic::{Response, Status};
+use tracing::Instrument;
+
+pub use products::ProductApi;
+pub use users::UserApi;
+
+/// Runs one RPC inside a tracing span and records its latency and status code.
+async fn observe<T>(
+    method: &'static str,
+    handler: impl Future<Output = Result<T, Status>>,
+) -> Result<Response<T>, Status> {
+    let started = Instant::now();
+    let result = handler.instrument(tracing::info_span!("rpc", method)).await;
+    let code = match &result {
+        Ok(_) => tonic::Code::Ok,
+        Err(status) => status.code(),
+    };
+    metrics::histogram!("readthrough_rpc_duration_seconds", "method" => method, "code" => format!("{code:?}"))
+        .record(started.elapsed().as_secs_f64());
+    result.map(Response::new)
+}

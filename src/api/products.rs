@@ -1,0 +1,135 @@
+//! `readthrough.v1.ProductService`.
+
+use tonic::{Request, Response, Status};
+
+use super::{
+    convert::{mask_paths, product_to_proto},
+    observe,
+};
+use crate::{
+    domain::{
+        CategoryId, Currency, Description, ExpectedVersion, NewProduct, PageRequest, PriceCents,
+        ProductId, ProductName, ProductPatch, ValidationError,
+    },
+    proto::{self, product_service_server::ProductService},
+    service::Products,
+};
+
+const UPDATABLE: &[&str] = &[
+    "category_id",
+    "name",
+    "description",
+    "price_cents",
+    "currency",
+];
+
+pub struct ProductApi {
+    products: Products,
+}
+
+impl ProductApi {
+    pub fn new(products: Products) -> Self {
+        Self { products }
+    }
+}
+
+#[tonic::async_trait]
+impl ProductService for ProductApi {
+    async fn get_product(
+        &self,
+        request: Request<proto::GetProductRequest>,
+    ) -> Result<Response<proto::Product>, Status> {
+        observe("GetProduct", async {
+            let id = ProductId::parse(&request.get_ref().id)?;
+            Ok(product_to_proto(self.products.get(id).await?))
+        })
+        .await
+    }
+
+    async fn list_products(
+        &self,
+        request: Request<proto::ListProductsRequest>,
+    ) -> Result<Response<proto::ListProductsResponse>, Status> {
+        observe("ListProducts", async {
+            let request = request.get_ref();
+            let category = CategoryId::parse(&request.category_id)?;
+            let page = PageRequest::parse(request.page, request.page_size)?;
+            let found = self.products.list(&category, page).await?;
+            Ok(proto::ListProductsResponse {
+                products: found.products.into_iter().map(product_to_proto).collect(),
+                total_count: found.total as i64,
+                page: page.page() as i32,
+                page_size: page.size() as i32,
+            })
+        })
+        .await
+    }
+
+    async fn create_product(
+        &self,
+        request: Request<proto::CreateProductRequest>,
+    ) -> Result<Response<proto::Product>, Status> {
+        observe("CreateProduct", async {
+            let request = request.get_ref();
+            let new = NewProduct {
+                category_id: CategoryId::parse(&request.category_id)?,
+                name: ProductName::parse(&request.name)?,
+                description: Description::parse(&request.description)?,
+                price_cents: PriceCents::parse(request.price_cents)?,
+                currency: Currency::parse(&request.currency)?,
+            };
+            Ok(product_to_proto(self.products.create(new).await?))
+        })
+        .await
+    }
+
+    async fn update_product(
+        &self,
+        request: Request<proto::UpdateProductRequest>,
+    ) -> Result<Response<proto::Product>, Status> {
+        observe("UpdateProduct", async {
+            let request = request.into_inner();
+            let product = request
+                .product
+                .ok_or_else(|| ValidationError::new("product", "is required"))?;
+            let mut patch = ProductPatch {
+                id: ProductId::parse(&product.id).map_err(|e| e.in_field("product.id"))?,
+                category_id: None,
+                name: None,
+                description: None,
+                price_cents: None,
+                currency: None,
+                expected_version: ExpectedVersion::parse(request.expected_version)?,
+            };
+            for path in mask_paths(request.update_mask.as_ref(), UPDATABLE)? {
+                match path {
+                    "category_id" => {
+                        patch.category_id = Some(CategoryId::parse(&product.category_id)?)
+                    }
+                    "name" => patch.name = Some(ProductName::parse(&product.name)?),
+                    "description" => {
+                        patch.description = Some(Description::parse(&product.description)?)
+                    }
+                    "price_cents" => {
+                        patch.price_cents = Some(PriceCents::parse(product.price_cents)?)
+                    }
+                    _ => patch.currency = Some(Currency::parse(&product.currency)?),
+                }
+            }
+            Ok(product_to_proto(self.products.update(patch).await?))
+        })
+        .await
+    }
+
+    async fn delete_product(
+        &self,
+        request: Request<proto::DeleteProductRequest>,
+    ) -> Result<Response<()>, Status> {
+        observe("DeleteProduct", async {
+            let id = ProductId::parse(&request.get_ref().id)?;
+            self.products.delete(id).await?;
+            Ok(())
+        })
+        .await
+    }
+}

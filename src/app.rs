@@ -1,0 +1,165 @@
+//! Wiring: pools, services, health, reflection, metrics endpoint, graceful shutdown.
+//!
+//! `Application::build` binds both listeners (port 0 picks a free one, which
+//! is how tests start real servers side by side) and `run_until_stopped`
+//! serves until the given future completes.
+
+use std::{future::Future, time::Duration};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+use crate::{
+    api::{ProductApi, UserApi},
+    config::ServeConfig,
+    proto::{product_service_server::ProductServiceServer, user_service_server::UserServiceServer},
+    service::Services,
+    store, telemetry,
+};
+
+pub struct Application {
+    config: ServeConfig,
+    grpc_listener: TcpListener,
+    metrics_listener: TcpListener,
+    services: Services,
+}
+
+impl Application {
+    /// Migrates (unless told not to), connects, and binds the listeners.
+    /// Redis is not contacted: the service starts and serves while Redis is down.
+    pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        if config.migrate_on_start {
+            store::migrate(&config.config)
+                .await
+                .context("migrating the database")?;
+        }
+        let services = Services::connect(&config.config)
+            .await
+            .context("connecting to PostgreSQL")?;
+        let grpc_listener = TcpListener::bind(config.grpc_addr)
+            .await
+            .with_context(|| format!("binding GRPC_ADDR {}", config.grpc_addr))?;
+        let metrics_listener = TcpListener::bind(config.metrics_addr)
+            .await
+            .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
+        telemetry::metrics_handle();
+        Ok(Self {
+            config,
+            grpc_listener,
+            metrics_listener,
+            services,
+        })
+    }
+
+    pub fn grpc_port(&self) -> u16 {
+        self.grpc_listener
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_default()
+    }
+
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_listener
+            .local_addr()
+            .map(|a| a.port())
+            .unwrap_or_default()
+    }
+
+    /// Serves until `shutdown` completes, then reports NOT_SERVING, stops
+    /// accepting, lets in-flight requests finish (up to the grace period) and
+    /// closes the pools.
+    pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+        let (grpc_port, metrics_port) = (self.grpc_port(), self.metrics_port());
+        let Services {
+            users,
+            products,
+            pool,
+        } = self.services;
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::Serving).await;
+        let reflection_v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()?;
+        // grpcurl before 1.9 speaks only v1alpha.
+        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()?;
+
+        let metrics = tokio::spawn(telemetry::serve_metrics(self.metrics_listener));
+        let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = Server::builder()
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(UserServiceServer::new(UserApi::new(users)))
+            .add_service(ProductServiceServer::new(ProductApi::new(products)))
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), async {
+                let _ = stopped.await;
+            });
+        tokio::pin!(server);
+        tracing::info!(grpc_port, metrics_port, "serving");
+
+        let result = tokio::select! {
+            result = &mut server => result.context("gRPC server failed"),
+            () = shutdown => {
+                tracing::info!("shutting down: NOT_SERVING, finishing in-flight requests");
+                set_health(&health, ServingStatus::NotServing).await;
+                let _ = stop_accepting.send(());
+                let grace = Duration::from_secs(self.config.shutdown_grace_secs);
+                match tokio::time::timeout(grace, &mut server).await {
+                    Ok(result) => result.context("gRPC server failed"),
+                    Err(_) => {
+                        tracing::warn!(?grace, "grace period over; dropping the remaining connections");
+                        Ok(())
+                    }
+                }
+            }
+        };
+        metrics.abort();
+        pool.close().await;
+        tracing::info!("stopped");
+        result
+    }
+}
+
+/// Sets the overall status ("") and each service's status.
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(service_name::<UserServiceServer<UserApi>>(), status)
+        .await;
+    health
+        .set_service_status(service_name::<ProductServiceServer<ProductApi>>(), status)
+        .await;
+}
+
+fn service_name<S: tonic::server::NamedService>() -> &'static str {
+    S::NAME
+}
+
+/// Completes on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}

@@ -1,0 +1,58 @@
+//! Cache key names. Every key starts with `<namespace>:v<SCHEMA_VERSION>`, so a
+//! change to a cached type is a new prefix rather than a flush.
+
+use crate::domain::{CategoryId, ProductId, UserId};
+
+/// Bump when the shape of a cached value changes.
+pub const SCHEMA_VERSION: u32 = 1;
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// `namespace` is validated by the config: it holds no `{`/`}` that would break hash tags.
+    pub fn new(namespace: &str) -> Self {
+        Self {
+            prefix: format!("{namespace}:v{SCHEMA_VERSION}"),
+        }
+    }
+
+    /// Matches every key of this namespace and schema version (for SCAN, never KEYS).
+    pub fn pattern(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
+
+    pub fn user(&self, id: UserId) -> String {
+        format!("{}:user:{id}", self.prefix)
+    }
+
+    pub fn product(&self, id: ProductId) -> String {
+        format!("{}:product:{id}", self.prefix)
+    }
+
+    /// The category's ordered ids (a sorted set, score = position). Shares the hash
+    /// tag `{<category>}` with `list_meta`, so both live on one Redis Cluster node.
+    pub fn list_ids(&self, category: &CategoryId) -> String {
+        format!("{}:list:{{{category}}}:ids", self.prefix)
+    }
+
+    /// The category list's total and how many of its ids are cached.
+    pub fn list_meta(&self, category: &CategoryId) -> String {
+        format!("{}:list:{{{category}}}:meta", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn list_keys_share_a_hash_tag() {
+        let keys = Keys::new("rt");
+        let category = CategoryId::parse("books").unwrap();
+        assert_eq!(keys.list_ids(&category), "rt:v1:list:{books}:ids");
+        assert_eq!(keys.list_meta(&category), "rt:v1:list:{books}:meta");
+    }
+}

@@ -1,0 +1,166 @@
+//! Settings: defaults that work locally, overridden by environment variables or flags.
+//!
+//! Every subcommand takes the same `Config`; `serve` adds `ServeConfig`.
+//! Connection URLs can carry passwords, so their `Debug` output is redacted.
+
+use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+
+use clap::{ArgAction, Parser};
+
+/// A connection URL whose password never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for SecretUrl {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl fmt::Debug for SecretUrl {
+    /// Prints the URL with everything between "://" and "@" hidden.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.0.find("://"), self.0.rfind('@')) {
+            (Some(scheme_end), Some(at)) if at > scheme_end => {
+                write!(f, "\"{}://***{}\"", &self.0[..scheme_end], &self.0[at..])
+            }
+            _ => write!(f, "{:?}", self.0),
+        }
+    }
+}
+
+/// Where the data lives and how the cache behaves: shared by every subcommand.
+#[derive(Debug, Clone, Parser)]
+pub struct Config {
+    /// PostgreSQL connection URL.
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/readthrough"
+    )]
+    pub database_url: SecretUrl,
+
+    /// Most PostgreSQL connections this instance opens.
+    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
+    pub database_max_connections: u32,
+
+    /// Redis connection URL.
+    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    pub redis_url: SecretUrl,
+
+    /// Most Redis connections this instance opens.
+    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 16)]
+    pub redis_pool_size: usize,
+
+    /// Upper bound on every Redis call; past it the request is answered from PostgreSQL.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 50)]
+    pub redis_timeout_ms: u64,
+
+    /// First part of every cache key (`<namespace>:v1:user:<id>`); letters, digits, '_', '-', '.'.
+    #[arg(long, env = "CACHE_NAMESPACE", default_value = "rt", value_parser = parse_namespace)]
+    pub cache_namespace: String,
+
+    /// Turns the cache off: every read goes to PostgreSQL (for comparison and emergencies).
+    #[arg(long, env = "CACHE_ENABLED", default_value_t = true, action = ArgAction::Set)]
+    pub cache_enabled: bool,
+
+    /// Time to live of a cached user, in seconds (±10 % jitter).
+    #[arg(long, env = "USER_TTL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
+    pub user_ttl_secs: u64,
+
+    /// Time to live of a cached product, in seconds (±10 % jitter).
+    #[arg(long, env = "PRODUCT_TTL_SECS", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
+    pub product_ttl_secs: u64,
+
+    /// Time to live of a cached category list, in seconds (±10 % jitter).
+    #[arg(long, env = "LIST_TTL_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
+    pub list_ttl_secs: u64,
+
+    /// Cached values larger than this many bytes are zstd-compressed.
+    #[arg(long, env = "COMPRESS_THRESHOLD_BYTES", default_value_t = 1024)]
+    pub compress_threshold_bytes: usize,
+
+    /// How many ids of a category one list fill caches; pages past them are read from PostgreSQL.
+    #[arg(long, env = "LIST_CACHE_MAX_IDS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(100..))]
+    pub list_cache_max_ids: u32,
+}
+
+impl Config {
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    /// Defaults and environment only, no flags: what tests and benchmarks start from.
+    pub fn from_env() -> Self {
+        Self::parse_from(["readthrough"])
+    }
+}
+
+/// What `serve` needs beyond `Config`.
+#[derive(Debug, Clone, Parser)]
+pub struct ServeConfig {
+    #[command(flatten)]
+    pub config: Config,
+
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Address of the Prometheus endpoint (`/metrics`).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// Apply pending migrations before serving.
+    #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
+    pub migrate_on_start: bool,
+
+    /// How long shutdown waits for in-flight requests, in seconds.
+    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl ServeConfig {
+    pub fn from_env() -> Self {
+        Self::parse_from(["readthrough"])
+    }
+}
+
+fn parse_namespace(raw: &str) -> Result<String, String> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 64
+        && raw
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'));
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err("must be 1 to 64 characters of A-Z, a-z, 0-9, '_', '-', '.'".to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_urls_hide_credentials() {
+        let url = SecretUrl("postgres://app:hunter2@db:5432/rt".to_string());
+        let shown = format!("{url:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("db:5432/rt"), "{shown}");
+    }
+
+    #[test]
+    fn namespace_rejects_hash_tag_braces() {
+        assert!(parse_namespace("rt-test.1").is_ok());
+        assert!(parse_namespace("rt{x}").is_err());
+        assert!(parse_namespace("").is_err());
+    }
+}

@@ -1,0 +1,110 @@
+//! The `readthrough` command line: parse, load settings, call into the library.
+
+use clap::{Parser, Subcommand};
+use readthrough::{
+    app::{self, Application},
+    config::{Config, ServeConfig},
+    domain::CategoryId,
+    ops::{self, SeedOptions, WarmOptions},
+    service::Services,
+    store, telemetry,
+};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "gRPC data service: users and products in PostgreSQL, read through a shared Redis cache"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC (and Prometheus metrics) until SIGINT or SIGTERM.
+    Serve(ServeConfig),
+    /// Create the database if needed and apply pending migrations.
+    Migrate(Config),
+    /// Load demo users and products (rows that exist already are kept).
+    Seed {
+        #[command(flatten)]
+        config: Config,
+        #[arg(long, default_value_t = 10_000)]
+        users: u32,
+        #[arg(long, default_value_t = 50_000)]
+        products: u32,
+        #[arg(long, default_value_t = 50)]
+        categories: u32,
+    },
+    /// Pre-populate the cache: given categories, or the most recently modified rows.
+    Warm {
+        #[command(flatten)]
+        config: Config,
+        /// A category whose list and products to cache; repeat for several.
+        #[arg(long = "category", value_parser = parse_category)]
+        categories: Vec<CategoryId>,
+        /// How many of the most recently modified users to cache.
+        #[arg(long, default_value_t = 0)]
+        recent_users: u32,
+        /// How many of the most recently modified products to cache.
+        #[arg(long, default_value_t = 0)]
+        recent_products: u32,
+    },
+}
+
+fn parse_category(raw: &str) -> Result<CategoryId, String> {
+    CategoryId::parse(raw).map_err(|e| e.to_string())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    telemetry::init_logging();
+    match Cli::parse().command {
+        Command::Serve(config) => {
+            tracing::info!(?config, "starting");
+            let app = Application::build(config).await?;
+            app.run_until_stopped(app::shutdown_signal()).await?;
+        }
+        Command::Migrate(config) => {
+            store::migrate(&config).await?;
+            tracing::info!("migrations applied");
+        }
+        Command::Seed {
+            config,
+            users,
+            products,
+            categories,
+        } => {
+            store::migrate(&config).await?;
+            let services = Services::connect(&config).await?;
+            let started = std::time::Instant::now();
+            let report = ops::seed(
+                &services.pool,
+                SeedOptions {
+                    users,
+                    products,
+                    categories,
+                },
+            )
+            .await?;
+            tracing::info!(?report, elapsed = ?started.elapsed(), "seeded");
+        }
+        Command::Warm {
+            config,
+            categories,
+            recent_users,
+            recent_products,
+        } => {
+            let services = Services::connect(&config).await?;
+            let options = WarmOptions {
+                categories,
+                recent_users,
+                recent_products,
+            };
+            let report = ops::warm(&services.users, &services.products, &options).await?;
+            tracing::info!(?report, "warmed");
+        }
+    }
+    Ok(())
+}

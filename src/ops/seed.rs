@@ -1,0 +1,132 @@
+//! Demo data, inserted in batches with `UNNEST` (one statement per batch).
+//!
+//! Ids are derived from the row number (UUID v5), so seeding twice inserts
+//! nothing new and the README can name ids that exist on every machine.
+
+use sqlx::PgPool;
+use uuid::Uuid;
+
+use crate::domain::{ProductId, UserId};
+
+/// Namespace of the demo data's v5 UUIDs.
+const DEMO_NAMESPACE: Uuid = Uuid::from_u128(0x6f2c_1d3e_8a4b_4c5d_9e6f_7a8b_9c0d_1e2f);
+const BATCH: u32 = 5_000;
+
+const ADJECTIVES: &[&str] = &[
+    "Amber", "Bold", "Calm", "Deft", "Eager", "Fine", "Grand", "Hardy", "Ivory", "Jolly", "Keen",
+    "Lucid",
+];
+const NOUNS: &[&str] = &[
+    "Anvil", "Basket", "Candle", "Drum", "Easel", "Flask", "Globe", "Hammer", "Inkwell", "Jug",
+    "Kettle", "Lamp",
+];
+const CURRENCIES: &[&str] = &["EUR", "USD", "GBP"];
+
+#[derive(Debug, Clone, Copy)]
+pub struct SeedOptions {
+    pub users: u32,
+    pub products: u32,
+    pub categories: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeedReport {
+    pub users_inserted: u64,
+    pub products_inserted: u64,
+}
+
+/// The id of demo user `n` (0-based).
+pub fn demo_user_id(n: u32) -> UserId {
+    UserId::from_uuid(Uuid::new_v5(
+        &DEMO_NAMESPACE,
+        format!("user-{n}").as_bytes(),
+    ))
+}
+
+/// The id of demo product `n` (0-based).
+pub fn demo_product_id(n: u32) -> ProductId {
+    ProductId::from_uuid(Uuid::new_v5(
+        &DEMO_NAMESPACE,
+        format!("product-{n}").as_bytes(),
+    ))
+}
+
+/// Demo category `n`: `category-00`, `category-01`, ...
+fn demo_category(n: u32) -> String {
+    format!("category-{n:02}")
+}
+
+/// Inserts the demo rows that are not there yet.
+pub async fn seed(pool: &PgPool, options: SeedOptions) -> Result<SeedReport, sqlx::Error> {
+    let mut report = SeedReport {
+        users_inserted: 0,
+        products_inserted: 0,
+    };
+    for start in (0..options.users).step_by(BATCH as usize) {
+        let rows: Vec<u32> = (start..options.users.min(start + BATCH)).collect();
+        let ids: Vec<Uuid> = rows.iter().map(|&n| demo_user_id(n).as_uuid()).collect();
+        let emails: Vec<String> = rows
+            .iter()
+            .map(|n| format!("user{n}@example.com"))
+            .collect();
+        let preferences: Vec<serde_json::Value> = rows
+            .iter()
+            .map(|n| serde_json::json!({ "theme": if n % 2 == 0 { "dark" } else { "light" }, "newsletter": n % 3 == 0 }))
+            .collect();
+        report.users_inserted += sqlx::query(
+            "INSERT INTO users (id, email, preferences) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) ON CONFLICT DO NOTHING",
+        )
+        .bind(ids)
+        .bind(emails)
+        .bind(preferences)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    let categories = options.categories.max(1);
+    for start in (0..options.products).step_by(BATCH as usize) {
+        let rows: Vec<u32> = (start..options.products.min(start + BATCH)).collect();
+        let ids: Vec<Uuid> = rows.iter().map(|&n| demo_product_id(n).as_uuid()).collect();
+        let category_ids: Vec<String> =
+            rows.iter().map(|n| demo_category(n % categories)).collect();
+        let names: Vec<String> = rows
+            .iter()
+            .map(|&n| {
+                let n = n as usize;
+                format!(
+                    "{} {} {n}",
+                    ADJECTIVES[n * 7 % ADJECTIVES.len()],
+                    NOUNS[n * 5 % NOUNS.len()]
+                )
+            })
+            .collect();
+        let descriptions: Vec<String> = names
+            .iter()
+            .map(|name| format!("A demo product: {name}."))
+            .collect();
+        let prices: Vec<i64> = rows
+            .iter()
+            .map(|&n| i64::from(n) * 7_919 % 100_000)
+            .collect();
+        let currencies: Vec<&str> = rows
+            .iter()
+            .map(|&n| CURRENCIES[n as usize % CURRENCIES.len()])
+            .collect();
+        report.products_inserted += sqlx::query(
+            "INSERT INTO products (id, category_id, name, description, price_cents, currency) \
+             SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[]) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(ids)
+        .bind(category_ids)
+        .bind(names)
+        .bind(descriptions)
+        .bind(prices)
+        .bind(currencies)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(report)
+}

@@ -1,0 +1,118 @@
+//! The read-through and write-invalidate logic for each entity, free of gRPC.
+//!
+//! Reads: cache, then PostgreSQL for what the cache lacks, then fill the cache.
+//! Writes: PostgreSQL first, then delete every cache key the write affects,
+//! before returning, so the writer's next read never sees the old value.
+
+mod products;
+mod users;
+
+use std::{collections::HashMap, future::Future, sync::Arc};
+
+use sqlx::PgPool;
+
+pub use products::{ProductPage, Products};
+pub use users::Users;
+
+use crate::{
+    cache::{Cache, Cacheable},
+    config::Config,
+    domain::ValidationError,
+    store::{self, StoreError},
+};
+
+/// Both services over one database pool and one cache.
+#[derive(Clone)]
+pub struct Services {
+    pub users: Users,
+    pub products: Products,
+    pub pool: PgPool,
+}
+
+impl Services {
+    /// Connects to PostgreSQL; Redis is connected lazily, so this works while Redis is down.
+    pub async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let pool = store::connect(config).await?;
+        let cache = Arc::new(Cache::new(config)?);
+        Ok(Self {
+            users: Users::new(pool.clone(), cache.clone()),
+            products: Products::new(pool.clone(), cache, config.list_cache_max_ids),
+            pool,
+        })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    #[error("version is {actual}, not the expected {expected}")]
+    VersionMismatch { expected: i64, actual: i64 },
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("database unavailable")]
+    Unavailable(#[source] StoreError),
+    #[error("internal error")]
+    Internal(#[source] StoreError),
+}
+
+impl ServiceError {
+    /// Maps a store error, naming `what` (e.g. "user 8c0e...") when it is absent.
+    fn from_store(error: StoreError, what: impl FnOnce() -> String) -> Self {
+        match error {
+            StoreError::NotFound => Self::NotFound(what()),
+            StoreError::AlreadyExists(what) => Self::AlreadyExists(what),
+            StoreError::VersionMismatch { expected, actual } => {
+                Self::VersionMismatch { expected, actual }
+            }
+            StoreError::Invalid(invalid) => Self::Invalid(invalid),
+            error @ StoreError::Unavailable(_) => Self::Unavailable(error),
+            error @ StoreError::Other(_) => Self::Internal(error),
+        }
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    /// For errors where "not found" cannot happen or has no better name.
+    fn from(error: StoreError) -> Self {
+        Self::from_store(error, || "entity".to_string())
+    }
+}
+
+/// Cache-aside for a set of ids: one cache lookup, one database query for all
+/// misses, one pipelined fill. Returns a value or `None` (absent) per id, in order.
+async fn read_through<E, F, Fut>(
+    cache: &Cache,
+    ids: &[E::Id],
+    load: F,
+) -> Result<Vec<Option<E>>, StoreError>
+where
+    E: Cacheable + Clone,
+    F: FnOnce(Vec<E::Id>) -> Fut,
+    Fut: Future<Output = Result<Vec<E>, StoreError>>,
+{
+    let mut found = cache.get_many::<E>(ids).await;
+    let missing: Vec<E::Id> = ids
+        .iter()
+        .zip(&found)
+        .filter(|(_, cached)| cached.is_none())
+        .map(|(id, _)| *id)
+        .collect();
+    if missing.is_empty() {
+        return Ok(found);
+    }
+    let loaded = load(missing).await?;
+    cache.put_many(&loaded).await;
+    let loaded: HashMap<E::Id, E> = loaded
+        .into_iter()
+        .map(|value| (value.id(), value))
+        .collect();
+    for (slot, id) in found.iter_mut().zip(ids) {
+        if slot.is_none() {
+            *slot = loaded.get(id).cloned();
+        }
+    }
+    Ok(found)
+}

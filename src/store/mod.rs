@@ -1,0 +1,86 @@
+//! PostgreSQL access through sqlx, one file per entity.
+//!
+//! Every query is counted under a stable name in `readthrough_db_queries_total`,
+//! so the share of reads that reach the database is visible next to the cache's hit rate.
+
+pub mod products;
+pub mod users;
+
+use std::time::Duration;
+
+use sqlx::{
+    PgPool,
+    migrate::MigrateDatabase,
+    postgres::{PgPoolOptions, Postgres},
+};
+
+use crate::{config::Config, domain::ValidationError};
+
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("not found")]
+    NotFound,
+    #[error("{0} already exists")]
+    AlreadyExists(&'static str),
+    #[error("version is {actual}, not the expected {expected}")]
+    VersionMismatch { expected: i64, actual: i64 },
+    /// The database rejected a value that passed validation (a constraint we did not foresee).
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("database unavailable: {0}")]
+    Unavailable(#[source] sqlx::Error),
+    #[error("database error: {0}")]
+    Other(#[source] sqlx::Error),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        match error {
+            sqlx::Error::RowNotFound => Self::NotFound,
+            sqlx::Error::PoolTimedOut
+            | sqlx::Error::PoolClosed
+            | sqlx::Error::Io(_)
+            | sqlx::Error::Tls(_) => Self::Unavailable(error),
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// Opens a pool of at most `max_connections`, waiting at most 5 s for a free one.
+pub async fn connect(config: &Config) -> Result<PgPool, sqlx::Error> {
+    PgPoolOptions::new()
+        .max_connections(config.database_max_connections)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect(config.database_url.expose())
+        .await
+}
+
+/// Creates the database if it does not exist, then applies pending migrations.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let url = config.database_url.expose();
+    if !Postgres::database_exists(url).await? {
+        Postgres::create_database(url).await?;
+        tracing::info!("created the database");
+    }
+    let pool = connect(config).await?;
+    MIGRATOR.run(&pool).await?;
+    pool.close().await;
+    Ok(())
+}
+
+fn count(query: &'static str) {
+    metrics::counter!("readthrough_db_queries_total", "query" => query).increment(1);
+}
+
+/// Checks a locked row's version against a write's precondition (`None`: unconditional).
+fn check_version(found: Option<i64>, expected: Option<i64>) -> Result<(), StoreError> {
+    match (found, expected) {
+        (None, _) => Err(StoreError::NotFound),
+        (Some(actual), Some(expected)) if actual != expected => {
+            Err(StoreError::VersionMismatch { expected, actual })
+        }
+        _ => Ok(()),
+    }
+}

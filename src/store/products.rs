@@ -1,0 +1,129 @@
+//! The `products` table, and category lists in (name, id) order.
+
+use sqlx::{PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use super::{StoreError, check_version, count};
+use crate::domain::{CategoryId, NewProduct, Product, ProductId, ProductPatch};
+
+/// Loads the products with these ids in one query; absent ids are simply not returned.
+pub async fn get_many(pool: &PgPool, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
+    count("product.get_many");
+    let ids: Vec<Uuid> = ids.iter().map(ProductId::as_uuid).collect();
+    let products = sqlx::query_as::<_, Product>("SELECT * FROM products WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_all(pool)
+        .await?;
+    Ok(products)
+}
+
+pub async fn insert(pool: &PgPool, new: &NewProduct) -> Result<Product, StoreError> {
+    count("product.insert");
+    let product = sqlx::query_as::<_, Product>(
+        "INSERT INTO products (id, category_id, name, description, price_cents, currency) \
+         VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
+    )
+    .bind(Uuid::new_v4())
+    .bind(new.category_id.as_str())
+    .bind(new.name.as_str())
+    .bind(new.description.as_str())
+    .bind(new.price_cents.get())
+    .bind(new.currency.as_str())
+    .fetch_one(pool)
+    .await?;
+    Ok(product)
+}
+
+/// Applies `patch` if the version precondition holds. Returns the category the
+/// product was in before, and the product as it is now.
+pub async fn update(
+    pool: &PgPool,
+    patch: &ProductPatch,
+) -> Result<(CategoryId, Product), StoreError> {
+    count("product.update");
+    let mut tx = pool.begin().await?;
+    let old_category = lock_checked(&mut tx, patch.id, patch.expected_version.get()).await?;
+    let product = sqlx::query_as::<_, Product>(
+        "UPDATE products SET category_id = COALESCE($2, category_id), name = COALESCE($3, name), \
+         description = COALESCE($4, description), price_cents = COALESCE($5, price_cents), \
+         currency = COALESCE($6, currency), version = version + 1, updated_at = now() \
+         WHERE id = $1 RETURNING *",
+    )
+    .bind(patch.id.as_uuid())
+    .bind(patch.category_id.as_ref().map(|c| c.as_str()))
+    .bind(patch.name.as_ref().map(|n| n.as_str()))
+    .bind(patch.description.as_ref().map(|d| d.as_str()))
+    .bind(patch.price_cents.map(|p| p.get()))
+    .bind(patch.currency.as_ref().map(|c| c.as_str()))
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok((old_category, product))
+}
+
+/// Deletes the product and returns the category it was in.
+pub async fn delete(pool: &PgPool, id: ProductId) -> Result<CategoryId, StoreError> {
+    count("product.delete");
+    let category: Option<String> =
+        sqlx::query_scalar("DELETE FROM products WHERE id = $1 RETURNING category_id")
+            .bind(id.as_uuid())
+            .fetch_optional(pool)
+            .await?;
+    let category = category.ok_or(StoreError::NotFound)?;
+    Ok(CategoryId::parse(&category)?)
+}
+
+/// The ids of a category from position `offset`, at most `limit` of them, in list order.
+pub async fn list_ids(
+    pool: &PgPool,
+    category: &CategoryId,
+    offset: u64,
+    limit: u64,
+) -> Result<Vec<ProductId>, StoreError> {
+    count("product.list_ids");
+    let ids: Vec<Uuid> = sqlx::query_scalar(
+        "SELECT id FROM products WHERE category_id = $1 ORDER BY name, id OFFSET $2 LIMIT $3",
+    )
+    .bind(category.as_str())
+    .bind(offset as i64)
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await?;
+    Ok(ids.into_iter().map(ProductId::from_uuid).collect())
+}
+
+pub async fn count_in_category(pool: &PgPool, category: &CategoryId) -> Result<u64, StoreError> {
+    count("product.count_in_category");
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE category_id = $1")
+        .bind(category.as_str())
+        .fetch_one(pool)
+        .await?;
+    Ok(total as u64)
+}
+
+/// The ids of the `limit` most recently modified products (for warming the cache).
+pub async fn recent_ids(pool: &PgPool, limit: i64) -> Result<Vec<ProductId>, StoreError> {
+    count("product.recent_ids");
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM products ORDER BY updated_at DESC LIMIT $1")
+            .bind(limit)
+            .fetch_all(pool)
+            .await?;
+    Ok(ids.into_iter().map(ProductId::from_uuid).collect())
+}
+
+/// Locks the row, checks the version precondition and returns the current category.
+async fn lock_checked(
+    tx: &mut Transaction<'_, Postgres>,
+    id: ProductId,
+    expected: Option<i64>,
+) -> Result<CategoryId, StoreError> {
+    let row: Option<(i64, String)> =
+        sqlx::query_as("SELECT version, category_id FROM products WHERE id = $1 FOR UPDATE")
+            .bind(id.as_uuid())
+            .fetch_optional(&mut **tx)
+            .await?;
+    check_version(row.as_ref().map(|(version, _)| *version), expected)?;
+    let (_, category) = row.ok_or(StoreError::NotFound)?;
+    Ok(CategoryId::parse(&category)?)
+}
