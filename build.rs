@@ -9,6 +9,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     tonic_prost_build::configure()
+        // Malformed requests are INVALID_ARGUMENT, not prost's INTERNAL.
+        .codec_path("crate::api::codec::StrictCodec")
         .file_descriptor_set_path(out_dir.join("readthrough_descriptor.bin"))
         .compile_protos(
             &[

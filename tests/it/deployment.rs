@@ -1,0 +1,515 @@
+//! The container setup (`docker-compose.yml`, `Dockerfile`, `.dockerignore`)
+//! agrees with what the service actually reads and needs.
+//!
+//! No Docker engine is involved: the files are parsed and checked as text.
+//! The variables the service reads come from clap itself, so a setting
+//! renamed in `src/config.rs` fails here instead of being silently ignored
+//! by a running container.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fs,
+    net::SocketAddr,
+    path::PathBuf,
+};
+
+use clap::{CommandFactory, Parser};
+use readthrough::config::ServeConfig;
+use serde_yaml::Value;
+
+/// Variables read outside clap: `RUST_LOG` by the logging setup (`EnvFilter`).
+const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG"];
+
+/// What compose must pass for the service to reach its databases and be reachable.
+const REQUIRED_VARIABLES: &[&str] = &["DATABASE_URL", "REDIS_URL", "GRPC_ADDR", "METRICS_ADDR"];
+
+/// What `cargo build` needs from the build context (Cargo.toml declares
+/// `[[bench]] get_user`, so `benches/` must be there too).
+const BUILD_INPUTS: &[&str] = &[
+    "Cargo.toml",
+    "Cargo.lock",
+    "build.rs",
+    "proto",
+    "migrations",
+    "src",
+    "benches",
+];
+
+fn read_project_file(name: &str) -> String {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name);
+    fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
+}
+
+fn compose() -> Value {
+    serde_yaml::from_str(&read_project_file("docker-compose.yml"))
+        .unwrap_or_else(|e| panic!("docker-compose.yml is not valid YAML: {e}"))
+}
+
+fn service<'a>(compose: &'a Value, name: &str) -> &'a Value {
+    compose
+        .get("services")
+        .and_then(|services| services.get(name))
+        .unwrap_or_else(|| panic!("docker-compose.yml has no service `{name}`"))
+}
+
+/// A YAML scalar as compose would pass it on; `None` for anything else.
+fn scalar(value: &Value) -> Option<String> {
+    match value {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// A service's `environment:` map; `None` values are `KEY:` with no value
+/// (taken from the shell running compose).
+fn environment(service: &Value, name: &str) -> BTreeMap<String, Option<String>> {
+    let Some(env) = service.get("environment") else {
+        return BTreeMap::new();
+    };
+    let map = env.as_mapping().unwrap_or_else(|| {
+        panic!("`{name}`'s environment must be a map (KEY: value), not a list: {env:?}")
+    });
+    map.iter()
+        .map(|(key, value)| {
+            let key = key
+                .as_str()
+                .unwrap_or_else(|| panic!("`{name}` has a non-string environment key {key:?}"))
+                .to_string();
+            let value = match value {
+                Value::Null => None,
+                other => Some(
+                    scalar(other)
+                        .unwrap_or_else(|| panic!("`{name}`'s {key} is not a scalar: {other:?}")),
+                ),
+            };
+            (key, value)
+        })
+        .collect()
+}
+
+/// Every variable the service reads: the `env = "..."` of each `serve` argument, plus RUST_LOG.
+fn variables_the_service_reads() -> BTreeSet<String> {
+    ServeConfig::command()
+        .get_arguments()
+        .filter_map(|arg| arg.get_env())
+        .map(|env| env.to_string_lossy().into_owned())
+        .chain(READ_OUTSIDE_CLAP.iter().map(|v| v.to_string()))
+        .collect()
+}
+
+/// `command:` as a list of words, whether compose gives it as a string or a list.
+fn command_words(service: &Value, name: &str) -> Vec<String> {
+    match service.get("command") {
+        Some(Value::String(line)) => line.split_whitespace().map(str::to_string).collect(),
+        Some(Value::Sequence(items)) => items
+            .iter()
+            .map(|item| {
+                scalar(item)
+                    .unwrap_or_else(|| panic!("`{name}`'s command has a non-scalar {item:?}"))
+            })
+            .flat_map(|item| {
+                item.split_whitespace()
+                    .map(str::to_string)
+                    .collect::<Vec<_>>()
+            })
+            .collect(),
+        Some(other) => panic!("`{name}`'s command is neither a string nor a list: {other:?}"),
+        None => panic!("`{name}` has no command"),
+    }
+}
+
+/// The words after each occurrence of `option`, up to the next `--option`.
+fn option_values(words: &[String], option: &str) -> Vec<Vec<String>> {
+    words
+        .iter()
+        .enumerate()
+        .filter(|(_, word)| *word == option)
+        .map(|(at, _)| {
+            words[at + 1..]
+                .iter()
+                .take_while(|word| !word.starts_with("--"))
+                .cloned()
+                .collect()
+        })
+        .collect()
+}
+
+/// The container side of each published port.
+fn container_ports(service: &Value, name: &str) -> Vec<u16> {
+    let Some(ports) = service.get("ports").and_then(Value::as_sequence) else {
+        panic!("`{name}` publishes no ports");
+    };
+    ports
+        .iter()
+        .filter_map(|port| match port {
+            // "50051", "50051:50051", "127.0.0.1:50051:50051", "50051:50051/tcp"
+            Value::String(s) => s.rsplit(':').next()?.split('/').next()?.parse().ok(),
+            Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+            // Long syntax: { target: 50051, published: "50051" }
+            Value::Mapping(_) => port
+                .get("target")
+                .and_then(scalar)
+                .and_then(|target| target.parse().ok()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The host of a `scheme://[user[:password]@]host[:port][/path]` URL.
+fn url_host(url: &str) -> &str {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+    host_port.split(':').next().unwrap_or(host_port)
+}
+
+#[test]
+fn compose_defines_postgres_redis_and_readthrough() {
+    let compose = compose();
+    for name in ["postgres", "redis", "readthrough"] {
+        service(&compose, name);
+    }
+    assert!(
+        service(&compose, "readthrough").get("build").is_some(),
+        "readthrough should be built from this repository (`build: .`)"
+    );
+}
+
+#[test]
+fn postgres_and_redis_have_healthchecks() {
+    let compose = compose();
+    for (name, probe) in [("postgres", "pg_isready"), ("redis", "redis-cli ping")] {
+        let healthcheck = service(&compose, name)
+            .get("healthcheck")
+            .unwrap_or_else(|| panic!("`{name}` has no healthcheck, so nothing can wait for it"));
+        assert_ne!(
+            healthcheck.get("disable").and_then(Value::as_bool),
+            Some(true),
+            "`{name}`'s healthcheck is disabled"
+        );
+        let test = match healthcheck.get("test") {
+            Some(Value::String(s)) => s.clone(),
+            Some(Value::Sequence(items)) => items
+                .iter()
+                .filter_map(scalar)
+                .collect::<Vec<_>>()
+                .join(" "),
+            other => panic!("`{name}`'s healthcheck has no usable `test`: {other:?}"),
+        };
+        assert!(
+            test.contains(probe),
+            "`{name}`'s healthcheck should run `{probe}`, runs `{test}`"
+        );
+    }
+}
+
+#[test]
+fn readthrough_starts_after_postgres_and_redis_are_healthy() {
+    let compose = compose();
+    let depends_on = service(&compose, "readthrough")
+        .get("depends_on")
+        .unwrap_or_else(|| panic!("readthrough has no depends_on"));
+    assert!(
+        depends_on.is_mapping(),
+        "readthrough's depends_on must be a map with conditions (a plain list only waits \
+         for the containers to start, not to be ready): {depends_on:?}"
+    );
+    for dependency in ["postgres", "redis"] {
+        let condition = depends_on
+            .get(dependency)
+            .unwrap_or_else(|| panic!("readthrough does not depend on `{dependency}`"))
+            .get("condition")
+            .and_then(Value::as_str);
+        assert_eq!(
+            condition,
+            Some("service_healthy"),
+            "readthrough should wait for `{dependency}` to be healthy"
+        );
+    }
+}
+
+#[test]
+fn redis_is_configured_as_a_bounded_persistent_cache() {
+    let compose = compose();
+    let words = command_words(service(&compose, "redis"), "redis");
+    let single = |option: &str| -> Option<String> {
+        option_values(&words, option)
+            .last()
+            .map(|values| values.join(" "))
+    };
+
+    let maxmemory = single("--maxmemory")
+        .unwrap_or_else(|| panic!("redis command sets no --maxmemory: {words:?}"));
+    assert!(
+        !maxmemory.is_empty() && maxmemory != "0",
+        "redis --maxmemory must be a limit (0 means unbounded), is `{maxmemory}`"
+    );
+    assert_eq!(
+        single("--maxmemory-policy").as_deref(),
+        Some("allkeys-lru"),
+        "redis should evict least recently used keys when full: {words:?}"
+    );
+    assert_eq!(
+        single("--appendonly").as_deref(),
+        Some("yes"),
+        "redis should keep an append-only file: {words:?}"
+    );
+    let saves = option_values(&words, "--save");
+    assert!(
+        !saves.is_empty(),
+        "redis command sets no --save (RDB snapshots): {words:?}"
+    );
+    for save in &saves {
+        let save = save.join(" ");
+        assert!(
+            !matches!(save.as_str(), "" | "\"\"" | "''"),
+            "redis `--save {save}` turns snapshots off"
+        );
+    }
+}
+
+#[test]
+fn compose_passes_only_variables_the_service_reads() {
+    let compose = compose();
+    let reads = variables_the_service_reads();
+    assert!(
+        reads.contains("DATABASE_URL") && reads.contains("GRPC_ADDR"),
+        "clap reported no DATABASE_URL or GRPC_ADDR; is `env` still set in src/config.rs? {reads:?}"
+    );
+    let passed = environment(service(&compose, "readthrough"), "readthrough");
+    let unknown: Vec<&String> = passed.keys().filter(|key| !reads.contains(*key)).collect();
+    assert!(
+        unknown.is_empty(),
+        "readthrough's compose environment sets {unknown:?}, which the service never reads \
+         (a typo or a renamed setting?); it reads {reads:?}"
+    );
+}
+
+#[test]
+fn compose_passes_the_connection_and_listen_addresses() {
+    let compose = compose();
+    let passed = environment(service(&compose, "readthrough"), "readthrough");
+    for variable in REQUIRED_VARIABLES {
+        assert!(
+            matches!(passed.get(*variable), Some(Some(value)) if !value.is_empty()),
+            "readthrough's compose environment must set {variable}; it sets {:?}",
+            passed.keys().collect::<Vec<_>>()
+        );
+    }
+
+    // The defaults point at 127.0.0.1, which inside a container is the container itself.
+    for (variable, host) in [("DATABASE_URL", "postgres"), ("REDIS_URL", "redis")] {
+        let url = passed[variable].as_deref().unwrap_or_default();
+        assert_eq!(
+            url_host(url),
+            host,
+            "{variable} should point at the `{host}` compose service"
+        );
+    }
+    // Listening on loopback inside a container is unreachable from outside it.
+    for variable in ["GRPC_ADDR", "METRICS_ADDR"] {
+        let raw = passed[variable].as_deref().unwrap_or_default();
+        let addr: SocketAddr = raw
+            .parse()
+            .unwrap_or_else(|e| panic!("{variable}={raw} is not an address: {e}"));
+        assert!(
+            addr.ip().is_unspecified(),
+            "{variable}={raw} should listen on all interfaces (0.0.0.0)"
+        );
+    }
+}
+
+#[test]
+fn compose_environment_values_are_accepted_by_the_service() {
+    let compose = compose();
+    let passed = environment(service(&compose, "readthrough"), "readthrough");
+    // Hand each value to clap as the flag it backs: flags win over the test's own environment.
+    let mut argv = vec!["readthrough".to_string()];
+    for arg in ServeConfig::command().get_arguments() {
+        let Some(env) = arg.get_env() else { continue };
+        let Some(Some(value)) = passed.get(&*env.to_string_lossy()) else {
+            continue;
+        };
+        let long = arg
+            .get_long()
+            .unwrap_or_else(|| panic!("{env:?} backs an argument without a --flag"));
+        argv.push(format!("--{long}={value}"));
+    }
+    if let Err(e) = ServeConfig::try_parse_from(&argv) {
+        panic!("readthrough would reject its compose environment ({argv:?}):\n{e}");
+    }
+}
+
+#[test]
+fn compose_publishes_the_grpc_and_metrics_ports() {
+    let compose = compose();
+    let readthrough = service(&compose, "readthrough");
+    let published = container_ports(readthrough, "readthrough");
+    assert!(
+        published.contains(&50051),
+        "readthrough should publish the gRPC port 50051; publishes {published:?}"
+    );
+    let passed = environment(readthrough, "readthrough");
+    for variable in ["GRPC_ADDR", "METRICS_ADDR"] {
+        let Some(Some(raw)) = passed.get(variable) else {
+            continue; // compose_passes_the_connection_and_listen_addresses reports it
+        };
+        let Ok(addr) = raw.parse::<SocketAddr>() else {
+            continue;
+        };
+        assert!(
+            published.contains(&addr.port()),
+            "{variable}={raw}, but port {} is not published ({published:?})",
+            addr.port()
+        );
+    }
+}
+
+/// One Dockerfile instruction: keyword in upper case, then its arguments,
+/// with `\` continuation lines joined and comments dropped.
+fn dockerfile() -> Vec<(String, String)> {
+    let text = read_project_file("Dockerfile");
+    let mut instructions = Vec::new();
+    let mut current = String::new();
+    for line in text.lines() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if let Some(head) = line.strip_suffix('\\') {
+            current.push_str(head);
+            current.push(' ');
+            continue;
+        }
+        current.push_str(line);
+        let logical = std::mem::take(&mut current);
+        let (keyword, args) = logical
+            .split_once(char::is_whitespace)
+            .unwrap_or((logical.as_str(), ""));
+        instructions.push((keyword.to_ascii_uppercase(), args.trim().to_string()));
+    }
+    instructions
+}
+
+fn final_stage(instructions: &[(String, String)]) -> &[(String, String)] {
+    let last_from = instructions
+        .iter()
+        .rposition(|(keyword, _)| keyword == "FROM")
+        .expect("the Dockerfile has no FROM");
+    &instructions[last_from..]
+}
+
+#[test]
+fn dockerfile_is_a_multi_stage_build() {
+    let stages = dockerfile()
+        .iter()
+        .filter(|(keyword, _)| keyword == "FROM")
+        .count();
+    assert!(
+        stages >= 2,
+        "the Dockerfile should build in one stage and run in another (found {stages} FROM)"
+    );
+}
+
+#[test]
+fn dockerfile_builds_the_release_binary() {
+    let instructions = dockerfile();
+    let last_from = instructions
+        .iter()
+        .rposition(|(keyword, _)| keyword == "FROM")
+        .expect("the Dockerfile has no FROM");
+    let builds = instructions[..last_from].iter().any(|(keyword, args)| {
+        keyword == "RUN" && args.contains("cargo build") && args.contains("--release")
+    });
+    assert!(
+        builds,
+        "a build stage of the Dockerfile should `RUN cargo build --release`"
+    );
+}
+
+#[test]
+fn dockerfile_copies_what_the_build_needs() {
+    let sources: BTreeSet<String> = dockerfile()
+        .iter()
+        .filter(|(keyword, _)| keyword == "COPY")
+        .flat_map(|(_, args)| {
+            let words: Vec<&str> = args
+                .split_whitespace()
+                .filter(|word| !word.starts_with("--"))
+                .collect();
+            // Every word but the last (the destination) is a source.
+            let sources = words.len().saturating_sub(1);
+            words[..sources]
+                .iter()
+                .map(|&word| {
+                    let word = word.strip_prefix("./").unwrap_or(word);
+                    word.trim_end_matches('/').to_string()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if sources.contains(".") || sources.contains("") {
+        return; // `COPY . .` takes the whole (filtered) context
+    }
+    let missing: Vec<&&str> = BUILD_INPUTS
+        .iter()
+        .filter(|input| !sources.contains(**input))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the Dockerfile never copies {missing:?}, which `cargo build` needs; it copies {sources:?}"
+    );
+}
+
+#[test]
+fn dockerignore_keeps_the_build_inputs_and_drops_target() {
+    let patterns: Vec<String> = read_project_file(".dockerignore")
+        .lines()
+        .map(str::trim)
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .map(|line| {
+            line.trim_start_matches('/')
+                .trim_end_matches('/')
+                .to_string()
+        })
+        .collect();
+    assert!(
+        patterns.iter().any(|p| p == "target"),
+        ".dockerignore should drop target/ (gigabytes of local build output): {patterns:?}"
+    );
+    for input in BUILD_INPUTS {
+        assert!(
+            !patterns.iter().any(|p| p == input),
+            ".dockerignore drops {input}, which the build needs"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_final_stage_runs_readthrough_as_non_root() {
+    let instructions = dockerfile();
+    let stage = final_stage(&instructions);
+    let entrypoint = stage
+        .iter()
+        .rev()
+        .find(|(keyword, _)| keyword == "ENTRYPOINT")
+        .map(|(_, args)| args.as_str())
+        .expect("the Dockerfile's final stage has no ENTRYPOINT");
+    assert!(
+        entrypoint.contains("readthrough"),
+        "the final stage's ENTRYPOINT should run readthrough, runs {entrypoint}"
+    );
+    let user = stage
+        .iter()
+        .rev()
+        .find(|(keyword, _)| keyword == "USER")
+        .map(|(_, args)| args.as_str())
+        .expect("the Dockerfile's final stage sets no USER, so the service runs as root");
+    let name = user.split(':').next().unwrap_or(user);
+    assert!(
+        name != "root" && name != "0",
+        "the final stage should run as a non-root user, runs as `{user}`"
+    );
+}

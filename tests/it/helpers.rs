@@ -1,0 +1,286 @@
+//! One way to start the real service for a test: `spawn_app()`.
+//!
+//! Each app gets a fresh PostgreSQL database (migrated by the app itself, as
+//! `serve` does) and its own Redis key namespace, so tests run in parallel
+//! without sharing state. Both are removed when the last instance using them
+//! is dropped. `spawn_sibling()` starts a second instance on the same database
+//! and namespace, as two replicas behind a load balancer would be.
+
+use std::{net::TcpListener as StdListener, sync::Arc, time::Duration};
+
+use readthrough::{
+    app::Application,
+    cache::{Keys, codec},
+    config::ServeConfig,
+    proto::{product_service_client::ProductServiceClient, user_service_client::UserServiceClient},
+};
+use serde::de::DeserializeOwned;
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::oneshot,
+};
+use tonic::transport::Channel;
+
+pub use deadpool_redis::redis;
+
+pub struct TestApp {
+    pub users: UserServiceClient<Channel>,
+    pub products: ProductServiceClient<Channel>,
+    /// Direct access to the app's database, bypassing the service.
+    pub db: PgPool,
+    /// Direct access to the real Redis (even when the app is pointed elsewhere).
+    pub redis: redis::aio::MultiplexedConnection,
+    pub keys: Keys,
+    pub config: ServeConfig,
+    pub metrics_port: u16,
+    stop: Option<oneshot::Sender<()>>,
+    sandbox: Arc<Sandbox>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// Starts an app on a fresh database and namespace, after `customize` adjusts its settings.
+pub async fn spawn_app_with(customize: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    let sandbox = Arc::new(Sandbox::new());
+    let mut config = ServeConfig::from_env();
+    config.config.database_url = sandbox.database_url.parse().unwrap();
+    config.config.cache_namespace = sandbox.namespace.clone();
+    start(config, customize, sandbox).await
+}
+
+impl TestApp {
+    /// A second instance sharing this one's database and Redis namespace.
+    pub async fn spawn_sibling(&self) -> TestApp {
+        self.spawn_sibling_with(|_| {}).await
+    }
+
+    pub async fn spawn_sibling_with(&self, customize: impl FnOnce(&mut ServeConfig)) -> TestApp {
+        start(self.config.clone(), customize, self.sandbox.clone()).await
+    }
+
+    /// The raw bytes cached under `key`, read straight from Redis.
+    pub async fn cached(&mut self, key: &str) -> Option<Vec<u8>> {
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.redis)
+            .await
+            .unwrap()
+    }
+
+    /// The value cached under `key`, decoded; panics if it does not decode.
+    pub async fn cached_value<T: DeserializeOwned>(&mut self, key: &str) -> Option<T> {
+        let bytes = self.cached(key).await?;
+        Some(codec::decode(&bytes).expect("cached value decodes"))
+    }
+
+    pub async fn exists(&mut self, key: &str) -> bool {
+        redis::cmd("EXISTS")
+            .arg(key)
+            .query_async::<i64>(&mut self.redis)
+            .await
+            .unwrap()
+            == 1
+    }
+
+    /// Every key of this app's namespace.
+    pub async fn namespace_keys(&mut self) -> Vec<String> {
+        scan_namespace(&mut self.redis, &self.sandbox.namespace).await
+    }
+
+    /// The value of one Prometheus sample, scraped from this app's `/metrics`
+    /// (0 when absent), e.g. `readthrough_cache_hits_total{entity="user"}`.
+    /// Under nextest each test is its own process, so counters start at 0.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        let text = scrape(self.metrics_port).await;
+        text.lines()
+            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+            .map(|value| value.trim().parse().unwrap())
+            .unwrap_or(0.0)
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn start(
+    mut config: ServeConfig,
+    customize: impl FnOnce(&mut ServeConfig),
+    sandbox: Arc<Sandbox>,
+) -> TestApp {
+    config.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    customize(&mut config);
+    let app = Application::build(config.clone())
+        .await
+        .expect("app builds");
+    let (grpc_port, metrics_port) = (app.grpc_port(), app.metrics_port());
+    let (stop, stopped) = oneshot::channel::<()>();
+    tokio::spawn(app.run_until_stopped(async {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+        .unwrap()
+        .connect()
+        .await
+        .expect("connects to the app");
+    let redis = redis::Client::open(sandbox.redis_url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the test Redis is reachable");
+    TestApp {
+        users: UserServiceClient::new(channel.clone()),
+        products: ProductServiceClient::new(channel),
+        db: PgPool::connect(config.config.database_url.expose())
+            .await
+            .unwrap(),
+        redis,
+        keys: Keys::new(&config.config.cache_namespace),
+        config,
+        metrics_port,
+        stop: Some(stop),
+        sandbox,
+    }
+}
+
+/// A free local port with nothing listening on it.
+pub fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `url` with its database name replaced.
+pub fn with_database(url: &str, database: &str) -> String {
+    let (without_query, query) = url
+        .split_once('?')
+        .map_or((url, None), |(u, q)| (u, Some(q)));
+    let (base, _) = without_query
+        .rsplit_once('/')
+        .expect("DATABASE_URL has a path");
+    match query {
+        Some(query) => format!("{base}/{database}?{query}"),
+        None => format!("{base}/{database}"),
+    }
+}
+
+async fn scrape(port: u16) -> String {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}
+
+/// Waits until `check` holds, polling every 20 ms, for at most `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if check().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn scan_namespace(
+    conn: &mut redis::aio::MultiplexedConnection,
+    namespace: &str,
+) -> Vec<String> {
+    let mut keys = Vec::new();
+    let mut cursor = 0u64;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{namespace}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await
+            .unwrap_or_default();
+        keys.extend(batch);
+        if next == 0 {
+            return keys;
+        }
+        cursor = next;
+    }
+}
+
+/// A database name and a Redis key namespace of a test's own, removed on drop
+/// (the database is created by the app, as `serve` and `migrate` do).
+pub struct Sandbox {
+    /// DATABASE_URL naming the test's database.
+    pub database_url: String,
+    pub namespace: String,
+    pub redis_url: String,
+    admin_url: String,
+    database: String,
+}
+
+impl Sandbox {
+    pub fn new() -> Self {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let config = ServeConfig::from_env().config;
+        let database = format!("rt_test_{suffix}");
+        Self {
+            database_url: with_database(config.database_url.expose(), &database),
+            namespace: format!("rt-test-{suffix}"),
+            redis_url: config.redis_url.expose().to_string(),
+            admin_url: with_database(config.database_url.expose(), "postgres"),
+            database,
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        let (admin_url, redis_url) = (self.admin_url.clone(), self.redis_url.clone());
+        let (database, namespace) = (self.database.clone(), self.namespace.clone());
+        // Drop may run inside or outside a runtime: clean up on a thread with its own.
+        let cleanup = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                if let Ok(mut conn) = PgConnection::connect(&admin_url).await {
+                    let drop = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
+                    let _ = conn.execute(sqlx::AssertSqlSafe(drop)).await;
+                }
+                if let Ok(client) = redis::Client::open(redis_url.as_str())
+                    && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                {
+                    let keys = scan_namespace(&mut conn, &namespace).await;
+                    if !keys.is_empty() {
+                        let _: Result<(), _> =
+                            redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                    }
+                }
+            });
+        });
+        let _ = cleanup.join();
+    }
+}
