@@ -14,6 +14,7 @@ use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
     api::{ProductApi, UserApi},
+    cache::Hooks,
     config::ServeConfig,
     proto::{product_service_server::ProductServiceServer, user_service_server::UserServiceServer},
     service::Services,
@@ -31,12 +32,15 @@ impl Application {
     /// Migrates (unless told not to), connects, and binds the listeners.
     /// Redis is not contacted: the service starts and serves while Redis is down.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
+        Self::build_with_hooks(config, Hooks::default()).await
+    }
+
+    /// `build`, with test hooks in the cache layer.
+    pub async fn build_with_hooks(config: ServeConfig, hooks: Hooks) -> anyhow::Result<Self> {
         if config.migrate_on_start {
-            store::migrate(&config.config)
-                .await
-                .context("migrating the database")?;
+            store::migrate(&config.config).await.context("migrating the database")?;
         }
-        let services = Services::connect(&config.config)
+        let services = Services::connect(&config.config, hooks)
             .await
             .context("connecting to PostgreSQL")?;
         let grpc_listener = TcpListener::bind(config.grpc_addr)
@@ -55,17 +59,11 @@ impl Application {
     }
 
     pub fn grpc_port(&self) -> u16 {
-        self.grpc_listener
-            .local_addr()
-            .map(|a| a.port())
-            .unwrap_or_default()
+        self.grpc_listener.local_addr().map(|a| a.port()).unwrap_or_default()
     }
 
     pub fn metrics_port(&self) -> u16 {
-        self.metrics_listener
-            .local_addr()
-            .map(|a| a.port())
-            .unwrap_or_default()
+        self.metrics_listener.local_addr().map(|a| a.port()).unwrap_or_default()
     }
 
     /// Serves until `shutdown` completes, then reports NOT_SERVING, stops
@@ -77,7 +75,9 @@ impl Application {
             users,
             products,
             pool,
+            cache,
         } = self.services;
+        tokio::spawn(async move { cache.open_connections().await });
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()

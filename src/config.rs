@@ -15,6 +15,19 @@ impl SecretUrl {
     pub fn expose(&self) -> &str {
         &self.0
     }
+
+    /// The same server with another database (the URL's path), e.g. a test's own.
+    pub fn with_database(&self, database: &str) -> Self {
+        let (without_query, query) = self
+            .0
+            .split_once('?')
+            .map_or((self.0.as_str(), None), |(u, q)| (u, Some(q)));
+        let base = without_query.rsplit_once('/').map_or(without_query, |(base, _)| base);
+        match query {
+            Some(query) => Self(format!("{base}/{database}?{query}")),
+            None => Self(format!("{base}/{database}")),
+        }
+    }
 }
 
 impl FromStr for SecretUrl {
@@ -82,6 +95,19 @@ pub struct Config {
     /// Time to live of a cached category list, in seconds (±10 % jitter).
     #[arg(long, env = "LIST_TTL_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
     pub list_ttl_secs: u64,
+
+    /// How long "no such id" is cached, in seconds; any write to the id clears it.
+    #[arg(long, env = "NEGATIVE_TTL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    pub negative_ttl_secs: u64,
+
+    /// Fill lease: how long other callers wait for the caller filling a missing key
+    /// before they read PostgreSQL themselves, in milliseconds.
+    #[arg(long, env = "CACHE_LEASE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub cache_lease_ms: u64,
+
+    /// Refresh hot entries shortly before they expire (XFetch), so expiry does not stall readers.
+    #[arg(long, env = "REFRESH_AHEAD", default_value_t = true, action = ArgAction::Set)]
+    pub refresh_ahead: bool,
 
     /// Cached values larger than this many bytes are zstd-compressed.
     #[arg(long, env = "COMPRESS_THRESHOLD_BYTES", default_value_t = 1024)]
@@ -155,6 +181,17 @@ mod tests {
         let shown = format!("{url:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("db:5432/rt"), "{shown}");
+    }
+
+    #[test]
+    fn with_database_replaces_only_the_path() {
+        let url = SecretUrl("postgres://u:p@db:5432/app?sslmode=disable".to_string());
+        assert_eq!(
+            url.with_database("t1").expose(),
+            "postgres://u:p@db:5432/t1?sslmode=disable"
+        );
+        let plain = SecretUrl("postgres://db/app".to_string());
+        assert_eq!(plain.with_database("t2").expose(), "postgres://db/t2");
     }
 
     #[test]

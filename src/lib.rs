@@ -13,6 +13,9 @@
 //! - [`config`], [`telemetry`], [`ops`]: settings, logs and metrics, and the
 //!   operator commands `seed` and `warm`.
 
+// Nested async fns (handler, service, read-through, cache, Redis) exceed the default depth.
+#![recursion_limit = "256"]
+
 pub mod api;
 pub mod app;
 pub mod cache;
@@ -28,6 +31,5 @@ pub mod proto {
     tonic::include_proto!("readthrough.v1");
 
     /// Served by gRPC reflection, so grpcurl can list and describe the services.
-    pub const FILE_DESCRIPTOR_SET: &[u8] =
-        tonic::include_file_descriptor_set!("readthrough_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("readthrough_descriptor");
 }

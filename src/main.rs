@@ -77,7 +77,7 @@ async fn main() -> anyhow::Result<()> {
             categories,
         } => {
             store::migrate(&config).await?;
-            let services = Services::connect(&config).await?;
+            let services = Services::connect(&config, Default::default()).await?;
             let started = std::time::Instant::now();
             let report = ops::seed(
                 &services.pool,
@@ -96,7 +96,7 @@ async fn main() -> anyhow::Result<()> {
             recent_users,
             recent_products,
         } => {
-            let services = Services::connect(&config).await?;
+            let services = Services::connect(&config, Default::default()).await?;
             let options = WarmOptions {
                 categories,
                 recent_users,

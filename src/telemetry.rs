@@ -15,8 +15,7 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 /// Logs to stderr, `info` unless `RUST_LOG` says otherwise. Safe to call twice.
 pub fn init_logging() {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -52,19 +51,17 @@ pub async fn serve_metrics(listener: TcpListener) {
             },
         };
         tokio::spawn(async move {
-            let service = service_fn(
-                |request: hyper::Request<hyper::body::Incoming>| async move {
-                    if request.uri().path() == "/metrics" {
-                        Response::builder()
-                            .header("content-type", "text/plain; version=0.0.4")
-                            .body(Full::new(Bytes::from(handle.render())))
-                    } else {
-                        Response::builder()
-                            .status(StatusCode::NOT_FOUND)
-                            .body(Full::new(Bytes::from("see /metrics\n")))
-                    }
-                },
-            );
+            let service = service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
+                if request.uri().path() == "/metrics" {
+                    Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(Full::new(Bytes::from(handle.render())))
+                } else {
+                    Response::builder()
+                        .status(StatusCode::NOT_FOUND)
+                        .body(Full::new(Bytes::from("see /metrics\n")))
+                }
+            });
             let _ = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
                 .await;

@@ -39,12 +39,9 @@ impl<U: Message + Default> tonic::codec::Decoder for StrictDecoder<U> {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<U>, Status> {
-        self.0.decode(buf).map_err(|status| {
-            Status::invalid_argument(format!(
-                "request: not a valid message: {}",
-                status.message()
-            ))
-        })
+        self.0
+            .decode(buf)
+            .map_err(|status| Status::invalid_argument(format!("request: not a valid message: {}", status.message())))
     }
 
     fn buffer_settings(&self) -> BufferSettings {

@@ -68,12 +68,9 @@ fn value_to_json(value: Value) -> Result<serde_json::Value, ValidationError> {
             .map(serde_json::Value::Number)
             .ok_or_else(|| ValidationError::new("preferences", "numbers must be finite"))?,
         Some(Kind::StructValue(s)) => struct_to_json(s)?,
-        Some(Kind::ListValue(list)) => serde_json::Value::Array(
-            list.values
-                .into_iter()
-                .map(value_to_json)
-                .collect::<Result<_, _>>()?,
-        ),
+        Some(Kind::ListValue(list)) => {
+            serde_json::Value::Array(list.values.into_iter().map(value_to_json).collect::<Result<_, _>>()?)
+        }
     })
 }
 
@@ -114,10 +111,7 @@ pub fn mask_paths<'a>(
         .map(|m| m.paths.iter().map(String::as_str).collect())
         .unwrap_or_default();
     if paths.is_empty() {
-        return Err(ValidationError::new(
-            "update_mask",
-            "must name at least one field",
-        ));
+        return Err(ValidationError::new("update_mask", "must name at least one field"));
     }
     if paths == ["*"] {
         return Ok(updatable.to_vec());
@@ -173,18 +167,13 @@ mod tests {
             ["email", "preferences"]
         );
         assert_eq!(
-            mask_paths(Some(&mask(&["version"])), &["email"])
-                .unwrap_err()
-                .field,
+            mask_paths(Some(&mask(&["version"])), &["email"]).unwrap_err().field,
             "update_mask"
         );
         assert_eq!(
             mask_paths(Some(&mask(&[])), &["email"]).unwrap_err().field,
             "update_mask"
         );
-        assert_eq!(
-            mask_paths(None, &["email"]).unwrap_err().field,
-            "update_mask"
-        );
+        assert_eq!(mask_paths(None, &["email"]).unwrap_err().field, "update_mask");
     }
 }

@@ -8,20 +8,14 @@ use super::{
 };
 use crate::{
     domain::{
-        CategoryId, Currency, Description, ExpectedVersion, NewProduct, PageRequest, PriceCents,
-        ProductId, ProductName, ProductPatch, ValidationError,
+        CategoryId, Currency, Description, ExpectedVersion, NewProduct, PageRequest, PriceCents, ProductId,
+        ProductName, ProductPatch, ValidationError,
     },
     proto::{self, product_service_server::ProductService},
     service::Products,
 };
 
-const UPDATABLE: &[&str] = &[
-    "category_id",
-    "name",
-    "description",
-    "price_cents",
-    "currency",
-];
+const UPDATABLE: &[&str] = &["category_id", "name", "description", "price_cents", "currency"];
 
 pub struct ProductApi {
     products: Products,
@@ -103,16 +97,10 @@ impl ProductService for ProductApi {
             };
             for path in mask_paths(request.update_mask.as_ref(), UPDATABLE)? {
                 match path {
-                    "category_id" => {
-                        patch.category_id = Some(CategoryId::parse(&product.category_id)?)
-                    }
+                    "category_id" => patch.category_id = Some(CategoryId::parse(&product.category_id)?),
                     "name" => patch.name = Some(ProductName::parse(&product.name)?),
-                    "description" => {
-                        patch.description = Some(Description::parse(&product.description)?)
-                    }
-                    "price_cents" => {
-                        patch.price_cents = Some(PriceCents::parse(product.price_cents)?)
-                    }
+                    "description" => patch.description = Some(Description::parse(&product.description)?),
+                    "price_cents" => patch.price_cents = Some(PriceCents::parse(product.price_cents)?),
                     _ => patch.currency = Some(Currency::parse(&product.currency)?),
                 }
             }
@@ -121,10 +109,7 @@ impl ProductService for ProductApi {
         .await
     }
 
-    async fn delete_product(
-        &self,
-        request: Request<proto::DeleteProductRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn delete_product(&self, request: Request<proto::DeleteProductRequest>) -> Result<Response<()>, Status> {
         observe("DeleteProduct", async {
             let id = ProductId::parse(&request.get_ref().id)?;
             self.products.delete(id).await?;

@@ -27,10 +27,7 @@ impl UserApi {
 
 #[tonic::async_trait]
 impl UserService for UserApi {
-    async fn get_user(
-        &self,
-        request: Request<proto::GetUserRequest>,
-    ) -> Result<Response<proto::User>, Status> {
+    async fn get_user(&self, request: Request<proto::GetUserRequest>) -> Result<Response<proto::User>, Status> {
         observe("GetUser", async {
             let id = UserId::parse(&request.get_ref().id)?;
             Ok(user_to_proto(self.users.get(id).await?))
@@ -71,10 +68,7 @@ impl UserService for UserApi {
         .await
     }
 
-    async fn create_user(
-        &self,
-        request: Request<proto::CreateUserRequest>,
-    ) -> Result<Response<proto::User>, Status> {
+    async fn create_user(&self, request: Request<proto::CreateUserRequest>) -> Result<Response<proto::User>, Status> {
         observe("CreateUser", async {
             let request = request.into_inner();
             let new = NewUser {
@@ -86,10 +80,7 @@ impl UserService for UserApi {
         .await
     }
 
-    async fn update_user(
-        &self,
-        request: Request<proto::UpdateUserRequest>,
-    ) -> Result<Response<proto::User>, Status> {
+    async fn update_user(&self, request: Request<proto::UpdateUserRequest>) -> Result<Response<proto::User>, Status> {
         observe("UpdateUser", async {
             let request = request.into_inner();
             let user = request
@@ -112,10 +103,7 @@ impl UserService for UserApi {
         .await
     }
 
-    async fn delete_user(
-        &self,
-        request: Request<proto::DeleteUserRequest>,
-    ) -> Result<Response<()>, Status> {
+    async fn delete_user(&self, request: Request<proto::DeleteUserRequest>) -> Result<Response<()>, Status> {
         observe("DeleteUser", async {
             let id = UserId::parse(&request.get_ref().id)?;
             self.users.delete(id).await?;

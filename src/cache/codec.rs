@@ -97,11 +97,7 @@ mod tests {
     fn large_values_round_trip_compressed() {
         let bytes = encode(&sample(10_000), 1024).unwrap();
         assert_eq!(bytes[..2], [FORMAT_VERSION, FLAG_ZSTD]);
-        assert!(
-            bytes.len() < 1_000,
-            "repetitive text compresses: {} bytes",
-            bytes.len()
-        );
+        assert!(bytes.len() < 1_000, "repetitive text compresses: {} bytes", bytes.len());
         assert_eq!(decode::<Sample>(&bytes).unwrap(), sample(10_000));
     }
 

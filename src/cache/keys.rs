@@ -24,12 +24,18 @@ impl Keys {
         format!("{}:*", self.prefix)
     }
 
+    /// A user's entry. The id is a hash tag, so the entry and its lease share a Cluster slot.
     pub fn user(&self, id: UserId) -> String {
-        format!("{}:user:{id}", self.prefix)
+        format!("{}:user:{{{id}}}", self.prefix)
     }
 
     pub fn product(&self, id: ProductId) -> String {
-        format!("{}:product:{id}", self.prefix)
+        format!("{}:product:{{{id}}}", self.prefix)
+    }
+
+    /// The fill lease of an entry (or of a list, given its ids key): same hash tag.
+    pub fn lease(&self, key: &str) -> String {
+        format!("{key}:lease")
     }
 
     /// The category's ordered ids (a sorted set, score = position). Shares the hash
@@ -54,5 +60,17 @@ mod tests {
         let category = CategoryId::parse("books").unwrap();
         assert_eq!(keys.list_ids(&category), "rt:v1:list:{books}:ids");
         assert_eq!(keys.list_meta(&category), "rt:v1:list:{books}:meta");
+        assert_eq!(keys.lease(&keys.list_ids(&category)), "rt:v1:list:{books}:ids:lease");
+    }
+
+    #[test]
+    fn entries_and_their_leases_share_a_hash_tag() {
+        let keys = Keys::new("rt");
+        let id = UserId::parse("123e4567-e89b-12d3-a456-426614174000").unwrap();
+        assert_eq!(keys.user(id), "rt:v1:user:{123e4567-e89b-12d3-a456-426614174000}");
+        assert_eq!(
+            keys.lease(&keys.user(id)),
+            "rt:v1:user:{123e4567-e89b-12d3-a456-426614174000}:lease"
+        );
     }
 }

@@ -1,14 +1,24 @@
 //! The shared Redis cache: key names, value encoding, fail-open Redis access,
-//! and the typed operations the services use.
+//! fill leases, and the typed operations the services use.
 //!
 //! The cache knows entities and keys but nothing about gRPC or SQL: services
 //! hand it values loaded from the store and ask it for values by id.
+//!
+//! Every fill happens under a lease (`SET NX PX` of a random token). The lease
+//! makes one caller across all instances the filler of a missing key, and a
+//! write deletes it together with the entry, so a fill of data read before the
+//! write is refused (the stale-set race of plain cache-aside).
 
 pub mod codec;
 pub mod keys;
 mod redis;
 
-use std::time::Duration;
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
 
 use rand::Rng;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -18,15 +28,22 @@ use crate::{
     domain::{CategoryId, Product, ProductId, User, UserId},
 };
 pub use keys::Keys;
+use redis::GuardedFill;
 pub use redis::RedisClient;
 
 /// How often an invalidation is tried before it is given up (and logged).
 const INVALIDATION_ATTEMPTS: u32 = 3;
 const INVALIDATION_BACKOFF: Duration = Duration::from_millis(20);
+/// Polling a key another instance is filling: first interval, doubled up to the cap.
+const WAIT_FIRST_POLL: Duration = Duration::from_millis(2);
+const WAIT_MAX_POLL: Duration = Duration::from_millis(20);
+/// Refresh ahead (XFetch) treats a load as taking at least this long, so that a hot
+/// key is refreshed some tens of milliseconds before it expires, not at the last instant.
+const REFRESH_MIN_DELTA_MS: f64 = 50.0;
 
 /// An entity the cache stores under one key per id.
-pub trait Cacheable: Serialize + DeserializeOwned {
-    type Id: Copy + Eq + std::hash::Hash;
+pub trait Cacheable: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
+    type Id: Copy + Eq + std::hash::Hash + std::fmt::Display + Send + Sync + 'static;
     /// The `entity` label of metrics.
     const ENTITY: &'static str;
     fn key(keys: &Keys, id: Self::Id) -> String;
@@ -78,9 +95,54 @@ pub struct Ttls {
     pub user: Duration,
     pub product: Duration,
     pub list: Duration,
+    /// How long "no such id" is cached.
+    pub negative: Duration,
 }
 
-/// What a category list's metadata key holds.
+/// A hook awaited at a point of the cache's work, given the key concerned.
+pub type Hook = Arc<dyn Fn(&str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+/// Points where tests pause or delay the cache, and the switch that shows what
+/// leases prevent. Production uses `Hooks::default()`.
+#[derive(Clone, Default)]
+pub struct Hooks {
+    /// Awaited after a fill's database read and before the fill is written.
+    pub before_fill: Option<Hook>,
+    /// Awaited before a write's invalidation.
+    pub before_invalidate: Option<Hook>,
+    /// Fills ignore leases: only for the test that shows the stale-set race.
+    pub unguarded_fills: bool,
+}
+
+/// What is stored under an entity's key.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Entry<E> {
+    /// `None` caches "no such id" (negative caching).
+    pub value: Option<E>,
+    /// How long the database read took, in ms (XFetch's delta).
+    pub load_ms: u32,
+    /// When the entry expires, in ms since the Unix epoch (XFetch's expiry).
+    pub expires_at_ms: u64,
+}
+
+/// One key's state in the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Cached<E> {
+    Miss,
+    /// `value` is `None` when the cache knows the id does not exist.
+    Hit {
+        value: Option<E>,
+        refresh: bool,
+    },
+}
+
+/// A lease on a key: while it is held, only its holder fills the key.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    token: String,
+}
+
+/// What is stored under a category list's metadata key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListMeta {
     /// Products in the category.
@@ -106,12 +168,15 @@ pub struct Cache {
     redis: RedisClient,
     keys: Keys,
     ttls: Ttls,
+    lease_ttl: Duration,
     compress_threshold: usize,
     enabled: bool,
+    refresh_ahead: bool,
+    hooks: Hooks,
 }
 
 impl Cache {
-    pub fn new(config: &Config) -> anyhow::Result<Self> {
+    pub fn new(config: &Config, hooks: Hooks) -> anyhow::Result<Self> {
         Ok(Self {
             redis: RedisClient::new(config)?,
             keys: Keys::new(&config.cache_namespace),
@@ -119,9 +184,13 @@ impl Cache {
                 user: Duration::from_secs(config.user_ttl_secs),
                 product: Duration::from_secs(config.product_ttl_secs),
                 list: Duration::from_secs(config.list_ttl_secs),
+                negative: Duration::from_secs(config.negative_ttl_secs),
             },
+            lease_ttl: Duration::from_millis(config.cache_lease_ms),
             compress_threshold: config.compress_threshold_bytes,
             enabled: config.cache_enabled,
+            refresh_ahead: config.refresh_ahead,
+            hooks,
         })
     }
 
@@ -129,90 +198,173 @@ impl Cache {
         &self.keys
     }
 
-    pub fn is_enabled(&self) -> bool {
-        self.enabled
+    pub fn lease_ttl(&self) -> Duration {
+        self.lease_ttl
     }
 
-    /// Looks up each id; `None` at a position is a miss (absent, undecodable, or
-    /// Redis unavailable). Undecodable entries are deleted so the fill repairs them.
-    pub async fn get_many<E: Cacheable>(&self, ids: &[E::Id]) -> Vec<Option<E>> {
-        if !self.enabled || ids.is_empty() {
-            return ids.iter().map(|_| None).collect();
+    /// Looks up each id. `None` when the cache is off or Redis did not answer:
+    /// then the caller reads PostgreSQL and fills nothing. Undecodable entries
+    /// are deleted and reported as misses, so the fill repairs them.
+    pub async fn get_many<E: Cacheable>(&self, ids: &[E::Id]) -> Option<Vec<Cached<E>>> {
+        if !self.enabled {
+            return None;
         }
         let keys: Vec<String> = ids.iter().map(|&id| E::key(&self.keys, id)).collect();
         let Some(raw) = self.redis.get_many(&keys).await else {
-            metrics::counter!("readthrough_cache_misses_total", "entity" => E::ENTITY)
-                .increment(ids.len() as u64);
-            return ids.iter().map(|_| None).collect();
+            metrics::counter!("readthrough_cache_misses_total", "entity" => E::ENTITY).increment(ids.len() as u64);
+            return None;
         };
+        let now = now_ms();
         let mut corrupt = Vec::new();
-        let values: Vec<Option<E>> = ids
+        let found: Vec<Cached<E>> = ids
             .iter()
             .zip(raw)
             .zip(&keys)
-            .map(|((&id, bytes), key)| {
-                let bytes = bytes?;
-                match codec::decode::<E>(&bytes) {
-                    Ok(value) if value.is_valid_for(id) => Some(value),
-                    outcome => {
-                        let why = outcome
-                            .err()
-                            .map_or_else(|| "belongs to another id".to_string(), |e| e.to_string());
-                        tracing::warn!(key, why, "discarding corrupt cache entry");
+            .map(
+                |((&id, bytes), key)| match bytes.map(|b| self.decode_entry::<E>(&b, id)) {
+                    None => Cached::Miss,
+                    Some(Some(entry)) => Cached::Hit {
+                        refresh: entry.value.is_some() && self.refresh_due(&entry, now),
+                        value: entry.value,
+                    },
+                    Some(None) => {
                         corrupt.push(key.clone());
-                        None
+                        Cached::Miss
                     }
-                }
-            })
+                },
+            )
             .collect();
         if !corrupt.is_empty() {
-            metrics::counter!("readthrough_cache_corrupt_total", "entity" => E::ENTITY)
-                .increment(corrupt.len() as u64);
+            tracing::warn!(keys = ?corrupt, "discarding corrupt cache entries");
+            metrics::counter!("readthrough_cache_corrupt_total", "entity" => E::ENTITY).increment(corrupt.len() as u64);
             self.redis.delete(&corrupt).await;
         }
-        let hits = values.iter().filter(|v| v.is_some()).count() as u64;
+        let hits = found.iter().filter(|c| matches!(c, Cached::Hit { .. })).count() as u64;
         metrics::counter!("readthrough_cache_hits_total", "entity" => E::ENTITY).increment(hits);
-        metrics::counter!("readthrough_cache_misses_total", "entity" => E::ENTITY)
-            .increment(ids.len() as u64 - hits);
-        values
+        metrics::counter!("readthrough_cache_misses_total", "entity" => E::ENTITY).increment(ids.len() as u64 - hits);
+        Some(found)
     }
 
-    /// Stores values just loaded from PostgreSQL, each with its entity's TTL (jittered).
-    pub async fn put_many<E: Cacheable>(&self, values: &[E]) {
-        if !self.enabled || values.is_empty() {
+    fn decode_entry<E: Cacheable>(&self, bytes: &[u8], id: E::Id) -> Option<Entry<E>> {
+        let entry = codec::decode::<Entry<E>>(bytes).ok()?;
+        entry
+            .value
+            .as_ref()
+            .is_none_or(|value| value.is_valid_for(id))
+            .then_some(entry)
+    }
+
+    /// XFetch: refresh early with a probability that rises as expiry nears and
+    /// with how long the value takes to load, so one caller of a hot key
+    /// refreshes it before it expires instead of all of them missing together.
+    fn refresh_due<E>(&self, entry: &Entry<E>, now_ms: u64) -> bool {
+        if !self.refresh_ahead {
+            return false;
+        }
+        let delta = f64::from(entry.load_ms).max(REFRESH_MIN_DELTA_MS);
+        let draw: f64 = rand::rng().random_range(f64::EPSILON..1.0);
+        now_ms as f64 - delta * draw.ln() >= entry.expires_at_ms as f64
+    }
+
+    /// Tries to take the fill lease of each id; `Some` where this caller got it.
+    pub async fn acquire_leases<E: Cacheable>(&self, ids: &[E::Id]) -> Vec<Option<Lease>> {
+        let lease_keys: Vec<String> = ids.iter().map(|&id| self.keys.lease(&E::key(&self.keys, id))).collect();
+        self.acquire(&lease_keys).await
+    }
+
+    async fn acquire(&self, lease_keys: &[String]) -> Vec<Option<Lease>> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        match self.redis.acquire_leases(lease_keys, &token, self.lease_ttl).await {
+            Some(acquired) => acquired
+                .into_iter()
+                .map(|got| got.then(|| Lease { token: token.clone() }))
+                .collect(),
+            None => lease_keys.iter().map(|_| None).collect(),
+        }
+    }
+
+    /// Gives back a lease whose load failed, so waiters need not wait it out.
+    pub async fn release<E: Cacheable>(&self, id: E::Id, lease: &Lease) {
+        self.redis
+            .release_lease(&self.keys.lease(&E::key(&self.keys, id)), &lease.token)
+            .await;
+    }
+
+    /// Stores what PostgreSQL returned for leased ids (`None`: no such id), each
+    /// only if its lease is still held. `load_time` is how long the read took.
+    pub async fn fill<E: Cacheable>(&self, fills: &[(E::Id, Option<&E>, &Lease)], load_time: Duration) {
+        if fills.is_empty() {
             return;
         }
-        let entries: Vec<(String, Vec<u8>, u64)> = values
-            .iter()
-            .filter_map(|value| match codec::encode(value, self.compress_threshold) {
-                Ok(bytes) => Some((E::key(&self.keys, value.id()), bytes, jittered_secs(E::ttl(&self.ttls)))),
-                Err(error) => {
-                    tracing::error!(%error, entity = E::ENTITY, "cannot encode value for the cache");
-                    None
-                }
-            })
-            .collect();
-        self.redis.set_many(&entries).await;
+        let keys: Vec<String> = fills.iter().map(|(id, _, _)| E::key(&self.keys, *id)).collect();
+        if let Some(hook) = &self.hooks.before_fill {
+            hook(&keys[0]).await;
+        }
+        let lease_keys: Vec<String> = keys.iter().map(|key| self.keys.lease(key)).collect();
+        let now = now_ms();
+        let load_ms = load_time.as_millis().min(u128::from(u32::MAX)) as u32;
+        let mut guarded = Vec::with_capacity(fills.len());
+        for ((_, value, lease), (key, lease_key)) in fills.iter().zip(keys.iter().zip(&lease_keys)) {
+            let ttl = match value {
+                Some(_) => E::ttl(&self.ttls),
+                None => self.ttls.negative,
+            };
+            let ttl_secs = jittered_secs(ttl);
+            let entry = Entry {
+                value: *value,
+                load_ms,
+                expires_at_ms: now + ttl_secs * 1000,
+            };
+            match codec::encode(&entry, self.compress_threshold) {
+                Ok(bytes) => guarded.push(GuardedFill {
+                    key,
+                    lease_key,
+                    token: &lease.token,
+                    value: bytes,
+                    ttl_secs,
+                }),
+                Err(error) => tracing::error!(%error, entity = E::ENTITY, "cannot encode value for the cache"),
+            }
+        }
+        if self.hooks.unguarded_fills {
+            let plain: Vec<(String, Vec<u8>, u64)> = guarded
+                .into_iter()
+                .map(|f| (f.key.to_string(), f.value, f.ttl_secs))
+                .collect();
+            self.redis.set_many(&plain).await;
+            return;
+        }
+        if let Some(stored) = self.redis.fill_guarded(&guarded).await {
+            let refused = stored.iter().filter(|s| !**s).count() as u64;
+            metrics::counter!("readthrough_cache_fills_refused_total", "entity" => E::ENTITY).increment(refused);
+        }
+    }
+
+    /// Waits for another caller's fill of `id`, polling at short, capped
+    /// intervals for at most the lease time. `None` if it did not come.
+    pub async fn wait_for_fill<E: Cacheable>(&self, id: E::Id) -> Option<Cached<E>> {
+        let deadline = tokio::time::Instant::now() + self.lease_ttl;
+        let mut interval = WAIT_FIRST_POLL;
+        while tokio::time::Instant::now() + interval < deadline {
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(WAIT_MAX_POLL);
+            match self.get_many::<E>(&[id]).await?.pop()? {
+                hit @ Cached::Hit { .. } => return Some(hit),
+                Cached::Miss => continue,
+            }
+        }
+        None
     }
 
     /// Reads positions `offset..offset + limit` of a category list.
-    pub async fn get_list_page(
-        &self,
-        category: &CategoryId,
-        offset: u64,
-        limit: u64,
-    ) -> ListLookup {
+    pub async fn get_list_page(&self, category: &CategoryId, offset: u64, limit: u64) -> ListLookup {
         if !self.enabled {
             return ListLookup::Unavailable;
         }
         let ids_key = self.keys.list_ids(category);
         let meta_key = self.keys.list_meta(category);
         let stop = offset + limit - 1;
-        let Some(raw) = self
-            .redis
-            .read_list_page(&ids_key, &meta_key, offset, stop)
-            .await
-        else {
+        let Some(raw) = self.redis.read_list_page(&ids_key, &meta_key, offset, stop).await else {
             metrics::counter!("readthrough_cache_misses_total", "entity" => "list").increment(1);
             return ListLookup::Unavailable;
         };
@@ -223,8 +375,7 @@ impl Cache {
             Ok(meta) if meta.cached <= meta.total => meta,
             outcome => {
                 tracing::warn!(key = meta_key, error = ?outcome.err(), "discarding corrupt list metadata");
-                metrics::counter!("readthrough_cache_corrupt_total", "entity" => "list")
-                    .increment(1);
+                metrics::counter!("readthrough_cache_corrupt_total", "entity" => "list").increment(1);
                 self.redis.delete(&[ids_key, meta_key]).await;
                 return list_miss();
             }
@@ -236,8 +387,7 @@ impl Cache {
             return ListLookup::Beyond { meta };
         }
         let expected = page_end.saturating_sub(offset) as usize;
-        let ids: Option<Vec<ProductId>> =
-            raw.ids.iter().map(|id| ProductId::parse(id).ok()).collect();
+        let ids: Option<Vec<ProductId>> = raw.ids.iter().map(|id| ProductId::parse(id).ok()).collect();
         match ids {
             Some(ids) if ids.len() == expected => {
                 metrics::counter!("readthrough_cache_hits_total", "entity" => "list").increment(1);
@@ -245,18 +395,27 @@ impl Cache {
             }
             // Evicted ids with surviving metadata, or garbage members: rebuild the list.
             _ => {
-                metrics::counter!("readthrough_cache_corrupt_total", "entity" => "list")
-                    .increment(1);
+                metrics::counter!("readthrough_cache_corrupt_total", "entity" => "list").increment(1);
                 self.redis.delete(&[ids_key, meta_key]).await;
                 list_miss()
             }
         }
     }
 
-    /// Stores the first `ids.len()` ids of a category in order, with the category's total.
-    pub async fn put_list(&self, category: &CategoryId, ids: &[ProductId], total: u64) {
-        if !self.enabled {
-            return;
+    /// Takes the fill lease of a category list.
+    pub async fn acquire_list_lease(&self, category: &CategoryId) -> Option<Lease> {
+        self.acquire(&[self.keys.lease(&self.keys.list_ids(category))])
+            .await
+            .pop()
+            .flatten()
+    }
+
+    /// Stores the first `ids.len()` ids of a category in order, with the category's
+    /// total, if the list's lease is still held.
+    pub async fn put_list(&self, category: &CategoryId, ids: &[ProductId], total: u64, lease: &Lease) {
+        let ids_key = self.keys.list_ids(category);
+        if let Some(hook) = &self.hooks.before_fill {
+            hook(&ids_key).await;
         }
         let meta = ListMeta {
             total,
@@ -266,16 +425,30 @@ impl Cache {
             return;
         };
         let ids: Vec<String> = ids.iter().map(ProductId::to_string).collect();
-        let ttl = jittered_secs(self.ttls.list);
-        self.redis
-            .write_list(
-                &self.keys.list_ids(category),
-                &self.keys.list_meta(category),
-                &ids,
-                &meta_bytes,
-                ttl,
-            )
+        let keys = [
+            ids_key.as_str(),
+            &self.keys.list_meta(category),
+            &self.keys.lease(&ids_key),
+        ];
+        let stored = self
+            .redis
+            .write_list_guarded(keys, &lease.token, &ids, &meta_bytes, jittered_secs(self.ttls.list))
             .await;
+        if stored == Some(false) {
+            metrics::counter!("readthrough_cache_fills_refused_total", "entity" => "list").increment(1);
+        }
+    }
+
+    /// The keys to delete when an entity changes: its entry and its lease.
+    pub fn entity_keys<E: Cacheable>(&self, id: E::Id) -> [String; 2] {
+        let key = E::key(&self.keys, id);
+        [self.keys.lease(&key), key]
+    }
+
+    /// The keys to delete when a category's membership or order changes.
+    pub fn list_keys(&self, category: &CategoryId) -> [String; 3] {
+        let ids = self.keys.list_ids(category);
+        [self.keys.lease(&ids), ids, self.keys.list_meta(category)]
     }
 
     /// Deletes `keys`, retrying a few times; returns whether Redis confirmed it.
@@ -283,6 +456,9 @@ impl Cache {
     /// Called after a write has committed. When every attempt fails the entries
     /// stay until their TTL runs out: the caller logs that risk.
     pub async fn invalidate(&self, keys: &[String]) -> bool {
+        if let (Some(hook), Some(first)) = (&self.hooks.before_invalidate, keys.first()) {
+            hook(first).await;
+        }
         for attempt in 1..=INVALIDATION_ATTEMPTS {
             if self.redis.delete(keys).await.is_some() {
                 return true;
@@ -299,14 +475,23 @@ impl Cache {
         false
     }
 
-    pub async fn ping(&self) -> bool {
-        self.redis.ping().await
+    /// Opens Redis connections ahead of the first requests (see `RedisClient::open_connections`).
+    pub async fn open_connections(&self) {
+        if self.enabled {
+            self.redis.open_connections().await;
+        }
     }
 }
 
 fn list_miss() -> ListLookup {
     metrics::counter!("readthrough_cache_misses_total", "entity" => "list").increment(1);
     ListLookup::Miss
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `ttl` ±10 %, in whole seconds (at least 1), so entries filled together do not expire together.

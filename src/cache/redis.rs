@@ -13,11 +13,62 @@ use std::{
     time::{Duration, Instant},
 };
 
-use deadpool_redis::{Pool, Runtime, redis};
+use deadpool_redis::{
+    Pool, Runtime,
+    redis::{self, aio::MultiplexedConnection},
+};
 
 use crate::config::Config;
 
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// Opening connections at start may take longer than one call's deadline.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Stores a value only while the caller still holds the entry's fill lease, then
+/// releases the lease. A write deletes the lease together with the entry, so a
+/// reader that loaded the row before the write cannot cache the old version.
+/// KEYS: entry, lease. ARGV: token, value, ttl seconds.
+const GUARDED_SET: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+redis.call('DEL', KEYS[2])
+return 1
+";
+
+/// Replaces a category list while the caller holds the list's lease.
+/// KEYS: ids, meta, lease. ARGV: token, meta, ttl seconds, then the ids in order.
+const GUARDED_LIST_WRITE: &str = r"
+if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1])
+local first, last = 4, #ARGV
+for chunk = first, last, 500 do
+  local args = {}
+  for i = chunk, math.min(chunk + 499, last) do
+    args[#args + 1] = i - first
+    args[#args + 1] = ARGV[i]
+  end
+  redis.call('ZADD', KEYS[1], unpack(args))
+end
+if last >= first then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
+redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
+redis.call('DEL', KEYS[3])
+return 1
+";
+
+/// Deletes a lease only if it is still the caller's. KEYS: lease. ARGV: token.
+const RELEASE: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// One value to store under a lease.
+pub struct GuardedFill<'a> {
+    pub key: &'a str,
+    pub lease_key: &'a str,
+    pub token: &'a str,
+    pub value: Vec<u8>,
+    pub ttl_secs: u64,
+}
 
 /// An ordered page of a cached category list, read in one round trip.
 #[derive(Debug)]
@@ -41,7 +92,7 @@ impl RedisClient {
             max_size: config.redis_pool_size,
             timeouts: deadpool_redis::Timeouts {
                 wait: Some(timeout),
-                create: Some(timeout),
+                create: Some(CONNECT_TIMEOUT),
                 recycle: Some(timeout),
             },
             ..Default::default()
@@ -60,10 +111,7 @@ impl RedisClient {
     pub async fn get_many(&self, keys: &[String]) -> Option<Vec<Option<Vec<u8>>>> {
         match keys {
             [] => Some(Vec::new()),
-            [key] => self
-                .run("get", redis::cmd("GET").arg(key))
-                .await
-                .map(|v| vec![v]),
+            [key] => self.run("get", redis::cmd("GET").arg(key)).await.map(|v| vec![v]),
             _ => self.run("mget", redis::cmd("MGET").arg(keys)).await,
         }
     }
@@ -75,12 +123,7 @@ impl RedisClient {
         }
         let mut pipe = redis::pipe();
         for (key, value, ttl_secs) in entries {
-            pipe.cmd("SET")
-                .arg(key)
-                .arg(value)
-                .arg("EX")
-                .arg(ttl_secs)
-                .ignore();
+            pipe.cmd("SET").arg(key).arg(value).arg("EX").arg(ttl_secs).ignore();
         }
         self.run_pipe("set", &pipe).await
     }
@@ -99,13 +142,7 @@ impl RedisClient {
     }
 
     /// The ids at positions `start..=stop` and the list's metadata, in one round trip.
-    pub async fn read_list_page(
-        &self,
-        ids_key: &str,
-        meta_key: &str,
-        start: u64,
-        stop: u64,
-    ) -> Option<ListPageRaw> {
+    pub async fn read_list_page(&self, ids_key: &str, meta_key: &str, start: u64, stop: u64) -> Option<ListPageRaw> {
         let mut pipe = redis::pipe();
         pipe.cmd("ZRANGE")
             .arg(ids_key)
@@ -117,71 +154,105 @@ impl RedisClient {
         Some(ListPageRaw { ids, meta })
     }
 
-    /// Replaces a category list atomically (MULTI): the ids with their positions as
-    /// scores, and the metadata, both expiring after `ttl_secs`.
-    pub async fn write_list(
+    /// Takes each lease that nobody holds (`SET NX PX`); true where this caller got it.
+    pub async fn acquire_leases(&self, lease_keys: &[String], token: &str, ttl: Duration) -> Option<Vec<bool>> {
+        let mut pipe = redis::pipe();
+        for key in lease_keys {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(token)
+                .arg("NX")
+                .arg("PX")
+                .arg(ttl.as_millis() as u64);
+        }
+        let replies: Vec<Option<String>> = self.run_pipe("lease", &pipe).await?;
+        Some(replies.into_iter().map(|reply| reply.is_some()).collect())
+    }
+
+    /// Stores each value whose lease is still held; true where it was stored.
+    pub async fn fill_guarded(&self, fills: &[GuardedFill<'_>]) -> Option<Vec<bool>> {
+        if fills.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for fill in fills {
+            pipe.cmd("EVAL")
+                .arg(GUARDED_SET)
+                .arg(2)
+                .arg(fill.key)
+                .arg(fill.lease_key)
+                .arg(fill.token)
+                .arg(&fill.value)
+                .arg(fill.ttl_secs);
+        }
+        let stored: Vec<i64> = self.run_pipe("fill", &pipe).await?;
+        Some(stored.into_iter().map(|s| s == 1).collect())
+    }
+
+    /// Gives a lease back early (when the load failed), if it is still ours.
+    pub async fn release_lease(&self, lease_key: &str, token: &str) {
+        self.run::<i64>(
+            "release",
+            redis::cmd("EVAL").arg(RELEASE).arg(1).arg(lease_key).arg(token),
+        )
+        .await;
+    }
+
+    /// Replaces a category list (ids with their positions as scores, and the
+    /// metadata, both expiring after `ttl_secs`) if the lease is still held.
+    pub async fn write_list_guarded(
         &self,
-        ids_key: &str,
-        meta_key: &str,
+        keys: [&str; 3],
+        token: &str,
         ids: &[String],
         meta: &[u8],
         ttl_secs: u64,
-    ) -> Option<()> {
-        let mut pipe = redis::pipe();
-        pipe.atomic().cmd("DEL").arg(ids_key).ignore();
-        // Chunked so that no single command grows unboundedly large.
-        for (chunk_index, chunk) in ids.chunks(1000).enumerate() {
-            let first = chunk_index * 1000;
-            let mut zadd = redis::cmd("ZADD");
-            zadd.arg(ids_key);
-            for (offset, id) in chunk.iter().enumerate() {
-                zadd.arg(first + offset).arg(id);
-            }
-            pipe.add_command(zadd).ignore();
-        }
-        pipe.cmd("EXPIRE").arg(ids_key).arg(ttl_secs).ignore();
-        pipe.cmd("SET")
-            .arg(meta_key)
+    ) -> Option<bool> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(GUARDED_LIST_WRITE)
+            .arg(3)
+            .arg(&keys[..])
+            .arg(token)
             .arg(meta)
-            .arg("EX")
             .arg(ttl_secs)
-            .ignore();
-        self.run_pipe("list_write", &pipe).await
+            .arg(ids);
+        self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
     }
 
-    /// Answers PONG when Redis is reachable; for readiness reporting.
-    pub async fn ping(&self) -> bool {
-        self.run::<String>("ping", &redis::cmd("PING"))
-            .await
-            .is_some()
+    /// Opens the pool's connections up front, so the first burst of requests
+    /// does not queue behind connection setup. Gives up quietly if Redis is down.
+    pub async fn open_connections(&self) {
+        let size = self.pool.status().max_size;
+        let opening = (0..size).map(|_| tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get()));
+        let opened = futures_util::future::join_all(opening).await;
+        let ok = opened.iter().filter(|c| matches!(c, Ok(Ok(_)))).count();
+        tracing::debug!(ok, size, "opened Redis connections");
     }
 
-    async fn run<T: redis::FromRedisValue>(
-        &self,
-        operation: &'static str,
-        cmd: &redis::Cmd,
-    ) -> Option<T> {
+    async fn run<T: redis::FromRedisValue>(&self, operation: &'static str, cmd: &redis::Cmd) -> Option<T> {
         self.with_deadline(operation, async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            cmd.query_async::<T>(&mut conn)
+            cmd.query_async::<T>(&mut self.connection().await?)
                 .await
                 .map_err(|e| e.to_string())
         })
         .await
     }
 
-    async fn run_pipe<T: redis::FromRedisValue>(
-        &self,
-        operation: &'static str,
-        pipe: &redis::Pipeline,
-    ) -> Option<T> {
+    async fn run_pipe<T: redis::FromRedisValue>(&self, operation: &'static str, pipe: &redis::Pipeline) -> Option<T> {
         self.with_deadline(operation, async {
-            let mut conn = self.pool.get().await.map_err(|e| e.to_string())?;
-            pipe.query_async::<T>(&mut conn)
+            pipe.query_async::<T>(&mut self.connection().await?)
                 .await
                 .map_err(|e| e.to_string())
         })
         .await
+    }
+
+    /// A clone of a pooled multiplexed connection; the pooled object goes straight
+    /// back. One multiplexed connection carries many concurrent commands, so
+    /// holding it for the length of one command would cap concurrency at the pool size.
+    async fn connection(&self) -> Result<MultiplexedConnection, String> {
+        let pooled = self.pool.get().await.map_err(|e| e.to_string())?;
+        Ok(MultiplexedConnection::clone(&pooled))
     }
 
     async fn with_deadline<T>(
@@ -209,10 +280,7 @@ struct ErrorLog {
 
 impl ErrorLog {
     fn report(&self, operation: &str, error: &str) {
-        let mut last = self
-            .last_logged
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut last = self.last_logged.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if last.is_some_and(|at| at.elapsed() < LOG_INTERVAL) {
             self.suppressed.fetch_add(1, Ordering::Relaxed);
             return;

@@ -10,8 +10,7 @@ mod user;
 
 pub use page::PageRequest;
 pub use product::{
-    CategoryId, Currency, Description, NewProduct, PriceCents, Product, ProductId, ProductName,
-    ProductPatch,
+    CategoryId, Currency, Description, NewProduct, PriceCents, Product, ProductId, ProductName, ProductPatch,
 };
 pub use user::{Email, NewUser, Preferences, User, UserId, UserPatch};
 
@@ -42,12 +41,8 @@ impl ValidationError {
 /// Parses an id. Keys and SQL use the parsed `Uuid`, never the raw text, so
 /// every spelling of one id names the same cache entry.
 fn parse_uuid(field: &'static str, raw: &str) -> Result<Uuid, ValidationError> {
-    Uuid::try_parse(raw).map_err(|_| {
-        ValidationError::new(
-            field,
-            "must be a UUID like 123e4567-e89b-12d3-a456-426614174000",
-        )
-    })
+    Uuid::try_parse(raw)
+        .map_err(|_| ValidationError::new(field, "must be a UUID like 123e4567-e89b-12d3-a456-426614174000"))
 }
 
 /// A write's optimistic-concurrency precondition: 0 means unconditional.

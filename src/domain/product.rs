@@ -54,15 +54,9 @@ impl CategoryId {
 
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         if raw.is_empty() || raw.len() > Self::MAX_LEN {
-            return Err(ValidationError::new(
-                "category_id",
-                "must be 1 to 64 characters",
-            ));
+            return Err(ValidationError::new("category_id", "must be 1 to 64 characters"));
         }
-        if !raw
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        {
+        if !raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
             return Err(ValidationError::new(
                 "category_id",
                 "may contain only A-Z, a-z, 0-9, '_' and '-'",
@@ -93,10 +87,7 @@ impl ProductName {
             return Err(ValidationError::new("name", "must be 1 to 200 characters"));
         }
         if raw.chars().any(char::is_control) {
-            return Err(ValidationError::new(
-                "name",
-                "must not contain control characters",
-            ));
+            return Err(ValidationError::new("name", "must not contain control characters"));
         }
         Ok(Self(raw.to_string()))
     }
@@ -113,16 +104,10 @@ pub struct Description(String);
 impl Description {
     pub fn parse(raw: &str) -> Result<Self, ValidationError> {
         if raw.chars().count() > 5000 {
-            return Err(ValidationError::new(
-                "description",
-                "must be at most 5000 characters",
-            ));
+            return Err(ValidationError::new("description", "must be at most 5000 characters"));
         }
         if raw.contains('\0') {
-            return Err(ValidationError::new(
-                "description",
-                "must not contain NUL characters",
-            ));
+            return Err(ValidationError::new("description", "must not contain NUL characters"));
         }
         Ok(Self(raw.to_string()))
     }
@@ -198,11 +183,7 @@ mod tests {
         assert!(CategoryId::parse("books_2-new").is_ok());
         assert!(CategoryId::parse(&"a".repeat(64)).is_ok());
         for bad in ["", "a b", "a:b", "{tag}", "a*", "é", &"a".repeat(65)] {
-            assert_eq!(
-                CategoryId::parse(bad).unwrap_err().field,
-                "category_id",
-                "{bad:?}"
-            );
+            assert_eq!(CategoryId::parse(bad).unwrap_err().field, "category_id", "{bad:?}");
         }
     }
 

@@ -67,9 +67,7 @@ impl Email {
             && domain
                 .split('.')
                 .all(|label| !label.is_empty() && !label.starts_with('-') && !label.ends_with('-'))
-            && domain
-                .chars()
-                .all(|c| c.is_alphanumeric() || c == '-' || c == '.');
+            && domain.chars().all(|c| c.is_alphanumeric() || c == '-' || c == '.');
         if local.is_empty() || local.len() > 64 || local.contains('@') || !domain_ok {
             return Err(invalid("must look like name@example.com"));
         }
@@ -100,9 +98,7 @@ impl Preferences {
             ));
         }
         // Serializing a Value cannot fail: its keys are strings.
-        let encoded_len = serde_json::to_vec(&value)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        let encoded_len = serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(usize::MAX);
         if encoded_len > Self::MAX_BYTES {
             return Err(ValidationError::new(
                 "preferences",
@@ -183,10 +179,7 @@ mod tests {
         for _ in 0..15 {
             deep = json!({ "a": deep });
         }
-        assert!(
-            Preferences::parse(deep.clone()).is_ok(),
-            "16 levels are allowed"
-        );
+        assert!(Preferences::parse(deep.clone()).is_ok(), "16 levels are allowed");
         let deeper = json!({ "a": deep });
         assert_eq!(Preferences::parse(deeper).unwrap_err().field, "preferences");
     }
@@ -196,9 +189,6 @@ mod tests {
         let big = json!({ "blob": "x".repeat(Preferences::MAX_BYTES) });
         assert!(Preferences::parse(big).is_err());
         assert!(Preferences::parse(json!({ "theme": "dark" })).is_ok());
-        assert!(
-            Preferences::parse(json!([1, 2])).is_err(),
-            "must be an object"
-        );
+        assert!(Preferences::parse(json!([1, 2])).is_err(), "must be an object");
     }
 }

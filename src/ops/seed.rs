@@ -13,12 +13,10 @@ const DEMO_NAMESPACE: Uuid = Uuid::from_u128(0x6f2c_1d3e_8a4b_4c5d_9e6f_7a8b_9c0
 const BATCH: u32 = 5_000;
 
 const ADJECTIVES: &[&str] = &[
-    "Amber", "Bold", "Calm", "Deft", "Eager", "Fine", "Grand", "Hardy", "Ivory", "Jolly", "Keen",
-    "Lucid",
+    "Amber", "Bold", "Calm", "Deft", "Eager", "Fine", "Grand", "Hardy", "Ivory", "Jolly", "Keen", "Lucid",
 ];
 const NOUNS: &[&str] = &[
-    "Anvil", "Basket", "Candle", "Drum", "Easel", "Flask", "Globe", "Hammer", "Inkwell", "Jug",
-    "Kettle", "Lamp",
+    "Anvil", "Basket", "Candle", "Drum", "Easel", "Flask", "Globe", "Hammer", "Inkwell", "Jug", "Kettle", "Lamp",
 ];
 const CURRENCIES: &[&str] = &["EUR", "USD", "GBP"];
 
@@ -37,18 +35,12 @@ pub struct SeedReport {
 
 /// The id of demo user `n` (0-based).
 pub fn demo_user_id(n: u32) -> UserId {
-    UserId::from_uuid(Uuid::new_v5(
-        &DEMO_NAMESPACE,
-        format!("user-{n}").as_bytes(),
-    ))
+    UserId::from_uuid(Uuid::new_v5(&DEMO_NAMESPACE, format!("user-{n}").as_bytes()))
 }
 
 /// The id of demo product `n` (0-based).
 pub fn demo_product_id(n: u32) -> ProductId {
-    ProductId::from_uuid(Uuid::new_v5(
-        &DEMO_NAMESPACE,
-        format!("product-{n}").as_bytes(),
-    ))
+    ProductId::from_uuid(Uuid::new_v5(&DEMO_NAMESPACE, format!("product-{n}").as_bytes()))
 }
 
 /// Demo category `n`: `category-00`, `category-01`, ...
@@ -65,13 +57,12 @@ pub async fn seed(pool: &PgPool, options: SeedOptions) -> Result<SeedReport, sql
     for start in (0..options.users).step_by(BATCH as usize) {
         let rows: Vec<u32> = (start..options.users.min(start + BATCH)).collect();
         let ids: Vec<Uuid> = rows.iter().map(|&n| demo_user_id(n).as_uuid()).collect();
-        let emails: Vec<String> = rows
-            .iter()
-            .map(|n| format!("user{n}@example.com"))
-            .collect();
+        let emails: Vec<String> = rows.iter().map(|n| format!("user{n}@example.com")).collect();
         let preferences: Vec<serde_json::Value> = rows
             .iter()
-            .map(|n| serde_json::json!({ "theme": if n % 2 == 0 { "dark" } else { "light" }, "newsletter": n % 3 == 0 }))
+            .map(
+                |n| serde_json::json!({ "theme": if n % 2 == 0 { "dark" } else { "light" }, "newsletter": n % 3 == 0 }),
+            )
             .collect();
         report.users_inserted += sqlx::query(
             "INSERT INTO users (id, email, preferences) \
@@ -88,8 +79,7 @@ pub async fn seed(pool: &PgPool, options: SeedOptions) -> Result<SeedReport, sql
     for start in (0..options.products).step_by(BATCH as usize) {
         let rows: Vec<u32> = (start..options.products.min(start + BATCH)).collect();
         let ids: Vec<Uuid> = rows.iter().map(|&n| demo_product_id(n).as_uuid()).collect();
-        let category_ids: Vec<String> =
-            rows.iter().map(|n| demo_category(n % categories)).collect();
+        let category_ids: Vec<String> = rows.iter().map(|n| demo_category(n % categories)).collect();
         let names: Vec<String> = rows
             .iter()
             .map(|&n| {
@@ -101,14 +91,8 @@ pub async fn seed(pool: &PgPool, options: SeedOptions) -> Result<SeedReport, sql
                 )
             })
             .collect();
-        let descriptions: Vec<String> = names
-            .iter()
-            .map(|name| format!("A demo product: {name}."))
-            .collect();
-        let prices: Vec<i64> = rows
-            .iter()
-            .map(|&n| i64::from(n) * 7_919 % 100_000)
-            .collect();
+        let descriptions: Vec<String> = names.iter().map(|name| format!("A demo product: {name}.")).collect();
+        let prices: Vec<i64> = rows.iter().map(|&n| i64::from(n) * 7_919 % 100_000).collect();
         let currencies: Vec<&str> = rows
             .iter()
             .map(|&n| CURRENCIES[n as usize % CURRENCIES.len()])

@@ -39,12 +39,7 @@ pub async fn warm(
     if options.recent_users > 0 {
         let ids = users_service.recent_ids(options.recent_users).await?;
         for chunk in ids.chunks(BATCH) {
-            report.users += users_service
-                .get_many(chunk)
-                .await?
-                .iter()
-                .flatten()
-                .count() as u64;
+            report.users += users_service.get_many(chunk).await?.iter().flatten().count() as u64;
         }
     }
     if options.recent_products > 0 {

@@ -5,9 +5,11 @@
 //! before returning, so the writer's next read never sees the old value.
 
 mod products;
+mod read_through;
+mod single_flight;
 mod users;
 
-use std::{collections::HashMap, future::Future, sync::Arc};
+use std::sync::Arc;
 
 use sqlx::PgPool;
 
@@ -15,7 +17,7 @@ pub use products::{ProductPage, Products};
 pub use users::Users;
 
 use crate::{
-    cache::{Cache, Cacheable},
+    cache::{Cache, Hooks},
     config::Config,
     domain::ValidationError,
     store::{self, StoreError},
@@ -27,17 +29,19 @@ pub struct Services {
     pub users: Users,
     pub products: Products,
     pub pool: PgPool,
+    pub cache: Arc<Cache>,
 }
 
 impl Services {
     /// Connects to PostgreSQL; Redis is connected lazily, so this works while Redis is down.
-    pub async fn connect(config: &Config) -> anyhow::Result<Self> {
+    pub async fn connect(config: &Config, hooks: Hooks) -> anyhow::Result<Self> {
         let pool = store::connect(config).await?;
-        let cache = Arc::new(Cache::new(config)?);
+        let cache = Arc::new(Cache::new(config, hooks)?);
         Ok(Self {
             users: Users::new(pool.clone(), cache.clone()),
-            products: Products::new(pool.clone(), cache, config.list_cache_max_ids),
+            products: Products::new(pool.clone(), cache.clone(), config.list_cache_max_ids),
             pool,
+            cache,
         })
     }
 }
@@ -64,9 +68,7 @@ impl ServiceError {
         match error {
             StoreError::NotFound => Self::NotFound(what()),
             StoreError::AlreadyExists(what) => Self::AlreadyExists(what),
-            StoreError::VersionMismatch { expected, actual } => {
-                Self::VersionMismatch { expected, actual }
-            }
+            StoreError::VersionMismatch { expected, actual } => Self::VersionMismatch { expected, actual },
             StoreError::Invalid(invalid) => Self::Invalid(invalid),
             error @ StoreError::Unavailable(_) => Self::Unavailable(error),
             error @ StoreError::Other(_) => Self::Internal(error),
@@ -79,40 +81,4 @@ impl From<StoreError> for ServiceError {
     fn from(error: StoreError) -> Self {
         Self::from_store(error, || "entity".to_string())
     }
-}
-
-/// Cache-aside for a set of ids: one cache lookup, one database query for all
-/// misses, one pipelined fill. Returns a value or `None` (absent) per id, in order.
-async fn read_through<E, F, Fut>(
-    cache: &Cache,
-    ids: &[E::Id],
-    load: F,
-) -> Result<Vec<Option<E>>, StoreError>
-where
-    E: Cacheable + Clone,
-    F: FnOnce(Vec<E::Id>) -> Fut,
-    Fut: Future<Output = Result<Vec<E>, StoreError>>,
-{
-    let mut found = cache.get_many::<E>(ids).await;
-    let missing: Vec<E::Id> = ids
-        .iter()
-        .zip(&found)
-        .filter(|(_, cached)| cached.is_none())
-        .map(|(id, _)| *id)
-        .collect();
-    if missing.is_empty() {
-        return Ok(found);
-    }
-    let loaded = load(missing).await?;
-    cache.put_many(&loaded).await;
-    let loaded: HashMap<E::Id, E> = loaded
-        .into_iter()
-        .map(|value| (value.id(), value))
-        .collect();
-    for (slot, id) in found.iter_mut().zip(ids) {
-        if slot.is_none() {
-            *slot = loaded.get(id).cloned();
-        }
-    }
-    Ok(found)
 }

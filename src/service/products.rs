@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::{ServiceError, read_through};
+use super::{ServiceError, read_through::ReadThrough, single_flight::SingleFlight};
 use crate::{
     cache::{Cache, ListLookup},
     domain::{CategoryId, NewProduct, PageRequest, Product, ProductId, ProductPatch},
@@ -19,10 +19,16 @@ pub struct ProductPage {
     pub total: u64,
 }
 
+/// The cached head of a category list and the category's total.
+type ListHead = (Vec<ProductId>, u64);
+
 #[derive(Clone)]
 pub struct Products {
     pool: PgPool,
     cache: Arc<Cache>,
+    reads: Arc<ReadThrough<Product>>,
+    /// Concurrent cold pages of one category share one list load.
+    list_loads: Arc<SingleFlight<CategoryId, Option<ListHead>>>,
     /// How many ids of a category one list fill loads and caches.
     list_cache_max_ids: u64,
 }
@@ -30,6 +36,8 @@ pub struct Products {
 impl Products {
     pub fn new(pool: PgPool, cache: Arc<Cache>, list_cache_max_ids: u32) -> Self {
         Self {
+            reads: ReadThrough::new(pool.clone(), cache.clone()),
+            list_loads: Arc::new(SingleFlight::new()),
             pool,
             cache,
             list_cache_max_ids: u64::from(list_cache_max_ids),
@@ -46,19 +54,11 @@ impl Products {
 
     /// The product for each id, in order; `None` where no such product exists.
     pub async fn get_many(&self, ids: &[ProductId]) -> Result<Vec<Option<Product>>, ServiceError> {
-        let pool = &self.pool;
-        Ok(read_through(&self.cache, ids, |missing| async move {
-            products::get_many(pool, &missing).await
-        })
-        .await?)
+        Ok(self.reads.get_many(ids).await?)
     }
 
     /// A page of a category in (name, id) order.
-    pub async fn list(
-        &self,
-        category: &CategoryId,
-        page: PageRequest,
-    ) -> Result<ProductPage, ServiceError> {
+    pub async fn list(&self, category: &CategoryId, page: PageRequest) -> Result<ProductPage, ServiceError> {
         let (offset, limit) = (page.offset(), u64::from(page.size()));
         let (ids, total) = match self.cache.get_list_page(category, offset, limit).await {
             ListLookup::Hit { ids, meta } => (ids, meta.total),
@@ -78,35 +78,42 @@ impl Products {
     }
 
     /// Loads the first `list_cache_max_ids` ids of the category (one index-only
-    /// scan, bounded however large the category) and caches them with the total.
-    pub async fn refill_list(
-        &self,
-        category: &CategoryId,
-    ) -> Result<(Vec<ProductId>, u64), ServiceError> {
+    /// scan, bounded however large the category) and caches them with the
+    /// total, under the list's lease. Concurrent callers share one load.
+    pub async fn refill_list(&self, category: &CategoryId) -> Result<ListHead, ServiceError> {
+        let shared = self
+            .list_loads
+            .run(category.clone(), async { self.load_list_head(category).await.ok() })
+            .await;
+        match shared {
+            Some(head) => Ok(head),
+            None => Ok(self.load_list_head(category).await?),
+        }
+    }
+
+    async fn load_list_head(&self, category: &CategoryId) -> Result<ListHead, ServiceError> {
+        let lease = self.cache.acquire_list_lease(category).await;
         let head = products::list_ids(&self.pool, category, 0, self.list_cache_max_ids).await?;
         let total = if (head.len() as u64) < self.list_cache_max_ids {
             head.len() as u64
         } else {
             products::count_in_category(&self.pool, category).await?
         };
-        self.cache.put_list(category, &head, total).await;
+        if let Some(lease) = lease {
+            self.cache.put_list(category, &head, total, &lease).await;
+        }
         Ok((head, total))
     }
 
     /// Refills the list and returns the ids of the requested page.
-    async fn fill_list(
-        &self,
-        category: &CategoryId,
-        offset: u64,
-        limit: u64,
-    ) -> Result<(Vec<ProductId>, u64), ServiceError> {
+    async fn fill_list(&self, category: &CategoryId, offset: u64, limit: u64) -> Result<ListHead, ServiceError> {
         let (head, total) = self.refill_list(category).await?;
-        let end = offset + limit;
-        let ids = if end.min(total) > head.len() as u64 {
+        let end = (offset + limit).min(total);
+        let ids = if end > head.len() as u64 {
             // The page reaches past the cached head.
             products::list_ids(&self.pool, category, offset, limit).await?
         } else {
-            head[offset.min(end.min(total)) as usize..end.min(total) as usize].to_vec()
+            head[offset.min(end) as usize..end as usize].to_vec()
         };
         Ok((ids, total))
     }
@@ -118,9 +125,12 @@ impl Products {
 
     pub async fn create(&self, new: NewProduct) -> Result<Product, ServiceError> {
         let product = products::insert(&self.pool, &new).await?;
-        self.cache
-            .invalidate(&self.list_keys(&new.category_id))
-            .await;
+        let mut keys = self
+            .cache
+            .entity_keys::<Product>(ProductId::from_uuid(product.id))
+            .to_vec();
+        keys.extend(self.cache.list_keys(&new.category_id));
+        self.cache.invalidate(&keys).await;
         Ok(product)
     }
 
@@ -130,10 +140,10 @@ impl Products {
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
         // Any change can move the product within its list (name) or between lists (category).
-        let mut keys = vec![self.cache.keys().product(id)];
-        keys.extend(self.list_keys(&old_category));
+        let mut keys = self.cache.entity_keys::<Product>(id).to_vec();
+        keys.extend(self.cache.list_keys(&old_category));
         if product.category_id != old_category.as_str() {
-            keys.extend(self.list_keys(&CategoryId::parse(&product.category_id)?));
+            keys.extend(self.cache.list_keys(&CategoryId::parse(&product.category_id)?));
         }
         self.cache.invalidate(&keys).await;
         Ok(product)
@@ -143,14 +153,9 @@ impl Products {
         let category = products::delete(&self.pool, id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
-        let mut keys = vec![self.cache.keys().product(id)];
-        keys.extend(self.list_keys(&category));
+        let mut keys = self.cache.entity_keys::<Product>(id).to_vec();
+        keys.extend(self.cache.list_keys(&category));
         self.cache.invalidate(&keys).await;
         Ok(())
-    }
-
-    fn list_keys(&self, category: &CategoryId) -> [String; 2] {
-        let keys = self.cache.keys();
-        [keys.list_ids(category), keys.list_meta(category)]
     }
 }

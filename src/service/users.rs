@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::{ServiceError, read_through};
+use super::{ServiceError, read_through::ReadThrough};
 use crate::{
     cache::Cache,
     domain::{NewUser, User, UserId, UserPatch},
@@ -15,11 +15,16 @@ use crate::{
 pub struct Users {
     pool: PgPool,
     cache: Arc<Cache>,
+    reads: Arc<ReadThrough<User>>,
 }
 
 impl Users {
     pub fn new(pool: PgPool, cache: Arc<Cache>) -> Self {
-        Self { pool, cache }
+        Self {
+            reads: ReadThrough::new(pool.clone(), cache.clone()),
+            pool,
+            cache,
+        }
     }
 
     pub async fn get(&self, id: UserId) -> Result<User, ServiceError> {
@@ -32,11 +37,7 @@ impl Users {
 
     /// The user for each id, in order; `None` where no such user exists.
     pub async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<User>>, ServiceError> {
-        let pool = &self.pool;
-        Ok(read_through(&self.cache, ids, |missing| async move {
-            users::get_many(pool, &missing).await
-        })
-        .await?)
+        Ok(self.reads.get_many(ids).await?)
     }
 
     /// The ids of the `limit` most recently modified users.
@@ -45,8 +46,11 @@ impl Users {
     }
 
     pub async fn create(&self, new: NewUser) -> Result<User, ServiceError> {
-        // A fresh id has nothing cached, so there is nothing to invalidate.
-        Ok(users::insert(&self.pool, &new).await?)
+        let user = users::insert(&self.pool, &new).await?;
+        self.cache
+            .invalidate(&self.cache.entity_keys::<User>(UserId::from_uuid(user.id)))
+            .await;
+        Ok(user)
     }
 
     pub async fn update(&self, patch: UserPatch) -> Result<User, ServiceError> {
@@ -54,7 +58,7 @@ impl Users {
         let user = users::update(&self.pool, &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        self.cache.invalidate(&[self.cache.keys().user(id)]).await;
+        self.cache.invalidate(&self.cache.entity_keys::<User>(id)).await;
         Ok(user)
     }
 
@@ -62,7 +66,7 @@ impl Users {
         users::delete(&self.pool, id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        self.cache.invalidate(&[self.cache.keys().user(id)]).await;
+        self.cache.invalidate(&self.cache.entity_keys::<User>(id)).await;
         Ok(())
     }
 }

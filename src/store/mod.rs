@@ -39,10 +39,9 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         match error {
             sqlx::Error::RowNotFound => Self::NotFound,
-            sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Io(_)
-            | sqlx::Error::Tls(_) => Self::Unavailable(error),
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
+                Self::Unavailable(error)
+            }
             other => Self::Other(other),
         }
     }
@@ -78,9 +77,7 @@ fn count(query: &'static str) {
 fn check_version(found: Option<i64>, expected: Option<i64>) -> Result<(), StoreError> {
     match (found, expected) {
         (None, _) => Err(StoreError::NotFound),
-        (Some(actual), Some(expected)) if actual != expected => {
-            Err(StoreError::VersionMismatch { expected, actual })
-        }
+        (Some(actual), Some(expected)) if actual != expected => Err(StoreError::VersionMismatch { expected, actual }),
         _ => Ok(()),
     }
 }

@@ -36,10 +36,7 @@ pub async fn insert(pool: &PgPool, new: &NewProduct) -> Result<Product, StoreErr
 
 /// Applies `patch` if the version precondition holds. Returns the category the
 /// product was in before, and the product as it is now.
-pub async fn update(
-    pool: &PgPool,
-    patch: &ProductPatch,
-) -> Result<(CategoryId, Product), StoreError> {
+pub async fn update(pool: &PgPool, patch: &ProductPatch) -> Result<(CategoryId, Product), StoreError> {
     count("product.update");
     let mut tx = pool.begin().await?;
     let old_category = lock_checked(&mut tx, patch.id, patch.expected_version.get()).await?;
@@ -64,11 +61,10 @@ pub async fn update(
 /// Deletes the product and returns the category it was in.
 pub async fn delete(pool: &PgPool, id: ProductId) -> Result<CategoryId, StoreError> {
     count("product.delete");
-    let category: Option<String> =
-        sqlx::query_scalar("DELETE FROM products WHERE id = $1 RETURNING category_id")
-            .bind(id.as_uuid())
-            .fetch_optional(pool)
-            .await?;
+    let category: Option<String> = sqlx::query_scalar("DELETE FROM products WHERE id = $1 RETURNING category_id")
+        .bind(id.as_uuid())
+        .fetch_optional(pool)
+        .await?;
     let category = category.ok_or(StoreError::NotFound)?;
     Ok(CategoryId::parse(&category)?)
 }
@@ -81,14 +77,13 @@ pub async fn list_ids(
     limit: u64,
 ) -> Result<Vec<ProductId>, StoreError> {
     count("product.list_ids");
-    let ids: Vec<Uuid> = sqlx::query_scalar(
-        "SELECT id FROM products WHERE category_id = $1 ORDER BY name, id OFFSET $2 LIMIT $3",
-    )
-    .bind(category.as_str())
-    .bind(offset as i64)
-    .bind(limit as i64)
-    .fetch_all(pool)
-    .await?;
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM products WHERE category_id = $1 ORDER BY name, id OFFSET $2 LIMIT $3")
+            .bind(category.as_str())
+            .bind(offset as i64)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?;
     Ok(ids.into_iter().map(ProductId::from_uuid).collect())
 }
 
@@ -104,11 +99,10 @@ pub async fn count_in_category(pool: &PgPool, category: &CategoryId) -> Result<u
 /// The ids of the `limit` most recently modified products (for warming the cache).
 pub async fn recent_ids(pool: &PgPool, limit: i64) -> Result<Vec<ProductId>, StoreError> {
     count("product.recent_ids");
-    let ids: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM products ORDER BY updated_at DESC LIMIT $1")
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM products ORDER BY updated_at DESC LIMIT $1")
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
     Ok(ids.into_iter().map(ProductId::from_uuid).collect())
 }
 

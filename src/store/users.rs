@@ -19,15 +19,13 @@ pub async fn get_many(pool: &PgPool, ids: &[UserId]) -> Result<Vec<User>, StoreE
 
 pub async fn insert(pool: &PgPool, new: &NewUser) -> Result<User, StoreError> {
     count("user.insert");
-    sqlx::query_as::<_, User>(
-        "INSERT INTO users (id, email, preferences) VALUES ($1, $2, $3) RETURNING *",
-    )
-    .bind(Uuid::new_v4())
-    .bind(new.email.as_str())
-    .bind(new.preferences.as_json())
-    .fetch_one(pool)
-    .await
-    .map_err(email_conflict)
+    sqlx::query_as::<_, User>("INSERT INTO users (id, email, preferences) VALUES ($1, $2, $3) RETURNING *")
+        .bind(Uuid::new_v4())
+        .bind(new.email.as_str())
+        .bind(new.preferences.as_json())
+        .fetch_one(pool)
+        .await
+        .map_err(email_conflict)
 }
 
 /// Applies `patch` if the version precondition holds; the row is locked while checked.
@@ -64,25 +62,19 @@ pub async fn delete(pool: &PgPool, id: UserId) -> Result<(), StoreError> {
 /// The ids of the `limit` most recently modified users (for warming the cache).
 pub async fn recent_ids(pool: &PgPool, limit: i64) -> Result<Vec<UserId>, StoreError> {
     count("user.recent_ids");
-    let ids: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM users ORDER BY last_modified DESC LIMIT $1")
-            .bind(limit)
-            .fetch_all(pool)
-            .await?;
+    let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM users ORDER BY last_modified DESC LIMIT $1")
+        .bind(limit)
+        .fetch_all(pool)
+        .await?;
     Ok(ids.into_iter().map(UserId::from_uuid).collect())
 }
 
 /// Locks the row and checks the version precondition (`None`: unconditional).
-async fn lock_checked(
-    tx: &mut Transaction<'_, Postgres>,
-    id: UserId,
-    expected: Option<i64>,
-) -> Result<(), StoreError> {
-    let version: Option<i64> =
-        sqlx::query_scalar("SELECT version FROM users WHERE id = $1 FOR UPDATE")
-            .bind(id.as_uuid())
-            .fetch_optional(&mut **tx)
-            .await?;
+async fn lock_checked(tx: &mut Transaction<'_, Postgres>, id: UserId, expected: Option<i64>) -> Result<(), StoreError> {
+    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM users WHERE id = $1 FOR UPDATE")
+        .bind(id.as_uuid())
+        .fetch_optional(&mut **tx)
+        .await?;
     check_version(version, expected)
 }
 

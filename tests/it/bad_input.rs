@@ -2,9 +2,8 @@
 
 use prost_types::{FieldMask, Struct, Value, value::Kind};
 use readthrough::proto::{
-    self, BatchGetUsersRequest, CreateProductRequest, CreateUserRequest, DeleteProductRequest,
-    DeleteUserRequest, GetProductRequest, GetUserRequest, ListProductsRequest,
-    UpdateProductRequest, UpdateUserRequest,
+    self, BatchGetUsersRequest, CreateProductRequest, CreateUserRequest, DeleteProductRequest, DeleteUserRequest,
+    GetProductRequest, GetUserRequest, ListProductsRequest, UpdateProductRequest, UpdateUserRequest,
 };
 use tonic::Code;
 
@@ -12,10 +11,7 @@ use crate::helpers::{TestApp, spawn_app};
 
 /// Asserts the call failed with INVALID_ARGUMENT and a message naming `field`.
 #[track_caller]
-fn assert_invalid<T: std::fmt::Debug>(
-    result: Result<tonic::Response<T>, tonic::Status>,
-    field: &str,
-) {
+fn assert_invalid<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, field: &str) {
     let status = result.expect_err("the call should be rejected");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
@@ -25,13 +21,7 @@ fn assert_invalid<T: std::fmt::Debug>(
     );
 }
 
-fn product(
-    category: &str,
-    name: &str,
-    description: &str,
-    price_cents: i64,
-    currency: &str,
-) -> CreateProductRequest {
+fn product(category: &str, name: &str, description: &str, price_cents: i64, currency: &str) -> CreateProductRequest {
     CreateProductRequest {
         category_id: category.to_string(),
         name: name.to_string(),
@@ -85,20 +75,10 @@ async fn ids_must_be_uuids() {
         "rt:v1:user:*",
         "123e4567-e89b-12d3-a456-42661417400",
     ] {
+        assert_invalid(app.users.get_user(GetUserRequest { id: bad.into() }).await, "id");
+        assert_invalid(app.users.delete_user(DeleteUserRequest { id: bad.into() }).await, "id");
         assert_invalid(
-            app.users.get_user(GetUserRequest { id: bad.into() }).await,
-            "id",
-        );
-        assert_invalid(
-            app.users
-                .delete_user(DeleteUserRequest { id: bad.into() })
-                .await,
-            "id",
-        );
-        assert_invalid(
-            app.products
-                .get_product(GetProductRequest { id: bad.into() })
-                .await,
+            app.products.get_product(GetProductRequest { id: bad.into() }).await,
             "id",
         );
         assert_invalid(
@@ -109,9 +89,7 @@ async fn ids_must_be_uuids() {
         );
         assert_invalid(
             app.users
-                .batch_get_users(BatchGetUsersRequest {
-                    ids: vec![bad.into()],
-                })
+                .batch_get_users(BatchGetUsersRequest { ids: vec![bad.into()] })
                 .await,
             "ids",
         );
@@ -173,10 +151,7 @@ async fn emails_must_be_well_formed_and_at_most_254_characters() {
         email: format!("{}@{}.com", "a".repeat(64), "b".repeat(185)),
         preferences: None,
     };
-    assert!(
-        app.users.create_user(ok).await.is_ok(),
-        "254 characters are accepted"
-    );
+    assert!(app.users.create_user(ok).await.is_ok(), "254 characters are accepted");
 }
 
 #[tokio::test]
@@ -226,10 +201,7 @@ async fn preferences_are_bounded_in_size_and_depth() {
         email: "p@example.com".into(),
         preferences: Some(nested(16)),
     };
-    assert!(
-        app.users.create_user(deepest).await.is_ok(),
-        "16 levels are accepted"
-    );
+    assert!(app.users.create_user(deepest).await.is_ok(), "16 levels are accepted");
 }
 
 #[tokio::test]
@@ -241,10 +213,7 @@ async fn product_fields_are_validated() {
     let cases = [
         (product("books", "", "", 1, "EUR"), "name"),
         (product("books", &long_name, "", 1, "EUR"), "name"),
-        (
-            product("books", "Book", &long_description, 1, "EUR"),
-            "description",
-        ),
+        (product("books", "Book", &long_description, 1, "EUR"), "description"),
         (product("books", "Book", "", -1, "EUR"), "price_cents"),
         (product("books", "Book", "", 1, "eur"), "currency"),
         (product("books", "Book", "", 1, "EU"), "currency"),
@@ -260,13 +229,7 @@ async fn product_fields_are_validated() {
     }
     assert_nothing_stored(&mut app).await;
 
-    let edge = product(
-        &"c".repeat(64),
-        &"é".repeat(200),
-        &"d".repeat(5000),
-        0,
-        "JPY",
-    );
+    let edge = product(&"c".repeat(64), &"é".repeat(200), &"d".repeat(5000), 0, "JPY");
     assert!(
         app.products.create_product(edge).await.is_ok(),
         "values at the limits are accepted"
@@ -281,34 +244,12 @@ async fn pages_are_bounded() {
         page,
         page_size,
     };
-    assert_invalid(
-        app.products.list_products(list("books", 0, 101)).await,
-        "page_size",
-    );
-    assert_invalid(
-        app.products.list_products(list("books", 0, -1)).await,
-        "page_size",
-    );
-    assert_invalid(
-        app.products.list_products(list("books", -1, 10)).await,
-        "page",
-    );
-    assert_invalid(
-        app.products
-            .list_products(list("books", 100_001, 100))
-            .await,
-        "page",
-    );
-    assert_invalid(
-        app.products
-            .list_products(list("books", i32::MAX, 100))
-            .await,
-        "page",
-    );
-    assert_invalid(
-        app.products.list_products(list("no such", 0, 10)).await,
-        "category_id",
-    );
+    assert_invalid(app.products.list_products(list("books", 0, 101)).await, "page_size");
+    assert_invalid(app.products.list_products(list("books", 0, -1)).await, "page_size");
+    assert_invalid(app.products.list_products(list("books", -1, 10)).await, "page");
+    assert_invalid(app.products.list_products(list("books", 100_001, 100)).await, "page");
+    assert_invalid(app.products.list_products(list("books", i32::MAX, 100)).await, "page");
+    assert_invalid(app.products.list_products(list("no such", 0, 10)).await, "category_id");
     assert_nothing_stored(&mut app).await;
 
     let last_allowed = app
@@ -348,9 +289,7 @@ async fn updates_need_a_valid_mask_and_version() {
         "update_mask",
     );
     assert_invalid(
-        app.users
-            .update_user(update(&["version"], 0, "n@example.com"))
-            .await,
+        app.users.update_user(update(&["version"], 0, "n@example.com")).await,
         "update_mask",
     );
     assert_invalid(
@@ -360,15 +299,11 @@ async fn updates_need_a_valid_mask_and_version() {
         "update_mask",
     );
     assert_invalid(
-        app.users
-            .update_user(update(&["email"], -1, "n@example.com"))
-            .await,
+        app.users.update_user(update(&["email"], -1, "n@example.com")).await,
         "expected_version",
     );
     assert_invalid(
-        app.users
-            .update_user(update(&["email"], 0, "not an email"))
-            .await,
+        app.users.update_user(update(&["email"], 0, "not an email")).await,
         "email",
     );
     let no_user = UpdateUserRequest {
@@ -388,10 +323,7 @@ async fn updates_need_a_valid_mask_and_version() {
         }),
         expected_version: 0,
     };
-    assert_invalid(
-        app.products.update_product(product_update).await,
-        "product.id",
-    );
+    assert_invalid(app.products.update_product(product_update).await, "product.id");
 
     let missing = UpdateProductRequest {
         product: Some(proto::Product {
@@ -409,14 +341,9 @@ async fn updates_need_a_valid_mask_and_version() {
 
     let unchanged = app
         .users
-        .get_user(GetUserRequest {
-            id: user.id.clone(),
-        })
+        .get_user(GetUserRequest { id: user.id.clone() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (unchanged.email.as_str(), unchanged.version),
-        ("m@example.com", 1)
-    );
+    assert_eq!((unchanged.email.as_str(), unchanged.version), ("m@example.com", 1));
 }

@@ -35,15 +35,8 @@ impl Server {
             address: format!("127.0.0.1:{grpc_port}"),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !server
-            .grpcurl(&["grpc.health.v1.Health/Check"])
-            .status
-            .success()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "the server became healthy within 30 s"
-            );
+        while !server.grpcurl(&["grpc.health.v1.Health/Check"]).status.success() {
+            assert!(Instant::now() < deadline, "the server became healthy within 30 s");
             thread::sleep(Duration::from_millis(100));
         }
         server
@@ -98,10 +91,7 @@ fn grpcurl_lists_describes_and_calls_the_service() {
         "readthrough.v1.ProductService",
         "grpc.health.v1.Health",
     ] {
-        assert!(
-            services.lines().any(|line| line == service),
-            "{service} in {services}"
-        );
+        assert!(services.lines().any(|line| line == service), "{service} in {services}");
     }
     let description = server.call(&["describe readthrough.v1.UserService"]);
     assert!(description.contains("rpc GetUser"), "{description}");
@@ -111,10 +101,7 @@ fn grpcurl_lists_describes_and_calls_the_service() {
         "readthrough.v1.UserService/CreateUser",
     );
     let id = created["id"].as_str().unwrap();
-    let read = server.json(
-        &format!(r#"{{"id": "{id}"}}"#),
-        "readthrough.v1.UserService/GetUser",
-    );
+    let read = server.json(&format!(r#"{{"id": "{id}"}}"#), "readthrough.v1.UserService/GetUser");
     assert_eq!(read["email"], "cli@example.com");
     assert_eq!(read["preferences"]["theme"], "dark");
     assert_eq!(read["version"], "1");
@@ -136,11 +123,7 @@ fn grpcurl_lists_describes_and_calls_the_service() {
     );
     assert_eq!(health["status"], "SERVING");
 
-    let rejected = server.grpcurl(&[
-        "-d",
-        r#"{"id": "nope"}"#,
-        "readthrough.v1.UserService/GetUser",
-    ]);
+    let rejected = server.grpcurl(&["-d", r#"{"id": "nope"}"#, "readthrough.v1.UserService/GetUser"]);
     assert!(!rejected.status.success());
     assert!(String::from_utf8_lossy(&rejected.stderr).contains("InvalidArgument"));
 }
@@ -150,23 +133,14 @@ fn sigterm_shuts_the_server_down_cleanly() {
     let sandbox = Sandbox::new();
     let mut server = Server::start(&sandbox);
     let pid = server.child.id().to_string();
-    assert!(
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
 
     let deadline = Instant::now() + Duration::from_secs(15);
     let status = loop {
         if let Some(status) = server.child.try_wait().unwrap() {
             break status;
         }
-        assert!(
-            Instant::now() < deadline,
-            "the server exits within 15 s of SIGTERM"
-        );
+        assert!(Instant::now() < deadline, "the server exits within 15 s of SIGTERM");
         thread::sleep(Duration::from_millis(50));
     };
     assert!(status.success(), "exit status {status}");

@@ -68,9 +68,9 @@ fn environment(service: &Value, name: &str) -> BTreeMap<String, Option<String>> 
     let Some(env) = service.get("environment") else {
         return BTreeMap::new();
     };
-    let map = env.as_mapping().unwrap_or_else(|| {
-        panic!("`{name}`'s environment must be a map (KEY: value), not a list: {env:?}")
-    });
+    let map = env
+        .as_mapping()
+        .unwrap_or_else(|| panic!("`{name}`'s environment must be a map (KEY: value), not a list: {env:?}"));
     map.iter()
         .map(|(key, value)| {
             let key = key
@@ -79,10 +79,7 @@ fn environment(service: &Value, name: &str) -> BTreeMap<String, Option<String>> 
                 .to_string();
             let value = match value {
                 Value::Null => None,
-                other => Some(
-                    scalar(other)
-                        .unwrap_or_else(|| panic!("`{name}`'s {key} is not a scalar: {other:?}")),
-                ),
+                other => Some(scalar(other).unwrap_or_else(|| panic!("`{name}`'s {key} is not a scalar: {other:?}"))),
             };
             (key, value)
         })
@@ -105,15 +102,8 @@ fn command_words(service: &Value, name: &str) -> Vec<String> {
         Some(Value::String(line)) => line.split_whitespace().map(str::to_string).collect(),
         Some(Value::Sequence(items)) => items
             .iter()
-            .map(|item| {
-                scalar(item)
-                    .unwrap_or_else(|| panic!("`{name}`'s command has a non-scalar {item:?}"))
-            })
-            .flat_map(|item| {
-                item.split_whitespace()
-                    .map(str::to_string)
-                    .collect::<Vec<_>>()
-            })
+            .map(|item| scalar(item).unwrap_or_else(|| panic!("`{name}`'s command has a non-scalar {item:?}")))
+            .flat_map(|item| item.split_whitespace().map(str::to_string).collect::<Vec<_>>())
             .collect(),
         Some(other) => panic!("`{name}`'s command is neither a string nor a list: {other:?}"),
         None => panic!("`{name}` has no command"),
@@ -191,11 +181,7 @@ fn postgres_and_redis_have_healthchecks() {
         );
         let test = match healthcheck.get("test") {
             Some(Value::String(s)) => s.clone(),
-            Some(Value::Sequence(items)) => items
-                .iter()
-                .filter_map(scalar)
-                .collect::<Vec<_>>()
-                .join(" "),
+            Some(Value::Sequence(items)) => items.iter().filter_map(scalar).collect::<Vec<_>>().join(" "),
             other => panic!("`{name}`'s healthcheck has no usable `test`: {other:?}"),
         };
         assert!(
@@ -234,14 +220,10 @@ fn readthrough_starts_after_postgres_and_redis_are_healthy() {
 fn redis_is_configured_as_a_bounded_persistent_cache() {
     let compose = compose();
     let words = command_words(service(&compose, "redis"), "redis");
-    let single = |option: &str| -> Option<String> {
-        option_values(&words, option)
-            .last()
-            .map(|values| values.join(" "))
-    };
+    let single =
+        |option: &str| -> Option<String> { option_values(&words, option).last().map(|values| values.join(" ")) };
 
-    let maxmemory = single("--maxmemory")
-        .unwrap_or_else(|| panic!("redis command sets no --maxmemory: {words:?}"));
+    let maxmemory = single("--maxmemory").unwrap_or_else(|| panic!("redis command sets no --maxmemory: {words:?}"));
     assert!(
         !maxmemory.is_empty() && maxmemory != "0",
         "redis --maxmemory must be a limit (0 means unbounded), is `{maxmemory}`"
@@ -403,10 +385,7 @@ fn final_stage(instructions: &[(String, String)]) -> &[(String, String)] {
 
 #[test]
 fn dockerfile_is_a_multi_stage_build() {
-    let stages = dockerfile()
-        .iter()
-        .filter(|(keyword, _)| keyword == "FROM")
-        .count();
+    let stages = dockerfile().iter().filter(|(keyword, _)| keyword == "FROM").count();
     assert!(
         stages >= 2,
         "the Dockerfile should build in one stage and run in another (found {stages} FROM)"
@@ -420,9 +399,9 @@ fn dockerfile_builds_the_release_binary() {
         .iter()
         .rposition(|(keyword, _)| keyword == "FROM")
         .expect("the Dockerfile has no FROM");
-    let builds = instructions[..last_from].iter().any(|(keyword, args)| {
-        keyword == "RUN" && args.contains("cargo build") && args.contains("--release")
-    });
+    let builds = instructions[..last_from]
+        .iter()
+        .any(|(keyword, args)| keyword == "RUN" && args.contains("cargo build") && args.contains("--release"));
     assert!(
         builds,
         "a build stage of the Dockerfile should `RUN cargo build --release`"
@@ -435,10 +414,7 @@ fn dockerfile_copies_what_the_build_needs() {
         .iter()
         .filter(|(keyword, _)| keyword == "COPY")
         .flat_map(|(_, args)| {
-            let words: Vec<&str> = args
-                .split_whitespace()
-                .filter(|word| !word.starts_with("--"))
-                .collect();
+            let words: Vec<&str> = args.split_whitespace().filter(|word| !word.starts_with("--")).collect();
             // Every word but the last (the destination) is a source.
             let sources = words.len().saturating_sub(1);
             words[..sources]
@@ -453,10 +429,7 @@ fn dockerfile_copies_what_the_build_needs() {
     if sources.contains(".") || sources.contains("") {
         return; // `COPY . .` takes the whole (filtered) context
     }
-    let missing: Vec<&&str> = BUILD_INPUTS
-        .iter()
-        .filter(|input| !sources.contains(**input))
-        .collect();
+    let missing: Vec<&&str> = BUILD_INPUTS.iter().filter(|input| !sources.contains(**input)).collect();
     assert!(
         missing.is_empty(),
         "the Dockerfile never copies {missing:?}, which `cargo build` needs; it copies {sources:?}"
@@ -469,11 +442,7 @@ fn dockerignore_keeps_the_build_inputs_and_drops_target() {
         .lines()
         .map(str::trim)
         .filter(|line| !line.is_empty() && !line.starts_with('#'))
-        .map(|line| {
-            line.trim_start_matches('/')
-                .trim_end_matches('/')
-                .to_string()
-        })
+        .map(|line| line.trim_start_matches('/').trim_end_matches('/').to_string())
         .collect();
     assert!(
         patterns.iter().any(|p| p == "target"),

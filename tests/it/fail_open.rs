@@ -7,9 +7,8 @@ use std::{
 
 use prost_types::FieldMask;
 use readthrough::proto::{
-    self, BatchGetUsersRequest, CreateProductRequest, CreateUserRequest, DeleteProductRequest,
-    DeleteUserRequest, GetProductRequest, GetUserRequest, ListProductsRequest,
-    UpdateProductRequest, UpdateUserRequest,
+    self, BatchGetUsersRequest, CreateProductRequest, CreateUserRequest, DeleteProductRequest, DeleteUserRequest,
+    GetProductRequest, GetUserRequest, ListProductsRequest, UpdateProductRequest, UpdateUserRequest,
 };
 use tonic::Code;
 
@@ -18,8 +17,7 @@ use crate::helpers::{eventually, free_port, redis, spawn_app_with};
 #[tokio::test]
 async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
     let dead_redis = format!("redis://127.0.0.1:{}", free_port());
-    let mut app =
-        spawn_app_with(|config| config.config.redis_url = dead_redis.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.config.redis_url = dead_redis.parse().unwrap()).await;
 
     let user = app
         .users
@@ -32,9 +30,7 @@ async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
         .into_inner();
     let read = app
         .users
-        .get_user(GetUserRequest {
-            id: user.id.clone(),
-        })
+        .get_user(GetUserRequest { id: user.id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -57,9 +53,7 @@ async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
         .into_inner();
     let reread = app
         .users
-        .get_user(GetUserRequest {
-            id: user.id.clone(),
-        })
+        .get_user(GetUserRequest { id: user.id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -96,10 +90,7 @@ async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (page.total_count, page.products),
-        (1, vec![product.clone()])
-    );
+    assert_eq!((page.total_count, page.products), (1, vec![product.clone()]));
     app.products
         .update_product(UpdateProductRequest {
             product: Some(proto::Product {
@@ -116,9 +107,7 @@ async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
         .unwrap();
     let repriced = app
         .products
-        .get_product(GetProductRequest {
-            id: product.id.clone(),
-        })
+        .get_product(GetProductRequest { id: product.id.clone() })
         .await
         .unwrap();
     assert_eq!(repriced.into_inner().price_cents, 450);
@@ -128,22 +117,14 @@ async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
         .await
         .unwrap();
     app.users
-        .delete_user(DeleteUserRequest {
-            id: user.id.clone(),
-        })
+        .delete_user(DeleteUserRequest { id: user.id.clone() })
         .await
         .unwrap();
-    let gone = app
-        .users
-        .get_user(GetUserRequest { id: user.id })
-        .await
-        .unwrap_err();
+    let gone = app.users.get_user(GetUserRequest { id: user.id }).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
 
     assert!(
-        app.metric(r#"readthrough_cache_errors_total{operation="get"}"#)
-            .await
-            >= 1.0,
+        app.metric(r#"readthrough_cache_errors_total{operation="get"}"#).await >= 1.0,
         "errors are counted"
     );
 }
@@ -209,14 +190,11 @@ async fn reads_keep_working_when_redis_dies_mid_run() {
         .unwrap()
         .into_inner();
     app.users
-        .get_user(GetUserRequest {
-            id: user.id.clone(),
-        })
+        .get_user(GetUserRequest { id: user.id.clone() })
         .await
         .unwrap();
     assert_eq!(
-        app.metric(r#"readthrough_cache_errors_total{operation="get"}"#)
-            .await,
+        app.metric(r#"readthrough_cache_errors_total{operation="get"}"#).await,
         0.0
     );
 
@@ -225,9 +203,7 @@ async fn reads_keep_working_when_redis_dies_mid_run() {
     for _ in 0..20 {
         let read = app
             .users
-            .get_user(GetUserRequest {
-                id: user.id.clone(),
-            })
+            .get_user(GetUserRequest { id: user.id.clone() })
             .await
             .unwrap()
             .into_inner();
@@ -250,9 +226,5 @@ async fn reads_keep_working_when_redis_dies_mid_run() {
         .unwrap()
         .into_inner();
     assert_eq!(updated.email, "after@example.com");
-    assert!(
-        app.metric(r#"readthrough_cache_errors_total{operation="get"}"#)
-            .await
-            >= 1.0
-    );
+    assert!(app.metric(r#"readthrough_cache_errors_total{operation="get"}"#).await >= 1.0);
 }

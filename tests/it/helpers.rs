@@ -10,7 +10,7 @@ use std::{net::TcpListener as StdListener, sync::Arc, time::Duration};
 
 use readthrough::{
     app::Application,
-    cache::{Keys, codec},
+    cache::{Hooks, Keys, codec},
     config::ServeConfig,
     proto::{product_service_client::ProductServiceClient, user_service_client::UserServiceClient},
 };
@@ -44,11 +44,16 @@ pub async fn spawn_app() -> TestApp {
 
 /// Starts an app on a fresh database and namespace, after `customize` adjusts its settings.
 pub async fn spawn_app_with(customize: impl FnOnce(&mut ServeConfig)) -> TestApp {
+    spawn_app_with_hooks(Hooks::default(), customize).await
+}
+
+/// `spawn_app_with`, with hooks in the cache layer.
+pub async fn spawn_app_with_hooks(hooks: Hooks, customize: impl FnOnce(&mut ServeConfig)) -> TestApp {
     let sandbox = Arc::new(Sandbox::new());
     let mut config = ServeConfig::from_env();
     config.config.database_url = sandbox.database_url.parse().unwrap();
     config.config.cache_namespace = sandbox.namespace.clone();
-    start(config, customize, sandbox).await
+    start(config, customize, sandbox, hooks).await
 }
 
 impl TestApp {
@@ -58,16 +63,12 @@ impl TestApp {
     }
 
     pub async fn spawn_sibling_with(&self, customize: impl FnOnce(&mut ServeConfig)) -> TestApp {
-        start(self.config.clone(), customize, self.sandbox.clone()).await
+        start(self.config.clone(), customize, self.sandbox.clone(), Hooks::default()).await
     }
 
     /// The raw bytes cached under `key`, read straight from Redis.
     pub async fn cached(&mut self, key: &str) -> Option<Vec<u8>> {
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.redis)
-            .await
-            .unwrap()
+        redis::cmd("GET").arg(key).query_async(&mut self.redis).await.unwrap()
     }
 
     /// The value cached under `key`, decoded; panics if it does not decode.
@@ -114,11 +115,12 @@ async fn start(
     mut config: ServeConfig,
     customize: impl FnOnce(&mut ServeConfig),
     sandbox: Arc<Sandbox>,
+    hooks: Hooks,
 ) -> TestApp {
     config.grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.metrics_addr = "127.0.0.1:0".parse().unwrap();
     customize(&mut config);
-    let app = Application::build(config.clone())
+    let app = Application::build_with_hooks(config.clone(), hooks)
         .await
         .expect("app builds");
     let (grpc_port, metrics_port) = (app.grpc_port(), app.metrics_port());
@@ -139,9 +141,7 @@ async fn start(
     TestApp {
         users: UserServiceClient::new(channel.clone()),
         products: ProductServiceClient::new(channel),
-        db: PgPool::connect(config.config.database_url.expose())
-            .await
-            .unwrap(),
+        db: PgPool::connect(config.config.database_url.expose()).await.unwrap(),
         redis,
         keys: Keys::new(&config.config.cache_namespace),
         config,
@@ -153,31 +153,11 @@ async fn start(
 
 /// A free local port with nothing listening on it.
 pub fn free_port() -> u16 {
-    StdListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// `url` with its database name replaced.
-pub fn with_database(url: &str, database: &str) -> String {
-    let (without_query, query) = url
-        .split_once('?')
-        .map_or((url, None), |(u, q)| (u, Some(q)));
-    let (base, _) = without_query
-        .rsplit_once('/')
-        .expect("DATABASE_URL has a path");
-    match query {
-        Some(query) => format!("{base}/{database}?{query}"),
-        None => format!("{base}/{database}"),
-    }
+    StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn scrape(port: u16) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     stream
         .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         .await
@@ -205,10 +185,7 @@ where
     }
 }
 
-async fn scan_namespace(
-    conn: &mut redis::aio::MultiplexedConnection,
-    namespace: &str,
-) -> Vec<String> {
+async fn scan_namespace(conn: &mut redis::aio::MultiplexedConnection, namespace: &str) -> Vec<String> {
     let mut keys = Vec::new();
     let mut cursor = 0u64;
     loop {
@@ -246,10 +223,10 @@ impl Sandbox {
         let config = ServeConfig::from_env().config;
         let database = format!("rt_test_{suffix}");
         Self {
-            database_url: with_database(config.database_url.expose(), &database),
+            database_url: config.database_url.with_database(&database).expose().to_string(),
             namespace: format!("rt-test-{suffix}"),
             redis_url: config.redis_url.expose().to_string(),
-            admin_url: with_database(config.database_url.expose(), "postgres"),
+            admin_url: config.database_url.with_database("postgres").expose().to_string(),
             database,
         }
     }
@@ -275,8 +252,7 @@ impl Drop for Sandbox {
                 {
                     let keys = scan_namespace(&mut conn, &namespace).await;
                     if !keys.is_empty() {
-                        let _: Result<(), _> =
-                            redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
+                        let _: Result<(), _> = redis::cmd("DEL").arg(keys).query_async(&mut conn).await;
                     }
                 }
             });

@@ -3,6 +3,7 @@
 
 mod bad_input;
 mod cli;
+mod concurrency;
 mod deployment;
 mod fail_open;
 mod helpers;

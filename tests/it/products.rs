@@ -3,11 +3,10 @@
 use prost_types::FieldMask;
 use rand::{Rng, distr::Alphanumeric};
 use readthrough::{
-    cache::ListMeta,
+    cache::{Entry, ListMeta},
     domain::{CategoryId, Product, ProductId},
     proto::{
-        self, CreateProductRequest, DeleteProductRequest, GetProductRequest, ListProductsRequest,
-        UpdateProductRequest,
+        self, CreateProductRequest, DeleteProductRequest, GetProductRequest, ListProductsRequest, UpdateProductRequest,
     },
 };
 use tonic::Code;
@@ -32,22 +31,13 @@ async fn create_product(app: &mut TestApp, category: &str, name: &str) -> proto:
 async fn create_products(app: &mut TestApp, category: &str, count: usize) -> Vec<proto::Product> {
     let mut created = Vec::with_capacity(count);
     for _ in 0..count {
-        let name: String = rand::rng()
-            .sample_iter(&Alphanumeric)
-            .take(8)
-            .map(char::from)
-            .collect();
+        let name: String = rand::rng().sample_iter(&Alphanumeric).take(8).map(char::from).collect();
         created.push(create_product(app, category, &name).await);
     }
     created
 }
 
-async fn list_page(
-    app: &mut TestApp,
-    category: &str,
-    page: i32,
-    page_size: i32,
-) -> proto::ListProductsResponse {
+async fn list_page(app: &mut TestApp, category: &str, page: i32, page_size: i32) -> proto::ListProductsResponse {
     app.products
         .list_products(ListProductsRequest {
             category_id: category.to_string(),
@@ -67,10 +57,7 @@ async fn list_all(app: &mut TestApp, category: &str, page_size: i32) -> (Vec<pro
     let mut page = 1;
     while (all.len() as i64) < total {
         let next = list_page(app, category, page, page_size).await;
-        assert_eq!(
-            next.total_count, total,
-            "total_count is the same on every page"
-        );
+        assert_eq!(next.total_count, total, "total_count is the same on every page");
         assert!(
             !next.products.is_empty(),
             "page {page} is empty before all {total} were listed"
@@ -79,10 +66,7 @@ async fn list_all(app: &mut TestApp, category: &str, page_size: i32) -> (Vec<pro
         page += 1;
     }
     let past_end = list_page(app, category, page, page_size).await;
-    assert!(
-        past_end.products.is_empty(),
-        "the page past the end is empty"
-    );
+    assert!(past_end.products.is_empty(), "the page past the end is empty");
     (all, total)
 }
 
@@ -106,25 +90,17 @@ async fn pages_list_every_product_of_the_category_exactly_once() {
     assert_eq!(total, 45);
     assert_eq!(ids(&cold), in_list_order(books.clone()));
 
-    let hits_before = app
-        .metric(r#"readthrough_cache_hits_total{entity="list"}"#)
-        .await;
+    let hits_before = app.metric(r#"readthrough_cache_hits_total{entity="list"}"#).await;
     let (warm, _) = list_all(&mut app, "books", 7).await;
     assert_eq!(ids(&warm), ids(&cold));
-    let hits = app
-        .metric(r#"readthrough_cache_hits_total{entity="list"}"#)
-        .await
-        - hits_before;
+    let hits = app.metric(r#"readthrough_cache_hits_total{entity="list"}"#).await - hits_before;
     assert_eq!(
         hits, 8.0,
         "7 full pages and the empty page past the end came from the cache"
     );
 
     let default_size = list_page(&mut app, "books", 0, 0).await;
-    assert_eq!(
-        (default_size.products.len(), default_size.page_size),
-        (20, 20)
-    );
+    assert_eq!((default_size.products.len(), default_size.page_size), (20, 20));
 }
 
 #[tokio::test]
@@ -174,10 +150,7 @@ async fn moving_a_product_updates_both_category_lists() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (updated.category_id.as_str(), updated.version),
-        ("games", 2)
-    );
+    assert_eq!((updated.category_id.as_str(), updated.version), ("games", 2));
     games.push(updated);
 
     let (book_list, book_total) = list_all(&mut app, "books", 4).await;
@@ -233,9 +206,7 @@ async fn create_and_delete_change_the_total() {
     assert_eq!(list_page(&mut app, "toys", 0, 10).await.total_count, 4);
 
     app.products
-        .delete_product(DeleteProductRequest {
-            id: toys[0].id.clone(),
-        })
+        .delete_product(DeleteProductRequest { id: toys[0].id.clone() })
         .await
         .unwrap();
     let page = list_page(&mut app, "toys", 0, 10).await;
@@ -245,9 +216,7 @@ async fn create_and_delete_change_the_total() {
     assert!(!app.exists(&product_key).await);
     let gone = app
         .products
-        .get_product(GetProductRequest {
-            id: toys[0].id.clone(),
-        })
+        .get_product(GetProductRequest { id: toys[0].id.clone() })
         .await
         .unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
@@ -267,20 +236,16 @@ async fn a_huge_category_caches_only_its_head_and_pages_past_it_still_work() {
     .execute(&app.db)
     .await
     .unwrap();
-    let expected: Vec<String> =
-        sqlx::query_scalar("SELECT id::text FROM products ORDER BY name, id")
-            .fetch_all(&app.db)
-            .await
-            .unwrap();
+    let expected: Vec<String> = sqlx::query_scalar("SELECT id::text FROM products ORDER BY name, id")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
 
     let (listed, total) = list_all(&mut app, "bulk", 40).await;
     assert_eq!(total, 250);
     assert_eq!(ids(&listed), expected);
 
-    let meta: ListMeta = app
-        .cached_value(&app.keys.list_meta(&category))
-        .await
-        .unwrap();
+    let meta: ListMeta = app.cached_value(&app.keys.list_meta(&category)).await.unwrap();
     assert_eq!(
         meta,
         ListMeta {
@@ -322,14 +287,8 @@ async fn damaged_list_entries_are_rebuilt() {
         .await
         .unwrap();
     let page = list_page(&mut app, "pens", 0, 6).await;
-    assert_eq!(
-        (page.total_count, ids(&page.products)),
-        (6, in_list_order(pens))
-    );
-    let meta: ListMeta = app
-        .cached_value(&app.keys.list_meta(&category))
-        .await
-        .unwrap();
+    assert_eq!((page.total_count, ids(&page.products)), (6, in_list_order(pens)));
+    let meta: ListMeta = app.cached_value(&app.keys.list_meta(&category)).await.unwrap();
     assert_eq!(meta.total, 6, "the metadata was rebuilt");
 }
 
@@ -350,9 +309,7 @@ async fn large_values_are_stored_compressed() {
         .into_inner();
     let read = app
         .products
-        .get_product(GetProductRequest {
-            id: created.id.clone(),
-        })
+        .get_product(GetProductRequest { id: created.id.clone() })
         .await
         .unwrap()
         .into_inner();
@@ -366,6 +323,10 @@ async fn large_values_are_stored_compressed() {
         "4800 characters of description compress well: {} bytes",
         raw.len()
     );
-    let cached: Product = app.cached_value(&key).await.unwrap();
+    let cached: Product = app
+        .cached_value::<Entry<Product>>(&key)
+        .await
+        .and_then(|e| e.value)
+        .unwrap();
     assert_eq!(cached.description, created.description);
 }

@@ -2,11 +2,9 @@
 
 use prost_types::{FieldMask, Struct, Value, value::Kind};
 use readthrough::{
+    cache::Entry,
     domain::{User, UserId},
-    proto::{
-        BatchGetUsersRequest, CreateUserRequest, DeleteUserRequest, GetUserRequest,
-        UpdateUserRequest,
-    },
+    proto::{BatchGetUsersRequest, CreateUserRequest, DeleteUserRequest, GetUserRequest, UpdateUserRequest},
 };
 use tonic::Code;
 
@@ -56,11 +54,7 @@ async fn second_read_is_a_cache_hit() {
         app.exists(&key(&app, &created.id)).await,
         "the first read fills the cache"
     );
-    assert_eq!(
-        app.metric(r#"readthrough_cache_hits_total{entity="user"}"#)
-            .await,
-        0.0
-    );
+    assert_eq!(app.metric(r#"readthrough_cache_hits_total{entity="user"}"#).await, 0.0);
     assert_eq!(
         app.metric(r#"readthrough_db_queries_total{query="user.get_many"}"#)
             .await,
@@ -69,11 +63,7 @@ async fn second_read_is_a_cache_hit() {
 
     let second = get_user(&mut app, &created.id).await.unwrap();
     assert_eq!(second, first);
-    assert_eq!(
-        app.metric(r#"readthrough_cache_hits_total{entity="user"}"#)
-            .await,
-        1.0
-    );
+    assert_eq!(app.metric(r#"readthrough_cache_hits_total{entity="user"}"#).await, 1.0);
     assert_eq!(
         app.metric(r#"readthrough_db_queries_total{query="user.get_many"}"#)
             .await,
@@ -124,16 +114,11 @@ async fn deleted_user_is_not_found_and_its_key_is_gone() {
     assert!(app.exists(&key).await);
 
     app.users
-        .delete_user(DeleteUserRequest {
-            id: created.id.clone(),
-        })
+        .delete_user(DeleteUserRequest { id: created.id.clone() })
         .await
         .unwrap();
 
-    assert!(
-        !app.exists(&key).await,
-        "delete invalidates before it returns"
-    );
+    assert!(!app.exists(&key).await, "delete invalidates before it returns");
     let status = get_user(&mut app, &created.id).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     let again = app
@@ -169,15 +154,15 @@ async fn garbage_in_a_cached_user_is_a_miss_and_is_repaired() {
             "garbage {garbage:?}"
         );
         let repaired: User = app
-            .cached_value(&key)
+            .cached_value::<Entry<User>>(&key)
             .await
-            .expect("the key is filled again");
+            .and_then(|e| e.value)
+            .expect("refilled");
         assert_eq!(repaired.id.to_string(), created.id);
         assert_eq!(repaired.email, "barbara@example.com");
     }
     assert_eq!(
-        app.metric(r#"readthrough_cache_corrupt_total{entity="user"}"#)
-            .await,
+        app.metric(r#"readthrough_cache_corrupt_total{entity="user"}"#).await,
         4.0
     );
 }
@@ -197,10 +182,7 @@ async fn a_cached_value_of_another_user_is_not_served() {
         .await
         .unwrap();
 
-    assert_eq!(
-        get_user(&mut app, &bob.id).await.unwrap().email,
-        "bob@example.com"
-    );
+    assert_eq!(get_user(&mut app, &bob.id).await.unwrap().email, "bob@example.com");
 }
 
 #[tokio::test]
@@ -221,15 +203,10 @@ async fn batch_get_returns_found_users_and_reports_missing_ids() {
         .into_inner();
 
     let ids: Vec<&str> = response.users.iter().map(|u| u.id.as_str()).collect();
-    assert_eq!(
-        ids,
-        [a.id.as_str(), b.id.as_str()],
-        "in request order, duplicates once"
-    );
+    assert_eq!(ids, [a.id.as_str(), b.id.as_str()], "in request order, duplicates once");
     assert_eq!(response.missing_ids, [absent]);
     assert_eq!(
-        app.metric(r#"readthrough_cache_hits_total{entity="user"}"#)
-            .await,
+        app.metric(r#"readthrough_cache_hits_total{entity="user"}"#).await,
         1.0,
         "a was cached"
     );
@@ -253,11 +230,7 @@ async fn version_preconditions_and_duplicate_emails_are_enforced() {
         expected_version,
     };
 
-    let stale = app
-        .users
-        .update_user(update("ken2@example.com", 7))
-        .await
-        .unwrap_err();
+    let stale = app.users.update_user(update("ken2@example.com", 7)).await.unwrap_err();
     assert_eq!(stale.code(), Code::Aborted);
     let taken = app
         .users
@@ -285,8 +258,5 @@ async fn version_preconditions_and_duplicate_emails_are_enforced() {
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (updated.email.as_str(), updated.version),
-        ("ken2@example.com", 2)
-    );
+    assert_eq!((updated.email.as_str(), updated.version), ("ken2@example.com", 2));
 }

@@ -1,0 +1,173 @@
+//! Cache-aside reads, shared by users and products.
+//!
+//! A lookup of several ids costs one MGET, one query for all misses and one
+//! pipelined guarded fill. A single missing id (the hot-key case) is loaded
+//! once per process (single flight) and once across instances: the caller
+//! that takes the key's lease loads and fills it, the others poll for the fill
+//! and read PostgreSQL themselves only if it has not come within the lease time.
+
+use std::{collections::HashMap, future::Future, sync::Arc, time::Instant};
+
+use sqlx::PgPool;
+
+use super::single_flight::SingleFlight;
+use crate::{
+    cache::{Cache, Cacheable, Cached, Lease},
+    domain::{Product, User},
+    store::{self, StoreError},
+};
+
+/// An entity the read-through can load from PostgreSQL by ids.
+pub trait Loadable: Cacheable {
+    /// The rows with these ids; absent ids are simply not returned.
+    fn load(pool: &PgPool, ids: &[Self::Id]) -> impl Future<Output = Result<Vec<Self>, StoreError>> + Send;
+}
+
+impl Loadable for User {
+    fn load(pool: &PgPool, ids: &[Self::Id]) -> impl Future<Output = Result<Vec<Self>, StoreError>> + Send {
+        store::users::get_many(pool, ids)
+    }
+}
+
+impl Loadable for Product {
+    fn load(pool: &PgPool, ids: &[Self::Id]) -> impl Future<Output = Result<Vec<Self>, StoreError>> + Send {
+        store::products::get_many(pool, ids)
+    }
+}
+
+pub struct ReadThrough<E: Loadable> {
+    pool: PgPool,
+    cache: Arc<Cache>,
+    /// `None` tells waiters the leader failed, so they try themselves.
+    flights: SingleFlight<E::Id, Option<Option<E>>>,
+}
+
+impl<E: Loadable> ReadThrough<E> {
+    pub fn new(pool: PgPool, cache: Arc<Cache>) -> Arc<Self> {
+        Arc::new(Self {
+            pool,
+            cache,
+            flights: SingleFlight::new(),
+        })
+    }
+
+    /// The entity for each id, in order; `None` where no such entity exists.
+    pub async fn get_many(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
+        let Some(cached) = self.cache.get_many::<E>(ids).await else {
+            // Cache off or Redis unavailable: PostgreSQL answers, nothing is filled.
+            return match ids {
+                [id] => Ok(vec![self.load_one(*id, false).await?]),
+                _ => self.load_and_fill(ids, &[]).await,
+            };
+        };
+        let mut found = Vec::with_capacity(ids.len());
+        let mut missing = Vec::new();
+        for (&id, entry) in ids.iter().zip(cached) {
+            match entry {
+                Cached::Hit { value, refresh } => {
+                    if refresh {
+                        self.refresh(id);
+                    }
+                    found.push(value);
+                }
+                Cached::Miss => {
+                    missing.push(id);
+                    found.push(None);
+                }
+            }
+        }
+        let loaded = match missing.as_slice() {
+            [] => return Ok(found),
+            [id] => vec![self.load_one(*id, true).await?],
+            _ => {
+                let leases = self.cache.acquire_leases::<E>(&missing).await;
+                self.load_and_fill(&missing, &leases).await?
+            }
+        };
+        let loaded: HashMap<E::Id, Option<E>> = missing.into_iter().zip(loaded).collect();
+        for (slot, id) in found.iter_mut().zip(ids) {
+            if let Some(value) = loaded.get(id) {
+                *slot = value.clone();
+            }
+        }
+        Ok(found)
+    }
+
+    /// One missing id: single flight in this process and, when the cache is
+    /// usable, a lease across instances.
+    async fn load_one(self: &Arc<Self>, id: E::Id, cache_usable: bool) -> Result<Option<E>, StoreError> {
+        let this = self.clone();
+        let load = async move {
+            if cache_usable {
+                this.load_one_once(id).await.ok()
+            } else {
+                this.load_and_fill(&[id], &[])
+                    .await
+                    .ok()
+                    .and_then(|mut values| values.pop())
+            }
+        };
+        let shared = self.flights.run(id, load).await;
+        match shared {
+            Some(value) => Ok(value),
+            // The shared load failed: try once more, to report our own error.
+            None => Ok(self.load_and_fill(&[id], &[]).await?.pop().flatten()),
+        }
+    }
+
+    async fn load_one_once(&self, id: E::Id) -> Result<Option<E>, StoreError> {
+        if let Some(lease) = self.cache.acquire_leases::<E>(&[id]).await.pop().flatten() {
+            return Ok(self.load_and_fill(&[id], &[Some(lease)]).await?.pop().flatten());
+        }
+        metrics::counter!("readthrough_cache_lease_waits_total", "entity" => E::ENTITY).increment(1);
+        match self.cache.wait_for_fill::<E>(id).await {
+            Some(Cached::Hit { value, .. }) => Ok(value),
+            // The holder did not fill in time: read ourselves, filling if the lease is free now.
+            _ => {
+                let leases = self.cache.acquire_leases::<E>(&[id]).await;
+                Ok(self.load_and_fill(&[id], &leases).await?.pop().flatten())
+            }
+        }
+    }
+
+    /// Loads `ids` in one query and fills those whose lease is held (`leases`
+    /// matches `ids` by position; an empty slice fills nothing). Absent ids are
+    /// cached as absent (negative caching).
+    async fn load_and_fill(&self, ids: &[E::Id], leases: &[Option<Lease>]) -> Result<Vec<Option<E>>, StoreError> {
+        let started = Instant::now();
+        let loaded = match E::load(&self.pool, ids).await {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                for (id, lease) in ids.iter().zip(leases) {
+                    if let Some(lease) = lease {
+                        self.cache.release::<E>(*id, lease).await;
+                    }
+                }
+                return Err(error);
+            }
+        };
+        let load_time = started.elapsed();
+        let by_id: HashMap<E::Id, E> = loaded.into_iter().map(|value| (value.id(), value)).collect();
+        let values: Vec<Option<E>> = ids.iter().map(|id| by_id.get(id).cloned()).collect();
+        let fills: Vec<(E::Id, Option<&E>, &Lease)> = ids
+            .iter()
+            .zip(&values)
+            .zip(leases)
+            .filter_map(|((&id, value), lease)| Some((id, value.as_ref(), lease.as_ref()?)))
+            .collect();
+        self.cache.fill(&fills, load_time).await;
+        Ok(values)
+    }
+
+    /// Refresh ahead: reload a hot entry in the background before it expires.
+    /// The lease makes one caller across all instances do it.
+    fn refresh(self: &Arc<Self>, id: E::Id) {
+        let this = self.clone();
+        tokio::spawn(async move {
+            if let Some(lease) = this.cache.acquire_leases::<E>(&[id]).await.pop().flatten() {
+                metrics::counter!("readthrough_cache_refreshes_total", "entity" => E::ENTITY).increment(1);
+                let _ = this.load_and_fill(&[id], &[Some(lease)]).await;
+            }
+        });
+    }
+}
