@@ -292,9 +292,10 @@ impl Cache {
 
     /// Stores what PostgreSQL returned for leased ids (`None`: no such id), each
     /// only if its lease is still held. `load_time` is how long the read took.
-    pub async fn fill<E: Cacheable>(&self, fills: &[(E::Id, Option<&E>, &Lease)], load_time: Duration) {
+    /// True when every value was stored.
+    pub async fn fill<E: Cacheable>(&self, fills: &[(E::Id, Option<&E>, &Lease)], load_time: Duration) -> bool {
         if fills.is_empty() {
-            return;
+            return true;
         }
         let keys: Vec<String> = fills.iter().map(|(id, _, _)| E::key(&self.keys, *id)).collect();
         if let Some(hook) = &self.hooks.before_fill {
@@ -331,25 +332,28 @@ impl Cache {
                 .into_iter()
                 .map(|f| (f.key.to_string(), f.value, f.ttl_secs))
                 .collect();
-            self.redis.set_many(&plain).await;
-            return;
+            return self.redis.set_many(&plain).await.is_some();
         }
-        if let Some(stored) = self.redis.fill_guarded(&guarded).await {
-            let refused = stored.iter().filter(|s| !**s).count() as u64;
-            metrics::counter!("readthrough_cache_fills_refused_total", "entity" => E::ENTITY).increment(refused);
-        }
+        let Some(stored) = self.redis.fill_guarded(&guarded).await else {
+            return false;
+        };
+        let refused = stored.iter().filter(|s| !**s).count();
+        metrics::counter!("readthrough_cache_fills_refused_total", "entity" => E::ENTITY).increment(refused as u64);
+        refused == 0 && stored.len() == fills.len()
     }
 
     /// Waits for another caller's fill of `id`, polling at short, capped
-    /// intervals for at most the lease time. `None` if it did not come.
-    pub async fn wait_for_fill<E: Cacheable>(&self, id: E::Id) -> Option<Cached<E>> {
+    /// intervals for at most the lease time. `None` if it did not come; else
+    /// the entry and the instant before the read that found it.
+    pub async fn wait_for_fill<E: Cacheable>(&self, id: E::Id) -> Option<(Cached<E>, std::time::Instant)> {
         let deadline = tokio::time::Instant::now() + self.lease_ttl;
         let mut interval = WAIT_FIRST_POLL;
         while tokio::time::Instant::now() + interval < deadline {
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(WAIT_MAX_POLL);
+            let read_at = std::time::Instant::now();
             match self.get_many::<E>(&[id]).await?.pop()? {
-                hit @ Cached::Hit { .. } => return Some(hit),
+                hit @ Cached::Hit { .. } => return Some((hit, read_at)),
                 Cached::Miss => continue,
             }
         }
@@ -411,8 +415,8 @@ impl Cache {
     }
 
     /// Stores the first `ids.len()` ids of a category in order, with the category's
-    /// total, if the list's lease is still held.
-    pub async fn put_list(&self, category: &CategoryId, ids: &[ProductId], total: u64, lease: &Lease) {
+    /// total, if the list's lease is still held. True when stored.
+    pub async fn put_list(&self, category: &CategoryId, ids: &[ProductId], total: u64, lease: &Lease) -> bool {
         let ids_key = self.keys.list_ids(category);
         if let Some(hook) = &self.hooks.before_fill {
             hook(&ids_key).await;
@@ -422,7 +426,7 @@ impl Cache {
             cached: ids.len() as u64,
         };
         let Ok(meta_bytes) = codec::encode(&meta, self.compress_threshold) else {
-            return;
+            return false;
         };
         let ids: Vec<String> = ids.iter().map(ProductId::to_string).collect();
         let keys = [
@@ -437,6 +441,7 @@ impl Cache {
         if stored == Some(false) {
             metrics::counter!("readthrough_cache_fills_refused_total", "entity" => "list").increment(1);
         }
+        stored == Some(true)
     }
 
     /// The keys to delete when an entity changes: its entry and its lease.

@@ -1,11 +1,15 @@
 //! Products and category lists: read through the cache, written to
 //! PostgreSQL, then every affected entry and list invalidated.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use sqlx::PgPool;
 
-use super::{ServiceError, read_through::ReadThrough, single_flight::SingleFlight};
+use super::{
+    ServiceError,
+    read_through::ReadThrough,
+    single_flight::{Fresh, SingleFlight},
+};
 use crate::{
     cache::{Cache, ListLookup},
     domain::{CategoryId, NewProduct, PageRequest, Product, ProductId, ProductPatch},
@@ -81,28 +85,45 @@ impl Products {
     /// scan, bounded however large the category) and caches them with the
     /// total, under the list's lease. Concurrent callers share one load.
     pub async fn refill_list(&self, category: &CategoryId) -> Result<ListHead, ServiceError> {
-        let shared = self
-            .list_loads
-            .run(category.clone(), async { self.load_list_head(category).await.ok() })
-            .await;
-        match shared {
-            Some(head) => Ok(head),
-            None => Ok(self.load_list_head(category).await?),
+        let load = async {
+            match self.load_list_head(category).await {
+                Ok(fresh) => Fresh {
+                    value: Some(fresh.value),
+                    as_of: fresh.as_of,
+                },
+                Err(_) => Fresh {
+                    value: None,
+                    as_of: Instant::now(),
+                },
+            }
+        };
+        match self.list_loads.run(category.clone(), load).await {
+            Some(Some(head)) => Ok(head),
+            // The shared load failed or predates this caller: load alone.
+            _ => Ok(self.load_list_head(category).await?.value),
         }
     }
 
-    async fn load_list_head(&self, category: &CategoryId) -> Result<ListHead, ServiceError> {
+    /// The list's head, current as of the read's start, or of the fill when the lease held.
+    async fn load_list_head(&self, category: &CategoryId) -> Result<Fresh<ListHead>, ServiceError> {
         let lease = self.cache.acquire_list_lease(category).await;
+        let started = Instant::now();
         let head = products::list_ids(&self.pool, category, 0, self.list_cache_max_ids).await?;
         let total = if (head.len() as u64) < self.list_cache_max_ids {
             head.len() as u64
         } else {
             products::count_in_category(&self.pool, category).await?
         };
-        if let Some(lease) = lease {
-            self.cache.put_list(category, &head, total, &lease).await;
-        }
-        Ok((head, total))
+        let fill_sent = Instant::now();
+        let filled = match lease {
+            Some(lease) => self.cache.put_list(category, &head, total, &lease).await,
+            None => false,
+        };
+        let as_of = if filled { fill_sent } else { started };
+        Ok(Fresh {
+            value: (head, total),
+            as_of,
+        })
     }
 
     /// Refills the list and returns the ids of the requested page.

@@ -10,7 +10,7 @@ use std::{collections::HashMap, future::Future, sync::Arc, time::Instant};
 
 use sqlx::PgPool;
 
-use super::single_flight::SingleFlight;
+use super::single_flight::{Fresh, SingleFlight};
 use crate::{
     cache::{Cache, Cacheable, Cached, Lease},
     domain::{Product, User},
@@ -35,6 +35,9 @@ impl Loadable for Product {
     }
 }
 
+/// How often a caller joins a single flight before it reads PostgreSQL alone.
+const FLIGHT_ATTEMPTS: usize = 3;
+
 pub struct ReadThrough<E: Loadable> {
     pool: PgPool,
     cache: Arc<Cache>,
@@ -57,7 +60,7 @@ impl<E: Loadable> ReadThrough<E> {
             // Cache off or Redis unavailable: PostgreSQL answers, nothing is filled.
             return match ids {
                 [id] => Ok(vec![self.load_one(*id, false).await?]),
-                _ => self.load_and_fill(ids, &[]).await,
+                _ => Ok(self.load_and_fill(ids, &[]).await?.value),
             };
         };
         let mut found = Vec::with_capacity(ids.len());
@@ -81,7 +84,7 @@ impl<E: Loadable> ReadThrough<E> {
             [id] => vec![self.load_one(*id, true).await?],
             _ => {
                 let leases = self.cache.acquire_leases::<E>(&missing).await;
-                self.load_and_fill(&missing, &leases).await?
+                self.load_and_fill(&missing, &leases).await?.value
             }
         };
         let loaded: HashMap<E::Id, Option<E>> = missing.into_iter().zip(loaded).collect();
@@ -96,36 +99,54 @@ impl<E: Loadable> ReadThrough<E> {
     /// One missing id: single flight in this process and, when the cache is
     /// usable, a lease across instances.
     async fn load_one(self: &Arc<Self>, id: E::Id, cache_usable: bool) -> Result<Option<E>, StoreError> {
-        let this = self.clone();
-        let load = async move {
-            if cache_usable {
-                this.load_one_once(id).await.ok()
-            } else {
-                this.load_and_fill(&[id], &[])
-                    .await
-                    .ok()
-                    .and_then(|mut values| values.pop())
+        for _ in 0..FLIGHT_ATTEMPTS {
+            let this = self.clone();
+            let load = async move {
+                let loaded = if cache_usable {
+                    this.load_one_once(id).await
+                } else {
+                    this.load_and_fill(&[id], &[]).await.map(single)
+                };
+                match loaded {
+                    Ok(fresh) => Fresh {
+                        value: Some(fresh.value),
+                        as_of: fresh.as_of,
+                    },
+                    Err(_) => Fresh {
+                        value: None,
+                        as_of: Instant::now(),
+                    },
+                }
+            };
+            match self.flights.run(id, load).await {
+                Some(Some(value)) => return Ok(value),
+                // The shared load failed: read once more below, to report our own error.
+                Some(None) => break,
+                // The shared result predates this caller: the fill it made is usually there now.
+                None if cache_usable => {
+                    if let Some(Cached::Hit { value, .. }) =
+                        self.cache.get_many::<E>(&[id]).await.and_then(|mut c| c.pop())
+                    {
+                        return Ok(value);
+                    }
+                }
+                None => {}
             }
-        };
-        let shared = self.flights.run(id, load).await;
-        match shared {
-            Some(value) => Ok(value),
-            // The shared load failed: try once more, to report our own error.
-            None => Ok(self.load_and_fill(&[id], &[]).await?.pop().flatten()),
         }
+        Ok(self.load_and_fill(&[id], &[]).await.map(single)?.value)
     }
 
-    async fn load_one_once(&self, id: E::Id) -> Result<Option<E>, StoreError> {
+    async fn load_one_once(&self, id: E::Id) -> Result<Fresh<Option<E>>, StoreError> {
         if let Some(lease) = self.cache.acquire_leases::<E>(&[id]).await.pop().flatten() {
-            return Ok(self.load_and_fill(&[id], &[Some(lease)]).await?.pop().flatten());
+            return self.load_and_fill(&[id], &[Some(lease)]).await.map(single);
         }
         metrics::counter!("readthrough_cache_lease_waits_total", "entity" => E::ENTITY).increment(1);
         match self.cache.wait_for_fill::<E>(id).await {
-            Some(Cached::Hit { value, .. }) => Ok(value),
+            Some((Cached::Hit { value, .. }, as_of)) => Ok(Fresh { value, as_of }),
             // The holder did not fill in time: read ourselves, filling if the lease is free now.
             _ => {
                 let leases = self.cache.acquire_leases::<E>(&[id]).await;
-                Ok(self.load_and_fill(&[id], &leases).await?.pop().flatten())
+                self.load_and_fill(&[id], &leases).await.map(single)
             }
         }
     }
@@ -133,7 +154,14 @@ impl<E: Loadable> ReadThrough<E> {
     /// Loads `ids` in one query and fills those whose lease is held (`leases`
     /// matches `ids` by position; an empty slice fills nothing). Absent ids are
     /// cached as absent (negative caching).
-    async fn load_and_fill(&self, ids: &[E::Id], leases: &[Option<Lease>]) -> Result<Vec<Option<E>>, StoreError> {
+    ///
+    /// The values are current as of the read's start, or as of the fill when
+    /// every lease was still held then (no write came between lease and fill).
+    async fn load_and_fill(
+        &self,
+        ids: &[E::Id],
+        leases: &[Option<Lease>],
+    ) -> Result<Fresh<Vec<Option<E>>>, StoreError> {
         let started = Instant::now();
         let loaded = match E::load(&self.pool, ids).await {
             Ok(loaded) => loaded,
@@ -155,8 +183,11 @@ impl<E: Loadable> ReadThrough<E> {
             .zip(leases)
             .filter_map(|((&id, value), lease)| Some((id, value.as_ref(), lease.as_ref()?)))
             .collect();
-        self.cache.fill(&fills, load_time).await;
-        Ok(values)
+        let fill_sent = Instant::now();
+        let stored = self.cache.fill(&fills, load_time).await;
+        let all_filled = stored && !fills.is_empty() && fills.len() == ids.len();
+        let as_of = if all_filled { fill_sent } else { started };
+        Ok(Fresh { value: values, as_of })
     }
 
     /// Refresh ahead: reload a hot entry in the background before it expires.
@@ -169,5 +200,13 @@ impl<E: Loadable> ReadThrough<E> {
                 let _ = this.load_and_fill(&[id], &[Some(lease)]).await;
             }
         });
+    }
+}
+
+/// The one value of a single-id load.
+fn single<E>(fresh: Fresh<Vec<Option<E>>>) -> Fresh<Option<E>> {
+    Fresh {
+        value: fresh.value.into_iter().next().flatten(),
+        as_of: fresh.as_of,
     }
 }

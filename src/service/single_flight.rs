@@ -1,16 +1,29 @@
 //! Single flight: concurrent calls for one key inside this process share one execution.
+//!
+//! A shared result says from when it is known to be current (`Fresh::as_of`).
+//! A caller that joined after that instant does not take it: a write may have
+//! been acknowledged between the two, and that caller must see it.
 
 use std::{
     collections::HashMap,
     future::Future,
     hash::Hash,
     sync::{Mutex, MutexGuard},
+    time::Instant,
 };
 
 use tokio::sync::broadcast;
 
+/// A result, and the instant from which it is known to reflect every write
+/// acknowledged before it.
+#[derive(Debug, Clone)]
+pub struct Fresh<V> {
+    pub value: V,
+    pub as_of: Instant,
+}
+
 pub struct SingleFlight<K, V> {
-    calls: Mutex<HashMap<K, broadcast::Sender<V>>>,
+    calls: Mutex<HashMap<K, broadcast::Sender<Fresh<V>>>>,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
@@ -21,9 +34,10 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
     }
 
     /// Runs `work` unless a call for `key` is already running, in which case
-    /// its result is awaited and shared. If that call is cancelled, the waiters
-    /// run `work` themselves.
-    pub async fn run(&self, key: K, work: impl Future<Output = V>) -> V {
+    /// its result is awaited and shared. `None` when that call was cancelled or
+    /// its result is older than this caller: the caller looks again itself.
+    pub async fn run(&self, key: K, work: impl Future<Output = Fresh<V>>) -> Option<V> {
+        let joined = Instant::now();
         let waiting = {
             let mut calls = self.lock();
             match calls.get(&key) {
@@ -36,22 +50,23 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         };
         match waiting {
             Some(mut result) => match result.recv().await {
-                Ok(value) => value,
-                Err(_) => work.await,
+                Ok(shared) if shared.as_of >= joined => Some(shared.value),
+                _ => None,
             },
             None => {
                 let leader = Leader {
                     flight: self,
                     key: Some(key),
                 };
-                let value = work.await;
-                leader.finish(value.clone());
-                value
+                let result = work.await;
+                let value = result.value.clone();
+                leader.finish(result);
+                Some(value)
             }
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, broadcast::Sender<V>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, broadcast::Sender<Fresh<V>>>> {
         self.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -64,7 +79,7 @@ struct Leader<'a, K: Eq + Hash + Clone, V: Clone> {
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Leader<'_, K, V> {
-    fn finish(mut self, value: V) {
+    fn finish(mut self, value: Fresh<V>) {
         if let Some(sender) = self.key.take().and_then(|key| self.flight.lock().remove(&key)) {
             let _ = sender.send(value);
         }
@@ -101,34 +116,78 @@ mod tests {
                 tokio::spawn(async move {
                     flight
                         .run("key", async {
+                            let as_of = Instant::now();
                             tokio::time::sleep(Duration::from_millis(50)).await;
-                            runs.fetch_add(1, Ordering::SeqCst) + 100
+                            Fresh {
+                                value: runs.fetch_add(1, Ordering::SeqCst) + 100,
+                                as_of: as_of + Duration::from_secs(1),
+                            }
                         })
                         .await
                 })
             })
             .collect();
         for call in calls {
-            assert_eq!(call.await.unwrap(), 100);
+            assert_eq!(call.await.unwrap(), Some(100));
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(flight.lock().is_empty(), "finished calls are forgotten");
     }
 
     #[tokio::test]
-    async fn waiters_run_the_work_when_the_leader_is_cancelled() {
+    async fn a_result_older_than_the_caller_is_not_shared_with_it() {
         let flight = Arc::new(SingleFlight::<&str, &str>::new());
         let leader = {
             let flight = flight.clone();
-            tokio::spawn(async move { flight.run("key", std::future::pending()).await })
+            tokio::spawn(async move {
+                flight
+                    .run("key", async {
+                        let as_of = Instant::now();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        Fresh {
+                            value: "read before the follower came",
+                            as_of,
+                        }
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let follower = flight
+            .run("key", async {
+                Fresh {
+                    value: "own read",
+                    as_of: Instant::now(),
+                }
+            })
+            .await;
+        assert_eq!(follower, None, "the follower must look again");
+        assert_eq!(leader.await.unwrap(), Some("read before the follower came"));
+    }
+
+    #[tokio::test]
+    async fn waiters_look_again_when_the_leader_is_cancelled() {
+        let flight = Arc::new(SingleFlight::<&str, &str>::new());
+        let leader = {
+            let flight = flight.clone();
+            tokio::spawn(async move { flight.run("key", std::future::pending::<Fresh<&str>>()).await })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         let waiter = {
             let flight = flight.clone();
-            tokio::spawn(async move { flight.run("key", async { "own" }).await })
+            tokio::spawn(async move {
+                flight
+                    .run("key", async {
+                        Fresh {
+                            value: "own",
+                            as_of: Instant::now(),
+                        }
+                    })
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         leader.abort();
-        assert_eq!(waiter.await.unwrap(), "own");
+        assert_eq!(waiter.await.unwrap(), None);
     }
 }
