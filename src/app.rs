@@ -17,7 +17,7 @@ use crate::{
     cache::Hooks,
     config::ServeConfig,
     proto::{product_service_server::ProductServiceServer, user_service_server::UserServiceServer},
-    service::Services,
+    service::{Services, relay},
     store, telemetry,
 };
 
@@ -77,7 +77,15 @@ impl Application {
             pool,
             cache,
         } = self.services;
-        tokio::spawn(async move { cache.open_connections().await });
+        let background = [
+            tokio::spawn({
+                let cache = cache.clone();
+                async move { cache.open_connections().await }
+            }),
+            tokio::spawn(relay::run(pool.clone(), cache.clone())),
+            // Counted now; the near cache will act on them.
+            tokio::spawn(async move { cache.receive_events(|_| {}).await }),
+        ];
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
         let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -121,6 +129,9 @@ impl Application {
             }
         };
         metrics.abort();
+        for task in background {
+            task.abort();
+        }
         pool.close().await;
         tracing::info!("stopped");
         result

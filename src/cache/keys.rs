@@ -33,6 +33,11 @@ impl Keys {
         format!("{}:product:{{{id}}}", self.prefix)
     }
 
+    /// The pub/sub channel of invalidation events.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+
     /// The fill lease of an entry (or of a list, given its ids key): same hash tag.
     pub fn lease(&self, key: &str) -> String {
         format!("{key}:lease")

@@ -142,6 +142,18 @@ pub struct Lease {
     token: String,
 }
 
+/// An invalidation, as published to every instance on `<namespace>:v1:events`
+/// (JSON, so that other services can read it too).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Event {
+    /// e.g. `user.updated`, `product.price.changed`, `product.moved`.
+    pub event: String,
+    pub id: uuid::Uuid,
+    /// Product categories whose lists changed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub categories: Vec<String>,
+}
+
 /// What is stored under a category list's metadata key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListMeta {
@@ -456,16 +468,24 @@ impl Cache {
         [self.keys.lease(&ids), ids, self.keys.list_meta(category)]
     }
 
-    /// Deletes `keys`, retrying a few times; returns whether Redis confirmed it.
-    ///
-    /// Called after a write has committed. When every attempt fails the entries
-    /// stay until their TTL runs out: the caller logs that risk.
-    pub async fn invalidate(&self, keys: &[String]) -> bool {
+    /// Deletes `keys` and publishes `events` in one round trip, retrying a few
+    /// times; returns whether Redis confirmed it. Events are delivered at least once.
+    pub async fn invalidate(&self, keys: &[String], events: &[Event]) -> bool {
         if let (Some(hook), Some(first)) = (&self.hooks.before_invalidate, keys.first()) {
             hook(first).await;
         }
+        let messages: Vec<Vec<u8>> = events.iter().filter_map(|e| serde_json::to_vec(e).ok()).collect();
         for attempt in 1..=INVALIDATION_ATTEMPTS {
-            if self.redis.delete(keys).await.is_some() {
+            if self
+                .redis
+                .delete_and_publish(keys, &self.keys.events(), &messages)
+                .await
+                .is_some()
+            {
+                for event in events {
+                    metrics::counter!("readthrough_events_published_total", "event" => event.event.clone())
+                        .increment(1);
+                }
                 return true;
             }
             if attempt < INVALIDATION_ATTEMPTS {
@@ -473,11 +493,24 @@ impl Cache {
             }
         }
         metrics::counter!("readthrough_invalidation_failures_total").increment(1);
-        tracing::error!(
-            ?keys,
-            "invalidation failed; entries may be stale until their TTL expires"
-        );
+        tracing::warn!(keys = keys.len(), "invalidation failed; the outbox relay will retry it");
         false
+    }
+
+    /// Receives every instance's invalidation events, forever, counting them.
+    pub async fn receive_events(&self, mut on_event: impl FnMut(Event)) {
+        self.redis
+            .subscribe(&self.keys.events(), |payload| {
+                match serde_json::from_slice::<Event>(payload) {
+                    Ok(event) => {
+                        metrics::counter!("readthrough_events_received_total", "event" => event.event.clone())
+                            .increment(1);
+                        on_event(event);
+                    }
+                    Err(error) => tracing::warn!(%error, "ignoring a malformed invalidation event"),
+                }
+            })
+            .await;
     }
 
     /// Opens Redis connections ahead of the first requests (see `RedisClient::open_connections`).

@@ -78,6 +78,8 @@ pub struct ListPageRaw {
 }
 
 pub struct RedisClient {
+    /// For pub/sub, which needs a connection of its own.
+    client: redis::Client,
     pool: Pool,
     timeout: Duration,
     errors: ErrorLog,
@@ -100,7 +102,10 @@ impl RedisClient {
         let pool = pool_config
             .create_pool(Some(Runtime::Tokio1))
             .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+        let client =
+            redis::Client::open(config.redis_url.expose()).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
         Ok(Self {
+            client,
             pool,
             timeout,
             errors: ErrorLog::default(),
@@ -217,6 +222,38 @@ impl RedisClient {
             .arg(ttl_secs)
             .arg(ids);
         self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
+    }
+
+    /// Deletes the keys and publishes the messages on `channel`, in one round trip.
+    pub async fn delete_and_publish(&self, keys: &[String], channel: &str, messages: &[Vec<u8>]) -> Option<()> {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("DEL").arg(key).ignore();
+        }
+        for message in messages {
+            pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
+        }
+        self.run_pipe("del", &pipe).await
+    }
+
+    /// Calls `on_message` with each message published on `channel`, forever,
+    /// resubscribing after a lost connection.
+    pub async fn subscribe(&self, channel: &str, mut on_message: impl FnMut(&[u8])) {
+        loop {
+            match self.client.get_async_pubsub().await {
+                Ok(mut pubsub) => match pubsub.subscribe(channel).await {
+                    Ok(()) => {
+                        let mut messages = pubsub.on_message();
+                        while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
+                            on_message(message.get_payload_bytes());
+                        }
+                    }
+                    Err(error) => self.errors.report("subscribe", &error.to_string()),
+                },
+                Err(error) => self.errors.report("subscribe", &error.to_string()),
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 
     /// Opens the pool's connections up front, so the first burst of requests

@@ -6,6 +6,7 @@
 
 mod products;
 mod read_through;
+pub mod relay;
 mod single_flight;
 mod users;
 
@@ -20,7 +21,7 @@ use crate::{
     cache::{Cache, Hooks},
     config::Config,
     domain::ValidationError,
-    store::{self, StoreError},
+    store::{self, StoreError, outbox},
 };
 
 /// Both services over one database pool and one cache.
@@ -81,4 +82,21 @@ impl From<StoreError> for ServiceError {
     fn from(error: StoreError) -> Self {
         Self::from_store(error, || "entity".to_string())
     }
+}
+
+/// After a committed write: delete the keys its outbox rows name, and publish
+/// their events, before the caller hears back. When Redis confirmed, the rows
+/// are done with (deleted in the background); otherwise the relay retries them.
+async fn invalidate_written<T>(pool: &PgPool, cache: &Cache, written: outbox::Written<T>) -> T {
+    let (keys, events) = relay::invalidations(cache, &written.outbox);
+    if cache.invalidate(&keys, &events).await && !written.outbox.is_empty() {
+        let pool = pool.clone();
+        let ids: Vec<i64> = written.outbox.iter().map(|row| row.id).collect();
+        tokio::spawn(async move {
+            if let Err(error) = outbox::confirm(&pool, &ids).await {
+                tracing::debug!(%error, "outbox rows left to the relay");
+            }
+        });
+    }
+    written.value
 }

@@ -6,7 +6,7 @@ use std::{sync::Arc, time::Instant};
 use sqlx::PgPool;
 
 use super::{
-    ServiceError,
+    ServiceError, invalidate_written,
     read_through::ReadThrough,
     single_flight::{Fresh, SingleFlight},
 };
@@ -145,38 +145,25 @@ impl Products {
     }
 
     pub async fn create(&self, new: NewProduct) -> Result<Product, ServiceError> {
-        let product = products::insert(&self.pool, &new).await?;
-        let mut keys = self
-            .cache
-            .entity_keys::<Product>(ProductId::from_uuid(product.id))
-            .to_vec();
-        keys.extend(self.cache.list_keys(&new.category_id));
-        self.cache.invalidate(&keys).await;
-        Ok(product)
+        let written = products::insert(&self.pool, &new).await?;
+        Ok(invalidate_written(&self.pool, &self.cache, written).await)
     }
 
+    /// The outbox row names the old and the new category: any change can move
+    /// the product within its list (name) or between lists (category).
     pub async fn update(&self, patch: ProductPatch) -> Result<Product, ServiceError> {
         let id = patch.id;
-        let (old_category, product) = products::update(&self.pool, &patch)
+        let written = products::update(&self.pool, &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
-        // Any change can move the product within its list (name) or between lists (category).
-        let mut keys = self.cache.entity_keys::<Product>(id).to_vec();
-        keys.extend(self.cache.list_keys(&old_category));
-        if product.category_id != old_category.as_str() {
-            keys.extend(self.cache.list_keys(&CategoryId::parse(&product.category_id)?));
-        }
-        self.cache.invalidate(&keys).await;
-        Ok(product)
+        Ok(invalidate_written(&self.pool, &self.cache, written).await)
     }
 
     pub async fn delete(&self, id: ProductId) -> Result<(), ServiceError> {
-        let category = products::delete(&self.pool, id)
+        let written = products::delete(&self.pool, id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
-        let mut keys = self.cache.entity_keys::<Product>(id).to_vec();
-        keys.extend(self.cache.list_keys(&category));
-        self.cache.invalidate(&keys).await;
+        invalidate_written(&self.pool, &self.cache, written).await;
         Ok(())
     }
 }

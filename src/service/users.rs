@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use sqlx::PgPool;
 
-use super::{ServiceError, read_through::ReadThrough};
+use super::{ServiceError, invalidate_written, read_through::ReadThrough};
 use crate::{
     cache::Cache,
     domain::{NewUser, User, UserId, UserPatch},
@@ -46,27 +46,23 @@ impl Users {
     }
 
     pub async fn create(&self, new: NewUser) -> Result<User, ServiceError> {
-        let user = users::insert(&self.pool, &new).await?;
-        self.cache
-            .invalidate(&self.cache.entity_keys::<User>(UserId::from_uuid(user.id)))
-            .await;
-        Ok(user)
+        let written = users::insert(&self.pool, &new).await?;
+        Ok(invalidate_written(&self.pool, &self.cache, written).await)
     }
 
     pub async fn update(&self, patch: UserPatch) -> Result<User, ServiceError> {
         let id = patch.id;
-        let user = users::update(&self.pool, &patch)
+        let written = users::update(&self.pool, &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        self.cache.invalidate(&self.cache.entity_keys::<User>(id)).await;
-        Ok(user)
+        Ok(invalidate_written(&self.pool, &self.cache, written).await)
     }
 
     pub async fn delete(&self, id: UserId) -> Result<(), ServiceError> {
-        users::delete(&self.pool, id)
+        let written = users::delete(&self.pool, id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        self.cache.invalidate(&self.cache.entity_keys::<User>(id)).await;
+        invalidate_written(&self.pool, &self.cache, written).await;
         Ok(())
     }
 }

@@ -3,6 +3,7 @@
 //! Every query is counted under a stable name in `readthrough_db_queries_total`,
 //! so the share of reads that reach the database is visible next to the cache's hit rate.
 
+pub mod outbox;
 pub mod products;
 pub mod users;
 
@@ -80,4 +81,11 @@ fn check_version(found: Option<i64>, expected: Option<i64>) -> Result<(), StoreE
         (Some(actual), Some(expected)) if actual != expected => Err(StoreError::VersionMismatch { expected, actual }),
         _ => Ok(()),
     }
+}
+
+/// Commits a write, returning its value with the outbox rows its triggers recorded.
+async fn commit<T>(mut tx: sqlx::Transaction<'_, Postgres>, value: T) -> Result<outbox::Written<T>, StoreError> {
+    let outbox = outbox::recorded(&mut tx).await?;
+    tx.commit().await?;
+    Ok(outbox::Written { value, outbox })
 }

@@ -3,7 +3,7 @@
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{StoreError, check_version, count};
+use super::{StoreError, check_version, commit, count, outbox::Written};
 use crate::domain::{CategoryId, NewProduct, Product, ProductId, ProductPatch};
 
 /// Loads the products with these ids in one query; absent ids are simply not returned.
@@ -17,8 +17,9 @@ pub async fn get_many(pool: &PgPool, ids: &[ProductId]) -> Result<Vec<Product>, 
     Ok(products)
 }
 
-pub async fn insert(pool: &PgPool, new: &NewProduct) -> Result<Product, StoreError> {
+pub async fn insert(pool: &PgPool, new: &NewProduct) -> Result<Written<Product>, StoreError> {
     count("product.insert");
+    let mut tx = pool.begin().await?;
     let product = sqlx::query_as::<_, Product>(
         "INSERT INTO products (id, category_id, name, description, price_cents, currency) \
          VALUES ($1, $2, $3, $4, $5, $6) RETURNING *",
@@ -29,17 +30,16 @@ pub async fn insert(pool: &PgPool, new: &NewProduct) -> Result<Product, StoreErr
     .bind(new.description.as_str())
     .bind(new.price_cents.get())
     .bind(new.currency.as_str())
-    .fetch_one(pool)
+    .fetch_one(&mut *tx)
     .await?;
-    Ok(product)
+    commit(tx, product).await
 }
 
-/// Applies `patch` if the version precondition holds. Returns the category the
-/// product was in before, and the product as it is now.
-pub async fn update(pool: &PgPool, patch: &ProductPatch) -> Result<(CategoryId, Product), StoreError> {
+/// Applies `patch` if the version precondition holds; the row is locked while checked.
+pub async fn update(pool: &PgPool, patch: &ProductPatch) -> Result<Written<Product>, StoreError> {
     count("product.update");
     let mut tx = pool.begin().await?;
-    let old_category = lock_checked(&mut tx, patch.id, patch.expected_version.get()).await?;
+    lock_checked(&mut tx, patch.id, patch.expected_version.get()).await?;
     let product = sqlx::query_as::<_, Product>(
         "UPDATE products SET category_id = COALESCE($2, category_id), name = COALESCE($3, name), \
          description = COALESCE($4, description), price_cents = COALESCE($5, price_cents), \
@@ -54,19 +54,20 @@ pub async fn update(pool: &PgPool, patch: &ProductPatch) -> Result<(CategoryId, 
     .bind(patch.currency.as_ref().map(|c| c.as_str()))
     .fetch_one(&mut *tx)
     .await?;
-    tx.commit().await?;
-    Ok((old_category, product))
+    commit(tx, product).await
 }
 
-/// Deletes the product and returns the category it was in.
-pub async fn delete(pool: &PgPool, id: ProductId) -> Result<CategoryId, StoreError> {
+pub async fn delete(pool: &PgPool, id: ProductId) -> Result<Written<()>, StoreError> {
     count("product.delete");
-    let category: Option<String> = sqlx::query_scalar("DELETE FROM products WHERE id = $1 RETURNING category_id")
+    let mut tx = pool.begin().await?;
+    let deleted = sqlx::query("DELETE FROM products WHERE id = $1")
         .bind(id.as_uuid())
-        .fetch_optional(pool)
+        .execute(&mut *tx)
         .await?;
-    let category = category.ok_or(StoreError::NotFound)?;
-    Ok(CategoryId::parse(&category)?)
+    if deleted.rows_affected() == 0 {
+        return Err(StoreError::NotFound);
+    }
+    commit(tx, ()).await
 }
 
 /// The ids of a category from position `offset`, at most `limit` of them, in list order.
@@ -106,18 +107,15 @@ pub async fn recent_ids(pool: &PgPool, limit: i64) -> Result<Vec<ProductId>, Sto
     Ok(ids.into_iter().map(ProductId::from_uuid).collect())
 }
 
-/// Locks the row, checks the version precondition and returns the current category.
+/// Locks the row and checks the version precondition (`None`: unconditional).
 async fn lock_checked(
     tx: &mut Transaction<'_, Postgres>,
     id: ProductId,
     expected: Option<i64>,
-) -> Result<CategoryId, StoreError> {
-    let row: Option<(i64, String)> =
-        sqlx::query_as("SELECT version, category_id FROM products WHERE id = $1 FOR UPDATE")
-            .bind(id.as_uuid())
-            .fetch_optional(&mut **tx)
-            .await?;
-    check_version(row.as_ref().map(|(version, _)| *version), expected)?;
-    let (_, category) = row.ok_or(StoreError::NotFound)?;
-    Ok(CategoryId::parse(&category)?)
+) -> Result<(), StoreError> {
+    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM products WHERE id = $1 FOR UPDATE")
+        .bind(id.as_uuid())
+        .fetch_optional(&mut **tx)
+        .await?;
+    check_version(version, expected)
 }

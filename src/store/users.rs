@@ -3,7 +3,7 @@
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{StoreError, check_version, count};
+use super::{StoreError, check_version, commit, count, outbox::Written};
 use crate::domain::{NewUser, User, UserId, UserPatch};
 
 /// Loads the users with these ids in one query; absent ids are simply not returned.
@@ -17,19 +17,21 @@ pub async fn get_many(pool: &PgPool, ids: &[UserId]) -> Result<Vec<User>, StoreE
     Ok(users)
 }
 
-pub async fn insert(pool: &PgPool, new: &NewUser) -> Result<User, StoreError> {
+pub async fn insert(pool: &PgPool, new: &NewUser) -> Result<Written<User>, StoreError> {
     count("user.insert");
-    sqlx::query_as::<_, User>("INSERT INTO users (id, email, preferences) VALUES ($1, $2, $3) RETURNING *")
+    let mut tx = pool.begin().await?;
+    let user = sqlx::query_as::<_, User>("INSERT INTO users (id, email, preferences) VALUES ($1, $2, $3) RETURNING *")
         .bind(Uuid::new_v4())
         .bind(new.email.as_str())
         .bind(new.preferences.as_json())
-        .fetch_one(pool)
+        .fetch_one(&mut *tx)
         .await
-        .map_err(email_conflict)
+        .map_err(email_conflict)?;
+    commit(tx, user).await
 }
 
 /// Applies `patch` if the version precondition holds; the row is locked while checked.
-pub async fn update(pool: &PgPool, patch: &UserPatch) -> Result<User, StoreError> {
+pub async fn update(pool: &PgPool, patch: &UserPatch) -> Result<Written<User>, StoreError> {
     count("user.update");
     let mut tx = pool.begin().await?;
     lock_checked(&mut tx, patch.id, patch.expected_version.get()).await?;
@@ -43,20 +45,20 @@ pub async fn update(pool: &PgPool, patch: &UserPatch) -> Result<User, StoreError
     .fetch_one(&mut *tx)
     .await
     .map_err(email_conflict)?;
-    tx.commit().await?;
-    Ok(user)
+    commit(tx, user).await
 }
 
-pub async fn delete(pool: &PgPool, id: UserId) -> Result<(), StoreError> {
+pub async fn delete(pool: &PgPool, id: UserId) -> Result<Written<()>, StoreError> {
     count("user.delete");
+    let mut tx = pool.begin().await?;
     let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
         .bind(id.as_uuid())
-        .execute(pool)
+        .execute(&mut *tx)
         .await?;
     if deleted.rows_affected() == 0 {
         return Err(StoreError::NotFound);
     }
-    Ok(())
+    commit(tx, ()).await
 }
 
 /// The ids of the `limit` most recently modified users (for warming the cache).

@@ -48,7 +48,12 @@ const USER_LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"
 async fn a_thousand_concurrent_misses_on_two_instances_load_the_row_once() {
     // 1000 client tasks and two servers share two cores here: a 50 ms Redis deadline
     // would measure the scheduler, and this test is about stampedes, not timeouts.
-    let mut first = spawn_app_with(|config| config.config.redis_timeout_ms = 1000).await;
+    // For the same reason, leases get time enough for the holder to fill.
+    let mut first = spawn_app_with(|config| {
+        config.config.redis_timeout_ms = 1000;
+        config.config.cache_lease_ms = 5000;
+    })
+    .await;
     let second = first.spawn_sibling().await;
     let user = create_user(&mut first, "hot@example.com").await;
 

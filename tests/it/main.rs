@@ -7,5 +7,6 @@ mod concurrency;
 mod deployment;
 mod fail_open;
 mod helpers;
+mod invalidation;
 mod products;
 mod users;

@@ -1,0 +1,109 @@
+//! The outbox relay: makes every recorded invalidation happen, even when the
+//! writer died or Redis was unreachable right after the commit.
+//!
+//! Triggers record each change to users and products in `cache_outbox`, inside
+//! the writing transaction, and NOTIFY. Every instance runs this relay: woken
+//! by the notification (or every `POLL_INTERVAL`), it claims rows with
+//! `FOR UPDATE SKIP LOCKED`, deletes their keys and publishes their events in
+//! one Redis round trip, and deletes the rows only once Redis confirmed. While
+//! Redis is down the rows stay, and are retried every `POLL_INTERVAL`.
+
+use std::{sync::Arc, time::Duration};
+
+use sqlx::{PgPool, postgres::PgListener};
+
+use crate::{
+    cache::{Cache, Event},
+    domain::{CategoryId, Product, ProductId, User, UserId},
+    store::{
+        StoreError,
+        outbox::{self, OutboxRow},
+    },
+};
+
+/// The relay's lag bound when notifications are lost, and its retry interval while Redis is down.
+const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Rows younger than this are left to the writer that recorded them, which
+/// invalidates right after its commit and then deletes its rows.
+const WRITER_GRACE: Duration = Duration::from_millis(200);
+/// Rows per claim: one query, one Redis round trip, one delete.
+const BATCH: i64 = 500;
+
+/// Runs until the task is dropped.
+pub async fn run(pool: PgPool, cache: Arc<Cache>) {
+    let mut listener: Option<PgListener> = None;
+    loop {
+        if let Err(error) = drain(&pool, &cache).await {
+            tracing::warn!(%error, "outbox relay could not read the outbox");
+        }
+        if listener.is_none() {
+            listener = listen(&pool).await;
+        }
+        match listener.as_mut() {
+            Some(notifications) => match tokio::time::timeout(POLL_INTERVAL, notifications.recv()).await {
+                Ok(Ok(_)) => {
+                    // Give the writer its grace; one drain then serves every notification so far.
+                    tokio::time::sleep(WRITER_GRACE).await;
+                    while notifications.next_buffered().is_some() {}
+                }
+                Ok(Err(_)) => listener = None,
+                Err(_) => {}
+            },
+            None => tokio::time::sleep(POLL_INTERVAL).await,
+        }
+    }
+}
+
+async fn listen(pool: &PgPool) -> Option<PgListener> {
+    let mut listener = PgListener::connect_with(pool).await.ok()?;
+    listener.listen(outbox::CHANNEL).await.ok()?;
+    Some(listener)
+}
+
+/// Processes rows until the outbox is empty or Redis fails; returns how many were done.
+pub async fn drain(pool: &PgPool, cache: &Cache) -> Result<usize, StoreError> {
+    let mut done = 0;
+    loop {
+        let mut tx = pool.begin().await?;
+        let rows = outbox::claim(&mut tx, BATCH, WRITER_GRACE).await?;
+        if rows.is_empty() {
+            return Ok(done);
+        }
+        let (keys, events) = invalidations(cache, &rows);
+        if !cache.invalidate(&keys, &events).await {
+            // Redis unreachable: the rows stay (the transaction rolls back) for the next round.
+            return Ok(done);
+        }
+        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+        outbox::remove(&mut tx, &ids).await?;
+        tx.commit().await?;
+        done += rows.len();
+        metrics::counter!("readthrough_outbox_relayed_total").increment(rows.len() as u64);
+    }
+}
+
+/// The keys each row invalidates, and the events to publish.
+pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> (Vec<String>, Vec<Event>) {
+    let mut keys = Vec::new();
+    let mut events = Vec::with_capacity(rows.len());
+    for row in rows {
+        match row.entity.as_str() {
+            "user" => keys.extend(cache.entity_keys::<User>(UserId::from_uuid(row.entity_id))),
+            _ => {
+                keys.extend(cache.entity_keys::<Product>(ProductId::from_uuid(row.entity_id)));
+                // A category written by hand that is not a valid id has no cached list.
+                for category in row.categories.iter().filter_map(|c| CategoryId::parse(c).ok()) {
+                    keys.extend(cache.list_keys(&category));
+                }
+            }
+        }
+        events.push(Event {
+            event: row.event.clone(),
+            id: row.entity_id,
+            categories: row.categories.clone(),
+        });
+    }
+    keys.sort();
+    keys.dedup();
+    (keys, events)
+}

@@ -1,0 +1,222 @@
+//! Invalidation that is never lost: the outbox relay, writes made by hand in
+//! PostgreSQL, and the events every instance receives.
+
+use std::time::Duration;
+
+use prost_types::FieldMask;
+use readthrough::{
+    cache::Event,
+    domain::{ProductId, UserId},
+    proto::{self, CreateProductRequest, CreateUserRequest, GetUserRequest, UpdateProductRequest, UpdateUserRequest},
+};
+
+use crate::helpers::{RedisProxy, Sandbox, eventually, redis, spawn_app, spawn_app_with};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {
+    let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
+    let url = proxy.url.clone();
+    let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let user = app
+        .users
+        .create_user(CreateUserRequest {
+            email: "before@example.com".into(),
+            preferences: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    app.users
+        .get_user(GetUserRequest { id: user.id.clone() })
+        .await
+        .unwrap();
+    let key = app.keys.user(UserId::parse(&user.id).unwrap());
+    assert!(app.exists(&key).await, "version 1 is cached");
+
+    proxy.cut();
+    let updated = app
+        .users
+        .update_user(UpdateUserRequest {
+            user: Some(proto::User {
+                id: user.id.clone(),
+                email: "after@example.com".into(),
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["email".into()],
+            }),
+            expected_version: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(updated.version, 2, "the write commits while Redis is unreachable");
+    assert!(app.exists(&key).await, "the stale entry is still in Redis");
+    assert!(app.metric("readthrough_invalidation_failures_total").await >= 1.0);
+
+    proxy.restore();
+    let gone = eventually(Duration::from_secs(5), || {
+        let mut redis = app.redis.clone();
+        let key = key.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(&key)
+                .query_async::<i64>(&mut redis)
+                .await
+                .unwrap()
+                == 0
+        }
+    })
+    .await;
+    assert!(
+        gone,
+        "the relay removed the stale entry within 5 s of Redis coming back"
+    );
+    let read = app
+        .users
+        .get_user(GetUserRequest { id: user.id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(read.email, "after@example.com");
+}
+
+#[tokio::test]
+async fn a_row_changed_by_hand_is_invalidated_within_a_second() {
+    let mut app = spawn_app().await;
+    let user = app
+        .users
+        .create_user(CreateUserRequest {
+            email: "hand@example.com".into(),
+            preferences: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    app.users
+        .get_user(GetUserRequest { id: user.id.clone() })
+        .await
+        .unwrap();
+
+    sqlx::query("UPDATE users SET email = 'psql@example.com' WHERE id = $1::uuid")
+        .bind(&user.id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+
+    let mut users = app.users.clone();
+    let seen = eventually(Duration::from_secs(1), || {
+        let (mut users, id) = (users.clone(), user.id.clone());
+        async move { users.get_user(GetUserRequest { id }).await.unwrap().into_inner().email == "psql@example.com" }
+    })
+    .await;
+    assert!(seen, "the cached user was invalidated within a second");
+    assert_eq!(
+        users
+            .get_user(GetUserRequest { id: user.id })
+            .await
+            .unwrap()
+            .into_inner()
+            .email,
+        "psql@example.com"
+    );
+}
+
+#[tokio::test]
+async fn an_absent_id_inserted_by_hand_is_found_within_a_second() {
+    let app = spawn_app().await;
+    let id = uuid::Uuid::new_v4();
+    let mut users = app.users.clone();
+    users.get_user(GetUserRequest { id: id.to_string() }).await.unwrap_err(); // cached as absent
+
+    sqlx::query("INSERT INTO users (id, email) VALUES ($1, 'late@example.com')")
+        .bind(id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+
+    let found = eventually(Duration::from_secs(1), || {
+        let mut users = users.clone();
+        async move { users.get_user(GetUserRequest { id: id.to_string() }).await.is_ok() }
+    })
+    .await;
+    assert!(found, "the negative entry was cleared by the insert's outbox row");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_write_is_published_as_an_event_to_every_instance() {
+    let mut app = spawn_app().await;
+    let _sibling = app.spawn_sibling().await;
+    let client = redis::Client::open(Sandbox::new().redis_url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}:v1:events", app.config.config.cache_namespace))
+        .await
+        .unwrap();
+
+    let product = app
+        .products
+        .create_product(CreateProductRequest {
+            category_id: "lamps".into(),
+            name: "Desk lamp".into(),
+            description: String::new(),
+            price_cents: 3000,
+            currency: "EUR".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    app.products
+        .update_product(UpdateProductRequest {
+            product: Some(proto::Product {
+                id: product.id.clone(),
+                price_cents: 2500,
+                ..Default::default()
+            }),
+            update_mask: Some(FieldMask {
+                paths: vec!["price_cents".into()],
+            }),
+            expected_version: 1,
+        })
+        .await
+        .unwrap();
+
+    let mut messages = pubsub.on_message();
+    let mut events = Vec::new();
+    while events.len() < 2 {
+        let message = tokio::time::timeout(Duration::from_secs(2), futures_util::StreamExt::next(&mut messages))
+            .await
+            .expect("events arrive within 2 s")
+            .unwrap();
+        events.push(serde_json::from_slice::<Event>(message.get_payload_bytes()).unwrap());
+    }
+    let id = ProductId::parse(&product.id).unwrap().as_uuid();
+    assert_eq!(
+        events,
+        [
+            Event {
+                event: "product.created".into(),
+                id,
+                categories: vec!["lamps".into()]
+            },
+            Event {
+                event: "product.price.changed".into(),
+                id,
+                categories: vec!["lamps".into()]
+            },
+        ]
+    );
+    drop(messages);
+    // Both instances (one process, one set of metrics) received both events.
+    let received = eventually(Duration::from_secs(2), || async {
+        app.metric(r#"readthrough_events_received_total{event="product.price.changed"}"#)
+            .await
+            == 2.0
+    })
+    .await;
+    assert!(received, "each instance counted the event");
+    assert!(
+        !app.exists(&app.keys.product(ProductId::parse(&product.id).unwrap()))
+            .await
+    );
+}
