@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 PathBuf::from("proto/readthrough/v1/users.proto"),
                 PathBuf::from("proto/readthrough/v1/products.proto"),
+                PathBuf::from("proto/readthrough/v1/admin.proto"),
             ],
             &[PathBuf::from("proto"), protoc_bin_vendored::include_path()?],
         )?;

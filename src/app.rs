@@ -13,10 +13,13 @@ use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    api::{ProductApi, UserApi},
+    api::{CacheAdminApi, ProductApi, UserApi},
     cache::Hooks,
     config::ServeConfig,
-    proto::{product_service_server::ProductServiceServer, user_service_server::UserServiceServer},
+    proto::{
+        cache_admin_service_server::CacheAdminServiceServer, product_service_server::ProductServiceServer,
+        user_service_server::UserServiceServer,
+    },
     service::{Services, relay},
     store, telemetry,
 };
@@ -77,6 +80,7 @@ impl Application {
             pool,
             cache,
         } = self.services;
+        let admin = CacheAdminApi::new(cache.clone());
         let background = [
             tokio::spawn({
                 let cache = cache.clone();
@@ -106,6 +110,7 @@ impl Application {
             .add_service(reflection_v1alpha)
             .add_service(UserServiceServer::new(UserApi::new(users)))
             .add_service(ProductServiceServer::new(ProductApi::new(products)))
+            .add_service(CacheAdminServiceServer::new(admin))
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), async {
                 let _ = stopped.await;
             });
@@ -146,6 +151,9 @@ async fn set_health(health: &HealthReporter, status: ServingStatus) {
         .await;
     health
         .set_service_status(service_name::<ProductServiceServer<ProductApi>>(), status)
+        .await;
+    health
+        .set_service_status(service_name::<CacheAdminServiceServer<CacheAdminApi>>(), status)
         .await;
 }
 

@@ -1,8 +1,10 @@
-//! gRPC handlers: request -> validated domain input -> service -> response.
+//! gRPC handlers: request -> validated domain input -> service -> response
+//! (cache administration calls the cache directly: it has nothing to load).
 //!
 //! Handlers hold no SQL and no Redis commands. Errors become a gRPC status in
 //! one place (`status.rs`); every call is timed per method (`observe`).
 
+mod admin;
 pub mod codec;
 mod convert;
 mod products;
@@ -14,6 +16,7 @@ use std::{future::Future, time::Instant};
 use tonic::{Response, Status};
 use tracing::Instrument;
 
+pub use admin::CacheAdminApi;
 pub use products::ProductApi;
 pub use users::UserApi;
 

@@ -31,3 +31,8 @@ impl From<ServiceError> for Status {
         }
     }
 }
+
+/// An operation that needs Redis (cache administration) when Redis did not answer.
+pub(super) fn cache_unavailable() -> Status {
+    Status::unavailable("cache unavailable")
+}

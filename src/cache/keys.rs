@@ -24,6 +24,18 @@ impl Keys {
         format!("{}:*", self.prefix)
     }
 
+    /// Matches every key of one entity (`user`, `product`, `list`), or of the
+    /// whole namespace for `None`; `None` for an unknown entity, so a typo never
+    /// widens to everything. The namespace holds no glob characters, so the
+    /// pattern matches exactly this prefix.
+    pub fn pattern_for(&self, entity: Option<&str>) -> Option<String> {
+        match entity {
+            None => Some(self.pattern()),
+            Some(entity @ ("user" | "product" | "list")) => Some(format!("{}:{entity}:*", self.prefix)),
+            Some(_) => None,
+        }
+    }
+
     /// A user's entry. The id is a hash tag, so the entry and its lease share a Cluster slot.
     pub fn user(&self, id: UserId) -> String {
         format!("{}:user:{{{id}}}", self.prefix)
@@ -66,6 +78,20 @@ mod tests {
         assert_eq!(keys.list_ids(&category), "rt:v1:list:{books}:ids");
         assert_eq!(keys.list_meta(&category), "rt:v1:list:{books}:meta");
         assert_eq!(keys.lease(&keys.list_ids(&category)), "rt:v1:list:{books}:ids:lease");
+    }
+
+    #[test]
+    fn patterns_cover_one_entity_or_the_namespace() {
+        let keys = Keys::new("rt-test.1");
+        assert_eq!(keys.pattern_for(None).as_deref(), Some("rt-test.1:v1:*"));
+        assert_eq!(keys.pattern_for(Some("user")).as_deref(), Some("rt-test.1:v1:user:*"));
+        assert_eq!(
+            keys.pattern_for(Some("product")).as_deref(),
+            Some("rt-test.1:v1:product:*")
+        );
+        assert_eq!(keys.pattern_for(Some("list")).as_deref(), Some("rt-test.1:v1:list:*"));
+        assert_eq!(keys.pattern_for(Some("")), None);
+        assert_eq!(keys.pattern_for(Some("users")), None);
     }
 
     #[test]

@@ -34,6 +34,8 @@ pub use redis::RedisClient;
 /// How often an invalidation is tried before it is given up (and logged).
 const INVALIDATION_ATTEMPTS: u32 = 3;
 const INVALIDATION_BACKOFF: Duration = Duration::from_millis(20);
+/// How many of the keys a group invalidation deleted it names in its answer.
+pub const INVALIDATION_SAMPLE: usize = 100;
 /// Polling a key another instance is filling: first interval, doubled up to the cap.
 const WAIT_FIRST_POLL: Duration = Duration::from_millis(2);
 const WAIT_MAX_POLL: Duration = Duration::from_millis(20);
@@ -495,6 +497,55 @@ impl Cache {
         metrics::counter!("readthrough_invalidation_failures_total").increment(1);
         tracing::warn!(keys = keys.len(), "invalidation failed; the outbox relay will retry it");
         false
+    }
+
+    /// Operator invalidation of known keys: the ones of `keys` that exist,
+    /// deleted unless `dry_run`. `None` when Redis did not answer. Works with
+    /// the cache disabled too: entries left in Redis are still worth deleting.
+    pub async fn invalidate_keys(&self, keys: &[String], dry_run: bool) -> Option<Vec<String>> {
+        let present = if dry_run {
+            self.redis.exists_each(keys).await?
+        } else {
+            self.redis.unlink_each(keys).await?
+        };
+        Some(
+            keys.iter()
+                .zip(present)
+                .filter(|(_, present)| *present)
+                .map(|(key, _)| key.clone())
+                .collect(),
+        )
+    }
+
+    /// Operator invalidation of a group: every key of one entity (`user`,
+    /// `product`, `list`) or, for `None`, of the whole namespace, found with
+    /// SCAN in batches and deleted with UNLINK unless `dry_run`. Returns how
+    /// many keys were (or would be) deleted and the first `INVALIDATION_SAMPLE`
+    /// of them. `None` for an unknown entity, or when Redis stopped answering
+    /// (the batches before that are deleted).
+    pub async fn invalidate_matching(&self, entity: Option<&str>, dry_run: bool) -> Option<(u64, Vec<String>)> {
+        let pattern = self.keys.pattern_for(entity)?;
+        let mut count = 0u64;
+        let mut sample = Vec::new();
+        let walked = self
+            .redis
+            .scan_matching(&pattern, dry_run, |batch| {
+                count += batch.len() as u64;
+                let room = INVALIDATION_SAMPLE.saturating_sub(sample.len());
+                sample.extend(batch.into_iter().take(room));
+            })
+            .await;
+        if walked.is_none() {
+            if !dry_run && count > 0 {
+                tracing::warn!(
+                    pattern,
+                    deleted = count,
+                    "group invalidation stopped: Redis did not answer"
+                );
+            }
+            return None;
+        }
+        Some((count, sample))
     }
 
     /// Receives every instance's invalidation events, forever, counting them.

@@ -23,6 +23,8 @@ use crate::config::Config;
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// Opening connections at start may take longer than one call's deadline.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// How much of the keyspace one SCAN step walks (COUNT: a hint to Redis, not a limit).
+const SCAN_COUNT: u64 = 1000;
 
 /// Stores a value only while the caller still holds the entry's fill lease, then
 /// releases the lease. A write deletes the lease together with the entry, so a
@@ -144,6 +146,80 @@ impl RedisClient {
             pipe.cmd("DEL").arg(key).ignore();
         }
         self.run_pipe("del", &pipe).await
+    }
+
+    /// Which of `keys` exist, in order: one EXISTS per key, pipelined, so that
+    /// no command spans two Redis Cluster slots.
+    pub async fn exists_each(&self, keys: &[String]) -> Option<Vec<bool>> {
+        if keys.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("EXISTS").arg(key);
+        }
+        let replies: Vec<i64> = self.run_pipe("exists", &pipe).await?;
+        Some(replies.into_iter().map(|n| n == 1).collect())
+    }
+
+    /// Deletes the keys (UNLINK: the memory is freed in the background), one
+    /// command per key in one pipeline; true where the key existed.
+    pub async fn unlink_each(&self, keys: &[String]) -> Option<Vec<bool>> {
+        if keys.is_empty() {
+            return Some(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("UNLINK").arg(key);
+        }
+        let replies: Vec<i64> = self.run_pipe("unlink", &pipe).await?;
+        Some(replies.into_iter().map(|n| n == 1).collect())
+    }
+
+    /// Walks the keyspace with `SCAN cursor MATCH pattern COUNT 1000` (never
+    /// KEYS) and calls `on_batch` with each step's keys: with `dry_run`, the
+    /// keys found; otherwise the ones of them that `unlink_each` deleted. Each
+    /// step is its own call with its own deadline; `None` when one fails, after
+    /// the batches before it were handled. Without `dry_run` a key is reported
+    /// once; a dry run may report a key twice if Redis resizes its table meanwhile.
+    pub async fn scan_matching(
+        &self,
+        pattern: &str,
+        dry_run: bool,
+        mut on_batch: impl FnMut(Vec<String>),
+    ) -> Option<()> {
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, found): (u64, Vec<String>) = self
+                .run(
+                    "scan",
+                    redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(pattern)
+                        .arg("COUNT")
+                        .arg(SCAN_COUNT),
+                )
+                .await?;
+            if !found.is_empty() {
+                if dry_run {
+                    on_batch(found);
+                } else {
+                    let deleted = self.unlink_each(&found).await?;
+                    on_batch(
+                        found
+                            .into_iter()
+                            .zip(deleted)
+                            .filter_map(|(key, deleted)| deleted.then_some(key))
+                            .collect(),
+                    );
+                }
+            }
+            if next == 0 {
+                return Some(());
+            }
+            cursor = next;
+        }
     }
 
     /// The ids at positions `start..=stop` and the list's metadata, in one round trip.

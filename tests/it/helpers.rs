@@ -33,6 +33,8 @@ pub struct TestApp {
     pub redis: redis::aio::MultiplexedConnection,
     pub keys: Keys,
     pub config: ServeConfig,
+    /// For clients the app has no field for (e.g. `CacheAdminServiceClient`).
+    pub grpc_port: u16,
     pub metrics_port: u16,
     stop: Option<oneshot::Sender<()>>,
     sandbox: Arc<Sandbox>,
@@ -64,6 +66,11 @@ impl TestApp {
 
     pub async fn spawn_sibling_with(&self, customize: impl FnOnce(&mut ServeConfig)) -> TestApp {
         start(self.config.clone(), customize, self.sandbox.clone(), Hooks::default()).await
+    }
+
+    /// A second instance sharing this one's database and namespace, with hooks of its own.
+    pub async fn spawn_sibling_with_hooks(&self, hooks: Hooks) -> TestApp {
+        start(self.config.clone(), |_| {}, self.sandbox.clone(), hooks).await
     }
 
     /// The raw bytes cached under `key`, read straight from Redis.
@@ -145,6 +152,7 @@ async fn start(
         redis,
         keys: Keys::new(&config.config.cache_namespace),
         config,
+        grpc_port,
         metrics_port,
         stop: Some(stop),
         sandbox,

@@ -1,9 +1,12 @@
 //! Integration tests: the real service, started in-process on port 0, against
 //! real PostgreSQL and Redis, driven through its gRPC clients.
 
+mod admin;
 mod bad_input;
+mod checker;
 mod cli;
 mod concurrency;
+mod consistency;
 mod deployment;
 mod fail_open;
 mod helpers;

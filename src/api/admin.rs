@@ -1,0 +1,123 @@
+//! `readthrough.v1.CacheAdminService`: operator invalidation of cached keys.
+//!
+//! Talks to the cache directly (there is nothing to read from PostgreSQL) and
+//! holds no Redis commands itself. Unlike reads, these calls do not fail open:
+//! when Redis does not answer they are UNAVAILABLE, never a pretended success.
+
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use super::{observe, status::cache_unavailable};
+use crate::{
+    cache::Cache,
+    domain::{CategoryId, Product, ProductId, User, UserId, ValidationError},
+    proto::{self, cache_admin_service_server::CacheAdminService},
+};
+
+pub struct CacheAdminApi {
+    cache: Arc<Cache>,
+}
+
+impl CacheAdminApi {
+    pub fn new(cache: Arc<Cache>) -> Self {
+        Self { cache }
+    }
+
+    /// Deletes (or, dry, finds) the given keys and answers with the ones that existed.
+    async fn invalidate(
+        &self,
+        what: &str,
+        keys: &[String],
+        dry_run: bool,
+    ) -> Result<proto::InvalidateResponse, Status> {
+        let found = self
+            .cache
+            .invalidate_keys(keys, dry_run)
+            .await
+            .ok_or_else(cache_unavailable)?;
+        if !dry_run {
+            tracing::info!(what, count = found.len(), "invalidated cache keys");
+        }
+        Ok(proto::InvalidateResponse {
+            count: found.len() as i64,
+            keys: found,
+            dry_run,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl CacheAdminService for CacheAdminApi {
+    async fn invalidate_user(
+        &self,
+        request: Request<proto::InvalidateUserRequest>,
+    ) -> Result<Response<proto::InvalidateResponse>, Status> {
+        observe("InvalidateUser", async {
+            let request = request.into_inner();
+            let id = UserId::parse(&request.id)?;
+            let keys = self.cache.entity_keys::<User>(id);
+            self.invalidate(&format!("user {id}"), &keys, request.dry_run).await
+        })
+        .await
+    }
+
+    async fn invalidate_product(
+        &self,
+        request: Request<proto::InvalidateProductRequest>,
+    ) -> Result<Response<proto::InvalidateResponse>, Status> {
+        observe("InvalidateProduct", async {
+            let request = request.into_inner();
+            let id = ProductId::parse(&request.id)?;
+            let keys = self.cache.entity_keys::<Product>(id);
+            self.invalidate(&format!("product {id}"), &keys, request.dry_run).await
+        })
+        .await
+    }
+
+    async fn invalidate_category(
+        &self,
+        request: Request<proto::InvalidateCategoryRequest>,
+    ) -> Result<Response<proto::InvalidateResponse>, Status> {
+        observe("InvalidateCategory", async {
+            let request = request.into_inner();
+            let category = CategoryId::parse(&request.category_id)?;
+            let keys = self.cache.list_keys(&category);
+            self.invalidate(&format!("category {category}"), &keys, request.dry_run)
+                .await
+        })
+        .await
+    }
+
+    async fn invalidate_all(
+        &self,
+        request: Request<proto::InvalidateAllRequest>,
+    ) -> Result<Response<proto::InvalidateResponse>, Status> {
+        observe("InvalidateAll", async {
+            let request = request.into_inner();
+            let entity = match request.entity.as_str() {
+                "" => None,
+                entity @ ("user" | "product" | "list") => Some(entity),
+                _ => {
+                    return Err(
+                        ValidationError::new("entity", "must be \"\", \"user\", \"product\" or \"list\"").into(),
+                    );
+                }
+            };
+            let (count, sample) = self
+                .cache
+                .invalidate_matching(entity, request.dry_run)
+                .await
+                .ok_or_else(cache_unavailable)?;
+            if !request.dry_run {
+                tracing::info!(entity = entity.unwrap_or("all"), count, "invalidated cache keys");
+            }
+            Ok(proto::InvalidateResponse {
+                keys: sample,
+                count: i64::try_from(count).unwrap_or(i64::MAX),
+                dry_run: request.dry_run,
+            })
+        })
+        .await
+    }
+}

@@ -1,0 +1,351 @@
+//! CacheAdminService: operator invalidation of one entry, one category list, or
+//! a whole group (SCAN + UNLINK), checked through Redis directly.
+
+use std::time::Duration;
+
+use readthrough::{
+    domain::{CategoryId, ProductId, UserId},
+    proto::{
+        self, CreateProductRequest, CreateUserRequest, GetProductRequest, GetUserRequest, InvalidateAllRequest,
+        InvalidateCategoryRequest, InvalidateProductRequest, InvalidateUserRequest, ListProductsRequest,
+        cache_admin_service_client::CacheAdminServiceClient,
+    },
+};
+use tonic::{Code, transport::Channel};
+
+use crate::helpers::{RedisProxy, Sandbox, TestApp, eventually, spawn_app, spawn_app_with};
+
+async fn admin(app: &TestApp) -> CacheAdminServiceClient<Channel> {
+    CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.grpc_port))
+        .await
+        .expect("connects to the app")
+}
+
+async fn create_user(app: &mut TestApp, email: &str) -> proto::User {
+    app.users
+        .create_user(CreateUserRequest {
+            email: email.to_string(),
+            preferences: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+async fn create_product(app: &mut TestApp, category: &str, name: &str) -> proto::Product {
+    app.products
+        .create_product(CreateProductRequest {
+            category_id: category.to_string(),
+            name: name.to_string(),
+            description: String::new(),
+            price_cents: 100,
+            currency: "EUR".to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Waits until every write's invalidation is done, so that the outbox relay
+/// deletes nothing the test fills afterwards.
+async fn outbox_drained(app: &TestApp) {
+    let drained = eventually(Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM cache_outbox")
+            .fetch_one(&app.db)
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    assert!(drained, "the outbox drains");
+}
+
+/// This app's cached keys whose entity part is `entity` (e.g. `product`).
+async fn keys_of(app: &mut TestApp, entity: &str) -> Vec<String> {
+    let infix = format!(":{entity}:");
+    let mut keys: Vec<String> = app
+        .namespace_keys()
+        .await
+        .into_iter()
+        .filter(|key| key.contains(&infix))
+        .collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn invalidate_user_dry_run_reports_and_the_real_run_deletes() {
+    let mut app = spawn_app().await;
+    let mut admin = admin(&app).await;
+    let user = create_user(&mut app, "ada@example.com").await;
+    outbox_drained(&app).await;
+    let get = GetUserRequest { id: user.id.clone() };
+    app.users.get_user(get.clone()).await.unwrap();
+    let key = app.keys.user(UserId::parse(&user.id).unwrap());
+    assert!(app.exists(&key).await, "the read filled the cache");
+
+    let request = InvalidateUserRequest {
+        id: user.id.clone(),
+        dry_run: true,
+    };
+    let dry = admin.invalidate_user(request.clone()).await.unwrap().into_inner();
+    assert_eq!(
+        dry.keys,
+        vec![key.clone()],
+        "only the entry exists: the fill released its lease"
+    );
+    assert_eq!(dry.count, 1);
+    assert!(dry.dry_run);
+    assert!(app.exists(&key).await, "a dry run deletes nothing");
+
+    let real = admin
+        .invalidate_user(InvalidateUserRequest {
+            dry_run: false,
+            ..request.clone()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((real.keys, real.count, real.dry_run), (vec![key.clone()], 1, false));
+    assert!(!app.exists(&key).await, "the entry is gone");
+
+    let again = admin.invalidate_user(request).await.unwrap().into_inner();
+    assert_eq!((again.keys.len(), again.count), (0, 0), "nothing left to invalidate");
+
+    let read = app.users.get_user(get).await.unwrap().into_inner();
+    assert_eq!(read, user);
+    assert!(app.exists(&key).await, "the next read refilled the cache");
+}
+
+#[tokio::test]
+async fn invalidate_product_deletes_its_entry() {
+    let mut app = spawn_app().await;
+    let mut admin = admin(&app).await;
+    let product = create_product(&mut app, "tools", "Hammer").await;
+    outbox_drained(&app).await;
+    app.products
+        .get_product(GetProductRequest { id: product.id.clone() })
+        .await
+        .unwrap();
+    let key = app.keys.product(ProductId::parse(&product.id).unwrap());
+    assert!(app.exists(&key).await);
+
+    let response = admin
+        .invalidate_product(InvalidateProductRequest {
+            id: product.id.clone(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((response.keys, response.count), (vec![key.clone()], 1));
+    assert!(!app.exists(&key).await);
+}
+
+#[tokio::test]
+async fn invalidate_category_deletes_both_list_keys() {
+    let mut app = spawn_app().await;
+    let mut admin = admin(&app).await;
+    for name in ["Anvil", "Bellows", "Chisel"] {
+        create_product(&mut app, "smithing", name).await;
+    }
+    create_product(&mut app, "garden", "Rake").await;
+    outbox_drained(&app).await;
+    for category in ["smithing", "garden"] {
+        let page = app
+            .products
+            .list_products(ListProductsRequest {
+                category_id: category.to_string(),
+                page: 0,
+                page_size: 10,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.total_count >= 1);
+    }
+    let smithing = CategoryId::parse("smithing").unwrap();
+    let (ids_key, meta_key) = (app.keys.list_ids(&smithing), app.keys.list_meta(&smithing));
+    assert!(
+        app.exists(&ids_key).await && app.exists(&meta_key).await,
+        "the list is cached"
+    );
+
+    let response = admin
+        .invalidate_category(InvalidateCategoryRequest {
+            category_id: "smithing".to_string(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut deleted = response.keys.clone();
+    deleted.sort();
+    let mut expected = vec![ids_key.clone(), meta_key.clone()];
+    expected.sort();
+    assert_eq!((deleted, response.count), (expected, 2));
+    assert!(!app.exists(&ids_key).await && !app.exists(&meta_key).await);
+
+    let garden = CategoryId::parse("garden").unwrap();
+    assert!(
+        app.exists(&app.keys.list_ids(&garden)).await,
+        "another category's list stays"
+    );
+}
+
+#[tokio::test]
+async fn invalidate_all_products_leaves_users() {
+    let mut app = spawn_app().await;
+    let mut admin = admin(&app).await;
+    let mut products = Vec::new();
+    for name in ["Lamp", "Desk", "Chair", "Shelf", "Rug"] {
+        products.push(create_product(&mut app, "furniture", name).await);
+    }
+    let users = [
+        create_user(&mut app, "one@example.com").await,
+        create_user(&mut app, "two@example.com").await,
+    ];
+    outbox_drained(&app).await;
+    for product in &products {
+        app.products
+            .get_product(GetProductRequest { id: product.id.clone() })
+            .await
+            .unwrap();
+    }
+    for user in &users {
+        app.users
+            .get_user(GetUserRequest { id: user.id.clone() })
+            .await
+            .unwrap();
+    }
+    let product_keys = keys_of(&mut app, "product").await;
+    let user_keys = keys_of(&mut app, "user").await;
+    assert_eq!((product_keys.len(), user_keys.len()), (5, 2), "all were cached");
+
+    let request = InvalidateAllRequest {
+        entity: "product".to_string(),
+        dry_run: true,
+    };
+    let dry = admin.invalidate_all(request.clone()).await.unwrap().into_inner();
+    assert_eq!(dry.count, product_keys.len() as i64);
+    let mut sample = dry.keys.clone();
+    sample.sort();
+    assert_eq!(sample, product_keys, "a sample this small is every key");
+    assert!(dry.dry_run);
+    assert_eq!(
+        keys_of(&mut app, "product").await,
+        product_keys,
+        "a dry run deletes nothing"
+    );
+
+    let real = admin
+        .invalidate_all(InvalidateAllRequest {
+            dry_run: false,
+            ..request
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((real.count, real.dry_run), (product_keys.len() as i64, false));
+    assert!(keys_of(&mut app, "product").await.is_empty(), "every product is gone");
+    assert_eq!(keys_of(&mut app, "user").await, user_keys, "users stay");
+}
+
+#[tokio::test]
+async fn invalidate_all_samples_at_most_100_keys_but_counts_all() {
+    let mut app = spawn_app().await;
+    let mut admin = admin(&app).await;
+    let mut redis = app.redis.clone();
+    // Entries written by hand: the admin service deletes whatever matches, decodable or not.
+    let mut pipe = crate::helpers::redis::pipe();
+    for i in 0..250 {
+        let category = CategoryId::parse(&format!("c{i}")).unwrap();
+        pipe.cmd("SET").arg(app.keys.list_meta(&category)).arg("x").ignore();
+    }
+    let () = pipe.query_async(&mut redis).await.unwrap();
+
+    let response = admin
+        .invalidate_all(InvalidateAllRequest {
+            entity: String::new(),
+            dry_run: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((response.count, response.keys.len()), (250, 100));
+    assert!(app.namespace_keys().await.is_empty(), "the whole namespace is gone");
+}
+
+#[tokio::test]
+async fn bad_input_is_invalid_argument() {
+    let app = spawn_app().await;
+    let mut admin = admin(&app).await;
+    let status = admin
+        .invalidate_user(InvalidateUserRequest {
+            id: "nope".to_string(),
+            dry_run: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("id:"), "{status:?}");
+
+    let status = admin
+        .invalidate_product(InvalidateProductRequest {
+            id: String::new(),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+
+    let status = admin
+        .invalidate_category(InvalidateCategoryRequest {
+            category_id: "no*globs".to_string(),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().starts_with("category_id:"), "{status:?}");
+
+    for entity in ["bogus", "users", "*"] {
+        let status = admin
+            .invalidate_all(InvalidateAllRequest {
+                entity: entity.to_string(),
+                dry_run: false,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{entity}: {status:?}");
+        assert!(status.message().starts_with("entity:"), "{status:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_is_unavailable_not_success() {
+    let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
+    let url = proxy.url.clone();
+    let app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let mut admin = admin(&app).await;
+    proxy.cut();
+
+    let status = admin
+        .invalidate_user(InvalidateUserRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+            dry_run: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(status.message(), "cache unavailable");
+
+    let status = admin
+        .invalidate_all(InvalidateAllRequest {
+            entity: String::new(),
+            dry_run: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+}

@@ -1,0 +1,394 @@
+//! The consistency checker: many clients doing random reads and writes against
+//! two instances that share PostgreSQL and Redis, with random delays injected
+//! into the cache layer (before fills and before invalidations). Then it
+//! quiesces and checks two things:
+//!
+//! - every cached entry equals its row in PostgreSQL (stale entries: 0);
+//! - every read returned a version at least as new as the newest write
+//!   acknowledged before that read began (and nothing, after a delete).
+//!
+//! A small run is a test (`consistency.rs`); a larger one is the benchmark
+//! `cargo bench --bench consistency`.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use prost_types::FieldMask;
+use rand::{Rng, seq::IndexedRandom};
+use readthrough::{
+    cache::{Entry, Hook, Hooks, ListMeta},
+    domain::{CategoryId, Product, ProductId, User, UserId},
+    proto::{
+        self, CreateProductRequest, CreateUserRequest, DeleteUserRequest, GetProductRequest, GetUserRequest,
+        ListProductsRequest, UpdateProductRequest, UpdateUserRequest, product_service_client::ProductServiceClient,
+        user_service_client::UserServiceClient,
+    },
+};
+use tonic::{Code, transport::Channel};
+
+use super::helpers::{TestApp, redis, spawn_app_with_hooks};
+
+pub struct Settings {
+    pub clients: usize,
+    pub duration: Duration,
+    pub users: usize,
+    pub products: usize,
+    /// Upper bound of each injected delay.
+    pub max_delay: Duration,
+}
+
+#[derive(Debug, Default)]
+pub struct Report {
+    pub operations: u64,
+    pub reads: u64,
+    pub writes: u64,
+    pub stale_entries: Vec<String>,
+    pub read_violations: Vec<String>,
+}
+
+const CATEGORIES: [&str; 3] = ["alpha", "beta", "gamma"];
+/// A delete's acknowledgement, newer than any version.
+const DELETED: i64 = i64::MAX;
+
+/// One acknowledged write or one read, as a client saw it.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    at: Instant,
+    version: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Read {
+    began: Instant,
+    /// `None`: NOT_FOUND.
+    version: Option<i64>,
+}
+
+#[derive(Default)]
+struct History {
+    acks: HashMap<String, Vec<Ack>>,
+    reads: HashMap<String, Vec<Read>>,
+}
+
+fn random_delay(max: Duration) -> Hook {
+    Arc::new(move |_key: &str| {
+        let delay = rand::rng().random_range(Duration::ZERO..=max);
+        Box::pin(tokio::time::sleep(delay))
+    })
+}
+
+pub async fn run(settings: Settings) -> Report {
+    let hooks = || Hooks {
+        before_fill: Some(random_delay(settings.max_delay)),
+        before_invalidate: Some(random_delay(settings.max_delay)),
+        unguarded_fills: false,
+    };
+    let mut first = spawn_app_with_hooks(hooks(), |_| {}).await;
+    let second = first.spawn_sibling_with_hooks(hooks()).await;
+
+    let mut user_ids = Vec::new();
+    for n in 0..settings.users {
+        let request = CreateUserRequest {
+            email: format!("user{n}@example.com"),
+            preferences: None,
+        };
+        user_ids.push(first.users.create_user(request).await.unwrap().into_inner().id);
+    }
+    let mut product_ids = Vec::new();
+    for n in 0..settings.products {
+        let request = CreateProductRequest {
+            category_id: CATEGORIES[n % CATEGORIES.len()].into(),
+            name: format!("product {n}"),
+            description: String::new(),
+            price_cents: 100,
+            currency: "EUR".into(),
+        };
+        product_ids.push(first.products.create_product(request).await.unwrap().into_inner().id);
+    }
+
+    let history = Arc::new(Mutex::new(History::default()));
+    let deadline = Instant::now() + settings.duration;
+    let instances = [
+        (first.users.clone(), first.products.clone()),
+        (second.users.clone(), second.products.clone()),
+    ];
+    let clients: Vec<_> = (0..settings.clients)
+        .map(|_| {
+            let (instances, history) = (instances.clone(), history.clone());
+            let (user_ids, product_ids) = (user_ids.clone(), product_ids.clone());
+            tokio::spawn(async move {
+                let mut counts = (0u64, 0u64);
+                while Instant::now() < deadline {
+                    let (users, products) = instances[rand::rng().random_range(0..instances.len())].clone();
+                    let step = Step::random(&user_ids, &product_ids);
+                    let is_read = step.run(users, products, &history).await;
+                    if is_read { counts.0 += 1 } else { counts.1 += 1 }
+                }
+                counts
+            })
+        })
+        .collect();
+    let mut report = Report::default();
+    for client in clients {
+        let (reads, writes) = client.await.unwrap();
+        report.reads += reads;
+        report.writes += writes;
+    }
+    report.operations = report.reads + report.writes;
+
+    quiesce(&first).await;
+    report.stale_entries = stale_entries(&mut first).await;
+    report.read_violations = read_violations(&history.lock().unwrap());
+    drop(second);
+    report
+}
+
+/// One random operation.
+enum Step {
+    GetUser(String),
+    UpdateUser(String),
+    DeleteUser(String),
+    GetProduct(String),
+    ListProducts(&'static str),
+    UpdateProduct(String),
+}
+
+impl Step {
+    fn random(users: &[String], products: &[String]) -> Self {
+        let mut rng = rand::rng();
+        let user = users.choose(&mut rng).unwrap().clone();
+        let product = products.choose(&mut rng).unwrap().clone();
+        match rng.random_range(0..100) {
+            0..40 => Step::GetUser(user),
+            40..55 => Step::UpdateUser(user),
+            55..57 => Step::DeleteUser(user),
+            57..77 => Step::GetProduct(product),
+            77..87 => Step::ListProducts(CATEGORIES.choose(&mut rng).unwrap()),
+            _ => Step::UpdateProduct(product),
+        }
+    }
+
+    /// Runs the step and records what the client saw; true for a read.
+    async fn run(
+        self,
+        mut users: UserServiceClient<Channel>,
+        mut products: ProductServiceClient<Channel>,
+        history: &Mutex<History>,
+    ) -> bool {
+        let began = Instant::now();
+        match self {
+            Step::GetUser(id) => {
+                let version = found(
+                    users
+                        .get_user(GetUserRequest { id: id.clone() })
+                        .await
+                        .map(|r| r.into_inner().version),
+                );
+                record_read(history, id, began, version);
+                true
+            }
+            Step::GetProduct(id) => {
+                let read = products.get_product(GetProductRequest { id: id.clone() }).await;
+                record_read(history, id, began, found(read.map(|r| r.into_inner().version)));
+                true
+            }
+            Step::ListProducts(category) => {
+                let request = ListProductsRequest {
+                    category_id: category.into(),
+                    page: 0,
+                    page_size: 100,
+                };
+                let page = products.list_products(request).await.unwrap().into_inner();
+                for product in page.products {
+                    record_read(history, product.id, began, Some(product.version));
+                }
+                true
+            }
+            Step::UpdateUser(id) => {
+                let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
+                let request = UpdateUserRequest {
+                    user: Some(proto::User {
+                        id: id.clone(),
+                        email,
+                        ..Default::default()
+                    }),
+                    update_mask: Some(FieldMask {
+                        paths: vec!["email".into()],
+                    }),
+                    expected_version: 0,
+                };
+                if let Some(version) = found(users.update_user(request).await.map(|r| r.into_inner().version)) {
+                    record_ack(history, id, version);
+                }
+                false
+            }
+            Step::DeleteUser(id) => {
+                if users.delete_user(DeleteUserRequest { id: id.clone() }).await.is_ok() {
+                    record_ack(history, id, DELETED);
+                }
+                false
+            }
+            Step::UpdateProduct(id) => {
+                let (product, path) = {
+                    let mut rng = rand::rng();
+                    let product = proto::Product {
+                        id: id.clone(),
+                        category_id: CATEGORIES.choose(&mut rng).unwrap().to_string(),
+                        name: format!("product {}", rng.random_range(0..1000)),
+                        price_cents: rng.random_range(0..10_000),
+                        ..Default::default()
+                    };
+                    let path = ["category_id", "name", "price_cents"]
+                        .choose(&mut rng)
+                        .unwrap()
+                        .to_string();
+                    (product, path)
+                };
+                let request = UpdateProductRequest {
+                    product: Some(product),
+                    update_mask: Some(FieldMask { paths: vec![path] }),
+                    expected_version: 0,
+                };
+                let version = products.update_product(request).await.unwrap().into_inner().version;
+                record_ack(history, id, version);
+                false
+            }
+        }
+    }
+}
+
+/// The version read, `None` for NOT_FOUND; any other error fails the run.
+fn found(result: Result<i64, tonic::Status>) -> Option<i64> {
+    match result {
+        Ok(version) => Some(version),
+        Err(status) if status.code() == Code::NotFound => None,
+        Err(status) => panic!("unexpected error: {status:?}"),
+    }
+}
+
+fn record_read(history: &Mutex<History>, id: String, began: Instant, version: Option<i64>) {
+    history
+        .lock()
+        .unwrap()
+        .reads
+        .entry(id)
+        .or_default()
+        .push(Read { began, version });
+}
+
+fn record_ack(history: &Mutex<History>, id: String, version: i64) {
+    let at = Instant::now();
+    history
+        .lock()
+        .unwrap()
+        .acks
+        .entry(id)
+        .or_default()
+        .push(Ack { at, version });
+}
+
+/// Every read saw at least the newest write acknowledged before it began.
+fn read_violations(history: &History) -> Vec<String> {
+    let mut violations = Vec::new();
+    for (id, reads) in &history.reads {
+        let acks = history.acks.get(id).map(Vec::as_slice).unwrap_or_default();
+        for read in reads {
+            let Some(newest) = acks
+                .iter()
+                .filter(|ack| ack.at < read.began)
+                .map(|ack| ack.version)
+                .max()
+            else {
+                continue;
+            };
+            let ok = match read.version {
+                // A delete is the newest state there is; it may have committed before its ack.
+                None => acks.iter().any(|ack| ack.version == DELETED),
+                Some(version) => newest != DELETED && version >= newest,
+            };
+            if !ok {
+                violations.push(format!(
+                    "{id}: read {:?} after write {newest} was acknowledged",
+                    read.version
+                ));
+            }
+        }
+    }
+    violations
+}
+
+/// Waits until the outbox is empty and injected delays have run out.
+async fn quiesce(app: &TestApp) {
+    for _ in 0..250 {
+        let pending: i64 = sqlx::query_scalar("SELECT count(*) FROM cache_outbox")
+            .fetch_one(&app.db)
+            .await
+            .unwrap();
+        if pending == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// Cached entries (users, products, lists) that differ from PostgreSQL.
+async fn stale_entries(app: &mut TestApp) -> Vec<String> {
+    let mut stale = Vec::new();
+    for key in app.namespace_keys().await {
+        if key.ends_with(":lease") || key.ends_with(":events") {
+            continue;
+        }
+        if let Some(id) = tag(&key, ":user:") {
+            let id = UserId::parse(id).unwrap();
+            let cached: Entry<User> = app.cached_value(&key).await.unwrap();
+            let row = readthrough::store::users::get_many(&app.db, &[id]).await.unwrap().pop();
+            if cached.value != row {
+                stale.push(format!("{key}: cached {:?}, stored {row:?}", cached.value));
+            }
+        } else if let Some(id) = tag(&key, ":product:") {
+            let id = ProductId::parse(id).unwrap();
+            let cached: Entry<Product> = app.cached_value(&key).await.unwrap();
+            let row = readthrough::store::products::get_many(&app.db, &[id])
+                .await
+                .unwrap()
+                .pop();
+            if cached.value != row {
+                stale.push(format!("{key}: cached {:?}, stored {row:?}", cached.value));
+            }
+        } else if let Some(category) = tag(&key, ":list:").filter(|_| key.ends_with(":meta")) {
+            let category = CategoryId::parse(category).unwrap();
+            let meta: ListMeta = app.cached_value(&key).await.unwrap();
+            let ids: Vec<String> = redis::cmd("ZRANGE")
+                .arg(app.keys.list_ids(&category))
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut app.redis)
+                .await
+                .unwrap();
+            let stored = readthrough::store::products::list_ids(&app.db, &category, 0, meta.cached)
+                .await
+                .unwrap();
+            let total = readthrough::store::products::count_in_category(&app.db, &category)
+                .await
+                .unwrap();
+            let stored: Vec<String> = stored.iter().map(ToString::to_string).collect();
+            if ids != stored || meta.total != total {
+                stale.push(format!(
+                    "{key}: cached {ids:?} of {}, stored {stored:?} of {total}",
+                    meta.total
+                ));
+            }
+        }
+    }
+    stale
+}
+
+/// The part of `key` inside the hash tag that follows `kind`, e.g. the id of `rt:v1:user:{id}`.
+fn tag<'a>(key: &'a str, kind: &str) -> Option<&'a str> {
+    let rest = &key[key.find(kind)? + kind.len()..];
+    rest.strip_prefix('{')?.split('}').next()
+}
