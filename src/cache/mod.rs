@@ -212,10 +212,6 @@ impl Cache {
         &self.keys
     }
 
-    pub fn lease_ttl(&self) -> Duration {
-        self.lease_ttl
-    }
-
     /// Looks up each id. `None` when the cache is off or Redis did not answer:
     /// then the caller reads PostgreSQL and fills nothing. Undecodable entries
     /// are deleted and reported as misses, so the fill repairs them.

@@ -61,10 +61,6 @@ impl ExpectedVersion {
         }
     }
 
-    pub fn any() -> Self {
-        Self(None)
-    }
-
     pub fn get(self) -> Option<i64> {
         self.0
     }
