@@ -8,12 +8,11 @@ use std::{future::Future, time::Duration};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
-    api::{CacheAdminApi, ProductApi, UserApi},
+    api::{AdmissionLayer, CacheAdminApi, PageTokens, ProductApi, UserApi},
     cache::Hooks,
     config::ServeConfig,
     proto::{
@@ -40,6 +39,8 @@ impl Application {
 
     /// `build`, with test hooks in the cache layer.
     pub async fn build_with_hooks(config: ServeConfig, hooks: Hooks) -> anyhow::Result<Self> {
+        // First: the cache registers its metric handles when it is created.
+        telemetry::metrics_handle();
         if config.migrate_on_start {
             store::migrate(&config.config).await.context("migrating the database")?;
         }
@@ -52,7 +53,6 @@ impl Application {
         let metrics_listener = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
-        telemetry::metrics_handle();
         Ok(Self {
             config,
             grpc_listener,
@@ -81,11 +81,8 @@ impl Application {
             cache,
         } = self.services;
         let admin = CacheAdminApi::new(cache.clone());
+        cache.open_connections();
         let background = [
-            tokio::spawn({
-                let cache = cache.clone();
-                async move { cache.open_connections().await }
-            }),
             tokio::spawn(relay::run(pool.clone(), cache.clone())),
             // Counted now; the near cache will act on them.
             tokio::spawn(async move { cache.receive_events(|_| {}).await }),
@@ -104,14 +101,26 @@ impl Application {
 
         let metrics = tokio::spawn(telemetry::serve_metrics(self.metrics_listener));
         let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
+        let admission = AdmissionLayer::new(
+            self.config.max_in_flight_requests as usize,
+            Duration::from_millis(self.config.request_queue_timeout_ms),
+        );
+        // Our own listener, so tonic's `tcp_nodelay` setting does not reach the
+        // accepted sockets: set it here. Without it a response's trailers wait
+        // for the client's delayed ACK (Nagle), about 40 ms per call.
+        let incoming = TcpIncoming::from(self.grpc_listener).with_nodelay(Some(true));
         let server = Server::builder()
+            .layer(admission)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
             .add_service(UserServiceServer::new(UserApi::new(users)))
-            .add_service(ProductServiceServer::new(ProductApi::new(products)))
+            .add_service(ProductServiceServer::new(ProductApi::new(
+                products,
+                PageTokens::new(self.config.page_token_secret.expose().as_bytes()),
+            )))
             .add_service(CacheAdminServiceServer::new(admin))
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.grpc_listener), async {
+            .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             });
         tokio::pin!(server);

@@ -49,6 +49,29 @@ impl fmt::Debug for SecretUrl {
     }
 }
 
+/// A secret setting: its `Debug` output is `***`, so it never reaches a log.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Secret {
+    type Err = std::convert::Infallible;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Ok(Self(s.to_string()))
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("\"***\"")
+    }
+}
+
 /// Where the data lives and how the cache behaves: shared by every subcommand.
 #[derive(Debug, Clone, Parser)]
 pub struct Config {
@@ -68,9 +91,10 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: SecretUrl,
 
-    /// Most Redis connections this instance opens.
-    #[arg(long, env = "REDIS_POOL_SIZE", default_value_t = 16)]
-    pub redis_pool_size: usize,
+    /// How many multiplexed Redis connections this instance keeps open; every
+    /// request shares them, so a few suffice.
+    #[arg(long, env = "REDIS_CONNECTIONS", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub redis_connections: u16,
 
     /// Upper bound on every Redis call; past it the request is answered from PostgreSQL.
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 50)]
@@ -113,9 +137,14 @@ pub struct Config {
     #[arg(long, env = "COMPRESS_THRESHOLD_BYTES", default_value_t = 1024)]
     pub compress_threshold_bytes: usize,
 
-    /// How many ids of a category one list fill caches; pages past them are read from PostgreSQL.
+    /// How many ids one list fill loads at most: a cold list caches this many
+    /// from its start; pages past them load (and cache) chunks of `LIST_CHUNK_IDS`.
     #[arg(long, env = "LIST_CACHE_MAX_IDS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(100..))]
     pub list_cache_max_ids: u32,
+
+    /// Ids per chunk of a list past its head (at most `LIST_CACHE_MAX_IDS`).
+    #[arg(long, env = "LIST_CHUNK_IDS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(10..))]
+    pub list_chunk_ids: u32,
 }
 
 impl Config {
@@ -146,6 +175,24 @@ pub struct ServeConfig {
     /// Apply pending migrations before serving.
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
     pub migrate_on_start: bool,
+
+    /// Most requests worked on at once; more wait in line (see `api::admission`).
+    #[arg(long, env = "MAX_IN_FLIGHT_REQUESTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_in_flight_requests: u32,
+
+    /// How long a request may wait in line before it is answered RESOURCE_EXHAUSTED, in milliseconds.
+    #[arg(long, env = "REQUEST_QUEUE_TIMEOUT_MS", default_value_t = 1000)]
+    pub request_queue_timeout_ms: u64,
+
+    /// Key of the MAC that makes page tokens tamper-evident. Every instance
+    /// must have the same; set your own to make tokens unforgeable.
+    #[arg(
+        long,
+        env = "PAGE_TOKEN_SECRET",
+        default_value = "readthrough page tokens",
+        hide_default_value = true
+    )]
+    pub page_token_secret: Secret,
 
     /// How long shutdown waits for in-flight requests, in seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10)]
@@ -181,6 +228,12 @@ mod tests {
         let shown = format!("{url:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("db:5432/rt"), "{shown}");
+    }
+
+    #[test]
+    fn secrets_are_not_printed() {
+        let secret: Secret = "hunter2".parse().unwrap();
+        assert_eq!(format!("{secret:?}"), "\"***\"");
     }
 
     #[test]

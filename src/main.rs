@@ -10,6 +10,11 @@ use readthrough::{
     store, telemetry,
 };
 
+/// glibc's allocator spent a fifth of the CPU of a warm GetUser (profile in
+/// docs/benchmarks.md); mimalloc's thread-local free lists make that a few percent.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     version,

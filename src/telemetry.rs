@@ -50,6 +50,8 @@ pub async fn serve_metrics(listener: TcpListener) {
                 Err(_) => continue,
             },
         };
+        // A scrape is one small response; don't let Nagle hold its last segment back.
+        let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let service = service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
                 if request.uri().path() == "/metrics" {

@@ -5,8 +5,10 @@
 //! one place (`status.rs`); every call is timed per method (`observe`).
 
 mod admin;
+mod admission;
 pub mod codec;
 mod convert;
+mod page_token;
 mod products;
 mod status;
 mod users;
@@ -17,6 +19,8 @@ use tonic::{Response, Status};
 use tracing::Instrument;
 
 pub use admin::CacheAdminApi;
+pub use admission::AdmissionLayer;
+pub use page_token::PageTokens;
 pub use products::ProductApi;
 pub use users::UserApi;
 
@@ -31,7 +35,31 @@ async fn observe<T>(
         Ok(_) => tonic::Code::Ok,
         Err(status) => status.code(),
     };
-    metrics::histogram!("readthrough_rpc_duration_seconds", "method" => method, "code" => format!("{code:?}"))
+    metrics::histogram!("readthrough_rpc_duration_seconds", "method" => method, "code" => code_label(code))
         .record(started.elapsed().as_secs_f64());
     result.map(Response::new)
+}
+
+/// The `code` label: the name of the `tonic::Code` variant, without formatting one per call.
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
 }

@@ -5,6 +5,7 @@ use tonic::{Request, Response, Status};
 use super::{
     convert::{mask_paths, product_to_proto},
     observe,
+    page_token::PageTokens,
 };
 use crate::{
     domain::{
@@ -19,11 +20,12 @@ const UPDATABLE: &[&str] = &["category_id", "name", "description", "price_cents"
 
 pub struct ProductApi {
     products: Products,
+    tokens: PageTokens,
 }
 
 impl ProductApi {
-    pub fn new(products: Products) -> Self {
-        Self { products }
+    pub fn new(products: Products, tokens: PageTokens) -> Self {
+        Self { products, tokens }
     }
 }
 
@@ -47,13 +49,23 @@ impl ProductService for ProductApi {
         observe("ListProducts", async {
             let request = request.get_ref();
             let category = CategoryId::parse(&request.category_id)?;
-            let page = PageRequest::parse(request.page, request.page_size)?;
-            let found = self.products.list(&category, page).await?;
+            let page = if request.page_token.is_empty() {
+                PageRequest::parse(request.page, request.page_size)?
+            } else if request.page != 0 {
+                return Err(ValidationError::new("page", "must be 0 when page_token is set").into());
+            } else {
+                PageRequest::after(self.tokens.decode(&category, &request.page_token)?, request.page_size)?
+            };
+            let found = self.products.list(&category, &page).await?;
             Ok(proto::ListProductsResponse {
                 products: found.products.into_iter().map(product_to_proto).collect(),
                 total_count: found.total as i64,
-                page: page.page() as i32,
+                page: request.page,
                 page_size: page.size() as i32,
+                next_page_token: found
+                    .next
+                    .map(|cursor| self.tokens.encode(&category, &cursor))
+                    .unwrap_or_default(),
             })
         })
         .await

@@ -61,9 +61,14 @@ impl Keys {
         format!("{}:list:{{{category}}}:ids", self.prefix)
     }
 
-    /// The category list's total and how many of its ids are cached.
+    /// The category list's metadata (total, generation, head, chunk size).
     pub fn list_meta(&self, category: &CategoryId) -> String {
         format!("{}:list:{{{category}}}:meta", self.prefix)
+    }
+
+    /// The category list's directory: where each chunk starts.
+    pub fn list_dir(&self, category: &CategoryId) -> String {
+        format!("{}:list:{{{category}}}:dir", self.prefix)
     }
 }
 
@@ -77,6 +82,7 @@ mod tests {
         let category = CategoryId::parse("books").unwrap();
         assert_eq!(keys.list_ids(&category), "rt:v1:list:{books}:ids");
         assert_eq!(keys.list_meta(&category), "rt:v1:list:{books}:meta");
+        assert_eq!(keys.list_dir(&category), "rt:v1:list:{books}:dir");
         assert_eq!(keys.lease(&keys.list_ids(&category)), "rt:v1:list:{books}:ids:lease");
     }
 

@@ -10,7 +10,9 @@
 //! write is refused (the stale-set race of plain cache-aside).
 
 pub mod codec;
+mod connections;
 pub mod keys;
+mod lists;
 mod redis;
 
 use std::{
@@ -20,6 +22,7 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use metrics::Counter;
 use rand::Rng;
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
@@ -28,6 +31,7 @@ use crate::{
     domain::{CategoryId, Product, ProductId, User, UserId},
 };
 pub use keys::Keys;
+pub use lists::{CachedMeta, ListMeta, ListRead};
 use redis::GuardedFill;
 pub use redis::RedisClient;
 
@@ -43,11 +47,44 @@ const WAIT_MAX_POLL: Duration = Duration::from_millis(20);
 /// key is refreshed some tens of milliseconds before it expires, not at the last instant.
 const REFRESH_MIN_DELTA_MS: f64 = 50.0;
 
+/// What the cache holds, as the `entity` label of metrics names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    User,
+    Product,
+    List,
+}
+
+impl Kind {
+    pub const fn label(self) -> &'static str {
+        match self {
+            Kind::User => "user",
+            Kind::Product => "product",
+            Kind::List => "list",
+        }
+    }
+}
+
+/// Hit and miss counters of one kind, registered once: looking a labelled
+/// metric up by name on every request costs more than the lookup it counts.
+struct Outcomes {
+    hits: Counter,
+    misses: Counter,
+}
+
+impl Outcomes {
+    fn of(kind: Kind) -> Self {
+        Self {
+            hits: metrics::counter!("readthrough_cache_hits_total", "entity" => kind.label()),
+            misses: metrics::counter!("readthrough_cache_misses_total", "entity" => kind.label()),
+        }
+    }
+}
+
 /// An entity the cache stores under one key per id.
 pub trait Cacheable: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     type Id: Copy + Eq + std::hash::Hash + std::fmt::Display + Send + Sync + 'static;
-    /// The `entity` label of metrics.
-    const ENTITY: &'static str;
+    const KIND: Kind;
     fn key(keys: &Keys, id: Self::Id) -> String;
     fn id(&self) -> Self::Id;
     fn ttl(ttls: &Ttls) -> Duration;
@@ -57,7 +94,7 @@ pub trait Cacheable: Serialize + DeserializeOwned + Clone + Send + Sync + 'stati
 
 impl Cacheable for User {
     type Id = UserId;
-    const ENTITY: &'static str = "user";
+    const KIND: Kind = Kind::User;
     fn key(keys: &Keys, id: UserId) -> String {
         keys.user(id)
     }
@@ -74,7 +111,7 @@ impl Cacheable for User {
 
 impl Cacheable for Product {
     type Id = ProductId;
-    const ENTITY: &'static str = "product";
+    const KIND: Kind = Kind::Product;
     fn key(keys: &Keys, id: ProductId) -> String {
         keys.product(id)
     }
@@ -138,6 +175,12 @@ pub enum Cached<E> {
     },
 }
 
+/// Keys deleted together by one DEL: an entry and its lease, or a list's keys.
+/// They share a hash tag (one Redis Cluster slot), and one command deletes
+/// them at once, so no fill can land between the deletion of an entry and
+/// that of its lease.
+pub type KeyGroup = Vec<String>;
+
 /// A lease on a key: while it is held, only its holder fills the key.
 #[derive(Debug, Clone)]
 pub struct Lease {
@@ -156,28 +199,6 @@ pub struct Event {
     pub categories: Vec<String>,
 }
 
-/// What is stored under a category list's metadata key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ListMeta {
-    /// Products in the category.
-    pub total: u64,
-    /// How many of them, from the first, the ids key holds.
-    pub cached: u64,
-}
-
-/// A page of a category read from the cache.
-#[derive(Debug)]
-pub enum ListLookup {
-    /// The page's ids in order, and the metadata.
-    Hit { ids: Vec<ProductId>, meta: ListMeta },
-    /// The list is cached but this page lies past its cached ids.
-    Beyond { meta: ListMeta },
-    /// Not cached (or cached but damaged): load and fill.
-    Miss,
-    /// The cache is off or Redis did not answer: read only the page from PostgreSQL.
-    Unavailable,
-}
-
 pub struct Cache {
     redis: RedisClient,
     keys: Keys,
@@ -187,6 +208,8 @@ pub struct Cache {
     enabled: bool,
     refresh_ahead: bool,
     hooks: Hooks,
+    /// Indexed by `Kind`.
+    outcomes: [Outcomes; 3],
 }
 
 impl Cache {
@@ -205,7 +228,17 @@ impl Cache {
             enabled: config.cache_enabled,
             refresh_ahead: config.refresh_ahead,
             hooks,
+            outcomes: [Kind::User, Kind::Product, Kind::List].map(Outcomes::of),
         })
+    }
+
+    fn outcomes(&self, kind: Kind) -> &Outcomes {
+        &self.outcomes[kind as usize]
+    }
+
+    /// A fill refused because its lease (or list generation) was gone: a write came first.
+    fn count_refused(&self, kind: Kind) {
+        metrics::counter!("readthrough_cache_fills_refused_total", "entity" => kind.label()).increment(1);
     }
 
     pub fn keys(&self) -> &Keys {
@@ -221,7 +254,7 @@ impl Cache {
         }
         let keys: Vec<String> = ids.iter().map(|&id| E::key(&self.keys, id)).collect();
         let Some(raw) = self.redis.get_many(&keys).await else {
-            metrics::counter!("readthrough_cache_misses_total", "entity" => E::ENTITY).increment(ids.len() as u64);
+            self.outcomes(E::KIND).misses.increment(ids.len() as u64);
             return None;
         };
         let now = now_ms();
@@ -246,12 +279,16 @@ impl Cache {
             .collect();
         if !corrupt.is_empty() {
             tracing::warn!(keys = ?corrupt, "discarding corrupt cache entries");
-            metrics::counter!("readthrough_cache_corrupt_total", "entity" => E::ENTITY).increment(corrupt.len() as u64);
+            metrics::counter!("readthrough_cache_corrupt_total", "entity" => E::KIND.label())
+                .increment(corrupt.len() as u64);
             self.redis.delete(&corrupt).await;
         }
         let hits = found.iter().filter(|c| matches!(c, Cached::Hit { .. })).count() as u64;
-        metrics::counter!("readthrough_cache_hits_total", "entity" => E::ENTITY).increment(hits);
-        metrics::counter!("readthrough_cache_misses_total", "entity" => E::ENTITY).increment(ids.len() as u64 - hits);
+        let outcomes = self.outcomes(E::KIND);
+        outcomes.hits.increment(hits);
+        if hits < ids.len() as u64 {
+            outcomes.misses.increment(ids.len() as u64 - hits);
+        }
         Some(found)
     }
 
@@ -334,7 +371,7 @@ impl Cache {
                     value: bytes,
                     ttl_secs,
                 }),
-                Err(error) => tracing::error!(%error, entity = E::ENTITY, "cannot encode value for the cache"),
+                Err(error) => tracing::error!(%error, entity = E::KIND.label(), "cannot encode value for the cache"),
             }
         }
         if self.hooks.unguarded_fills {
@@ -348,7 +385,9 @@ impl Cache {
             return false;
         };
         let refused = stored.iter().filter(|s| !**s).count();
-        metrics::counter!("readthrough_cache_fills_refused_total", "entity" => E::ENTITY).increment(refused as u64);
+        for _ in 0..refused {
+            self.count_refused(E::KIND);
+        }
         refused == 0 && stored.len() == fills.len()
     }
 
@@ -370,113 +409,24 @@ impl Cache {
         None
     }
 
-    /// Reads positions `offset..offset + limit` of a category list.
-    pub async fn get_list_page(&self, category: &CategoryId, offset: u64, limit: u64) -> ListLookup {
-        if !self.enabled {
-            return ListLookup::Unavailable;
-        }
-        let ids_key = self.keys.list_ids(category);
-        let meta_key = self.keys.list_meta(category);
-        let stop = offset + limit - 1;
-        let Some(raw) = self.redis.read_list_page(&ids_key, &meta_key, offset, stop).await else {
-            metrics::counter!("readthrough_cache_misses_total", "entity" => "list").increment(1);
-            return ListLookup::Unavailable;
-        };
-        let Some(meta_bytes) = raw.meta else {
-            return list_miss();
-        };
-        let meta = match codec::decode::<ListMeta>(&meta_bytes) {
-            Ok(meta) if meta.cached <= meta.total => meta,
-            outcome => {
-                tracing::warn!(key = meta_key, error = ?outcome.err(), "discarding corrupt list metadata");
-                metrics::counter!("readthrough_cache_corrupt_total", "entity" => "list").increment(1);
-                self.redis.delete(&[ids_key, meta_key]).await;
-                return list_miss();
-            }
-        };
-        // A page is served from the cache only when every id it needs is cached.
-        let page_end = (offset + limit).min(meta.total);
-        if page_end > meta.cached {
-            metrics::counter!("readthrough_cache_misses_total", "entity" => "list").increment(1);
-            return ListLookup::Beyond { meta };
-        }
-        let expected = page_end.saturating_sub(offset) as usize;
-        let ids: Option<Vec<ProductId>> = raw.ids.iter().map(|id| ProductId::parse(id).ok()).collect();
-        match ids {
-            Some(ids) if ids.len() == expected => {
-                metrics::counter!("readthrough_cache_hits_total", "entity" => "list").increment(1);
-                ListLookup::Hit { ids, meta }
-            }
-            // Evicted ids with surviving metadata, or garbage members: rebuild the list.
-            _ => {
-                metrics::counter!("readthrough_cache_corrupt_total", "entity" => "list").increment(1);
-                self.redis.delete(&[ids_key, meta_key]).await;
-                list_miss()
-            }
-        }
-    }
-
-    /// Takes the fill lease of a category list.
-    pub async fn acquire_list_lease(&self, category: &CategoryId) -> Option<Lease> {
-        self.acquire(&[self.keys.lease(&self.keys.list_ids(category))])
-            .await
-            .pop()
-            .flatten()
-    }
-
-    /// Stores the first `ids.len()` ids of a category in order, with the category's
-    /// total, if the list's lease is still held. True when stored.
-    pub async fn put_list(&self, category: &CategoryId, ids: &[ProductId], total: u64, lease: &Lease) -> bool {
-        let ids_key = self.keys.list_ids(category);
-        if let Some(hook) = &self.hooks.before_fill {
-            hook(&ids_key).await;
-        }
-        let meta = ListMeta {
-            total,
-            cached: ids.len() as u64,
-        };
-        let Ok(meta_bytes) = codec::encode(&meta, self.compress_threshold) else {
-            return false;
-        };
-        let ids: Vec<String> = ids.iter().map(ProductId::to_string).collect();
-        let keys = [
-            ids_key.as_str(),
-            &self.keys.list_meta(category),
-            &self.keys.lease(&ids_key),
-        ];
-        let stored = self
-            .redis
-            .write_list_guarded(keys, &lease.token, &ids, &meta_bytes, jittered_secs(self.ttls.list))
-            .await;
-        if stored == Some(false) {
-            metrics::counter!("readthrough_cache_fills_refused_total", "entity" => "list").increment(1);
-        }
-        stored == Some(true)
-    }
-
-    /// The keys to delete when an entity changes: its entry and its lease.
-    pub fn entity_keys<E: Cacheable>(&self, id: E::Id) -> [String; 2] {
+    /// The keys to delete when an entity changes: its fill lease, then its entry.
+    pub fn entity_keys<E: Cacheable>(&self, id: E::Id) -> KeyGroup {
         let key = E::key(&self.keys, id);
-        [self.keys.lease(&key), key]
+        vec![self.keys.lease(&key), key]
     }
 
-    /// The keys to delete when a category's membership or order changes.
-    pub fn list_keys(&self, category: &CategoryId) -> [String; 3] {
-        let ids = self.keys.list_ids(category);
-        [self.keys.lease(&ids), ids, self.keys.list_meta(category)]
-    }
-
-    /// Deletes `keys` and publishes `events` in one round trip, retrying a few
-    /// times; returns whether Redis confirmed it. Events are delivered at least once.
-    pub async fn invalidate(&self, keys: &[String], events: &[Event]) -> bool {
-        if let (Some(hook), Some(first)) = (&self.hooks.before_invalidate, keys.first()) {
+    /// Deletes each group of keys with one command and publishes `events`, all
+    /// in one round trip, retrying a few times; returns whether Redis confirmed
+    /// it. Events are delivered at least once.
+    pub async fn invalidate(&self, groups: &[KeyGroup], events: &[Event]) -> bool {
+        if let (Some(hook), Some(first)) = (&self.hooks.before_invalidate, groups.first().and_then(|g| g.last())) {
             hook(first).await;
         }
         let messages: Vec<Vec<u8>> = events.iter().filter_map(|e| serde_json::to_vec(e).ok()).collect();
         for attempt in 1..=INVALIDATION_ATTEMPTS {
             if self
                 .redis
-                .delete_and_publish(keys, &self.keys.events(), &messages)
+                .delete_and_publish(groups, &self.keys.events(), &messages)
                 .await
                 .is_some()
             {
@@ -491,7 +441,10 @@ impl Cache {
             }
         }
         metrics::counter!("readthrough_invalidation_failures_total").increment(1);
-        tracing::warn!(keys = keys.len(), "invalidation failed; the outbox relay will retry it");
+        tracing::warn!(
+            keys = groups.len(),
+            "invalidation failed; the outbox relay will retry it"
+        );
         false
     }
 
@@ -560,17 +513,13 @@ impl Cache {
             .await;
     }
 
-    /// Opens Redis connections ahead of the first requests (see `RedisClient::open_connections`).
-    pub async fn open_connections(&self) {
+    /// Opens Redis connections ahead of the first requests, in the background
+    /// (see `RedisClient::open_connections`).
+    pub fn open_connections(&self) {
         if self.enabled {
-            self.redis.open_connections().await;
+            self.redis.open_connections();
         }
     }
-}
-
-fn list_miss() -> ListLookup {
-    metrics::counter!("readthrough_cache_misses_total", "entity" => "list").increment(1);
-    ListLookup::Miss
 }
 
 fn now_ms() -> u64 {

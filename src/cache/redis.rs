@@ -7,22 +7,18 @@
 use std::{
     future::Future,
     sync::{
-        Mutex,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
 
-use deadpool_redis::{
-    Pool, Runtime,
-    redis::{self, aio::MultiplexedConnection},
-};
+use deadpool_redis::redis;
 
+use super::connections::{self, Connections};
 use crate::config::Config;
 
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
-/// Opening connections at start may take longer than one call's deadline.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How much of the keyspace one SCAN step walks (COUNT: a hint to Redis, not a limit).
 const SCAN_COUNT: u64 = 1000;
 
@@ -37,11 +33,12 @@ redis.call('DEL', KEYS[2])
 return 1
 ";
 
-/// Replaces a category list while the caller holds the list's lease.
-/// KEYS: ids, meta, lease. ARGV: token, meta, ttl seconds, then the ids in order.
-const GUARDED_LIST_WRITE: &str = r"
-if redis.call('GET', KEYS[3]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1])
+/// Writes a category list's head: its first ids (score = position), its
+/// metadata, and drops any directory, while the caller holds the list's lease.
+/// KEYS: ids, meta, dir, lease. ARGV: token, meta, ttl seconds, then the ids in order.
+const GUARDED_LIST_HEAD: &str = r"
+if redis.call('GET', KEYS[4]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[3])
 local first, last = 4, #ARGV
 for chunk = first, last, 500 do
   local args = {}
@@ -53,7 +50,40 @@ for chunk = first, last, 500 do
 end
 if last >= first then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
 redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('DEL', KEYS[3])
+redis.call('DEL', KEYS[4])
+return 1
+";
+
+/// Adds ids to a category list at positions from `first`, only while its
+/// metadata is still exactly what the caller read (the same generation). The
+/// ids key takes the metadata's remaining time to live if it has none of its own.
+/// KEYS: ids, meta. ARGV: meta, first position, then the ids in order.
+const GUARDED_LIST_CHUNK: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local first, last = 3, #ARGV
+local base = tonumber(ARGV[2])
+for chunk = first, last, 500 do
+  local args = {}
+  for i = chunk, math.min(chunk + 499, last) do
+    args[#args + 1] = base + i - first
+    args[#args + 1] = ARGV[i]
+  end
+  redis.call('ZADD', KEYS[1], unpack(args))
+end
+if redis.call('PTTL', KEYS[1]) < 0 then
+  local ttl = redis.call('PTTL', KEYS[2])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) else redis.call('DEL', KEYS[1]) end
+end
+return 1
+";
+
+/// Sets a value only while another key holds exactly the expected bytes, with
+/// that key's remaining time to live. KEYS: target, guard. ARGV: expected, value.
+const GUARDED_SET_BESIDE: &str = r"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local ttl = redis.call('PTTL', KEYS[2])
+if ttl <= 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
 return 1
 ";
 
@@ -72,44 +102,32 @@ pub struct GuardedFill<'a> {
     pub ttl_secs: u64,
 }
 
-/// An ordered page of a cached category list, read in one round trip.
+/// Part of a cached category list, read in one round trip.
 #[derive(Debug)]
 pub struct ListPageRaw {
-    pub ids: Vec<String>,
+    /// (member, score) of the members scored `start..=stop`, in order.
+    pub members: Vec<(String, f64)>,
     pub meta: Option<Vec<u8>>,
 }
 
 pub struct RedisClient {
     /// For pub/sub, which needs a connection of its own.
     client: redis::Client,
-    pool: Pool,
+    connections: Arc<Connections>,
     timeout: Duration,
     errors: ErrorLog,
 }
 
 impl RedisClient {
-    /// Creates the pool without connecting, so the service starts while Redis is down.
+    /// Sets up the connections without connecting, so the service starts while Redis is down.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let mut pool_config = deadpool_redis::Config::from_url(config.redis_url.expose());
-        let timeout = config.redis_timeout();
-        pool_config.pool = Some(deadpool_redis::PoolConfig {
-            max_size: config.redis_pool_size,
-            timeouts: deadpool_redis::Timeouts {
-                wait: Some(timeout),
-                create: Some(CONNECT_TIMEOUT),
-                recycle: Some(timeout),
-            },
-            ..Default::default()
-        });
-        let pool = pool_config
-            .create_pool(Some(Runtime::Tokio1))
+        let url = config.redis_url.expose();
+        let client = redis::Client::open(connections::connection_info(url)?)
             .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
-        let client =
-            redis::Client::open(config.redis_url.expose()).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
         Ok(Self {
             client,
-            pool,
-            timeout,
+            connections: Connections::new(url, usize::from(config.redis_connections))?,
+            timeout: config.redis_timeout(),
             errors: ErrorLog::default(),
         })
     }
@@ -222,17 +240,20 @@ impl RedisClient {
         }
     }
 
-    /// The ids at positions `start..=stop` and the list's metadata, in one round trip.
+    /// The members at positions `start..=stop` (by score) and the list's
+    /// metadata, in one round trip.
     pub async fn read_list_page(&self, ids_key: &str, meta_key: &str, start: u64, stop: u64) -> Option<ListPageRaw> {
         let mut pipe = redis::pipe();
         pipe.cmd("ZRANGE")
             .arg(ids_key)
             .arg(start)
             .arg(stop)
+            .arg("BYSCORE")
+            .arg("WITHSCORES")
             .cmd("GET")
             .arg(meta_key);
-        let (ids, meta) = self.run_pipe("list_read", &pipe).await?;
-        Some(ListPageRaw { ids, meta })
+        let (members, meta) = self.run_pipe("list_read", &pipe).await?;
+        Some(ListPageRaw { members, meta })
     }
 
     /// Takes each lease that nobody holds (`SET NX PX`); true where this caller got it.
@@ -279,19 +300,19 @@ impl RedisClient {
         .await;
     }
 
-    /// Replaces a category list (ids with their positions as scores, and the
-    /// metadata, both expiring after `ttl_secs`) if the lease is still held.
-    pub async fn write_list_guarded(
+    /// Replaces a category list's head and metadata if the lease is still held
+    /// (see `GUARDED_LIST_HEAD`); `keys` are ids, meta, dir, lease.
+    pub async fn write_list_head(
         &self,
-        keys: [&str; 3],
+        keys: [&str; 4],
         token: &str,
-        ids: &[String],
         meta: &[u8],
+        ids: &[String],
         ttl_secs: u64,
     ) -> Option<bool> {
         let mut cmd = redis::cmd("EVAL");
-        cmd.arg(GUARDED_LIST_WRITE)
-            .arg(3)
+        cmd.arg(GUARDED_LIST_HEAD)
+            .arg(4)
             .arg(&keys[..])
             .arg(token)
             .arg(meta)
@@ -300,11 +321,37 @@ impl RedisClient {
         self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
     }
 
-    /// Deletes the keys and publishes the messages on `channel`, in one round trip.
-    pub async fn delete_and_publish(&self, keys: &[String], channel: &str, messages: &[Vec<u8>]) -> Option<()> {
+    /// Adds ids at positions from `first` while the metadata is `meta` (see
+    /// `GUARDED_LIST_CHUNK`); `keys` are ids, meta.
+    pub async fn write_list_chunk(&self, keys: [&str; 2], meta: &[u8], first: u64, ids: &[String]) -> Option<bool> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(GUARDED_LIST_CHUNK)
+            .arg(2)
+            .arg(&keys[..])
+            .arg(meta)
+            .arg(first)
+            .arg(ids);
+        self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
+    }
+
+    /// Sets `key` to `value` while `guard` holds `expected`, expiring with it.
+    pub async fn set_beside(&self, key: &str, guard: &str, expected: &[u8], value: &[u8]) -> Option<bool> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(GUARDED_SET_BESIDE)
+            .arg(2)
+            .arg(key)
+            .arg(guard)
+            .arg(expected)
+            .arg(value);
+        self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
+    }
+
+    /// Deletes each group of keys with one DEL (a group shares a hash slot) and
+    /// publishes the messages on `channel`, in one round trip.
+    pub async fn delete_and_publish(&self, groups: &[Vec<String>], channel: &str, messages: &[Vec<u8>]) -> Option<()> {
         let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("DEL").arg(key).ignore();
+        for group in groups {
+            pipe.cmd("DEL").arg(group).ignore();
         }
         for message in messages {
             pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
@@ -332,40 +379,40 @@ impl RedisClient {
         }
     }
 
-    /// Opens the pool's connections up front, so the first burst of requests
-    /// does not queue behind connection setup. Gives up quietly if Redis is down.
-    pub async fn open_connections(&self) {
-        let size = self.pool.status().max_size;
-        let opening = (0..size).map(|_| tokio::time::timeout(CONNECT_TIMEOUT, self.pool.get()));
-        let opened = futures_util::future::join_all(opening).await;
-        let ok = opened.iter().filter(|c| matches!(c, Ok(Ok(_)))).count();
-        tracing::debug!(ok, size, "opened Redis connections");
+    /// Starts connecting in the background, so the first burst of requests
+    /// does not queue behind connection setup. Keeps retrying while Redis is down.
+    pub fn open_connections(&self) {
+        self.connections.connect_all();
+    }
+
+    /// How many of the shared connections are up.
+    pub fn connected(&self) -> usize {
+        self.connections.connected()
     }
 
     async fn run<T: redis::FromRedisValue>(&self, operation: &'static str, cmd: &redis::Cmd) -> Option<T> {
         self.with_deadline(operation, async {
-            cmd.query_async::<T>(&mut self.connection().await?)
+            let mut checked = self.connections.get().ok_or_else(|| NOT_CONNECTED.to_string())?;
+            cmd.query_async::<T>(&mut checked.connection)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|error| self.failed(&checked, error))
         })
         .await
     }
 
     async fn run_pipe<T: redis::FromRedisValue>(&self, operation: &'static str, pipe: &redis::Pipeline) -> Option<T> {
         self.with_deadline(operation, async {
-            pipe.query_async::<T>(&mut self.connection().await?)
+            let mut checked = self.connections.get().ok_or_else(|| NOT_CONNECTED.to_string())?;
+            pipe.query_async::<T>(&mut checked.connection)
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|error| self.failed(&checked, error))
         })
         .await
     }
 
-    /// A clone of a pooled multiplexed connection; the pooled object goes straight
-    /// back. One multiplexed connection carries many concurrent commands, so
-    /// holding it for the length of one command would cap concurrency at the pool size.
-    async fn connection(&self) -> Result<MultiplexedConnection, String> {
-        let pooled = self.pool.get().await.map_err(|e| e.to_string())?;
-        Ok(MultiplexedConnection::clone(&pooled))
+    fn failed(&self, checked: &connections::Checked, error: redis::RedisError) -> String {
+        self.connections.report_error(checked, &error);
+        error.to_string()
     }
 
     async fn with_deadline<T>(
@@ -383,6 +430,8 @@ impl RedisClient {
         None
     }
 }
+
+const NOT_CONNECTED: &str = "not connected (reconnecting)";
 
 /// Logs the first Redis error of each interval and how many followed it unlogged.
 #[derive(Default)]

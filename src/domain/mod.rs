@@ -8,7 +8,7 @@ mod page;
 mod product;
 mod user;
 
-pub use page::PageRequest;
+pub use page::{Cursor, PageRequest, PageStart};
 pub use product::{
     CategoryId, Currency, Description, NewProduct, PriceCents, Product, ProductId, ProductName, ProductPatch,
 };

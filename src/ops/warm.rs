@@ -32,7 +32,7 @@ pub async fn warm(
 ) -> Result<WarmReport, ServiceError> {
     let mut report = WarmReport::default();
     for category in &options.categories {
-        let (ids, _total) = products_service.refill_list(category).await?;
+        let ids = products_service.warm_list(category).await?;
         report.lists += 1;
         report.products += warm_products(products_service, &ids).await?;
     }

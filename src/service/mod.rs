@@ -4,6 +4,7 @@
 //! Writes: PostgreSQL first, then delete every cache key the write affects,
 //! before returning, so the writer's next read never sees the old value.
 
+mod lists;
 mod products;
 mod read_through;
 pub mod relay;
@@ -40,7 +41,12 @@ impl Services {
         let cache = Arc::new(Cache::new(config, hooks)?);
         Ok(Self {
             users: Users::new(pool.clone(), cache.clone()),
-            products: Products::new(pool.clone(), cache.clone(), config.list_cache_max_ids),
+            products: Products::new(
+                pool.clone(),
+                cache.clone(),
+                config.list_cache_max_ids,
+                config.list_chunk_ids,
+            ),
             pool,
             cache,
         })
@@ -88,8 +94,8 @@ impl From<StoreError> for ServiceError {
 /// their events, before the caller hears back. When Redis confirmed, the rows
 /// are done with (deleted in the background); otherwise the relay retries them.
 async fn invalidate_written<T>(pool: &PgPool, cache: &Cache, written: outbox::Written<T>) -> T {
-    let (keys, events) = relay::invalidations(cache, &written.outbox);
-    if cache.invalidate(&keys, &events).await && !written.outbox.is_empty() {
+    let (groups, events) = relay::invalidations(cache, &written.outbox);
+    if cache.invalidate(&groups, &events).await && !written.outbox.is_empty() {
         let pool = pool.clone();
         let ids: Vec<i64> = written.outbox.iter().map(|row| row.id).collect();
         tokio::spawn(async move {

@@ -1,50 +1,50 @@
 //! Products and category lists: read through the cache, written to
 //! PostgreSQL, then every affected entry and list invalidated.
 
-use std::{sync::Arc, time::Instant};
+use std::sync::Arc;
 
 use sqlx::PgPool;
 
 use super::{
     ServiceError, invalidate_written,
+    lists::{IdPage, Lists},
     read_through::ReadThrough,
-    single_flight::{Fresh, SingleFlight},
 };
 use crate::{
-    cache::{Cache, ListLookup},
-    domain::{CategoryId, NewProduct, PageRequest, Product, ProductId, ProductPatch},
+    cache::Cache,
+    domain::{CategoryId, Cursor, NewProduct, PageRequest, PageStart, Product, ProductId, ProductPatch},
     store::products,
 };
 
-/// One page of a category, and how many products the category has.
+/// One page of a category, how many products the category has, and where
+/// the next page starts (`None` on the last page).
 #[derive(Debug)]
 pub struct ProductPage {
     pub products: Vec<Product>,
     pub total: u64,
+    pub next: Option<Cursor>,
 }
-
-/// The cached head of a category list and the category's total.
-type ListHead = (Vec<ProductId>, u64);
 
 #[derive(Clone)]
 pub struct Products {
     pool: PgPool,
     cache: Arc<Cache>,
     reads: Arc<ReadThrough<Product>>,
-    /// Concurrent cold pages of one category share one list load.
-    list_loads: Arc<SingleFlight<CategoryId, Option<ListHead>>>,
-    /// How many ids of a category one list fill loads and caches.
-    list_cache_max_ids: u64,
+    lists: Arc<Lists>,
 }
 
 impl Products {
-    pub fn new(pool: PgPool, cache: Arc<Cache>, list_cache_max_ids: u32) -> Self {
+    pub fn new(pool: PgPool, cache: Arc<Cache>, list_cache_max_ids: u32, list_chunk_ids: u32) -> Self {
         Self {
             reads: ReadThrough::new(pool.clone(), cache.clone()),
-            list_loads: Arc::new(SingleFlight::new()),
+            lists: Arc::new(Lists::new(
+                pool.clone(),
+                cache.clone(),
+                list_cache_max_ids,
+                list_chunk_ids,
+            )),
             pool,
             cache,
-            list_cache_max_ids: u64::from(list_cache_max_ids),
         }
     }
 
@@ -62,81 +62,28 @@ impl Products {
     }
 
     /// A page of a category in (name, id) order.
-    pub async fn list(&self, category: &CategoryId, page: PageRequest) -> Result<ProductPage, ServiceError> {
-        let (offset, limit) = (page.offset(), u64::from(page.size()));
-        let (ids, total) = match self.cache.get_list_page(category, offset, limit).await {
-            ListLookup::Hit { ids, meta } => (ids, meta.total),
-            ListLookup::Beyond { meta } => (
-                products::list_ids(&self.pool, category, offset, limit).await?,
-                meta.total,
-            ),
-            ListLookup::Miss => self.fill_list(category, offset, limit).await?,
-            ListLookup::Unavailable => (
-                products::list_ids(&self.pool, category, offset, limit).await?,
-                products::count_in_category(&self.pool, category).await?,
-            ),
-        };
+    pub async fn list(&self, category: &CategoryId, request: &PageRequest) -> Result<ProductPage, ServiceError> {
+        let page = self.lists.page(category, request).await?;
         // A product deleted since its list was read is skipped rather than failing the page.
-        let products = self.get_many(&ids).await?.into_iter().flatten().collect();
-        Ok(ProductPage { products, total })
-    }
-
-    /// Loads the first `list_cache_max_ids` ids of the category (one index-only
-    /// scan, bounded however large the category) and caches them with the
-    /// total, under the list's lease. Concurrent callers share one load.
-    pub async fn refill_list(&self, category: &CategoryId) -> Result<ListHead, ServiceError> {
-        let load = async {
-            match self.load_list_head(category).await {
-                Ok(fresh) => Fresh {
-                    value: Some(fresh.value),
-                    as_of: fresh.as_of,
-                },
-                Err(_) => Fresh {
-                    value: None,
-                    as_of: Instant::now(),
-                },
-            }
-        };
-        match self.list_loads.run(category.clone(), load).await {
-            Some(Some(head)) => Ok(head),
-            // The shared load failed or predates this caller: load alone.
-            _ => Ok(self.load_list_head(category).await?.value),
-        }
-    }
-
-    /// The list's head, current as of the read's start, or of the fill when the lease held.
-    async fn load_list_head(&self, category: &CategoryId) -> Result<Fresh<ListHead>, ServiceError> {
-        let lease = self.cache.acquire_list_lease(category).await;
-        let started = Instant::now();
-        let head = products::list_ids(&self.pool, category, 0, self.list_cache_max_ids).await?;
-        let total = if (head.len() as u64) < self.list_cache_max_ids {
-            head.len() as u64
-        } else {
-            products::count_in_category(&self.pool, category).await?
-        };
-        let fill_sent = Instant::now();
-        let filled = match lease {
-            Some(lease) => self.cache.put_list(category, &head, total, &lease).await,
-            None => false,
-        };
-        let as_of = if filled { fill_sent } else { started };
-        Ok(Fresh {
-            value: (head, total),
-            as_of,
+        let found = self.get_many(&page.ids).await?;
+        let last = found.iter().rposition(Option::is_some);
+        let next = page.more.then(|| {
+            let after = match request.start() {
+                PageStart::After(cursor) => cursor.key.clone(),
+                PageStart::Position(_) => None,
+            };
+            next_cursor(&page, last.and_then(|i| found[i].as_ref()), last, after)
+        });
+        Ok(ProductPage {
+            products: found.into_iter().flatten().collect(),
+            total: page.total,
+            next,
         })
     }
 
-    /// Refills the list and returns the ids of the requested page.
-    async fn fill_list(&self, category: &CategoryId, offset: u64, limit: u64) -> Result<ListHead, ServiceError> {
-        let (head, total) = self.refill_list(category).await?;
-        let end = (offset + limit).min(total);
-        let ids = if end > head.len() as u64 {
-            // The page reaches past the cached head.
-            products::list_ids(&self.pool, category, offset, limit).await?
-        } else {
-            head[offset.min(end) as usize..end as usize].to_vec()
-        };
-        Ok((ids, total))
+    /// Caches the head of a category's list (for `warm`); its ids.
+    pub async fn warm_list(&self, category: &CategoryId) -> Result<Vec<ProductId>, ServiceError> {
+        self.lists.warm(category).await
     }
 
     /// The ids of the `limit` most recently modified products.
@@ -149,8 +96,9 @@ impl Products {
         Ok(invalidate_written(&self.pool, &self.cache, written).await)
     }
 
-    /// The outbox row names the old and the new category: any change can move
-    /// the product within its list (name) or between lists (category).
+    /// The outbox row names the old and the new category when the product's
+    /// place in them changes (name or category); otherwise only the product's
+    /// entry is invalidated and its list stays cached.
     pub async fn update(&self, patch: ProductPatch) -> Result<Product, ServiceError> {
         let id = patch.id;
         let written = products::update(&self.pool, &patch)
@@ -165,5 +113,32 @@ impl Products {
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
         invalidate_written(&self.pool, &self.cache, written).await;
         Ok(())
+    }
+}
+
+/// Where the page after `page` starts: after its last product that still
+/// exists (`last`, at index `last_index`), or, when none does, after the
+/// previous page's last item (`after`) at the position past this page.
+fn next_cursor(
+    page: &IdPage,
+    last: Option<&Product>,
+    last_index: Option<usize>,
+    after: Option<(String, ProductId)>,
+) -> Cursor {
+    let key = match last {
+        Some(product) => Some((product.name.clone(), ProductId::from_uuid(product.id))),
+        None => after,
+    };
+    match page.placed {
+        Some((generation, first)) => Cursor {
+            generation,
+            position: first + last_index.map_or(page.ids.len() as u64, |i| i as u64 + 1),
+            key,
+        },
+        None => Cursor {
+            generation: 0,
+            position: 0,
+            key,
+        },
     }
 }

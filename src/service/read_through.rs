@@ -55,13 +55,13 @@ impl<E: Loadable> ReadThrough<E> {
     }
 
     /// The entity for each id, in order; `None` where no such entity exists.
+    ///
+    /// The hit path is kept small: what a miss needs runs in a boxed future of
+    /// its own, so that a hit does not carry (and move around) its state.
     pub async fn get_many(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
         let Some(cached) = self.cache.get_many::<E>(ids).await else {
             // Cache off or Redis unavailable: PostgreSQL answers, nothing is filled.
-            return match ids {
-                [id] => Ok(vec![self.load_one(*id, false).await?]),
-                _ => Ok(self.load_and_fill(ids, &[]).await?.value),
-            };
+            return Box::pin(self.read_uncached(ids)).await;
         };
         let mut found = Vec::with_capacity(ids.len());
         let mut missing = Vec::new();
@@ -79,8 +79,27 @@ impl<E: Loadable> ReadThrough<E> {
                 }
             }
         }
+        if missing.is_empty() {
+            return Ok(found);
+        }
+        Box::pin(self.fill_missing(ids, found, missing)).await
+    }
+
+    async fn read_uncached(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
+        match ids {
+            [id] => Ok(vec![self.load_one(*id, false).await?]),
+            _ => Ok(self.load_and_fill(ids, &[]).await?.value),
+        }
+    }
+
+    /// Loads the `missing` ids and puts them in their places in `found`.
+    async fn fill_missing(
+        self: &Arc<Self>,
+        ids: &[E::Id],
+        mut found: Vec<Option<E>>,
+        missing: Vec<E::Id>,
+    ) -> Result<Vec<Option<E>>, StoreError> {
         let loaded = match missing.as_slice() {
-            [] => return Ok(found),
             [id] => vec![self.load_one(*id, true).await?],
             _ => {
                 let leases = self.cache.acquire_leases::<E>(&missing).await;
@@ -140,7 +159,7 @@ impl<E: Loadable> ReadThrough<E> {
         if let Some(lease) = self.cache.acquire_leases::<E>(&[id]).await.pop().flatten() {
             return self.load_and_fill(&[id], &[Some(lease)]).await.map(single);
         }
-        metrics::counter!("readthrough_cache_lease_waits_total", "entity" => E::ENTITY).increment(1);
+        metrics::counter!("readthrough_cache_lease_waits_total", "entity" => E::KIND.label()).increment(1);
         match self.cache.wait_for_fill::<E>(id).await {
             Some((Cached::Hit { value, .. }, as_of)) => Ok(Fresh { value, as_of }),
             // The holder did not fill in time: read ourselves, filling if the lease is free now.
@@ -196,7 +215,7 @@ impl<E: Loadable> ReadThrough<E> {
         let this = self.clone();
         tokio::spawn(async move {
             if let Some(lease) = this.cache.acquire_leases::<E>(&[id]).await.pop().flatten() {
-                metrics::counter!("readthrough_cache_refreshes_total", "entity" => E::ENTITY).increment(1);
+                metrics::counter!("readthrough_cache_refreshes_total", "entity" => E::KIND.label()).increment(1);
                 let _ = this.load_and_fill(&[id], &[Some(lease)]).await;
             }
         });

@@ -8,12 +8,17 @@
 //! one Redis round trip, and deletes the rows only once Redis confirmed. While
 //! Redis is down the rows stay, and are retried every `POLL_INTERVAL`.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::{BTreeSet, HashMap, hash_map::Entry},
+    sync::Arc,
+    time::Duration,
+};
 
 use sqlx::{PgPool, postgres::PgListener};
+use uuid::Uuid;
 
 use crate::{
-    cache::{Cache, Event},
+    cache::{Cache, Event, KeyGroup},
     domain::{CategoryId, Product, ProductId, User, UserId},
     store::{
         StoreError,
@@ -26,8 +31,8 @@ const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Rows younger than this are left to the writer that recorded them, which
 /// invalidates right after its commit and then deletes its rows.
 const WRITER_GRACE: Duration = Duration::from_millis(200);
-/// Rows per claim: one query, one Redis round trip, one delete.
-const BATCH: i64 = 500;
+/// Rows per claim: one query, one Redis round trip (coalesced), one delete.
+const BATCH: i64 = 2000;
 
 /// Runs until the task is dropped.
 pub async fn run(pool: PgPool, cache: Arc<Cache>) {
@@ -82,28 +87,44 @@ pub async fn drain(pool: &PgPool, cache: &Cache) -> Result<usize, StoreError> {
     }
 }
 
-/// The keys each row invalidates, and the events to publish.
-pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> (Vec<String>, Vec<Event>) {
-    let mut keys = Vec::new();
-    let mut events = Vec::with_capacity(rows.len());
+/// What a batch of outbox rows asks for, coalesced: each group of keys once,
+/// and one event per entity (its last row's, with the categories of all its rows).
+pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> (Vec<KeyGroup>, Vec<Event>) {
+    let mut groups = BTreeSet::new();
+    let mut events: Vec<Event> = Vec::new();
+    let mut event_of: HashMap<(&str, Uuid), usize> = HashMap::new();
     for row in rows {
         match row.entity.as_str() {
-            "user" => keys.extend(cache.entity_keys::<User>(UserId::from_uuid(row.entity_id))),
+            "user" => {
+                groups.insert(cache.entity_keys::<User>(UserId::from_uuid(row.entity_id)));
+            }
             _ => {
-                keys.extend(cache.entity_keys::<Product>(ProductId::from_uuid(row.entity_id)));
+                groups.insert(cache.entity_keys::<Product>(ProductId::from_uuid(row.entity_id)));
                 // A category written by hand that is not a valid id has no cached list.
                 for category in row.categories.iter().filter_map(|c| CategoryId::parse(c).ok()) {
-                    keys.extend(cache.list_keys(&category));
+                    groups.insert(cache.list_keys(&category));
                 }
             }
         }
-        events.push(Event {
-            event: row.event.clone(),
-            id: row.entity_id,
-            categories: row.categories.clone(),
-        });
+        match event_of.entry((row.entity.as_str(), row.entity_id)) {
+            Entry::Occupied(index) => {
+                let event = &mut events[*index.get()];
+                event.event.clone_from(&row.event);
+                for category in &row.categories {
+                    if !event.categories.contains(category) {
+                        event.categories.push(category.clone());
+                    }
+                }
+            }
+            Entry::Vacant(slot) => {
+                slot.insert(events.len());
+                events.push(Event {
+                    event: row.event.clone(),
+                    id: row.entity_id,
+                    categories: row.categories.clone(),
+                });
+            }
+        }
     }
-    keys.sort();
-    keys.dedup();
-    (keys, events)
+    (groups.into_iter().collect(), events)
 }

@@ -70,14 +70,98 @@ pub async fn delete(pool: &PgPool, id: ProductId) -> Result<Written<()>, StoreEr
     commit(tx, ()).await
 }
 
-/// The ids of a category from position `offset`, at most `limit` of them, in list order.
-pub async fn list_ids(
+/// The first `limit` ids of a category, in list order (an index-only scan).
+pub async fn list_head(pool: &PgPool, category: &CategoryId, limit: u64) -> Result<Vec<ProductId>, StoreError> {
+    count("product.list_head");
+    let ids: Vec<Uuid> =
+        sqlx::query_scalar("SELECT id FROM products WHERE category_id = $1 ORDER BY name, id LIMIT $2")
+            .bind(category.as_str())
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?;
+    Ok(ids.into_iter().map(ProductId::from_uuid).collect())
+}
+
+/// Where a range of a category starts, in (name, id) order.
+#[derive(Debug, Clone, Copy)]
+pub enum RangeStart<'a> {
+    /// At this (name, id), included: the start of a chunk.
+    At(&'a str, ProductId),
+    /// Right after this (name, id): the next page after a page token.
+    After(&'a str, ProductId),
+}
+
+/// Up to `limit` ids of a category from `from`, in list order, with their
+/// names: one index range scan, however deep (never an OFFSET).
+pub async fn list_range(
+    pool: &PgPool,
+    category: &CategoryId,
+    from: RangeStart<'_>,
+    limit: u64,
+) -> Result<Vec<(ProductId, String)>, StoreError> {
+    count("product.list_range");
+    let (sql, name, id) = match from {
+        RangeStart::At(name, id) => (
+            "SELECT id, name FROM products WHERE category_id = $1 AND (name, id) >= ($2, $3) \
+             ORDER BY name, id LIMIT $4",
+            name,
+            id,
+        ),
+        RangeStart::After(name, id) => (
+            "SELECT id, name FROM products WHERE category_id = $1 AND (name, id) > ($2, $3) \
+             ORDER BY name, id LIMIT $4",
+            name,
+            id,
+        ),
+    };
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(sql)
+        .bind(category.as_str())
+        .bind(name)
+        .bind(id.as_uuid())
+        .bind(limit as i64)
+        .fetch_all(pool)
+        .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(id, name)| (ProductId::from_uuid(id), name))
+        .collect())
+}
+
+/// The (name, id) at positions 0, `every`, 2 × `every`, ... of a category: one
+/// pass over the category's index entries (an index-only scan), returning
+/// only those rows. A cached list's directory, from which any chunk loads with
+/// `list_range`.
+pub async fn list_directory(
+    pool: &PgPool,
+    category: &CategoryId,
+    every: u64,
+) -> Result<Vec<(String, ProductId)>, StoreError> {
+    count("product.list_directory");
+    let rows: Vec<(String, Uuid)> = sqlx::query_as(
+        "SELECT name, id FROM ( \
+           SELECT name, id, row_number() OVER (ORDER BY name, id) - 1 AS position \
+           FROM products WHERE category_id = $1 \
+         ) AS ranked WHERE position % $2 = 0 ORDER BY position",
+    )
+    .bind(category.as_str())
+    .bind(every as i64)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(name, id)| (name, ProductId::from_uuid(id)))
+        .collect())
+}
+
+/// The ids of a category from position `offset`: an OFFSET scan, whose cost
+/// grows with the depth. Only for page numbers while the cache is unavailable.
+pub async fn list_at_offset(
     pool: &PgPool,
     category: &CategoryId,
     offset: u64,
     limit: u64,
 ) -> Result<Vec<ProductId>, StoreError> {
-    count("product.list_ids");
+    count("product.list_offset");
     let ids: Vec<Uuid> =
         sqlx::query_scalar("SELECT id FROM products WHERE category_id = $1 ORDER BY name, id OFFSET $2 LIMIT $3")
             .bind(category.as_str())

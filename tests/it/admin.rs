@@ -6,9 +6,8 @@ use std::time::Duration;
 use readthrough::{
     domain::{CategoryId, ProductId, UserId},
     proto::{
-        self, CreateProductRequest, CreateUserRequest, GetProductRequest, GetUserRequest, InvalidateAllRequest,
-        InvalidateCategoryRequest, InvalidateProductRequest, InvalidateUserRequest, ListProductsRequest,
-        cache_admin_service_client::CacheAdminServiceClient,
+        GetProductRequest, GetUserRequest, InvalidateAllRequest, InvalidateCategoryRequest, InvalidateProductRequest,
+        InvalidateUserRequest, ListProductsRequest, cache_admin_service_client::CacheAdminServiceClient,
     },
 };
 use tonic::{Code, transport::Channel};
@@ -19,31 +18,6 @@ async fn admin(app: &TestApp) -> CacheAdminServiceClient<Channel> {
     CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.grpc_port))
         .await
         .expect("connects to the app")
-}
-
-async fn create_user(app: &mut TestApp, email: &str) -> proto::User {
-    app.users
-        .create_user(CreateUserRequest {
-            email: email.to_string(),
-            preferences: None,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-async fn create_product(app: &mut TestApp, category: &str, name: &str) -> proto::Product {
-    app.products
-        .create_product(CreateProductRequest {
-            category_id: category.to_string(),
-            name: name.to_string(),
-            description: String::new(),
-            price_cents: 100,
-            currency: "EUR".to_string(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
 }
 
 /// Waits until every write's invalidation is done, so that the outbox relay
@@ -77,7 +51,7 @@ async fn keys_of(app: &mut TestApp, entity: &str) -> Vec<String> {
 async fn invalidate_user_dry_run_reports_and_the_real_run_deletes() {
     let mut app = spawn_app().await;
     let mut admin = admin(&app).await;
-    let user = create_user(&mut app, "ada@example.com").await;
+    let user = app.create_user("ada@example.com").await;
     outbox_drained(&app).await;
     let get = GetUserRequest { id: user.id.clone() };
     app.users.get_user(get.clone()).await.unwrap();
@@ -121,7 +95,7 @@ async fn invalidate_user_dry_run_reports_and_the_real_run_deletes() {
 async fn invalidate_product_deletes_its_entry() {
     let mut app = spawn_app().await;
     let mut admin = admin(&app).await;
-    let product = create_product(&mut app, "tools", "Hammer").await;
+    let product = app.create_product("tools", "Hammer").await;
     outbox_drained(&app).await;
     app.products
         .get_product(GetProductRequest { id: product.id.clone() })
@@ -147,9 +121,9 @@ async fn invalidate_category_deletes_both_list_keys() {
     let mut app = spawn_app().await;
     let mut admin = admin(&app).await;
     for name in ["Anvil", "Bellows", "Chisel"] {
-        create_product(&mut app, "smithing", name).await;
+        app.create_product("smithing", name).await;
     }
-    create_product(&mut app, "garden", "Rake").await;
+    app.create_product("garden", "Rake").await;
     outbox_drained(&app).await;
     for category in ["smithing", "garden"] {
         let page = app
@@ -158,6 +132,7 @@ async fn invalidate_category_deletes_both_list_keys() {
                 category_id: category.to_string(),
                 page: 0,
                 page_size: 10,
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -199,11 +174,11 @@ async fn invalidate_all_products_leaves_users() {
     let mut admin = admin(&app).await;
     let mut products = Vec::new();
     for name in ["Lamp", "Desk", "Chair", "Shelf", "Rug"] {
-        products.push(create_product(&mut app, "furniture", name).await);
+        products.push(app.create_product("furniture", name).await);
     }
     let users = [
-        create_user(&mut app, "one@example.com").await,
-        create_user(&mut app, "two@example.com").await,
+        app.create_user("one@example.com").await,
+        app.create_user("two@example.com").await,
     ];
     outbox_drained(&app).await;
     for product in &products {

@@ -243,6 +243,7 @@ async fn pages_are_bounded() {
         category_id: category.into(),
         page,
         page_size,
+        ..Default::default()
     };
     assert_invalid(app.products.list_products(list("books", 0, 101)).await, "page_size");
     assert_invalid(app.products.list_products(list("books", 0, -1)).await, "page_size");
@@ -259,6 +260,41 @@ async fn pages_are_bounded() {
         .unwrap()
         .into_inner();
     assert!(last_allowed.products.is_empty());
+}
+
+#[tokio::test]
+async fn page_tokens_must_be_ours_and_for_this_category() {
+    let mut app = spawn_app().await;
+    for name in ["a", "b", "c"] {
+        app.create_product("books", name).await;
+    }
+    let token = app.list_page("books", 0, 1).await.next_page_token;
+    assert!(!token.is_empty());
+    let after = |category: &str, page: i32, page_token: &str| ListProductsRequest {
+        category_id: category.into(),
+        page,
+        page_size: 1,
+        page_token: page_token.into(),
+    };
+    let mut tampered = token.clone().into_bytes();
+    let last = tampered.len() - 1;
+    tampered[last] = if tampered[last] == b'A' { b'B' } else { b'A' };
+    let tampered = String::from_utf8(tampered).unwrap();
+    for bad in ["garbage", &tampered, &"x".repeat(10_000)] {
+        assert_invalid(app.products.list_products(after("books", 0, bad)).await, "page_token");
+    }
+    assert_invalid(
+        app.products.list_products(after("games", 0, &token)).await,
+        "page_token",
+    );
+    assert_invalid(app.products.list_products(after("books", 2, &token)).await, "page");
+    let next = app
+        .products
+        .list_products(after("books", 0, &token))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next.products[0].name, "b");
 }
 
 #[tokio::test]

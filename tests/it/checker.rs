@@ -200,6 +200,7 @@ impl Step {
                     category_id: category.into(),
                     page: 0,
                     page_size: 100,
+                    ..Default::default()
                 };
                 let page = products.list_products(request).await.unwrap().into_inner();
                 for product in page.products {
@@ -362,24 +363,27 @@ async fn stale_entries(app: &mut TestApp) -> Vec<String> {
         } else if let Some(category) = tag(&key, ":list:").filter(|_| key.ends_with(":meta")) {
             let category = CategoryId::parse(category).unwrap();
             let meta: ListMeta = app.cached_value(&key).await.unwrap();
-            let ids: Vec<String> = redis::cmd("ZRANGE")
+            // Every cached (id, position) must be where PostgreSQL has it.
+            let cached: Vec<(String, f64)> = redis::cmd("ZRANGE")
                 .arg(app.keys.list_ids(&category))
                 .arg(0)
                 .arg(-1)
+                .arg("WITHSCORES")
                 .query_async(&mut app.redis)
                 .await
                 .unwrap();
-            let stored = readthrough::store::products::list_ids(&app.db, &category, 0, meta.cached)
+            let stored = readthrough::store::products::list_head(&app.db, &category, u64::MAX >> 1)
                 .await
                 .unwrap();
-            let total = readthrough::store::products::count_in_category(&app.db, &category)
-                .await
-                .unwrap();
-            let stored: Vec<String> = stored.iter().map(ToString::to_string).collect();
-            if ids != stored || meta.total != total {
+            let misplaced: Vec<&(String, f64)> = cached
+                .iter()
+                .filter(|(id, position)| stored.get(*position as usize).map(ToString::to_string).as_ref() != Some(id))
+                .collect();
+            if !misplaced.is_empty() || meta.total != stored.len() as u64 {
                 stale.push(format!(
-                    "{key}: cached {ids:?} of {}, stored {stored:?} of {total}",
-                    meta.total
+                    "{key}: cached {misplaced:?} misplaced, total {} against {} stored",
+                    meta.total,
+                    stored.len()
                 ));
             }
         }

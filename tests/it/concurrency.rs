@@ -13,20 +13,12 @@ use prost_types::FieldMask;
 use readthrough::{
     cache::{Entry, Hook, Hooks},
     domain::{User, UserId},
-    proto::{self, CreateUserRequest, GetUserRequest, UpdateUserRequest},
+    proto::{self, GetUserRequest, UpdateUserRequest},
 };
 use tokio::sync::Notify;
 use tonic::Code;
 
-use crate::helpers::{TestApp, spawn_app_with, spawn_app_with_hooks};
-
-async fn create_user(app: &mut TestApp, email: &str) -> proto::User {
-    let request = CreateUserRequest {
-        email: email.into(),
-        preferences: None,
-    };
-    app.users.create_user(request).await.unwrap().into_inner()
-}
+use crate::helpers::{spawn_app_with, spawn_app_with_hooks};
 
 fn rename(id: &str, email: &str) -> UpdateUserRequest {
     UpdateUserRequest {
@@ -55,7 +47,7 @@ async fn a_thousand_concurrent_misses_on_two_instances_load_the_row_once() {
     })
     .await;
     let second = first.spawn_sibling().await;
-    let user = create_user(&mut first, "hot@example.com").await;
+    let user = first.create_user("hot@example.com").await;
 
     let calls: Vec<_> = (0..1000)
         .map(|n| {
@@ -111,7 +103,7 @@ async fn stale_set_interleaving(unguarded_fills: bool) -> Option<i64> {
         ..Hooks::default()
     };
     let mut app = spawn_app_with_hooks(hooks, |_| {}).await;
-    let user = create_user(&mut app, "v1@example.com").await;
+    let user = app.create_user("v1@example.com").await;
 
     let mut reader = app.users.clone();
     let id = user.id.clone();
@@ -172,7 +164,7 @@ async fn an_absent_id_is_cached_briefly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_key_is_refreshed_before_it_expires() {
     let mut app = spawn_app_with(|config| config.config.user_ttl_secs = 1).await;
-    let user = create_user(&mut app, "refresh@example.com").await;
+    let user = app.create_user("refresh@example.com").await;
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {
         app.users

@@ -86,6 +86,7 @@ async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
             category_id: "offline".into(),
             page: 0,
             page_size: 10,
+            ..Default::default()
         })
         .await
         .unwrap()

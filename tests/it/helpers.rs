@@ -8,11 +8,15 @@
 
 use std::{net::TcpListener as StdListener, sync::Arc, time::Duration};
 
+use rand::{Rng, distr::Alphanumeric};
 use readthrough::{
     app::Application,
     cache::{Hooks, Keys, codec},
     config::ServeConfig,
-    proto::{product_service_client::ProductServiceClient, user_service_client::UserServiceClient},
+    proto::{
+        self, CreateProductRequest, CreateUserRequest, ListProductsRequest, ListProductsResponse,
+        product_service_client::ProductServiceClient, user_service_client::UserServiceClient,
+    },
 };
 use serde::de::DeserializeOwned;
 use sqlx::{Connection, Executor, PgConnection, PgPool};
@@ -107,6 +111,60 @@ impl TestApp {
             .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
             .map(|value| value.trim().parse().unwrap())
             .unwrap_or(0.0)
+    }
+}
+
+/// Requests every test file makes, built in one place.
+impl TestApp {
+    pub async fn create_user(&mut self, email: &str) -> proto::User {
+        let request = CreateUserRequest {
+            email: email.to_string(),
+            preferences: None,
+        };
+        self.users.create_user(request).await.unwrap().into_inner()
+    }
+
+    pub async fn create_product(&mut self, category: &str, name: &str) -> proto::Product {
+        let request = CreateProductRequest {
+            category_id: category.to_string(),
+            name: name.to_string(),
+            description: format!("about {name}"),
+            price_cents: 1999,
+            currency: "EUR".to_string(),
+        };
+        self.products.create_product(request).await.unwrap().into_inner()
+    }
+
+    /// Products with random names, so that list order differs from creation order.
+    pub async fn create_products(&mut self, category: &str, count: usize) -> Vec<proto::Product> {
+        let mut created = Vec::with_capacity(count);
+        for _ in 0..count {
+            let name: String = rand::rng().sample_iter(&Alphanumeric).take(8).map(char::from).collect();
+            created.push(self.create_product(category, &name).await);
+        }
+        created
+    }
+
+    /// Page `page` (by number) of a category.
+    pub async fn list_page(&mut self, category: &str, page: i32, page_size: i32) -> ListProductsResponse {
+        let request = ListProductsRequest {
+            category_id: category.to_string(),
+            page,
+            page_size,
+            ..Default::default()
+        };
+        self.products.list_products(request).await.unwrap().into_inner()
+    }
+
+    /// The page after `page_token`.
+    pub async fn list_after(&mut self, category: &str, page_token: &str, page_size: i32) -> ListProductsResponse {
+        let request = ListProductsRequest {
+            category_id: category.to_string(),
+            page_size,
+            page_token: page_token.to_string(),
+            ..Default::default()
+        };
+        self.products.list_products(request).await.unwrap().into_inner()
     }
 }
 

@@ -1,0 +1,171 @@
+//! The Redis connections every request shares.
+//!
+//! A multiplexed connection carries any number of concurrent commands, so a
+//! request never waits for a connection of its own: it clones a handle to one
+//! of a few long-lived connections (round robin) and sends its command. There
+//! is no checkout on the hot path, and so no PING/UNWATCH recycle round trip
+//! per command (what `deadpool_redis::Pool::get` does) and no wait for a free
+//! slot inside a command's deadline.
+//!
+//! deadpool-redis still makes every connection: a slot whose connection broke
+//! (Redis restarted, a socket reset) is emptied and refilled in the background
+//! by a task that asks the pool for a new one, with backoff, until it succeeds.
+//! Meanwhile requests use the other slots, or fail open when none is connected.
+
+use std::{
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicBool, AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use deadpool_redis::{
+    Connection, Manager, Pool, Runtime,
+    redis::{self, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection, io::tcp::TcpSettings},
+};
+
+/// Opening one connection may take longer than one command's deadline.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
+const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+
+/// A connection handle and which slot (and which connection of that slot) it came from.
+pub struct Checked {
+    pub connection: MultiplexedConnection,
+    slot: usize,
+    generation: u64,
+}
+
+pub struct Connections {
+    /// Makes connections; it holds none itself (each is taken out of it at once).
+    pool: Pool,
+    slots: Box<[Slot]>,
+    next: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Slot {
+    state: RwLock<SlotState>,
+    /// A task is (re)connecting this slot.
+    connecting: AtomicBool,
+}
+
+#[derive(Default)]
+struct SlotState {
+    connection: Option<MultiplexedConnection>,
+    /// Bumped on every new connection, so a late failure report about an old
+    /// connection does not discard its replacement.
+    generation: u64,
+}
+
+impl Connections {
+    /// Connects nothing yet: see `connect_all`.
+    pub fn new(url: &str, count: usize) -> anyhow::Result<Arc<Self>> {
+        let info = connection_info(url)?;
+        let manager = Manager::new(info).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+        let pool = Pool::builder(manager)
+            .max_size(count)
+            .wait_timeout(Some(CONNECT_TIMEOUT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .map_err(|e| anyhow::anyhow!("cannot set up Redis connections: {e}"))?;
+        Ok(Arc::new(Self {
+            pool,
+            slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
+            next: AtomicUsize::new(0),
+        }))
+    }
+
+    /// Starts connecting every slot in the background; slots that cannot
+    /// connect keep retrying with backoff.
+    pub fn connect_all(self: &Arc<Self>) {
+        for slot in 0..self.slots.len() {
+            self.reconnect(slot);
+        }
+    }
+
+    /// A handle to a connected slot, taking slots in turn; `None` when none is connected.
+    pub fn get(&self) -> Option<Checked> {
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        (0..self.slots.len()).find_map(|offset| {
+            let slot = (start + offset) % self.slots.len();
+            let state = self.slots[slot].state.read().unwrap_or_else(|p| p.into_inner());
+            state.connection.as_ref().map(|connection| Checked {
+                connection: connection.clone(),
+                slot,
+                generation: state.generation,
+            })
+        })
+    }
+
+    /// Reports that a command on `checked` failed with `error`: if the error
+    /// means the connection is gone, the slot is emptied and reconnected.
+    pub fn report_error(self: &Arc<Self>, checked: &Checked, error: &redis::RedisError) {
+        if !(error.is_unrecoverable_error() || error.is_connection_dropped() || error.is_io_error()) {
+            return;
+        }
+        {
+            let mut state = self.slots[checked.slot]
+                .state
+                .write()
+                .unwrap_or_else(|p| p.into_inner());
+            if state.generation != checked.generation || state.connection.is_none() {
+                return; // already replaced, or being replaced
+            }
+            state.connection = None;
+        }
+        self.reconnect(checked.slot);
+    }
+
+    /// Fills `slot` in the background unless a task is already at it.
+    fn reconnect(self: &Arc<Self>, slot: usize) {
+        if self.slots[slot].connecting.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let this = self.clone();
+        tokio::spawn(async move {
+            let mut delay = RECONNECT_FIRST_DELAY;
+            loop {
+                match this.pool.get().await {
+                    Ok(pooled) => {
+                        let mut state = this.slots[slot].state.write().unwrap_or_else(|p| p.into_inner());
+                        state.connection = Some(Connection::take(pooled));
+                        state.generation += 1;
+                        break;
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, slot, "cannot connect to Redis; retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(RECONNECT_MAX_DELAY);
+                    }
+                }
+            }
+            this.slots[slot].connecting.store(false, Ordering::Release);
+        });
+    }
+
+    pub fn connected(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| {
+                slot.state
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .connection
+                    .is_some()
+            })
+            .count()
+    }
+}
+
+/// The URL's connection settings, with `TCP_NODELAY`: without it a command
+/// written while an earlier one is unacknowledged waits for the delayed ACK
+/// (Nagle's algorithm), tens of milliseconds on an otherwise idle link.
+pub fn connection_info(url: &str) -> anyhow::Result<ConnectionInfo> {
+    let info = url
+        .into_connection_info()
+        .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+    Ok(info.set_tcp_settings(TcpSettings::default().set_nodelay(true)))
+}
