@@ -13,8 +13,10 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto ./proto
 COPY migrations ./migrations
 COPY src ./src
-# Cargo.toml declares [[bench]] get_user, so its source must exist for any build.
+# Cargo.toml declares a [[bench]] and the bench/ workspace member, so their
+# sources must exist for any build.
 COPY benches ./benches
+COPY bench ./bench
 
 RUN cargo build --release --locked --bin readthrough
 

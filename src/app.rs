@@ -74,18 +74,20 @@ impl Application {
     /// closes the pools.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
         let (grpc_port, metrics_port) = (self.grpc_port(), self.metrics_port());
+        let services = self.services;
         let Services {
             users,
             products,
             pool,
             cache,
-        } = self.services;
+        } = services.clone();
         let admin = CacheAdminApi::new(cache.clone());
-        cache.open_connections();
         let background = [
             tokio::spawn(relay::run(pool.clone(), cache.clone())),
-            // Counted now; the near cache will act on them.
-            tokio::spawn(async move { cache.receive_events(|_| {}).await }),
+            tokio::spawn({
+                let services = services.clone();
+                async move { cache.receive_events(|feed| services.on_event(&feed)).await }
+            }),
         ];
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;

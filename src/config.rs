@@ -137,6 +137,19 @@ pub struct Config {
     #[arg(long, env = "COMPRESS_THRESHOLD_BYTES", default_value_t = 1024)]
     pub compress_threshold_bytes: usize,
 
+    /// Keep hot entities in process memory too, in front of Redis (see `cache::near`).
+    #[arg(long, env = "NEAR_CACHE_ENABLED", default_value_t = false, action = ArgAction::Set)]
+    pub near_cache_enabled: bool,
+
+    /// Most entities the near cache holds, per entity kind.
+    #[arg(long, env = "NEAR_CACHE_CAPACITY", default_value_t = 100_000)]
+    pub near_cache_capacity: u64,
+
+    /// How long the near cache keeps an entry, in milliseconds: the bound on
+    /// its staleness if an invalidation event were lost.
+    #[arg(long, env = "NEAR_CACHE_TTL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub near_cache_ttl_ms: u64,
+
     /// How many ids one list fill loads at most: a cold list caches this many
     /// from its start; pages past them load (and cache) chunks of `LIST_CHUNK_IDS`.
     #[arg(long, env = "LIST_CACHE_MAX_IDS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(100..))]

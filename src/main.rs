@@ -86,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
             let started = std::time::Instant::now();
             let report = ops::seed(
                 &services.pool,
+                &services.cache,
                 SeedOptions {
                     users,
                     products,

@@ -49,6 +49,8 @@ struct Slot {
     state: RwLock<SlotState>,
     /// A task is (re)connecting this slot.
     connecting: AtomicBool,
+    /// The first connection attempt has ended (either way).
+    tried: AtomicBool,
 }
 
 #[derive(Default)]
@@ -78,11 +80,20 @@ impl Connections {
         }))
     }
 
-    /// Starts connecting every slot in the background; slots that cannot
-    /// connect keep retrying with backoff.
-    pub fn connect_all(self: &Arc<Self>) {
+    /// Starts connecting every slot in the background (slots that cannot
+    /// connect keep retrying with backoff) and waits until each has tried
+    /// once, at most `CONNECT_TIMEOUT`: a service starting next to a healthy
+    /// Redis serves its first request from the cache, and one starting while
+    /// Redis is down starts anyway.
+    pub async fn connect_all(self: &Arc<Self>) {
         for slot in 0..self.slots.len() {
             self.reconnect(slot);
+        }
+        let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+        while !self.slots.iter().all(|slot| slot.tried.load(Ordering::Acquire))
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
@@ -136,12 +147,14 @@ impl Connections {
                         break;
                     }
                     Err(error) => {
+                        this.slots[slot].tried.store(true, Ordering::Release);
                         tracing::debug!(%error, slot, "cannot connect to Redis; retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(RECONNECT_MAX_DELAY);
                     }
                 }
             }
+            this.slots[slot].tried.store(true, Ordering::Release);
             this.slots[slot].connecting.store(false, Ordering::Release);
         });
     }

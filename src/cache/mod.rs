@@ -13,6 +13,7 @@ pub mod codec;
 mod connections;
 pub mod keys;
 mod lists;
+pub mod near;
 mod redis;
 
 use std::{
@@ -32,8 +33,8 @@ use crate::{
 };
 pub use keys::Keys;
 pub use lists::{CachedMeta, ListMeta, ListRead};
-use redis::GuardedFill;
 pub use redis::RedisClient;
+use redis::{Delivery, GuardedFill};
 
 /// How often an invalidation is tried before it is given up (and logged).
 const INVALIDATION_ATTEMPTS: u32 = 3;
@@ -70,6 +71,7 @@ impl Kind {
 struct Outcomes {
     hits: Counter,
     misses: Counter,
+    near_hits: Counter,
 }
 
 impl Outcomes {
@@ -77,6 +79,7 @@ impl Outcomes {
         Self {
             hits: metrics::counter!("readthrough_cache_hits_total", "entity" => kind.label()),
             misses: metrics::counter!("readthrough_cache_misses_total", "entity" => kind.label()),
+            near_hits: metrics::counter!("readthrough_near_cache_hits_total", "entity" => kind.label()),
         }
     }
 }
@@ -87,6 +90,8 @@ pub trait Cacheable: Serialize + DeserializeOwned + Clone + Send + Sync + 'stati
     const KIND: Kind;
     fn key(keys: &Keys, id: Self::Id) -> String;
     fn id(&self) -> Self::Id;
+    /// The id an outbox row or an event names.
+    fn id_of(uuid: uuid::Uuid) -> Self::Id;
     fn ttl(ttls: &Ttls) -> Duration;
     /// A decoded value must belong to the key it was read from and be plausible.
     fn is_valid_for(&self, id: Self::Id) -> bool;
@@ -100,6 +105,9 @@ impl Cacheable for User {
     }
     fn id(&self) -> UserId {
         UserId::from_uuid(self.id)
+    }
+    fn id_of(uuid: uuid::Uuid) -> UserId {
+        UserId::from_uuid(uuid)
     }
     fn ttl(ttls: &Ttls) -> Duration {
         ttls.user
@@ -117,6 +125,9 @@ impl Cacheable for Product {
     }
     fn id(&self) -> ProductId {
         ProductId::from_uuid(self.id)
+    }
+    fn id_of(uuid: uuid::Uuid) -> ProductId {
+        ProductId::from_uuid(uuid)
     }
     fn ttl(ttls: &Ttls) -> Duration {
         ttls.product
@@ -151,6 +162,16 @@ pub struct Hooks {
     pub before_invalidate: Option<Hook>,
     /// Fills ignore leases: only for the test that shows the stale-set race.
     pub unguarded_fills: bool,
+}
+
+/// What the event subscription delivers (see `Cache::receive_events`).
+#[derive(Debug)]
+pub enum EventFeed {
+    /// Subscribed (again): every event from now on arrives.
+    Subscribed,
+    /// The subscription dropped: events may be missed until `Subscribed`.
+    Lost,
+    Event(Event),
 }
 
 /// What is stored under an entity's key.
@@ -234,6 +255,13 @@ impl Cache {
 
     fn outcomes(&self, kind: Kind) -> &Outcomes {
         &self.outcomes[kind as usize]
+    }
+
+    /// Lookups the near cache answered (see `cache::near`).
+    pub fn count_near_hits<E: Cacheable>(&self, hits: u64) {
+        if hits > 0 {
+            self.outcomes(E::KIND).near_hits.increment(hits);
+        }
     }
 
     /// A fill refused because its lease (or list generation) was gone: a write came first.
@@ -497,27 +525,29 @@ impl Cache {
         Some((count, sample))
     }
 
-    /// Receives every instance's invalidation events, forever, counting them.
-    pub async fn receive_events(&self, mut on_event: impl FnMut(Event)) {
+    /// Receives every instance's invalidation events, forever, counting them;
+    /// also says when the subscription is up and when it dropped.
+    pub async fn receive_events(&self, mut on: impl FnMut(EventFeed)) {
         self.redis
-            .subscribe(&self.keys.events(), |payload| {
-                match serde_json::from_slice::<Event>(payload) {
+            .subscribe(&self.keys.events(), |delivery| match delivery {
+                Delivery::Subscribed => on(EventFeed::Subscribed),
+                Delivery::Lost => on(EventFeed::Lost),
+                Delivery::Message(payload) => match serde_json::from_slice::<Event>(payload) {
                     Ok(event) => {
                         metrics::counter!("readthrough_events_received_total", "event" => event.event.clone())
                             .increment(1);
-                        on_event(event);
+                        on(EventFeed::Event(event));
                     }
                     Err(error) => tracing::warn!(%error, "ignoring a malformed invalidation event"),
-                }
+                },
             })
             .await;
     }
 
-    /// Opens Redis connections ahead of the first requests, in the background
-    /// (see `RedisClient::open_connections`).
-    pub fn open_connections(&self) {
+    /// Opens the Redis connections (see `RedisClient::open_connections`).
+    pub async fn open_connections(&self) {
         if self.enabled {
-            self.redis.open_connections();
+            self.redis.open_connections().await;
         }
     }
 }

@@ -93,6 +93,15 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// What a subscription delivers.
+pub enum Delivery<'a> {
+    /// Subscribed (again): from now on every message arrives.
+    Subscribed,
+    /// The subscription dropped: messages may be missed until `Subscribed`.
+    Lost,
+    Message(&'a [u8]),
+}
+
 /// One value to store under a lease.
 pub struct GuardedFill<'a> {
     pub key: &'a str,
@@ -361,15 +370,17 @@ impl RedisClient {
 
     /// Calls `on_message` with each message published on `channel`, forever,
     /// resubscribing after a lost connection.
-    pub async fn subscribe(&self, channel: &str, mut on_message: impl FnMut(&[u8])) {
+    pub async fn subscribe(&self, channel: &str, mut on: impl FnMut(Delivery<'_>)) {
         loop {
             match self.client.get_async_pubsub().await {
                 Ok(mut pubsub) => match pubsub.subscribe(channel).await {
                     Ok(()) => {
+                        on(Delivery::Subscribed);
                         let mut messages = pubsub.on_message();
                         while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
-                            on_message(message.get_payload_bytes());
+                            on(Delivery::Message(message.get_payload_bytes()));
                         }
+                        on(Delivery::Lost);
                     }
                     Err(error) => self.errors.report("subscribe", &error.to_string()),
                 },
@@ -379,10 +390,11 @@ impl RedisClient {
         }
     }
 
-    /// Starts connecting in the background, so the first burst of requests
-    /// does not queue behind connection setup. Keeps retrying while Redis is down.
-    pub fn open_connections(&self) {
-        self.connections.connect_all();
+    /// Connects (see `Connections::connect_all`): up front, so the first
+    /// requests do not queue behind connection setup; retrying in the
+    /// background while Redis is down.
+    pub async fn open_connections(&self) {
+        self.connections.connect_all().await;
     }
 
     /// How many of the shared connections are up.

@@ -2,11 +2,23 @@
 //!
 //! Ids are derived from the row number (UUID v5), so seeding twice inserts
 //! nothing new and the README can name ids that exist on every machine.
+//!
+//! The outbox triggers record every inserted row, as for any write. Seed
+//! carries out each batch's invalidations itself, coalesced (a handful of
+//! category lists and the rows' own keys, in one round trip, no events), and
+//! then deletes the batch's outbox rows, so a `serve` started afterwards does
+//! not relay a million rows one event at a time. If Redis does not answer,
+//! the rows stay for the relay, as for any write.
 
-use sqlx::PgPool;
+use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::domain::{ProductId, UserId};
+use crate::{
+    cache::Cache,
+    domain::{ProductId, UserId},
+    service::relay,
+    store::{StoreError, outbox},
+};
 
 /// Namespace of the demo data's v5 UUIDs.
 const DEMO_NAMESPACE: Uuid = Uuid::from_u128(0x6f2c_1d3e_8a4b_4c5d_9e6f_7a8b_9c0d_1e2f);
@@ -31,6 +43,8 @@ pub struct SeedOptions {
 pub struct SeedReport {
     pub users_inserted: u64,
     pub products_inserted: u64,
+    /// Outbox rows left to the relay because Redis did not confirm their invalidation.
+    pub left_to_relay: u64,
 }
 
 /// The id of demo user `n` (0-based).
@@ -48,11 +62,12 @@ fn demo_category(n: u32) -> String {
     format!("category-{n:02}")
 }
 
-/// Inserts the demo rows that are not there yet.
-pub async fn seed(pool: &PgPool, options: SeedOptions) -> Result<SeedReport, sqlx::Error> {
+/// Inserts the demo rows that are not there yet, and invalidates what they touch.
+pub async fn seed(pool: &PgPool, cache: &Cache, options: SeedOptions) -> Result<SeedReport, StoreError> {
     let mut report = SeedReport {
         users_inserted: 0,
         products_inserted: 0,
+        left_to_relay: 0,
     };
     for start in (0..options.users).step_by(BATCH as usize) {
         let rows: Vec<u32> = (start..options.users.min(start + BATCH)).collect();
@@ -64,6 +79,7 @@ pub async fn seed(pool: &PgPool, options: SeedOptions) -> Result<SeedReport, sql
                 |n| serde_json::json!({ "theme": if n % 2 == 0 { "dark" } else { "light" }, "newsletter": n % 3 == 0 }),
             )
             .collect();
+        let mut tx = pool.begin().await?;
         report.users_inserted += sqlx::query(
             "INSERT INTO users (id, email, preferences) \
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::jsonb[]) ON CONFLICT DO NOTHING",
@@ -71,9 +87,10 @@ pub async fn seed(pool: &PgPool, options: SeedOptions) -> Result<SeedReport, sql
         .bind(ids)
         .bind(emails)
         .bind(preferences)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        report.left_to_relay += commit_and_invalidate(pool, cache, tx).await?;
     }
     let categories = options.categories.max(1);
     for start in (0..options.products).step_by(BATCH as usize) {
@@ -97,6 +114,7 @@ pub async fn seed(pool: &PgPool, options: SeedOptions) -> Result<SeedReport, sql
             .iter()
             .map(|&n| CURRENCIES[n as usize % CURRENCIES.len()])
             .collect();
+        let mut tx = pool.begin().await?;
         report.products_inserted += sqlx::query(
             "INSERT INTO products (id, category_id, name, description, price_cents, currency) \
              SELECT * FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::bigint[], $6::text[]) \
@@ -108,9 +126,31 @@ pub async fn seed(pool: &PgPool, options: SeedOptions) -> Result<SeedReport, sql
         .bind(descriptions)
         .bind(prices)
         .bind(currencies)
-        .execute(pool)
+        .execute(&mut *tx)
         .await?
         .rows_affected();
+        report.left_to_relay += commit_and_invalidate(pool, cache, tx).await?;
     }
     Ok(report)
+}
+
+/// Commits a batch, invalidates what its outbox rows name (coalesced, no
+/// events), and deletes those rows; how many rows were left to the relay.
+async fn commit_and_invalidate(
+    pool: &PgPool,
+    cache: &Cache,
+    mut tx: Transaction<'_, Postgres>,
+) -> Result<u64, StoreError> {
+    let rows = outbox::recorded(&mut tx).await?;
+    tx.commit().await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let (groups, _events) = relay::invalidations(cache, &rows);
+    if !cache.invalidate(&groups, &[]).await {
+        return Ok(rows.len() as u64);
+    }
+    let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+    outbox::confirm(pool, &ids).await?;
+    Ok(0)
 }

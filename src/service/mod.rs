@@ -11,7 +11,7 @@ pub mod relay;
 mod single_flight;
 mod users;
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Duration};
 
 use sqlx::PgPool;
 
@@ -19,7 +19,7 @@ pub use products::{ProductPage, Products};
 pub use users::Users;
 
 use crate::{
-    cache::{Cache, Hooks},
+    cache::{Cache, EventFeed, Hooks, near::NearCache},
     config::Config,
     domain::ValidationError,
     store::{self, StoreError, outbox},
@@ -35,15 +35,18 @@ pub struct Services {
 }
 
 impl Services {
-    /// Connects to PostgreSQL; Redis is connected lazily, so this works while Redis is down.
+    /// Connects to PostgreSQL and Redis; works while Redis is down (its
+    /// connections are retried in the background).
     pub async fn connect(config: &Config, hooks: Hooks) -> anyhow::Result<Self> {
         let pool = store::connect(config).await?;
         let cache = Arc::new(Cache::new(config, hooks)?);
+        cache.open_connections().await;
         Ok(Self {
-            users: Users::new(pool.clone(), cache.clone()),
+            users: Users::new(pool.clone(), cache.clone(), near_cache(config)),
             products: Products::new(
                 pool.clone(),
                 cache.clone(),
+                near_cache(config),
                 config.list_cache_max_ids,
                 config.list_chunk_ids,
             ),
@@ -51,6 +54,41 @@ impl Services {
             cache,
         })
     }
+
+    /// Acts on what the invalidation event subscription delivers: near caches
+    /// drop the entities events name, and drop everything (and pause) while
+    /// events may be missed.
+    pub fn on_event(&self, feed: &EventFeed) {
+        match feed {
+            EventFeed::Subscribed => {
+                self.users.listening(true);
+                self.products.listening(true);
+            }
+            EventFeed::Lost => {
+                self.users.listening(false);
+                self.products.listening(false);
+            }
+            EventFeed::Event(event) => match event.event.split('.').next() {
+                Some("user") => self.users.forget(event.id),
+                Some("product") => self.products.forget(event.id),
+                _ => {}
+            },
+        }
+    }
+}
+
+/// A near cache for one entity kind, when configured.
+fn near_cache<K, V>(config: &Config) -> Option<NearCache<K, V>>
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+    V: Clone + Send + Sync + 'static,
+{
+    config.near_cache_enabled.then(|| {
+        NearCache::new(
+            config.near_cache_capacity,
+            Duration::from_millis(config.near_cache_ttl_ms),
+        )
+    })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,11 +129,19 @@ impl From<StoreError> for ServiceError {
 }
 
 /// After a committed write: delete the keys its outbox rows name, and publish
-/// their events, before the caller hears back. When Redis confirmed, the rows
-/// are done with (deleted in the background); otherwise the relay retries them.
-async fn invalidate_written<T>(pool: &PgPool, cache: &Cache, written: outbox::Written<T>) -> T {
+/// their events, then drop them from this instance's near cache (`forget`),
+/// before the caller hears back. When Redis confirmed, the rows are done with
+/// (deleted in the background); otherwise the relay retries them.
+async fn invalidate_written<T>(
+    pool: &PgPool,
+    cache: &Cache,
+    written: outbox::Written<T>,
+    forget: impl FnOnce(&[outbox::OutboxRow]),
+) -> T {
     let (groups, events) = relay::invalidations(cache, &written.outbox);
-    if cache.invalidate(&groups, &events).await && !written.outbox.is_empty() {
+    let confirmed = cache.invalidate(&groups, &events).await;
+    forget(&written.outbox);
+    if confirmed && !written.outbox.is_empty() {
         let pool = pool.clone();
         let ids: Vec<i64> = written.outbox.iter().map(|row| row.id).collect();
         tokio::spawn(async move {

@@ -11,9 +11,9 @@ use super::{
     read_through::ReadThrough,
 };
 use crate::{
-    cache::Cache,
+    cache::{Cache, near::NearCache},
     domain::{CategoryId, Cursor, NewProduct, PageRequest, PageStart, Product, ProductId, ProductPatch},
-    store::products,
+    store::{outbox::OutboxRow, products},
 };
 
 /// One page of a category, how many products the category has, and where
@@ -34,9 +34,15 @@ pub struct Products {
 }
 
 impl Products {
-    pub fn new(pool: PgPool, cache: Arc<Cache>, list_cache_max_ids: u32, list_chunk_ids: u32) -> Self {
+    pub fn new(
+        pool: PgPool,
+        cache: Arc<Cache>,
+        near: Option<NearCache<ProductId, Option<Product>>>,
+        list_cache_max_ids: u32,
+        list_chunk_ids: u32,
+    ) -> Self {
         Self {
-            reads: ReadThrough::new(pool.clone(), cache.clone()),
+            reads: ReadThrough::new(pool.clone(), cache.clone(), near),
             lists: Arc::new(Lists::new(
                 pool.clone(),
                 cache.clone(),
@@ -46,6 +52,21 @@ impl Products {
             pool,
             cache,
         }
+    }
+
+    /// Drops a product from the near cache (its invalidation event arrived).
+    pub fn forget(&self, id: uuid::Uuid) {
+        self.reads.forget([ProductId::from_uuid(id)]);
+    }
+
+    /// Whether invalidation events are being received (see `cache::near`).
+    pub fn listening(&self, listening: bool) {
+        self.reads.listening(listening);
+    }
+
+    fn forget_written(&self, rows: &[OutboxRow]) {
+        self.reads
+            .forget(rows.iter().map(|row| ProductId::from_uuid(row.entity_id)));
     }
 
     pub async fn get(&self, id: ProductId) -> Result<Product, ServiceError> {
@@ -93,7 +114,7 @@ impl Products {
 
     pub async fn create(&self, new: NewProduct) -> Result<Product, ServiceError> {
         let written = products::insert(&self.pool, &new).await?;
-        Ok(invalidate_written(&self.pool, &self.cache, written).await)
+        Ok(invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     /// The outbox row names the old and the new category when the product's
@@ -104,14 +125,14 @@ impl Products {
         let written = products::update(&self.pool, &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
-        Ok(invalidate_written(&self.pool, &self.cache, written).await)
+        Ok(invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     pub async fn delete(&self, id: ProductId) -> Result<(), ServiceError> {
         let written = products::delete(&self.pool, id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
-        invalidate_written(&self.pool, &self.cache, written).await;
+        invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await;
         Ok(())
     }
 }

@@ -12,7 +12,7 @@ use sqlx::PgPool;
 
 use super::single_flight::{Fresh, SingleFlight};
 use crate::{
-    cache::{Cache, Cacheable, Cached, Lease},
+    cache::{Cache, Cacheable, Cached, Lease, near::NearCache},
     domain::{Product, User},
     store::{self, StoreError},
 };
@@ -43,22 +43,71 @@ pub struct ReadThrough<E: Loadable> {
     cache: Arc<Cache>,
     /// `None` tells waiters the leader failed, so they try themselves.
     flights: SingleFlight<E::Id, Option<Option<E>>>,
+    /// In front of Redis when configured (see `cache::near`).
+    near: Option<NearCache<E::Id, Option<E>>>,
 }
 
 impl<E: Loadable> ReadThrough<E> {
-    pub fn new(pool: PgPool, cache: Arc<Cache>) -> Arc<Self> {
+    pub fn new(pool: PgPool, cache: Arc<Cache>, near: Option<NearCache<E::Id, Option<E>>>) -> Arc<Self> {
         Arc::new(Self {
             pool,
             cache,
             flights: SingleFlight::new(),
+            near,
         })
     }
 
     /// The entity for each id, in order; `None` where no such entity exists.
+    pub async fn get_many(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
+        let Some(near) = &self.near else {
+            return self.get_many_shared(ids).await;
+        };
+        let epoch = near.epoch();
+        let mut found: Vec<Option<Option<E>>> = ids.iter().map(|id| near.get(id)).collect();
+        let missing: Vec<E::Id> = ids
+            .iter()
+            .zip(&found)
+            .filter(|(_, near_hit)| near_hit.is_none())
+            .map(|(id, _)| *id)
+            .collect();
+        self.cache.count_near_hits::<E>((ids.len() - missing.len()) as u64);
+        if !missing.is_empty() {
+            let mut loaded = self.get_many_shared(&missing).await?.into_iter();
+            for (slot, id) in found.iter_mut().zip(ids) {
+                if slot.is_none() {
+                    let value = loaded.next().flatten();
+                    near.insert(*id, value.clone(), epoch);
+                    *slot = Some(value);
+                }
+            }
+        }
+        Ok(found.into_iter().map(Option::flatten).collect())
+    }
+
+    /// Drops what `rows` name from the near cache: after a write's
+    /// invalidation, before the write returns, or when its event arrives.
+    pub fn forget(&self, ids: impl IntoIterator<Item = E::Id>) {
+        if let Some(near) = &self.near {
+            for id in ids {
+                near.invalidate(&id);
+            }
+        }
+    }
+
+    /// Whether invalidation events are being received (see `cache::near`).
+    pub fn listening(&self, listening: bool) {
+        match (&self.near, listening) {
+            (Some(near), true) => near.resume(),
+            (Some(near), false) => near.pause(),
+            (None, _) => {}
+        }
+    }
+
+    /// The entity for each id from the shared cache (Redis) and PostgreSQL.
     ///
     /// The hit path is kept small: what a miss needs runs in a boxed future of
     /// its own, so that a hit does not carry (and move around) its state.
-    pub async fn get_many(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
+    async fn get_many_shared(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
         let Some(cached) = self.cache.get_many::<E>(ids).await else {
             // Cache off or Redis unavailable: PostgreSQL answers, nothing is filled.
             return Box::pin(self.read_uncached(ids)).await;

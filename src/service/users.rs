@@ -6,9 +6,9 @@ use sqlx::PgPool;
 
 use super::{ServiceError, invalidate_written, read_through::ReadThrough};
 use crate::{
-    cache::Cache,
+    cache::{Cache, near::NearCache},
     domain::{NewUser, User, UserId, UserPatch},
-    store::users,
+    store::{outbox::OutboxRow, users},
 };
 
 #[derive(Clone)]
@@ -19,12 +19,27 @@ pub struct Users {
 }
 
 impl Users {
-    pub fn new(pool: PgPool, cache: Arc<Cache>) -> Self {
+    pub fn new(pool: PgPool, cache: Arc<Cache>, near: Option<NearCache<UserId, Option<User>>>) -> Self {
         Self {
-            reads: ReadThrough::new(pool.clone(), cache.clone()),
+            reads: ReadThrough::new(pool.clone(), cache.clone(), near),
             pool,
             cache,
         }
+    }
+
+    /// Drops a user from the near cache (its invalidation event arrived).
+    pub fn forget(&self, id: uuid::Uuid) {
+        self.reads.forget([UserId::from_uuid(id)]);
+    }
+
+    /// Whether invalidation events are being received (see `cache::near`).
+    pub fn listening(&self, listening: bool) {
+        self.reads.listening(listening);
+    }
+
+    fn forget_written(&self, rows: &[OutboxRow]) {
+        self.reads
+            .forget(rows.iter().map(|row| UserId::from_uuid(row.entity_id)));
     }
 
     pub async fn get(&self, id: UserId) -> Result<User, ServiceError> {
@@ -47,7 +62,7 @@ impl Users {
 
     pub async fn create(&self, new: NewUser) -> Result<User, ServiceError> {
         let written = users::insert(&self.pool, &new).await?;
-        Ok(invalidate_written(&self.pool, &self.cache, written).await)
+        Ok(invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     pub async fn update(&self, patch: UserPatch) -> Result<User, ServiceError> {
@@ -55,14 +70,14 @@ impl Users {
         let written = users::update(&self.pool, &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        Ok(invalidate_written(&self.pool, &self.cache, written).await)
+        Ok(invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     pub async fn delete(&self, id: UserId) -> Result<(), ServiceError> {
         let written = users::delete(&self.pool, id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        invalidate_written(&self.pool, &self.cache, written).await;
+        invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await;
         Ok(())
     }
 }

@@ -9,30 +9,15 @@ use std::{
     time::Duration,
 };
 
-use prost_types::FieldMask;
 use readthrough::{
     cache::{Entry, Hook, Hooks},
     domain::{User, UserId},
-    proto::{self, GetUserRequest, UpdateUserRequest},
+    proto::GetUserRequest,
 };
 use tokio::sync::Notify;
 use tonic::Code;
 
-use crate::helpers::{spawn_app_with, spawn_app_with_hooks};
-
-fn rename(id: &str, email: &str) -> UpdateUserRequest {
-    UpdateUserRequest {
-        user: Some(proto::User {
-            id: id.into(),
-            email: email.into(),
-            ..Default::default()
-        }),
-        update_mask: Some(FieldMask {
-            paths: vec!["email".into()],
-        }),
-        expected_version: 0,
-    }
-}
+use crate::helpers::{rename_user, spawn_app_with, spawn_app_with_hooks};
 
 const USER_LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;
 
@@ -112,7 +97,7 @@ async fn stale_set_interleaving(unguarded_fills: bool) -> Option<i64> {
 
     let written = app
         .users
-        .update_user(rename(&user.id, "v2@example.com"))
+        .update_user(rename_user(&user.id, "v2@example.com"))
         .await
         .unwrap()
         .into_inner();

@@ -23,8 +23,8 @@ const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG"];
 /// What compose must pass for the service to reach its databases and be reachable.
 const REQUIRED_VARIABLES: &[&str] = &["DATABASE_URL", "REDIS_URL", "GRPC_ADDR", "METRICS_ADDR"];
 
-/// What `cargo build` needs from the build context (Cargo.toml declares
-/// `[[bench]] get_user`, so `benches/` must be there too).
+/// What `cargo build` needs from the build context (Cargo.toml declares a
+/// `[[bench]]` and the `bench` workspace member, so both must be there too).
 const BUILD_INPUTS: &[&str] = &[
     "Cargo.toml",
     "Cargo.lock",
@@ -33,6 +33,7 @@ const BUILD_INPUTS: &[&str] = &[
     "migrations",
     "src",
     "benches",
+    "bench",
 ];
 
 fn read_project_file(name: &str) -> String {

@@ -1,10 +1,5 @@
 //! Redis is an optimisation: with Redis down or dying, every call still answers from PostgreSQL.
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
-
 use prost_types::FieldMask;
 use readthrough::proto::{
     self, BatchGetUsersRequest, CreateProductRequest, CreateUserRequest, DeleteProductRequest, DeleteUserRequest,
@@ -12,7 +7,7 @@ use readthrough::proto::{
 };
 use tonic::Code;
 
-use crate::helpers::{eventually, free_port, redis, spawn_app_with};
+use crate::helpers::{OwnRedis, free_port, spawn_app_with};
 
 #[tokio::test]
 async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
@@ -128,52 +123,6 @@ async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
         app.metric(r#"readthrough_cache_errors_total{operation="get"}"#).await >= 1.0,
         "errors are counted"
     );
-}
-
-/// A Redis server of the test's own, on a free port, killed when dropped.
-struct OwnRedis {
-    child: Child,
-    url: String,
-}
-
-impl OwnRedis {
-    async fn start() -> Self {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/services installs it)");
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).unwrap();
-        let up = eventually(Duration::from_secs(10), || {
-            let client = client.clone();
-            async move { client.get_multiplexed_async_connection().await.is_ok() }
-        })
-        .await;
-        assert!(up, "own redis-server started on port {port}");
-        Self { child, url }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OwnRedis {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 #[tokio::test]

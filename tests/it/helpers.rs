@@ -6,7 +6,12 @@
 //! is dropped. `spawn_sibling()` starts a second instance on the same database
 //! and namespace, as two replicas behind a load balancer would be.
 
-use std::{net::TcpListener as StdListener, sync::Arc, time::Duration};
+use std::{
+    net::TcpListener as StdListener,
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::Duration,
+};
 
 use rand::{Rng, distr::Alphanumeric};
 use readthrough::{
@@ -111,6 +116,21 @@ impl TestApp {
             .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
             .map(|value| value.trim().parse().unwrap())
             .unwrap_or(0.0)
+    }
+}
+
+/// An unconditional change of a user's email.
+pub fn rename_user(id: &str, email: &str) -> proto::UpdateUserRequest {
+    proto::UpdateUserRequest {
+        user: Some(proto::User {
+            id: id.into(),
+            email: email.into(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["email".into()],
+        }),
+        expected_version: 0,
     }
 }
 
@@ -374,5 +394,51 @@ impl RedisProxy {
 
     pub fn restore(&self) {
         self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// A Redis server of the test's own, on a free port, killed when dropped.
+pub struct OwnRedis {
+    child: Child,
+    pub url: String,
+}
+
+impl OwnRedis {
+    pub async fn start() -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/services installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let up = eventually(Duration::from_secs(10), || {
+            let client = client.clone();
+            async move { client.get_multiplexed_async_connection().await.is_ok() }
+        })
+        .await;
+        assert!(up, "own redis-server started on port {port}");
+        Self { child, url }
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

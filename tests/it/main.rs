@@ -10,6 +10,7 @@ mod consistency;
 mod deployment;
 mod fail_open;
 mod helpers;
+mod hot_path;
 mod invalidation;
 mod products;
 mod users;
