@@ -10,6 +10,8 @@ FROM rust:1.94-bookworm AS builder
 WORKDIR /app
 
 COPY Cargo.toml Cargo.lock build.rs ./
+# Build flags (tokio's unstable runtime options; see src/app.rs).
+COPY .cargo ./.cargo
 COPY proto ./proto
 COPY migrations ./migrations
 COPY src ./src

@@ -190,7 +190,7 @@ pub struct ServeConfig {
     pub migrate_on_start: bool,
 
     /// Most requests worked on at once; more wait in line (see `api::admission`).
-    #[arg(long, env = "MAX_IN_FLIGHT_REQUESTS", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "MAX_IN_FLIGHT_REQUESTS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_in_flight_requests: u32,
 
     /// How long a request may wait in line before it is answered RESOURCE_EXHAUSTED, in milliseconds.

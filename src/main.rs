@@ -62,8 +62,11 @@ fn parse_category(raw: &str) -> Result<CategoryId, String> {
     CategoryId::parse(raw).map_err(|e| e.to_string())
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    app::runtime()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     telemetry::init_logging();
     match Cli::parse().command {
         Command::Serve(config) => {

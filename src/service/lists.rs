@@ -193,24 +193,20 @@ impl Lists {
 
     /// The page after a token's cursor.
     async fn after(&self, category: &CategoryId, cursor: &Cursor, size: u64) -> Result<IdPage, ServiceError> {
-        let read = if cursor.generation == 0 {
-            ListRead::Miss
-        } else {
-            self.cache.read_list(category, cursor.position, size).await
-        };
-        let current_total = match &read {
-            ListRead::Hit { meta, .. } | ListRead::Partial { meta, .. } => Some(meta.meta),
-            ListRead::Miss | ListRead::Unavailable => None,
-        };
-        if let Some(meta) = current_total
-            && meta.generation == cursor.generation
-        {
-            // The list has not changed since the token: read it by position.
-            if let Some(page) = self.read_cached(category, cursor.position, size, read).await? {
-                return Ok(page);
+        // A cursor from a keyset page (generation 0) has no position to read by.
+        let mut current = None;
+        if cursor.generation != 0 {
+            let read = self.cache.read_list(category, cursor.position, size).await;
+            if let ListRead::Hit { meta, .. } | ListRead::Partial { meta, .. } = &read {
+                current = Some(meta.meta);
+                if meta.meta.generation == cursor.generation {
+                    // The list has not changed since the token: read it by position.
+                    if let Some(page) = self.read_cached(category, cursor.position, size, read).await? {
+                        return Ok(page);
+                    }
+                }
             }
         }
-        let current_total = current_total.map(|meta| meta.total);
         let Some((name, id)) = &cursor.key else {
             // Only when every product of the previous page was deleted while it
             // was read: continue from its position in the list as it is now.
@@ -219,8 +215,8 @@ impl Lists {
         let mut rows = products::list_range(&self.pool, category, RangeStart::After(name, *id), size + 1).await?;
         let more = rows.len() as u64 > size;
         rows.truncate(size as usize);
-        let total = match current_total {
-            Some(total) => total,
+        let total = match current {
+            Some(meta) => meta.total,
             None => self.total(category).await?,
         };
         Ok(IdPage {

@@ -128,3 +128,67 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> (Vec<KeyGroup>, Vec<E
     }
     (groups.into_iter().collect(), events)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{cache::Hooks, config::Config};
+
+    fn row(id: i64, entity: &str, entity_id: u128, categories: &[&str], event: &str) -> OutboxRow {
+        OutboxRow {
+            id,
+            entity: entity.to_string(),
+            entity_id: Uuid::from_u128(entity_id),
+            categories: categories.iter().map(ToString::to_string).collect(),
+            event: event.to_string(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_becomes_distinct_key_groups_and_one_event_per_entity() {
+        // Creating a cache connects nothing.
+        let cache = Cache::new(&Config::from_env(), Hooks::default()).unwrap();
+        let rows = [
+            row(1, "user", 7, &[], "user.created"),
+            row(2, "user", 7, &[], "user.updated"),
+            row(3, "user", 7, &[], "user.updated"),
+            row(4, "product", 9, &["books"], "product.created"),
+            row(5, "product", 9, &["books", "games"], "product.moved"),
+            row(6, "product", 10, &["books"], "product.deleted"),
+        ];
+        let (groups, events) = invalidations(&cache, &rows);
+
+        let books = CategoryId::parse("books").unwrap();
+        let games = CategoryId::parse("games").unwrap();
+        let mut expected = vec![
+            cache.entity_keys::<User>(UserId::from_uuid(Uuid::from_u128(7))),
+            cache.entity_keys::<Product>(ProductId::from_uuid(Uuid::from_u128(9))),
+            cache.entity_keys::<Product>(ProductId::from_uuid(Uuid::from_u128(10))),
+            cache.list_keys(&books),
+            cache.list_keys(&games),
+        ];
+        expected.sort();
+        assert_eq!(groups, expected, "each key group once");
+        assert_eq!(
+            events,
+            [
+                Event {
+                    event: "user.updated".into(),
+                    id: Uuid::from_u128(7),
+                    categories: vec![],
+                },
+                Event {
+                    event: "product.moved".into(),
+                    id: Uuid::from_u128(9),
+                    categories: vec!["books".into(), "games".into()],
+                },
+                Event {
+                    event: "product.deleted".into(),
+                    id: Uuid::from_u128(10),
+                    categories: vec!["books".into()],
+                },
+            ],
+            "one event per entity: its last row's, with every category"
+        );
+    }
+}

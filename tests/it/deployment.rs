@@ -34,6 +34,7 @@ const BUILD_INPUTS: &[&str] = &[
     "src",
     "benches",
     "bench",
+    ".cargo",
 ];
 
 fn read_project_file(name: &str) -> String {

@@ -221,3 +221,54 @@ async fn every_write_is_published_as_an_event_to_every_instance() {
             .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_publishes_one_event_per_entity_for_a_burst_of_changes() {
+    let mut app = spawn_app().await;
+    let user = app.create_user("burst@example.com").await;
+    let outbox_empty = eventually(Duration::from_secs(2), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM cache_outbox")
+            .fetch_one(&app.db)
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    assert!(outbox_empty, "the create's own invalidation is done");
+    let client = redis::Client::open(Sandbox::new().redis_url.as_str()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub
+        .subscribe(format!("{}:v1:events", app.config.config.cache_namespace))
+        .await
+        .unwrap();
+
+    // Five changes by hand in one transaction: five outbox rows for one user.
+    let mut tx = app.db.begin().await.unwrap();
+    for n in 0..5 {
+        sqlx::query("UPDATE users SET preferences = jsonb_build_object('n', $2::int) WHERE id = $1::uuid")
+            .bind(&user.id)
+            .bind(n)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let mut messages = pubsub.on_message();
+    let mut events = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while let Ok(Some(message)) = tokio::time::timeout_at(deadline, futures_util::StreamExt::next(&mut messages)).await
+    {
+        events.push(serde_json::from_slice::<Event>(message.get_payload_bytes()).unwrap());
+    }
+    let id = UserId::parse(&user.id).unwrap().as_uuid();
+    assert_eq!(
+        events,
+        [Event {
+            event: "user.updated".into(),
+            id,
+            categories: vec![],
+        }],
+        "five rows, one event"
+    );
+}

@@ -15,6 +15,7 @@ use readthrough::proto::{
 use tonic::{Request, Response, Status, transport::Server};
 
 /// The allocator readthrough uses, so the ratio compares work, not allocators.
+/// (The runtime, too: see `main`.)
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -76,8 +77,12 @@ fn constant_user() -> proto::User {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// The runtime readthrough runs on, for the same reason as the allocator.
+fn main() -> anyhow::Result<()> {
+    readthrough::app::runtime()?.block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let address = std::env::args()
         .nth(1)
         .unwrap_or_else(|| "127.0.0.1:50071".to_string())
