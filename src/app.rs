@@ -104,7 +104,7 @@ impl Application {
         let metrics = tokio::spawn(telemetry::serve_metrics(self.metrics_listener));
         let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
         let admission = AdmissionLayer::new(
-            self.config.max_in_flight_requests as usize,
+            self.config.admission_limit,
             Duration::from_millis(self.config.request_queue_timeout_ms),
         );
         // Our own listener, so tonic's `tcp_nodelay` setting does not reach the

@@ -189,9 +189,11 @@ pub struct ServeConfig {
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]
     pub migrate_on_start: bool,
 
-    /// Most requests worked on at once; more wait in line (see `api::admission`).
-    #[arg(long, env = "MAX_IN_FLIGHT_REQUESTS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_in_flight_requests: u32,
+    /// Work in progress at once, in units of about one cached read: GetUser and
+    /// GetProduct take 1, BatchGetUsers 4, ListProducts and writes 8. More waits
+    /// in line (see `api::admission`).
+    #[arg(long, env = "ADMISSION_LIMIT", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub admission_limit: u32,
 
     /// How long a request may wait in line before it is answered RESOURCE_EXHAUSTED, in milliseconds.
     #[arg(long, env = "REQUEST_QUEUE_TIMEOUT_MS", default_value_t = 1000)]

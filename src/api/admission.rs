@@ -1,14 +1,19 @@
-//! Admission control at the gRPC edge: at most `max_in_flight` requests are
-//! worked on at once; the rest wait in line (first come, first served) and are
-//! turned away with RESOURCE_EXHAUSTED after `queue_timeout`.
+//! Admission control at the gRPC edge: the work in progress is bounded, the
+//! rest waits in line (first come, first served) and is turned away with
+//! RESOURCE_EXHAUSTED after `queue_timeout`.
 //!
 //! Why: when the process is short of CPU, every runnable request competes for
-//! it, and a Redis reply that has arrived waits behind them all. Past the
-//! Redis deadline the cache counts as down and each request goes to
+//! it, and so does Redis on the same machine; a reply waits behind them all.
+//! Past the Redis deadline the cache counts as down and each request goes to
 //! PostgreSQL, which costs more CPU still: a cascade. Bounding the work in
 //! progress keeps the wait for CPU inside a request short, so the deadline
 //! measures Redis, and the queueing happens here, before a request starts,
 //! where it costs nothing but memory. Health checks skip the line.
+//!
+//! Work is counted in units of about one cached read's CPU: a call costs the
+//! units of its method (`units`), so one limit admits many cheap reads at
+//! once (which also lets HTTP/2 write their responses together) but only a
+//! few page reads, each of which decodes and encodes a hundred products.
 
 use std::{
     sync::Arc,
@@ -23,16 +28,33 @@ use tower::{Layer, Service};
 
 const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
 
+/// The units a call of the method at `path` (`/package.Service/Method`) takes.
+fn units(path: &str) -> u32 {
+    match path.rsplit('/').next().unwrap_or_default() {
+        "GetUser" | "GetProduct" => 1,
+        "BatchGetUsers" => 4,
+        // Decodes and encodes a page of up to 100 products.
+        "ListProducts" => 16,
+        // Writes (and cache administration) hold a database connection or walk keys.
+        _ => 8,
+    }
+}
+
 #[derive(Clone)]
 pub struct AdmissionLayer {
-    permits: Arc<Semaphore>,
+    units: Arc<Semaphore>,
+    limit: u32,
     queue_timeout: Duration,
 }
 
 impl AdmissionLayer {
-    pub fn new(max_in_flight: usize, queue_timeout: Duration) -> Self {
+    /// `limit`: units in progress at once. A call costs at most `limit`, so
+    /// any call fits alone, however small the limit.
+    pub fn new(limit: u32, queue_timeout: Duration) -> Self {
+        let limit = limit.max(1);
         Self {
-            permits: Arc::new(Semaphore::new(max_in_flight)),
+            units: Arc::new(Semaphore::new(limit as usize)),
+            limit,
             queue_timeout,
         }
     }
@@ -44,8 +66,7 @@ impl<S> Layer<S> for AdmissionLayer {
     fn layer(&self, inner: S) -> Self::Service {
         Admission {
             inner,
-            permits: self.permits.clone(),
-            queue_timeout: self.queue_timeout,
+            layer: self.clone(),
         }
     }
 }
@@ -53,8 +74,7 @@ impl<S> Layer<S> for AdmissionLayer {
 #[derive(Clone)]
 pub struct Admission<S> {
     inner: S,
-    permits: Arc<Semaphore>,
-    queue_timeout: Duration,
+    layer: AdmissionLayer,
 }
 
 impl<S> Service<http::Request<Body>> for Admission<S>
@@ -74,14 +94,16 @@ where
         // The clone that was polled ready serves this request (tower's usual dance).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        if request.uri().path().starts_with(HEALTH_PATH) {
+        let path = request.uri().path();
+        if path.starts_with(HEALTH_PATH) {
             return Box::pin(inner.call(request));
         }
-        let (permits, queue_timeout) = (self.permits.clone(), self.queue_timeout);
+        let cost = units(path).min(self.layer.limit);
+        let (pool, queue_timeout) = (self.layer.units.clone(), self.layer.queue_timeout);
         Box::pin(async move {
-            let permit = match permits.clone().try_acquire_owned() {
+            let permit = match pool.clone().try_acquire_many_owned(cost) {
                 Ok(permit) => permit,
-                Err(_) => match tokio::time::timeout(queue_timeout, permits.acquire_owned()).await {
+                Err(_) => match tokio::time::timeout(queue_timeout, pool.acquire_many_owned(cost)).await {
                     Ok(Ok(permit)) => permit,
                     _ => {
                         metrics::counter!("readthrough_requests_shed_total").increment(1);
@@ -93,5 +115,19 @@ where
             drop(permit);
             response
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cheap_reads_cost_less_than_pages_and_writes() {
+        assert_eq!(units("/readthrough.v1.UserService/GetUser"), 1);
+        assert_eq!(units("/readthrough.v1.ProductService/GetProduct"), 1);
+        assert_eq!(units("/readthrough.v1.UserService/BatchGetUsers"), 4);
+        assert_eq!(units("/readthrough.v1.ProductService/ListProducts"), 16);
+        assert_eq!(units("/readthrough.v1.UserService/UpdateUser"), 8);
     }
 }

@@ -111,14 +111,14 @@ fn hold_fills(release: Arc<tokio::sync::Notify>) -> Hook {
 }
 
 #[tokio::test]
-async fn past_the_in_flight_limit_requests_wait_then_are_shed_but_health_answers() {
+async fn past_the_admission_limit_requests_wait_then_are_shed_but_health_answers() {
     let release = Arc::new(tokio::sync::Notify::new());
     let hooks = Hooks {
         before_fill: Some(hold_fills(release.clone())),
         ..Hooks::default()
     };
     let mut app = spawn_app_with_hooks(hooks, |config| {
-        config.max_in_flight_requests = 1;
+        config.admission_limit = 1;
         config.request_queue_timeout_ms = 100;
     })
     .await;
