@@ -141,6 +141,8 @@ pub struct Report {
     products: u32,
     sections: String,
     targets: Vec<Target>,
+    /// Findings worth stating beside the targets.
+    notes: Vec<String>,
     profile: Option<String>,
 }
 
@@ -153,12 +155,17 @@ impl Report {
             products,
             sections: String::new(),
             targets: Vec::new(),
+            notes: Vec::new(),
             profile: None,
         }
     }
 
     pub fn target(&mut self, target: Target) {
         self.targets.push(target);
+    }
+
+    pub fn note(&mut self, note: &str) {
+        self.notes.push(note.to_string());
     }
 
     pub fn seed(&mut self, took: Duration, outbox_left: i64) {
@@ -293,6 +300,9 @@ impl Report {
                 target.measured,
                 if target.met() { "met" } else { "**not met**" }
             );
+        }
+        for note in &self.notes {
+            let _ = writeln!(out, "\n{note}");
         }
         out.push_str("\n## Runs\n\n");
         out.push_str(&self.sections);
