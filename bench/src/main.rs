@@ -122,6 +122,8 @@ impl Settings {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    // scripts/bench built the binaries just now: this is their commit.
+    report::commit();
     let settings = Settings::from_env()?;
     let mut report = Report::new(&settings.output, settings.run, settings.rounds, settings.products);
     let mut redis_stats = RedisStats::connect(&settings.redis_url).await?;

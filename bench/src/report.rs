@@ -399,7 +399,14 @@ fn shell(command: &str) -> String {
         .unwrap_or_default()
 }
 
-fn commit() -> String {
+/// The commit the binaries were built from: call once before building
+/// them, so that edits made while the benchmark runs do not count.
+pub fn commit() -> &'static str {
+    static COMMIT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    COMMIT.get_or_init(working_tree_commit)
+}
+
+fn working_tree_commit() -> String {
     let head = shell("git rev-parse --short HEAD");
     let dirty = !shell("git status --porcelain --untracked-files=no").is_empty();
     if dirty {
