@@ -1,6 +1,12 @@
 //! Logs (`tracing`, filtered by `RUST_LOG`) and Prometheus metrics.
 
-use std::{sync::OnceLock, time::Duration};
+use std::{
+    sync::{
+        Mutex, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use http_body_util::Full;
 use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
@@ -68,5 +74,27 @@ pub async fn serve_metrics(listener: TcpListener) {
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
+    }
+}
+
+/// Lets one log line through per interval and counts the ones held back, so
+/// that a failure repeating on every request logs once per interval.
+#[derive(Default)]
+pub struct Throttle {
+    last_passed: Mutex<Option<Instant>>,
+    held_back: AtomicU64,
+}
+
+impl Throttle {
+    /// `Some(n)` when a line may be logged now, `n` being how many were held
+    /// back since the last one; `None` when this one is held back.
+    pub fn pass(&self, interval: Duration) -> Option<u64> {
+        let mut last = self.last_passed.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.is_some_and(|at| at.elapsed() < interval) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(Instant::now());
+        Some(self.held_back.swap(0, Ordering::Relaxed))
     }
 }

@@ -36,6 +36,11 @@ impl Keys {
         }
     }
 
+    /// Matches the fill leases among the keys `pattern_for(entity)` matches.
+    pub fn lease_pattern_for(&self, entity: Option<&str>) -> Option<String> {
+        self.pattern_for(entity).map(|pattern| format!("{pattern}:lease"))
+    }
+
     /// A user's entry. The id is a hash tag, so the entry and its lease share a Cluster slot.
     pub fn user(&self, id: UserId) -> String {
         format!("{}:user:{{{id}}}", self.prefix)
@@ -98,6 +103,10 @@ mod tests {
         assert_eq!(keys.pattern_for(Some("list")).as_deref(), Some("rt-test.1:v1:list:*"));
         assert_eq!(keys.pattern_for(Some("")), None);
         assert_eq!(keys.pattern_for(Some("users")), None);
+        assert_eq!(
+            keys.lease_pattern_for(Some("user")).as_deref(),
+            Some("rt-test.1:v1:user:*:lease")
+        );
     }
 
     #[test]

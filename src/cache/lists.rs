@@ -25,7 +25,7 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Cache, KeyGroup, Kind, Lease, WAIT_FIRST_POLL, WAIT_MAX_POLL, codec, jittered_secs};
+use super::{Cache, KeyGroup, Kind, Lease, Waited, codec, jittered_secs};
 use crate::domain::{CategoryId, ProductId};
 
 /// What is stored under a list's metadata key.
@@ -134,22 +134,18 @@ impl Cache {
         ListRead::Partial { present, missing, meta }
     }
 
-    /// Waits for another caller's head fill of the list, polling at short,
-    /// capped intervals for at most the lease time; the page once the list is
-    /// there, `None` if it did not come (or Redis stopped answering).
-    pub async fn wait_for_list(&self, category: &CategoryId, start: u64, len: u64) -> Option<ListRead> {
-        let deadline = tokio::time::Instant::now() + self.lease_ttl;
-        let mut interval = WAIT_FIRST_POLL;
-        while tokio::time::Instant::now() + interval < deadline {
-            tokio::time::sleep(interval).await;
-            interval = (interval * 2).min(WAIT_MAX_POLL);
-            match self.read_list(category, start, len).await {
-                ListRead::Miss => continue,
-                ListRead::Unavailable => return None,
-                read => return Some(read),
+    /// Waits for another caller's head fill of the list (see `Cache::wait`):
+    /// `Filled` once the list is cached.
+    pub async fn wait_for_list(&self, category: &CategoryId) -> Waited<()> {
+        let lease_key = self.keys.lease(&self.keys.list_ids(category));
+        self.wait(lease_key, || async {
+            match self.read_list(category, 0, 1).await {
+                ListRead::Unavailable => None,
+                ListRead::Miss => Some(None),
+                ListRead::Hit { .. } | ListRead::Partial { .. } => Some(Some(())),
             }
-        }
-        None
+        })
+        .await
     }
 
     async fn discard_list(&self, category: &CategoryId, why: &str) -> ListRead {
@@ -162,7 +158,7 @@ impl Cache {
 
     /// Takes the lease of a list's head fill.
     pub async fn acquire_list_lease(&self, category: &CategoryId) -> Option<Lease> {
-        self.acquire(&[self.keys.lease(&self.keys.list_ids(category))])
+        self.acquire(vec![self.keys.lease(&self.keys.list_ids(category))])
             .await
             .pop()
             .flatten()
@@ -190,12 +186,8 @@ impl Cache {
         };
         let bytes = codec::encode(&meta, self.compress_threshold).ok()?;
         let ids: Vec<String> = ids.iter().map(ProductId::to_string).collect();
-        let (meta_key, dir_key, lease_key) = (
-            self.keys.list_meta(category),
-            self.keys.list_dir(category),
-            self.keys.lease(&ids_key),
-        );
-        let keys = [ids_key.as_str(), &meta_key, &dir_key, &lease_key];
+        let (meta_key, dir_key) = (self.keys.list_meta(category), self.keys.list_dir(category));
+        let keys = [ids_key.as_str(), &meta_key, &dir_key, &lease.key];
         let ttl = jittered_secs(self.ttls.list);
         match self.redis.write_list_head(keys, &lease.token, &bytes, &ids, ttl).await {
             Some(true) => Some(CachedMeta { meta, bytes }),

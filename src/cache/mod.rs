@@ -12,6 +12,7 @@
 pub mod codec;
 mod connections;
 pub mod keys;
+mod leases;
 mod lists;
 pub mod near;
 mod redis;
@@ -30,8 +31,10 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::{
     config::Config,
     domain::{CategoryId, Product, ProductId, User, UserId},
+    telemetry::Throttle,
 };
 pub use keys::Keys;
+pub use leases::{KeptLeases, Lease, Waited};
 pub use lists::{CachedMeta, ListMeta, ListRead};
 pub use redis::RedisClient;
 use redis::{Delivery, GuardedFill};
@@ -41,12 +44,11 @@ const INVALIDATION_ATTEMPTS: u32 = 3;
 const INVALIDATION_BACKOFF: Duration = Duration::from_millis(20);
 /// How many of the keys a group invalidation deleted it names in its answer.
 pub const INVALIDATION_SAMPLE: usize = 100;
-/// Polling a key another instance is filling: first interval, doubled up to the cap.
-const WAIT_FIRST_POLL: Duration = Duration::from_millis(2);
-const WAIT_MAX_POLL: Duration = Duration::from_millis(20);
 /// Refresh ahead (XFetch) treats a load as taking at least this long, so that a hot
 /// key is refreshed some tens of milliseconds before it expires, not at the last instant.
 const REFRESH_MIN_DELTA_MS: f64 = 50.0;
+/// At most one log line per interval about rows that cannot be cached.
+const UNCACHEABLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// What the cache holds, as the `entity` label of metrics names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,12 +204,6 @@ pub enum Cached<E> {
 /// that of its lease.
 pub type KeyGroup = Vec<String>;
 
-/// A lease on a key: while it is held, only its holder fills the key.
-#[derive(Debug, Clone)]
-pub struct Lease {
-    token: String,
-}
-
 /// An invalidation, as published to every instance on `<namespace>:v1:events`
 /// (JSON, so that other services can read it too).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -221,7 +217,7 @@ pub struct Event {
 }
 
 pub struct Cache {
-    redis: RedisClient,
+    redis: Arc<RedisClient>,
     keys: Keys,
     ttls: Ttls,
     lease_ttl: Duration,
@@ -231,12 +227,13 @@ pub struct Cache {
     hooks: Hooks,
     /// Indexed by `Kind`.
     outcomes: [Outcomes; 3],
+    uncacheable_log: Throttle,
 }
 
 impl Cache {
     pub fn new(config: &Config, hooks: Hooks) -> anyhow::Result<Self> {
         Ok(Self {
-            redis: RedisClient::new(config)?,
+            redis: Arc::new(RedisClient::new(config)?),
             keys: Keys::new(&config.cache_namespace),
             ttls: Ttls {
                 user: Duration::from_secs(config.user_ttl_secs),
@@ -250,6 +247,7 @@ impl Cache {
             refresh_ahead: config.refresh_ahead,
             hooks,
             outcomes: [Kind::User, Kind::Product, Kind::List].map(Outcomes::of),
+            uncacheable_log: Throttle::default(),
         })
     }
 
@@ -341,30 +339,6 @@ impl Cache {
         now_ms as f64 - delta * draw.ln() >= entry.expires_at_ms as f64
     }
 
-    /// Tries to take the fill lease of each id; `Some` where this caller got it.
-    pub async fn acquire_leases<E: Cacheable>(&self, ids: &[E::Id]) -> Vec<Option<Lease>> {
-        let lease_keys: Vec<String> = ids.iter().map(|&id| self.keys.lease(&E::key(&self.keys, id))).collect();
-        self.acquire(&lease_keys).await
-    }
-
-    async fn acquire(&self, lease_keys: &[String]) -> Vec<Option<Lease>> {
-        let token = uuid::Uuid::new_v4().simple().to_string();
-        match self.redis.acquire_leases(lease_keys, &token, self.lease_ttl).await {
-            Some(acquired) => acquired
-                .into_iter()
-                .map(|got| got.then(|| Lease { token: token.clone() }))
-                .collect(),
-            None => lease_keys.iter().map(|_| None).collect(),
-        }
-    }
-
-    /// Gives back a lease whose load failed, so waiters need not wait it out.
-    pub async fn release<E: Cacheable>(&self, id: E::Id, lease: &Lease) {
-        self.redis
-            .release_lease(&self.keys.lease(&E::key(&self.keys, id)), &lease.token)
-            .await;
-    }
-
     /// Stores what PostgreSQL returned for leased ids (`None`: no such id), each
     /// only if its lease is still held. `load_time` is how long the read took.
     /// True when every value was stored.
@@ -376,11 +350,15 @@ impl Cache {
         if let Some(hook) = &self.hooks.before_fill {
             hook(&keys[0]).await;
         }
-        let lease_keys: Vec<String> = keys.iter().map(|key| self.keys.lease(key)).collect();
         let now = now_ms();
         let load_ms = load_time.as_millis().min(u128::from(u32::MAX)) as u32;
         let mut guarded = Vec::with_capacity(fills.len());
-        for ((_, value, lease), (key, lease_key)) in fills.iter().zip(keys.iter().zip(&lease_keys)) {
+        let mut invalid = Vec::new();
+        for ((id, value, lease), key) in fills.iter().zip(&keys) {
+            if value.is_some_and(|value| !value.is_valid_for(*id)) {
+                invalid.push(*lease);
+                continue;
+            }
             let ttl = match value {
                 Some(_) => E::ttl(&self.ttls),
                 None => self.ttls.negative,
@@ -394,13 +372,16 @@ impl Cache {
             match codec::encode(&entry, self.compress_threshold) {
                 Ok(bytes) => guarded.push(GuardedFill {
                     key,
-                    lease_key,
+                    lease_key: &lease.key,
                     token: &lease.token,
                     value: bytes,
                     ttl_secs,
                 }),
                 Err(error) => tracing::error!(%error, entity = E::KIND.label(), "cannot encode value for the cache"),
             }
+        }
+        if !invalid.is_empty() {
+            self.refuse_invalid(E::KIND, &invalid).await;
         }
         if self.hooks.unguarded_fills {
             let plain: Vec<(String, Vec<u8>, u64)> = guarded
@@ -419,22 +400,20 @@ impl Cache {
         refused == 0 && stored.len() == fills.len()
     }
 
-    /// Waits for another caller's fill of `id`, polling at short, capped
-    /// intervals for at most the lease time. `None` if it did not come; else
-    /// the entry and the instant before the read that found it.
-    pub async fn wait_for_fill<E: Cacheable>(&self, id: E::Id) -> Option<(Cached<E>, std::time::Instant)> {
-        let deadline = tokio::time::Instant::now() + self.lease_ttl;
-        let mut interval = WAIT_FIRST_POLL;
-        while tokio::time::Instant::now() + interval < deadline {
-            tokio::time::sleep(interval).await;
-            interval = (interval * 2).min(WAIT_MAX_POLL);
-            let read_at = std::time::Instant::now();
-            match self.get_many::<E>(&[id]).await?.pop()? {
-                hit @ Cached::Hit { .. } => return Some((hit, read_at)),
-                Cached::Miss => continue,
-            }
+    /// A row the cache would judge corrupt on its way out (written by hand,
+    /// past what validation allows) is served but never stored: stored, it
+    /// would be read, discarded and filled again on every read.
+    async fn refuse_invalid(&self, kind: Kind, leases: &[&Lease]) {
+        metrics::counter!("readthrough_cache_uncacheable_total", "entity" => kind.label())
+            .increment(leases.len() as u64);
+        if let Some(held_back) = self.uncacheable_log.pass(UNCACHEABLE_LOG_INTERVAL) {
+            tracing::warn!(
+                entity = kind.label(),
+                held_back,
+                "a row fails validation; serving it uncached (fix it in the database)"
+            );
         }
-        None
+        self.release(leases).await;
     }
 
     /// The keys to delete when an entity changes: its fill lease, then its entry.
@@ -459,7 +438,7 @@ impl Cache {
                 .is_some()
             {
                 for event in events {
-                    metrics::counter!("readthrough_events_published_total", "event" => event.event.clone())
+                    metrics::counter!("readthrough_events_published_total", "event" => event_label(&event.event))
                         .increment(1);
                 }
                 return true;
@@ -500,27 +479,40 @@ impl Cache {
     /// many keys were (or would be) deleted and the first `INVALIDATION_SAMPLE`
     /// of them. `None` for an unknown entity, or when Redis stopped answering
     /// (the batches before that are deleted).
+    ///
+    /// The fill leases go in a first pass, the rest in a second: a fill whose
+    /// lease the first pass missed happened before the second pass began, so
+    /// its entry is found then. (SCAN returns every key that exists for the
+    /// whole walk, but not always one created during it.)
     pub async fn invalidate_matching(&self, entity: Option<&str>, dry_run: bool) -> Option<(u64, Vec<String>)> {
         let pattern = self.keys.pattern_for(entity)?;
+        let lease_pattern = self.keys.lease_pattern_for(entity)?;
         let mut count = 0u64;
         let mut sample = Vec::new();
-        let walked = self
-            .redis
-            .scan_matching(&pattern, dry_run, |batch| {
-                count += batch.len() as u64;
-                let room = INVALIDATION_SAMPLE.saturating_sub(sample.len());
-                sample.extend(batch.into_iter().take(room));
-            })
-            .await;
-        if walked.is_none() {
-            if !dry_run && count > 0 {
-                tracing::warn!(
-                    pattern,
-                    deleted = count,
-                    "group invalidation stopped: Redis did not answer"
-                );
+        let passes = if dry_run {
+            vec![pattern]
+        } else {
+            vec![lease_pattern, pattern]
+        };
+        for pattern in passes {
+            let walked = self
+                .redis
+                .scan_matching(&pattern, dry_run, |batch| {
+                    count += batch.len() as u64;
+                    let room = INVALIDATION_SAMPLE.saturating_sub(sample.len());
+                    sample.extend(batch.into_iter().take(room));
+                })
+                .await;
+            if walked.is_none() {
+                if !dry_run && count > 0 {
+                    tracing::warn!(
+                        pattern,
+                        deleted = count,
+                        "group invalidation stopped: Redis did not answer"
+                    );
+                }
+                return None;
             }
-            return None;
         }
         Some((count, sample))
     }
@@ -534,7 +526,7 @@ impl Cache {
                 Delivery::Lost => on(EventFeed::Lost),
                 Delivery::Message(payload) => match serde_json::from_slice::<Event>(payload) {
                     Ok(event) => {
-                        metrics::counter!("readthrough_events_received_total", "event" => event.event.clone())
+                        metrics::counter!("readthrough_events_received_total", "event" => event_label(&event.event))
                             .increment(1);
                         on(EventFeed::Event(event));
                     }
@@ -552,6 +544,30 @@ impl Cache {
     }
 }
 
+/// The event names the triggers record (see the migrations).
+const EVENT_NAMES: &[&str] = &[
+    "user.created",
+    "user.updated",
+    "user.deleted",
+    "user.truncated",
+    "product.created",
+    "product.updated",
+    "product.price.changed",
+    "product.moved",
+    "product.deleted",
+    "product.truncated",
+];
+
+/// The `event` label of an event metric: a known name, or `other`, so that
+/// whatever else is published on the shared channel cannot add series.
+fn event_label(name: &str) -> &'static str {
+    EVENT_NAMES
+        .iter()
+        .find(|known| **known == name)
+        .copied()
+        .unwrap_or("other")
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -567,6 +583,13 @@ fn jittered_secs(ttl: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn event_labels_are_known_names_or_other() {
+        assert_eq!(event_label("product.price.changed"), "product.price.changed");
+        assert_eq!(event_label("user.truncated"), "user.truncated");
+        assert_eq!(event_label("x".repeat(100).as_str()), "other");
+    }
 
     #[test]
     fn jitter_stays_within_ten_percent() {

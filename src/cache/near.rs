@@ -81,6 +81,11 @@ where
         self.entries.invalidate(key);
     }
 
+    pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::AcqRel);
+        self.entries.invalidate_all();
+    }
+
     /// Events are flowing again (or for the first time): drop what may have
     /// missed its invalidation, and start storing.
     pub fn resume(&self) {

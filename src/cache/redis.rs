@@ -4,21 +4,16 @@
 //! Failures are counted per operation and logged at most once per
 //! `LOG_INTERVAL`, so an outage does not turn into a log line per request.
 
-use std::{
-    future::Future,
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::{Duration, Instant},
-};
+use std::{future::Future, sync::Arc, time::Duration};
 
 use deadpool_redis::redis;
 
 use super::connections::{self, Connections};
-use crate::config::Config;
+use crate::{config::Config, telemetry::Throttle};
 
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
+/// How often the event subscription checks that its connection still answers.
+const SUBSCRIPTION_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// How much of the keyspace one SCAN step walks (COUNT: a hint to Redis, not a limit).
 const SCAN_COUNT: u64 = 1000;
 
@@ -90,6 +85,12 @@ return 1
 /// Deletes a lease only if it is still the caller's. KEYS: lease. ARGV: token.
 const RELEASE: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+";
+
+/// Extends a lease only if it is still the caller's. KEYS: lease. ARGV: token, ms.
+const EXTEND: &str = r"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 ";
 
@@ -300,13 +301,29 @@ impl RedisClient {
         Some(stored.into_iter().map(|s| s == 1).collect())
     }
 
-    /// Gives a lease back early (when the load failed), if it is still ours.
-    pub async fn release_lease(&self, lease_key: &str, token: &str) {
-        self.run::<i64>(
-            "release",
-            redis::cmd("EVAL").arg(RELEASE).arg(1).arg(lease_key).arg(token),
-        )
-        .await;
+    /// Gives leases (key, token) back early, each if it is still the caller's.
+    pub async fn release_leases(&self, leases: &[(String, String)]) {
+        let mut pipe = redis::pipe();
+        for (key, token) in leases {
+            pipe.cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(token).ignore();
+        }
+        self.run_pipe::<()>("release", &pipe).await;
+    }
+
+    /// Sets the leases (key, token) that are still the caller's to expire `ttl`
+    /// from now; true where it did.
+    pub async fn extend_leases(&self, leases: &[(String, String)], ttl: Duration) -> Option<Vec<bool>> {
+        let mut pipe = redis::pipe();
+        for (key, token) in leases {
+            pipe.cmd("EVAL")
+                .arg(EXTEND)
+                .arg(1)
+                .arg(key)
+                .arg(token)
+                .arg(ttl.as_millis() as u64);
+        }
+        let extended: Vec<i64> = self.run_pipe("extend", &pipe).await?;
+        Some(extended.into_iter().map(|e| e == 1).collect())
     }
 
     /// Replaces a category list's head and metadata if the lease is still held
@@ -368,18 +385,36 @@ impl RedisClient {
         self.run_pipe("del", &pipe).await
     }
 
-    /// Calls `on_message` with each message published on `channel`, forever,
-    /// resubscribing after a lost connection.
+    /// Calls `on` with each message published on `channel`, forever,
+    /// resubscribing after a lost connection. The subscription is PINGed every
+    /// `SUBSCRIPTION_PING_INTERVAL`: a half-open connection (a peer gone
+    /// without a reset) delivers nothing and reports nothing, so without an
+    /// answer in time the connection counts as lost and is replaced.
     pub async fn subscribe(&self, channel: &str, mut on: impl FnMut(Delivery<'_>)) {
         loop {
             match self.client.get_async_pubsub().await {
                 Ok(mut pubsub) => match pubsub.subscribe(channel).await {
                     Ok(()) => {
                         on(Delivery::Subscribed);
-                        let mut messages = pubsub.on_message();
-                        while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
-                            on(Delivery::Message(message.get_payload_bytes()));
+                        let (mut sink, mut messages) = pubsub.split();
+                        let mut ping = tokio::time::interval(SUBSCRIPTION_PING_INTERVAL);
+                        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                        loop {
+                            tokio::select! {
+                                message = futures_util::StreamExt::next(&mut messages) => match message {
+                                    Some(message) => on(Delivery::Message(message.get_payload_bytes())),
+                                    None => break,
+                                },
+                                _ = ping.tick() => {
+                                    let answer = tokio::time::timeout(self.subscription_timeout(), sink.ping::<redis::Value>()).await;
+                                    if !matches!(answer, Ok(Ok(_))) {
+                                        self.errors.report("subscribe", "no answer to PING on the subscription");
+                                        break;
+                                    }
+                                }
+                            }
                         }
+                        metrics::counter!("readthrough_event_subscription_lost_total").increment(1);
                         on(Delivery::Lost);
                     }
                     Err(error) => self.errors.report("subscribe", &error.to_string()),
@@ -388,6 +423,12 @@ impl RedisClient {
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
+    }
+
+    /// How long the subscription's PING may take: generous, since a false
+    /// alarm empties the near caches.
+    fn subscription_timeout(&self) -> Duration {
+        self.timeout.max(SUBSCRIPTION_PING_INTERVAL)
     }
 
     /// Connects (see `Connections::connect_all`): up front, so the first
@@ -447,25 +488,17 @@ const NOT_CONNECTED: &str = "not connected (reconnecting)";
 
 /// Logs the first Redis error of each interval and how many followed it unlogged.
 #[derive(Default)]
-struct ErrorLog {
-    last_logged: Mutex<Option<Instant>>,
-    suppressed: AtomicU64,
-}
+struct ErrorLog(Throttle);
 
 impl ErrorLog {
     fn report(&self, operation: &str, error: &str) {
-        let mut last = self.last_logged.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if last.is_some_and(|at| at.elapsed() < LOG_INTERVAL) {
-            self.suppressed.fetch_add(1, Ordering::Relaxed);
-            return;
+        if let Some(suppressed) = self.0.pass(LOG_INTERVAL) {
+            tracing::warn!(
+                operation,
+                error,
+                suppressed,
+                "redis unavailable; serving from PostgreSQL"
+            );
         }
-        *last = Some(Instant::now());
-        let suppressed = self.suppressed.swap(0, Ordering::Relaxed);
-        tracing::warn!(
-            operation,
-            error,
-            suppressed,
-            "redis unavailable; serving from PostgreSQL"
-        );
     }
 }

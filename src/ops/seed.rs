@@ -146,8 +146,11 @@ async fn commit_and_invalidate(
     if rows.is_empty() {
         return Ok(0);
     }
-    let (groups, _events) = relay::invalidations(cache, &rows);
-    if !cache.invalidate(&groups, &[]).await {
+    let planned = relay::Invalidations {
+        events: Vec::new(),
+        ..relay::invalidations(cache, &rows)
+    };
+    if !relay::carry_out(cache, &planned).await {
         return Ok(rows.len() as u64);
     }
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();

@@ -1,9 +1,8 @@
 //! Category lists: which product ids a page holds, read through the cache.
 //!
 //! A page by number reads its positions from the cached list (see
-//! `cache::lists`); what is missing is loaded: the head of a cold list (one
-//! index-only scan of at most `max_ids` ids, plus a count when the category is
-//! larger), or the chunks a deep page needs (one index range scan each, from
+//! `cache::lists`); what is missing is loaded: the head of a cold list (at
+//! most `max_ids` ids and the category's count, in one statement), or the chunks a deep page needs (one index range scan each, from
 //! the directory). No path reads past the rows it returns with an OFFSET,
 //! except page numbers while the cache is unavailable.
 //!
@@ -18,10 +17,10 @@ use sqlx::PgPool;
 
 use super::{
     ServiceError,
-    single_flight::{Fresh, SingleFlight},
+    single_flight::{FLIGHT_ATTEMPTS, Fresh, SingleFlight},
 };
 use crate::{
-    cache::{Cache, CachedMeta, ListRead},
+    cache::{Cache, CachedMeta, Lease, ListRead, Waited},
     domain::{CategoryId, Cursor, PageRequest, PageStart, ProductId},
     store::products::{self, RangeStart},
 };
@@ -251,36 +250,54 @@ impl Lists {
     /// the total. Concurrent callers in this process share one load; when
     /// another instance holds the lease, this waits for its fill instead.
     async fn load_head(&self, category: &CategoryId) -> Result<HeadLoad, ServiceError> {
-        let load = async {
-            match self.load_head_once(category).await {
-                Ok(fresh) => Fresh {
-                    value: Some(fresh.value),
-                    as_of: fresh.as_of,
-                },
-                Err(_) => Fresh {
-                    value: None,
-                    as_of: Instant::now(),
-                },
+        let arrived = Instant::now();
+        for _ in 0..FLIGHT_ATTEMPTS {
+            let load = async {
+                match self.load_head_once(category).await {
+                    Ok(fresh) => Fresh {
+                        value: Some(fresh.value),
+                        as_of: fresh.as_of,
+                    },
+                    Err(_) => Fresh {
+                        value: None,
+                        as_of: Instant::now(),
+                    },
+                }
+            };
+            match self.heads.run(category.clone(), arrived, load).await {
+                Some(Some(head)) => return Ok(head),
+                // The shared load failed: load alone below, to report our own error.
+                Some(None) => break,
+                // The shared load predates this caller: its fill is usually
+                // there now; if not, the next flight serves this caller.
+                None => {
+                    if let ListRead::Hit { .. } | ListRead::Partial { .. } = self.cache.read_list(category, 0, 1).await
+                    {
+                        return Ok(HeadLoad::FilledElsewhere);
+                    }
+                }
             }
-        };
-        match self.heads.run(category.clone(), load).await {
-            Some(Some(head)) => Ok(head),
-            // The shared load failed or predates this caller: load alone, without the lease.
-            _ => Ok(HeadLoad::Loaded(self.read_head(category, None).await?.value)),
         }
+        Ok(HeadLoad::Loaded(self.read_head(category, None).await?.value))
     }
 
     async fn load_head_once(&self, category: &CategoryId) -> Result<Fresh<HeadLoad>, ServiceError> {
-        let lease = self.cache.acquire_list_lease(category).await;
-        if lease.is_none() {
-            let waited = Instant::now();
-            if self.cache.wait_for_list(category, 0, 1).await.is_some() {
-                return Ok(Fresh {
-                    value: HeadLoad::FilledElsewhere,
-                    as_of: waited,
-                });
+        let lease = match self.cache.acquire_list_lease(category).await {
+            Some(lease) => Some(lease),
+            None => {
+                let waited = Instant::now();
+                match self.cache.wait_for_list(category).await {
+                    Waited::Filled((), _) => {
+                        return Ok(Fresh {
+                            value: HeadLoad::FilledElsewhere,
+                            as_of: waited,
+                        });
+                    }
+                    Waited::Leased(lease) => Some(lease),
+                    Waited::GaveUp => None,
+                }
             }
-        }
+        };
         let fresh = self.read_head(category, lease).await?;
         Ok(Fresh {
             value: HeadLoad::Loaded(fresh.value),
@@ -290,27 +307,17 @@ impl Lists {
 
     /// Reads the head from PostgreSQL and, holding `lease`, caches it. Current
     /// as of the read's start, or of the fill when it was stored.
-    async fn read_head(
-        &self,
-        category: &CategoryId,
-        lease: Option<crate::cache::Lease>,
-    ) -> Result<Fresh<Head>, ServiceError> {
+    async fn read_head(&self, category: &CategoryId, lease: Option<Lease>) -> Result<Fresh<Head>, ServiceError> {
+        // Kept alive for a big category's scan, count and write; given back if dropped.
+        let kept = self.cache.keep(&lease);
         let started = Instant::now();
-        let ids = products::list_head(&self.pool, category, self.max_ids).await?;
-        let total = if (ids.len() as u64) < self.max_ids {
-            ids.len() as u64
-        } else {
-            products::count_in_category(&self.pool, category).await?
-        };
+        let (ids, total) = products::list_head(&self.pool, category, self.max_ids).await?;
         let fill_sent = Instant::now();
-        let meta = match lease {
-            Some(lease) => {
-                self.cache
-                    .put_list_head(category, &ids, total, self.chunk, &lease)
-                    .await
-            }
+        let meta = match &lease {
+            Some(lease) => self.cache.put_list_head(category, &ids, total, self.chunk, lease).await,
             None => None,
         };
+        kept.settle();
         Ok(Fresh {
             as_of: if meta.is_some() { fill_sent } else { started },
             value: Head {
@@ -354,7 +361,7 @@ impl Lists {
                 }
             };
             let key = (category.clone(), meta.meta.generation, chunk);
-            let ids = match self.chunks.run(key, load).await.flatten() {
+            let ids = match self.chunks.run(key, Instant::now(), load).await.flatten() {
                 Some(ids) => ids,
                 None => {
                     let rows =
@@ -387,7 +394,7 @@ impl Lists {
             }
         };
         let key = (category.clone(), meta.meta.generation);
-        match self.directories.run(key, load).await.flatten() {
+        match self.directories.run(key, Instant::now(), load).await.flatten() {
             Some(starts) => Ok(starts),
             None => Ok(Arc::new(
                 products::list_directory(&self.pool, category, meta.meta.chunk).await?,

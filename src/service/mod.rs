@@ -68,11 +68,16 @@ impl Services {
                 self.users.listening(false);
                 self.products.listening(false);
             }
-            EventFeed::Event(event) => match event.event.split('.').next() {
-                Some("user") => self.users.forget(event.id),
-                Some("product") => self.products.forget(event.id),
-                _ => {}
-            },
+            EventFeed::Event(event) => {
+                let truncated = event.event.ends_with(".truncated");
+                match (event.event.split('.').next(), truncated) {
+                    (Some("user"), false) => self.users.forget(event.id),
+                    (Some("product"), false) => self.products.forget(event.id),
+                    (Some("user"), true) => self.users.forget_all(),
+                    (Some("product"), true) => self.products.forget_all(),
+                    _ => {}
+                }
+            }
         }
     }
 }
@@ -138,8 +143,7 @@ async fn invalidate_written<T>(
     written: outbox::Written<T>,
     forget: impl FnOnce(&[outbox::OutboxRow]),
 ) -> T {
-    let (groups, events) = relay::invalidations(cache, &written.outbox);
-    let confirmed = cache.invalidate(&groups, &events).await;
+    let confirmed = relay::carry_out(cache, &relay::invalidations(cache, &written.outbox)).await;
     forget(&written.outbox);
     if confirmed && !written.outbox.is_empty() {
         let pool = pool.clone();

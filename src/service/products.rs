@@ -59,6 +59,11 @@ impl Products {
         self.reads.forget([ProductId::from_uuid(id)]);
     }
 
+    /// Drops every product from the near cache (the table was truncated).
+    pub fn forget_all(&self) {
+        self.reads.forget_all();
+    }
+
     /// Whether invalidation events are being received (see `cache::near`).
     pub fn listening(&self, listening: bool) {
         self.reads.listening(listening);

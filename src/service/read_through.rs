@@ -3,16 +3,17 @@
 //! A lookup of several ids costs one MGET, one query for all misses and one
 //! pipelined guarded fill. A single missing id (the hot-key case) is loaded
 //! once per process (single flight) and once across instances: the caller
-//! that takes the key's lease loads and fills it, the others poll for the fill
-//! and read PostgreSQL themselves only if it has not come within the lease time.
+//! that takes the key's lease loads and fills it (the lease kept alive for as
+//! long as the load runs), the others poll for the fill, taking the lease over
+//! if its holder lets go without filling (see `cache::leases`).
 
 use std::{collections::HashMap, future::Future, sync::Arc, time::Instant};
 
 use sqlx::PgPool;
 
-use super::single_flight::{Fresh, SingleFlight};
+use super::single_flight::{FLIGHT_ATTEMPTS, Fresh, SingleFlight};
 use crate::{
-    cache::{Cache, Cacheable, Cached, Lease, near::NearCache},
+    cache::{Cache, Cacheable, Cached, Lease, Waited, near::NearCache},
     domain::{Product, User},
     store::{self, StoreError},
 };
@@ -34,9 +35,6 @@ impl Loadable for Product {
         store::products::get_many(pool, ids)
     }
 }
-
-/// How often a caller joins a single flight before it reads PostgreSQL alone.
-const FLIGHT_ATTEMPTS: usize = 3;
 
 pub struct ReadThrough<E: Loadable> {
     pool: PgPool,
@@ -91,6 +89,13 @@ impl<E: Loadable> ReadThrough<E> {
             for id in ids {
                 near.invalidate(&id);
             }
+        }
+    }
+
+    /// Empties the near cache.
+    pub fn forget_all(&self) {
+        if let Some(near) = &self.near {
+            near.invalidate_all();
         }
     }
 
@@ -167,6 +172,7 @@ impl<E: Loadable> ReadThrough<E> {
     /// One missing id: single flight in this process and, when the cache is
     /// usable, a lease across instances.
     async fn load_one(self: &Arc<Self>, id: E::Id, cache_usable: bool) -> Result<Option<E>, StoreError> {
+        let arrived = Instant::now();
         for _ in 0..FLIGHT_ATTEMPTS {
             let this = self.clone();
             let load = async move {
@@ -186,11 +192,12 @@ impl<E: Loadable> ReadThrough<E> {
                     },
                 }
             };
-            match self.flights.run(id, load).await {
+            match self.flights.run(id, arrived, load).await {
                 Some(Some(value)) => return Ok(value),
                 // The shared load failed: read once more below, to report our own error.
                 Some(None) => break,
-                // The shared result predates this caller: the fill it made is usually there now.
+                // The shared result predates this caller: the fill it made is
+                // usually there now; if not, the next flight serves this caller.
                 None if cache_usable => {
                     if let Some(Cached::Hit { value, .. }) =
                         self.cache.get_many::<E>(&[id]).await.and_then(|mut c| c.pop())
@@ -205,23 +212,24 @@ impl<E: Loadable> ReadThrough<E> {
     }
 
     async fn load_one_once(&self, id: E::Id) -> Result<Fresh<Option<E>>, StoreError> {
-        if let Some(lease) = self.cache.acquire_leases::<E>(&[id]).await.pop().flatten() {
-            return self.load_and_fill(&[id], &[Some(lease)]).await.map(single);
-        }
-        metrics::counter!("readthrough_cache_lease_waits_total", "entity" => E::KIND.label()).increment(1);
-        match self.cache.wait_for_fill::<E>(id).await {
-            Some((Cached::Hit { value, .. }, as_of)) => Ok(Fresh { value, as_of }),
-            // The holder did not fill in time: read ourselves, filling if the lease is free now.
-            _ => {
-                let leases = self.cache.acquire_leases::<E>(&[id]).await;
-                self.load_and_fill(&[id], &leases).await.map(single)
+        let lease = match self.cache.acquire_leases::<E>(&[id]).await.pop().flatten() {
+            Some(lease) => Some(lease),
+            None => {
+                metrics::counter!("readthrough_cache_lease_waits_total", "entity" => E::KIND.label()).increment(1);
+                match self.cache.wait_for_fill::<E>(id).await {
+                    Waited::Filled(Cached::Hit { value, .. }, as_of) => return Ok(Fresh { value, as_of }),
+                    Waited::Filled(Cached::Miss, _) | Waited::GaveUp => None,
+                    Waited::Leased(lease) => Some(lease),
+                }
             }
-        }
+        };
+        self.load_and_fill(&[id], &[lease]).await.map(single)
     }
 
     /// Loads `ids` in one query and fills those whose lease is held (`leases`
     /// matches `ids` by position; an empty slice fills nothing). Absent ids are
-    /// cached as absent (negative caching).
+    /// cached as absent (negative caching). The leases are kept alive while the
+    /// query runs, and given back if it fails or this future is dropped.
     ///
     /// The values are current as of the read's start, or as of the fill when
     /// every lease was still held then (no write came between lease and fill).
@@ -230,18 +238,9 @@ impl<E: Loadable> ReadThrough<E> {
         ids: &[E::Id],
         leases: &[Option<Lease>],
     ) -> Result<Fresh<Vec<Option<E>>>, StoreError> {
+        let kept = self.cache.keep(leases.iter().flatten());
         let started = Instant::now();
-        let loaded = match E::load(&self.pool, ids).await {
-            Ok(loaded) => loaded,
-            Err(error) => {
-                for (id, lease) in ids.iter().zip(leases) {
-                    if let Some(lease) = lease {
-                        self.cache.release::<E>(*id, lease).await;
-                    }
-                }
-                return Err(error);
-            }
-        };
+        let loaded = E::load(&self.pool, ids).await?;
         let load_time = started.elapsed();
         let by_id: HashMap<E::Id, E> = loaded.into_iter().map(|value| (value.id(), value)).collect();
         let values: Vec<Option<E>> = ids.iter().map(|id| by_id.get(id).cloned()).collect();
@@ -253,6 +252,7 @@ impl<E: Loadable> ReadThrough<E> {
             .collect();
         let fill_sent = Instant::now();
         let stored = self.cache.fill(&fills, load_time).await;
+        kept.settle();
         let all_filled = stored && !fills.is_empty() && fills.len() == ids.len();
         let as_of = if all_filled { fill_sent } else { started };
         Ok(Fresh { value: values, as_of })

@@ -74,8 +74,7 @@ pub async fn drain(pool: &PgPool, cache: &Cache) -> Result<usize, StoreError> {
         if rows.is_empty() {
             return Ok(done);
         }
-        let (keys, events) = invalidations(cache, &rows);
-        if !cache.invalidate(&keys, &events).await {
+        if !carry_out(cache, &invalidations(cache, &rows)).await {
             // Redis unreachable: the rows stay (the transaction rolls back) for the next round.
             return Ok(done);
         }
@@ -87,23 +86,46 @@ pub async fn drain(pool: &PgPool, cache: &Cache) -> Result<usize, StoreError> {
     }
 }
 
-/// What a batch of outbox rows asks for, coalesced: each group of keys once,
-/// and one event per entity (its last row's, with the categories of all its rows).
-pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> (Vec<KeyGroup>, Vec<Event>) {
+/// What a batch of outbox rows asks for.
+#[derive(Debug, Default, PartialEq)]
+pub struct Invalidations {
+    /// Each group of keys once.
+    pub groups: Vec<KeyGroup>,
+    /// One event per entity: its last row's, with the categories of all its rows.
+    pub events: Vec<Event>,
+    /// Entities (as `Keys::pattern_for` names them) every key of which goes:
+    /// after a TRUNCATE, which names no rows.
+    pub sweeps: Vec<&'static str>,
+}
+
+/// Coalesces a batch of outbox rows into the invalidations they ask for.
+pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
     let mut groups = BTreeSet::new();
+    let mut sweeps = BTreeSet::new();
     let mut events: Vec<Event> = Vec::new();
     let mut event_of: HashMap<(&str, Uuid), usize> = HashMap::new();
     for row in rows {
-        match row.entity.as_str() {
-            "user" => {
+        let truncated = row.event.ends_with(".truncated");
+        match (row.entity.as_str(), truncated) {
+            ("user", false) => {
                 groups.insert(cache.entity_keys::<User>(UserId::from_uuid(row.entity_id)));
             }
-            _ => {
+            ("product", false) => {
                 groups.insert(cache.entity_keys::<Product>(ProductId::from_uuid(row.entity_id)));
                 // A category written by hand that is not a valid id has no cached list.
                 for category in row.categories.iter().filter_map(|c| CategoryId::parse(c).ok()) {
                     groups.insert(cache.list_keys(&category));
                 }
+            }
+            ("user", true) => {
+                sweeps.insert("user");
+            }
+            ("product", true) => {
+                sweeps.extend(["product", "list"]);
+            }
+            (entity, _) => {
+                tracing::warn!(entity, id = row.id, "ignoring an outbox row of an unknown entity");
+                continue;
             }
         }
         match event_of.entry((row.entity.as_str(), row.entity_id)) {
@@ -126,7 +148,22 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> (Vec<KeyGroup>, Vec<E
             }
         }
     }
-    (groups.into_iter().collect(), events)
+    Invalidations {
+        groups: groups.into_iter().collect(),
+        events,
+        sweeps: sweeps.into_iter().collect(),
+    }
+}
+
+/// Carries out `planned`: the sweeps first, then the key groups and events in
+/// one round trip. True when Redis confirmed all of it.
+pub async fn carry_out(cache: &Cache, planned: &Invalidations) -> bool {
+    for entity in &planned.sweeps {
+        if cache.invalidate_matching(Some(entity), false).await.is_none() {
+            return false;
+        }
+    }
+    cache.invalidate(&planned.groups, &planned.events).await
 }
 
 #[cfg(test)]
@@ -156,7 +193,8 @@ mod tests {
             row(5, "product", 9, &["books", "games"], "product.moved"),
             row(6, "product", 10, &["books"], "product.deleted"),
         ];
-        let (groups, events) = invalidations(&cache, &rows);
+        let Invalidations { groups, events, sweeps } = invalidations(&cache, &rows);
+        assert!(sweeps.is_empty());
 
         let books = CategoryId::parse("books").unwrap();
         let games = CategoryId::parse("games").unwrap();
@@ -190,5 +228,20 @@ mod tests {
             ],
             "one event per entity: its last row's, with every category"
         );
+    }
+
+    #[tokio::test]
+    async fn a_truncate_sweeps_its_entity_and_an_unknown_entity_is_ignored() {
+        let cache = Cache::new(&Config::from_env(), Hooks::default()).unwrap();
+        let rows = [
+            row(1, "product", 0, &[], "product.truncated"),
+            row(2, "order", 5, &[], "order.created"),
+            row(3, "user", 0, &[], "user.truncated"),
+        ];
+        let planned = invalidations(&cache, &rows);
+        assert_eq!(planned.sweeps, ["list", "product", "user"]);
+        assert!(planned.groups.is_empty(), "{:?}", planned.groups);
+        let events: Vec<&str> = planned.events.iter().map(|e| e.event.as_str()).collect();
+        assert_eq!(events, ["product.truncated", "user.truncated"]);
     }
 }

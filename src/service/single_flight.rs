@@ -14,6 +14,9 @@ use std::{
 
 use tokio::sync::broadcast;
 
+/// How often a caller joins a flight before it reads alone (after failures).
+pub const FLIGHT_ATTEMPTS: usize = 3;
+
 /// A result, and the instant from which it is known to reflect every write
 /// acknowledged before it.
 #[derive(Debug, Clone)]
@@ -35,9 +38,11 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
 
     /// Runs `work` unless a call for `key` is already running, in which case
     /// its result is awaited and shared. `None` when that call was cancelled or
-    /// its result is older than this caller: the caller looks again itself.
-    pub async fn run(&self, key: K, work: impl Future<Output = Fresh<V>>) -> Option<V> {
-        let joined = Instant::now();
+    /// its result is older than `joined`, when the caller arrived: the caller
+    /// then looks again itself, or runs again with the same `joined`. A call
+    /// running by then began after the caller arrived, so its result serves
+    /// the caller: one burst of callers costs at most two executions.
+    pub async fn run(&self, key: K, joined: Instant, work: impl Future<Output = Fresh<V>>) -> Option<V> {
         let waiting = {
             let mut calls = self.lock();
             match calls.get(&key) {
@@ -115,7 +120,7 @@ mod tests {
                 let (flight, runs) = (flight.clone(), runs.clone());
                 tokio::spawn(async move {
                     flight
-                        .run("key", async {
+                        .run("key", Instant::now(), async {
                             let as_of = Instant::now();
                             tokio::time::sleep(Duration::from_millis(50)).await;
                             Fresh {
@@ -141,7 +146,7 @@ mod tests {
             let flight = flight.clone();
             tokio::spawn(async move {
                 flight
-                    .run("key", async {
+                    .run("key", Instant::now(), async {
                         let as_of = Instant::now();
                         tokio::time::sleep(Duration::from_millis(50)).await;
                         Fresh {
@@ -154,7 +159,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         let follower = flight
-            .run("key", async {
+            .run("key", Instant::now(), async {
                 Fresh {
                     value: "own read",
                     as_of: Instant::now(),
@@ -170,14 +175,18 @@ mod tests {
         let flight = Arc::new(SingleFlight::<&str, &str>::new());
         let leader = {
             let flight = flight.clone();
-            tokio::spawn(async move { flight.run("key", std::future::pending::<Fresh<&str>>()).await })
+            tokio::spawn(async move {
+                flight
+                    .run("key", Instant::now(), std::future::pending::<Fresh<&str>>())
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         let waiter = {
             let flight = flight.clone();
             tokio::spawn(async move {
                 flight
-                    .run("key", async {
+                    .run("key", Instant::now(), async {
                         Fresh {
                             value: "own",
                             as_of: Instant::now(),
@@ -189,5 +198,38 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         leader.abort();
         assert_eq!(waiter.await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn callers_turned_away_by_an_older_result_share_the_next_run() {
+        let flight = Arc::new(SingleFlight::<&str, usize>::new());
+        let runs = Arc::new(AtomicUsize::new(0));
+        let run = |flight: Arc<SingleFlight<&'static str, usize>>, runs: Arc<AtomicUsize>| async move {
+            let joined = Instant::now();
+            loop {
+                let work = async {
+                    let started = Instant::now();
+                    tokio::time::sleep(Duration::from_millis(30)).await;
+                    // Known current only as of its start, like a load whose fill was refused.
+                    Fresh {
+                        value: runs.fetch_add(1, Ordering::SeqCst),
+                        as_of: started,
+                    }
+                };
+                if let Some(value) = flight.run("key", joined, work).await {
+                    return value;
+                }
+            }
+        };
+        let first = tokio::spawn(run(flight.clone(), runs.clone()));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let late: Vec<_> = (0..50)
+            .map(|_| tokio::spawn(run(flight.clone(), runs.clone())))
+            .collect();
+        assert_eq!(first.await.unwrap(), 0);
+        for caller in late {
+            assert_eq!(caller.await.unwrap(), 1, "every late caller takes the second run");
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
     }
 }

@@ -32,6 +32,11 @@ impl Users {
         self.reads.forget([UserId::from_uuid(id)]);
     }
 
+    /// Drops every user from the near cache (the table was truncated).
+    pub fn forget_all(&self) {
+        self.reads.forget_all();
+    }
+
     /// Whether invalidation events are being received (see `cache::near`).
     pub fn listening(&self, listening: bool) {
         self.reads.listening(listening);

@@ -70,16 +70,25 @@ pub async fn delete(pool: &PgPool, id: ProductId) -> Result<Written<()>, StoreEr
     commit(tx, ()).await
 }
 
-/// The first `limit` ids of a category, in list order (an index-only scan).
-pub async fn list_head(pool: &PgPool, category: &CategoryId, limit: u64) -> Result<Vec<ProductId>, StoreError> {
+/// The first `limit` ids of a category in list order, and how many products
+/// it has, from one statement and so one snapshot: a product deleted while
+/// the list loads is gone from both or from neither.
+pub async fn list_head(pool: &PgPool, category: &CategoryId, limit: u64) -> Result<(Vec<ProductId>, u64), StoreError> {
     count("product.list_head");
-    let ids: Vec<Uuid> =
-        sqlx::query_scalar("SELECT id FROM products WHERE category_id = $1 ORDER BY name, id LIMIT $2")
-            .bind(category.as_str())
-            .bind(limit as i64)
-            .fetch_all(pool)
-            .await?;
-    Ok(ids.into_iter().map(ProductId::from_uuid).collect())
+    let rows: Vec<(Uuid, i64)> = sqlx::query_as(
+        "SELECT id, (SELECT count(*) FROM products WHERE category_id = $1) \
+         FROM products WHERE category_id = $1 ORDER BY name, id LIMIT $2",
+    )
+    .bind(category.as_str())
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await?;
+    // No rows: the same snapshot counts none either.
+    let total = rows.first().map_or(0, |(_, total)| *total as u64);
+    Ok((
+        rows.into_iter().map(|(id, _)| ProductId::from_uuid(id)).collect(),
+        total,
+    ))
 }
 
 /// Where a range of a category starts, in (name, id) order.

@@ -1,8 +1,37 @@
-//! A small run of the consistency checker (`checker.rs`) in the test suite.
+//! Consistency: a small run of the consistency checker (`checker.rs`), and
+//! the holes a line-by-line review of the cache layer found, each closed.
 
-use std::time::Duration;
+use std::{
+    collections::HashSet,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
-use crate::checker::{self, Settings};
+use deadpool_redis::redis;
+use readthrough::{
+    cache::{Hook, Hooks},
+    domain::{ProductId, UserId},
+    proto::{
+        GetProductRequest, GetUserRequest, InvalidateUserRequest, ListProductsRequest,
+        cache_admin_service_client::CacheAdminServiceClient,
+    },
+};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tonic::Code;
+
+use crate::{
+    checker::{self, Settings},
+    helpers::{
+        OwnRedis, RedisProxy, Sandbox, TestApp, eventually, rename_user, spawn_app, spawn_app_with,
+        spawn_app_with_hooks,
+    },
+};
+
+const USER_LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;
+const LIST_LOADS: &str = r#"readthrough_db_queries_total{query="product.list_head"}"#;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reads_and_writes_on_two_instances_stay_consistent() {
@@ -25,4 +54,434 @@ async fn concurrent_reads_and_writes_on_two_instances_stay_consistent() {
         Vec::<String>::new(),
         "reads older than an acknowledged write"
     );
+}
+
+/// The deletions Redis ran (DEL and UNLINK sent by clients, not by scripts),
+/// as MONITOR reports them, each with its keys.
+struct Monitor {
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::net::TcpStream>>,
+}
+
+impl Monitor {
+    async fn start(redis_url: &str) -> Self {
+        let address = redis_url.trim_start_matches("redis://").trim_end_matches('/');
+        let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+        stream.write_all(b"MONITOR\r\n").await.unwrap();
+        let mut lines = tokio::io::BufReader::new(stream).lines();
+        assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+        Self { lines }
+    }
+
+    /// Every deletion until a `PING` that `marker` sends, in order.
+    async fn deletions_until(&mut self, marker: &str, send: impl Future<Output = ()>) -> Vec<Vec<String>> {
+        send.await;
+        let mut deletions = Vec::new();
+        while let Some(line) = self.lines.next_line().await.unwrap() {
+            // +1732712345.123456 [0 127.0.0.1:5555] "DEL" "key" ...   ([0 lua] inside scripts)
+            if line.contains(" lua]") {
+                continue;
+            }
+            let words: Vec<String> = line.split('"').skip(1).step_by(2).map(str::to_string).collect();
+            match words.first().map(String::as_str) {
+                Some("PING") if words.get(1).map(String::as_str) == Some(marker) => return deletions,
+                Some("DEL" | "UNLINK" | "del" | "unlink") => deletions.push(words[1..].to_vec()),
+                _ => {}
+            }
+        }
+        panic!("MONITOR ended before the marker");
+    }
+}
+
+/// Each deleted entry key whose lease was not deleted by the same command or an earlier one.
+fn entries_deleted_before_their_lease(deletions: &[Vec<String>]) -> Vec<String> {
+    let mut leases_gone = HashSet::new();
+    let mut early = Vec::new();
+    for command in deletions {
+        leases_gone.extend(command.iter().filter(|key| key.ends_with(":lease")).cloned());
+        for key in command
+            .iter()
+            .filter(|key| key.contains(":user:{") && !key.ends_with(":lease"))
+        {
+            if !leases_gone.contains(&format!("{key}:lease")) {
+                early.push(key.clone());
+            }
+        }
+    }
+    early
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_invalidation_deletes_the_lease_no_later_than_the_entry() {
+    // A lease deleted after its entry lets a fill of the old row land in
+    // between (Redis does not run a pipeline's commands as one).
+    let own = OwnRedis::start().await;
+    let url = own.url.clone();
+    let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let user = app.create_user("lease@example.com").await;
+    let mut monitor = Monitor::start(&own.url).await;
+    let marker_client = redis::Client::open(own.url.as_str()).unwrap();
+    let mut marker = marker_client.get_multiplexed_async_connection().await.unwrap();
+    let mut users = app.users.clone();
+    let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.grpc_port))
+        .await
+        .unwrap();
+    let id = user.id.clone();
+    let db = app.db.clone();
+
+    let deletions = monitor
+        .deletions_until("done", async {
+            // The service's own write.
+            users.update_user(rename_user(&id, "write@example.com")).await.unwrap();
+            // A change by hand, which the outbox relay invalidates.
+            sqlx::query("UPDATE users SET email = 'hand@example.com', version = version + 1 WHERE id = $1::uuid")
+                .bind(&id)
+                .execute(&db)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            // An operator's invalidation.
+            admin
+                .invalidate_user(InvalidateUserRequest {
+                    id: id.clone(),
+                    dry_run: false,
+                })
+                .await
+                .unwrap();
+            let _: String = redis::cmd("PING").arg("done").query_async(&mut marker).await.unwrap();
+        })
+        .await;
+    let key = app.keys.user(UserId::parse(&user.id).unwrap());
+    let entry_deletions = deletions.iter().filter(|command| command.contains(&key)).count();
+    assert!(
+        entry_deletions >= 3,
+        "the write, the relay and the operator each deleted the entry: {deletions:?}"
+    );
+    assert_eq!(
+        entries_deleted_before_their_lease(&deletions),
+        Vec::<String>::new(),
+        "{deletions:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_dropped_by_its_deadline_gives_its_lease_back() {
+    let hold = Arc::new(AtomicBool::new(true));
+    let held = hold.clone();
+    let hooks = Hooks {
+        // The first fill comes long after the caller's deadline.
+        before_fill: Some(Arc::new(move |_key: &str| {
+            let wait = held.swap(false, Ordering::SeqCst);
+            Box::pin(async move {
+                if wait {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            })
+        })),
+        ..Hooks::default()
+    };
+    let mut app = spawn_app_with_hooks(hooks, |config| config.config.cache_lease_ms = 10_000).await;
+    let user = app.create_user("deadline@example.com").await;
+    let lease = app.keys.lease(&app.keys.user(UserId::parse(&user.id).unwrap()));
+
+    let mut request = tonic::Request::new(GetUserRequest { id: user.id.clone() });
+    request.set_timeout(Duration::from_millis(300));
+    let mut reader = app.users.clone();
+    let read = tokio::spawn(async move { reader.get_user(request).await });
+    assert!(
+        eventually(Duration::from_secs(2), || {
+            let mut redis = app.redis.clone();
+            let lease = lease.clone();
+            async move {
+                redis::cmd("EXISTS")
+                    .arg(&lease)
+                    .query_async::<i64>(&mut redis)
+                    .await
+                    .unwrap()
+                    == 1
+            }
+        })
+        .await,
+        "the reader took the lease"
+    );
+    let status = read.await.unwrap().unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    let released = eventually(Duration::from_secs(1), || {
+        let mut redis = app.redis.clone();
+        let lease = lease.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(&lease)
+                .query_async::<i64>(&mut redis)
+                .await
+                .unwrap()
+                == 0
+        }
+    })
+    .await;
+    assert!(released, "the lease (10 s) was given back when its reader went away");
+    let started = Instant::now();
+    assert_eq!(
+        app.users
+            .get_user(GetUserRequest { id: user.id.clone() })
+            .await
+            .unwrap()
+            .into_inner()
+            .version,
+        1
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "the next reader did not wait out the lease"
+    );
+}
+
+/// A hook delaying every fill of keys containing `part` by `delay`.
+fn delay_fills(part: &'static str, delay: Duration) -> Hook {
+    Arc::new(move |key: &str| {
+        let wait = key.contains(part);
+        Box::pin(async move {
+            if wait {
+                tokio::time::sleep(delay).await;
+            }
+        })
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_slower_than_the_lease_still_fills_once_for_every_caller() {
+    // The load outlasts the 200 ms lease twice over: without keeping the lease
+    // alive the fill is refused, and callers on both instances each load.
+    let lease = Duration::from_millis(200);
+    let slow = || Hooks {
+        before_fill: Some(delay_fills(":user:", lease * 2)),
+        ..Hooks::default()
+    };
+    // 500 client tasks and two servers share two cores: a 50 ms Redis deadline would
+    // measure the scheduler (the h2load test below keeps the default).
+    let mut first = spawn_app_with_hooks(slow(), |config| {
+        config.config.cache_lease_ms = lease.as_millis() as u64;
+        config.config.redis_timeout_ms = 1000;
+    })
+    .await;
+    let second = first.spawn_sibling_with_hooks(slow()).await;
+    let user = first.create_user("slow@example.com").await;
+
+    let calls: Vec<_> = (0..500)
+        .map(|n| {
+            let mut client = if n % 2 == 0 {
+                first.users.clone()
+            } else {
+                second.users.clone()
+            };
+            let id = user.id.clone();
+            tokio::spawn(async move {
+                client
+                    .get_user(GetUserRequest { id })
+                    .await
+                    .map(|r| r.into_inner().version)
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), 1);
+    }
+    let loads = first.metric(USER_LOADS).await;
+    assert!(loads <= 2.0, "500 misses loaded the row {loads} times (at most 2)");
+    let key = first.keys.user(UserId::parse(&user.id).unwrap());
+    assert!(first.exists(&key).await, "the slow load was cached");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cold_lists_load_once_across_instances_even_when_the_load_outlasts_the_lease() {
+    let lease = Duration::from_millis(200);
+    let slow = || Hooks {
+        before_fill: Some(delay_fills(":list:", lease * 2)),
+        ..Hooks::default()
+    };
+    let mut first = spawn_app_with_hooks(slow(), |config| {
+        config.config.cache_lease_ms = lease.as_millis() as u64;
+        config.config.redis_timeout_ms = 1000;
+    })
+    .await;
+    let second = first.spawn_sibling_with_hooks(slow()).await;
+    first.create_products("cold", 30).await;
+    outbox_empty(&first).await;
+
+    let calls: Vec<_> = (0..200)
+        .map(|n| {
+            let mut client = if n % 2 == 0 {
+                first.products.clone()
+            } else {
+                second.products.clone()
+            };
+            tokio::spawn(async move {
+                client
+                    .list_products(ListProductsRequest {
+                        category_id: "cold".into(),
+                        page: n % 3,
+                        page_size: 10,
+                        ..ListProductsRequest::default()
+                    })
+                    .await
+                    .map(|r| r.into_inner().products.len())
+            })
+        })
+        .collect();
+    for call in calls {
+        assert_eq!(call.await.unwrap().unwrap(), 10);
+    }
+    let loads = first.metric(LIST_LOADS).await;
+    assert!(loads <= 2.0, "200 cold pages loaded the list {loads} times (at most 2)");
+}
+
+/// Waits until the outbox is empty: the relay will delete nothing the test fills afterwards.
+async fn outbox_empty(app: &TestApp) {
+    let empty = eventually(Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM cache_outbox")
+            .fetch_one(&app.db)
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    assert!(empty, "the outbox drained");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_fails_validation_is_served_but_never_cached() {
+    let mut app = spawn_app().await;
+    let id = uuid::Uuid::new_v4();
+    // Written by hand, past what the service would accept: a category id with a space.
+    sqlx::query("INSERT INTO products (id, name, category_id, price_cents, currency) VALUES ($1, 'Odd', 'Not valid', 100, 'EUR')")
+        .bind(id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    outbox_empty(&app).await;
+    for _ in 0..3 {
+        let product = app
+            .products
+            .get_product(GetProductRequest { id: id.to_string() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(product.category_id, "Not valid");
+    }
+    let key = app.keys.product(ProductId::from_uuid(id));
+    assert!(!app.exists(&key).await, "nothing cached");
+    assert!(!app.exists(&app.keys.lease(&key)).await, "no lease left to wait out");
+    assert_eq!(
+        app.metric(r#"readthrough_cache_corrupt_total{entity="product"}"#).await,
+        0.0,
+        "never filled, so never found corrupt"
+    );
+    assert_eq!(
+        app.metric(r#"readthrough_cache_uncacheable_total{entity="product"}"#)
+            .await,
+        3.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_truncate_by_hand_drops_every_cached_entry_of_the_table() {
+    let mut app = spawn_app().await;
+    let user = app.create_user("gone@example.com").await;
+    let product = app.create_product("gone", "Gone").await;
+    outbox_empty(&app).await;
+    app.users
+        .get_user(GetUserRequest { id: user.id.clone() })
+        .await
+        .unwrap();
+    app.products
+        .get_product(GetProductRequest { id: product.id.clone() })
+        .await
+        .unwrap();
+    assert_eq!(app.list_page("gone", 0, 10).await.products.len(), 1);
+    let user_key = app.keys.user(UserId::parse(&user.id).unwrap());
+    assert!(app.exists(&user_key).await, "cached before the truncate");
+
+    sqlx::query("TRUNCATE users, products").execute(&app.db).await.unwrap();
+
+    let dropped = eventually(Duration::from_secs(2), || {
+        let mut users = app.users.clone();
+        let id = user.id.clone();
+        async move {
+            users
+                .get_user(GetUserRequest { id })
+                .await
+                .is_err_and(|s| s.code() == Code::NotFound)
+        }
+    })
+    .await;
+    assert!(dropped, "the truncated user is gone within the relay's interval");
+    let status = app
+        .products
+        .get_product(GetProductRequest { id: product.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert_eq!(app.list_page("gone", 0, 10).await.products.len(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_event_subscription_is_noticed_and_replaced() {
+    let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
+    let url = proxy.url.clone();
+    let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let channel = app.keys.events();
+    let received = r#"readthrough_events_received_total{event="user.updated"}"#;
+    let event = format!(r#"{{"event":"user.updated","id":"{}"}}"#, uuid::Uuid::new_v4());
+    let publish = |redis: &redis::aio::MultiplexedConnection| {
+        let (channel, event) = (channel.clone(), event.clone());
+        let mut redis = redis.clone();
+        async move {
+            let _: i64 = redis::cmd("PUBLISH")
+                .arg(channel)
+                .arg(event)
+                .query_async(&mut redis)
+                .await
+                .unwrap();
+        }
+    };
+    let heard = eventually(Duration::from_secs(5), || async {
+        publish(&app.redis).await;
+        app.metric(received).await >= 1.0
+    })
+    .await;
+    assert!(heard, "events arrive through the proxy");
+
+    proxy.stall();
+    let replaced = eventually(Duration::from_secs(6), || async {
+        app.metric("readthrough_event_subscription_lost_total").await >= 1.0
+    })
+    .await;
+    assert!(replaced, "the silent subscription was noticed (PING without an answer)");
+    let before = app.metric(received).await;
+    let heard_again = eventually(Duration::from_secs(5), || async {
+        publish(&app.redis).await;
+        app.metric(received).await > before
+    })
+    .await;
+    assert!(heard_again, "events arrive again on the new subscription");
+
+    // A name the service does not know is counted, but not as a series of its own.
+    let stranger = format!(
+        r#"{{"event":"attacker.{}","id":"{}"}}"#,
+        uuid::Uuid::new_v4(),
+        uuid::Uuid::new_v4()
+    );
+    let _: i64 = redis::cmd("PUBLISH")
+        .arg(&channel)
+        .arg(stranger)
+        .query_async(&mut app.redis)
+        .await
+        .unwrap();
+    let counted = eventually(Duration::from_secs(2), || async {
+        app.metric(r#"readthrough_events_received_total{event="other"}"#).await == 1.0
+    })
+    .await;
+    assert!(counted, "an unknown event name is counted as `other`");
 }

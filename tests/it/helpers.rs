@@ -349,10 +349,13 @@ impl Drop for Sandbox {
 
 /// A TCP proxy in front of the real Redis that a test can cut (every
 /// connection dropped, new ones refused) and restore: Redis unreachable, and back.
+/// It can also stall the connections it carries: they stay open but carry
+/// nothing more, like a connection whose peer vanished without a reset.
 pub struct RedisProxy {
     pub url: String,
     up: Arc<std::sync::atomic::AtomicBool>,
     cut: tokio::sync::broadcast::Sender<()>,
+    stall: tokio::sync::broadcast::Sender<()>,
 }
 
 impl RedisProxy {
@@ -365,26 +368,37 @@ impl RedisProxy {
         let url = format!("redis://{}", listener.local_addr().unwrap());
         let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (cut, _) = tokio::sync::broadcast::channel::<()>(1);
-        let (accepting, cuts) = (up.clone(), cut.clone());
+        let (stall, _) = tokio::sync::broadcast::channel::<()>(1);
+        let (accepting, cuts, stalls) = (up.clone(), cut.clone(), stall.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !accepting.load(std::sync::atomic::Ordering::SeqCst) {
                     continue; // dropped: connection refused, as far as the client can tell
                 }
                 let target = target.clone();
-                let mut cut = cuts.subscribe();
+                let (mut cut, mut stall) = (cuts.subscribe(), stalls.subscribe());
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
-                    tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-                        _ = cut.recv() => {}
+                    let stalled = tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                        _ = cut.recv() => false,
+                        _ = stall.recv() => true,
+                    };
+                    if stalled {
+                        // Both sockets stay open, and nothing moves, until a cut.
+                        let _ = cut.recv().await;
                     }
                 });
             }
         });
-        Self { url, up, cut }
+        Self { url, up, cut, stall }
+    }
+
+    /// The connections open now carry nothing more (new ones work).
+    pub fn stall(&self) {
+        let _ = self.stall.send(());
     }
 
     pub fn cut(&self) {

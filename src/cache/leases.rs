@@ -1,0 +1,178 @@
+//! Fill leases: one caller across all instances loads a missing key.
+//!
+//! A lease is `SET NX PX` of a random token next to the key (same hash tag).
+//! Its holder loads the value and fills it with a script that stores only
+//! while the lease is still its own; a write deletes the lease with the entry,
+//! so a value read before the write is never stored after it.
+//!
+//! While a load runs its leases are kept alive (extended every third of the
+//! lease time), so a slow database does not let the lease lapse and the fill
+//! be refused; when the load ends without filling (it failed, or its caller
+//! went away) they are given back at once, so nobody waits them out. Callers
+//! that find a key leased wait for the fill, and take the lease over when its
+//! holder lets go without filling.
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use tokio::task::AbortHandle;
+
+use super::{Cache, Cacheable, Cached, RedisClient};
+
+/// Polling a key another caller is filling: first interval, doubled up to the cap.
+pub(super) const WAIT_FIRST_POLL: Duration = Duration::from_millis(2);
+pub(super) const WAIT_MAX_POLL: Duration = Duration::from_millis(20);
+/// The longest a caller waits for another's fill while that one still holds
+/// (and keeps alive) the lease; past it the caller reads without filling.
+pub(super) const WAIT_LIMIT: Duration = Duration::from_secs(30);
+
+/// A lease on a key: while it is held, only its holder fills the key.
+#[derive(Debug, Clone)]
+pub struct Lease {
+    pub(super) key: String,
+    pub(super) token: String,
+}
+
+/// How waiting for another caller's fill ended.
+#[derive(Debug)]
+pub enum Waited<T> {
+    /// The fill came: what was found, and the instant before the read that found it.
+    Filled(T, Instant),
+    /// The holder let go without filling; this caller holds the lease now.
+    Leased(Lease),
+    /// Redis stopped answering, or `WAIT_LIMIT` passed.
+    GaveUp,
+}
+
+/// Leases taken for one load: kept alive while this lives, and given back
+/// when it is dropped unless `settle` says a fill consumed them.
+pub struct KeptLeases {
+    redis: Arc<RedisClient>,
+    leases: Vec<(String, String)>,
+    keep_alive: Option<AbortHandle>,
+}
+
+impl KeptLeases {
+    /// The fill ran: it consumed the leases (or found them taken by a write).
+    pub fn settle(mut self) {
+        self.leases.clear();
+    }
+}
+
+impl Drop for KeptLeases {
+    fn drop(&mut self) {
+        if let Some(task) = self.keep_alive.take() {
+            task.abort();
+        }
+        if self.leases.is_empty() {
+            return;
+        }
+        // Dropped mid-load (failed or cancelled): give the leases back.
+        let (redis, leases) = (self.redis.clone(), std::mem::take(&mut self.leases));
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { redis.release_leases(&leases).await });
+        }
+    }
+}
+
+impl Cache {
+    /// Tries to take the fill lease of each id; `Some` where this caller got it.
+    pub async fn acquire_leases<E: Cacheable>(&self, ids: &[E::Id]) -> Vec<Option<Lease>> {
+        let lease_keys: Vec<String> = ids.iter().map(|&id| self.keys.lease(&E::key(&self.keys, id))).collect();
+        self.acquire(lease_keys).await
+    }
+
+    pub(super) async fn acquire(&self, lease_keys: Vec<String>) -> Vec<Option<Lease>> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        match self.redis.acquire_leases(&lease_keys, &token, self.lease_ttl).await {
+            Some(acquired) => lease_keys
+                .into_iter()
+                .zip(acquired)
+                .map(|(key, got)| {
+                    got.then(|| Lease {
+                        key,
+                        token: token.clone(),
+                    })
+                })
+                .collect(),
+            None => lease_keys.iter().map(|_| None).collect(),
+        }
+    }
+
+    /// Keeps `leases` alive for as long as the returned guard lives.
+    pub fn keep<'a>(&self, leases: impl IntoIterator<Item = &'a Lease>) -> KeptLeases {
+        let leases: Vec<(String, String)> = leases
+            .into_iter()
+            .map(|lease| (lease.key.clone(), lease.token.clone()))
+            .collect();
+        let keep_alive = (!leases.is_empty()).then(|| {
+            let (redis, held, ttl) = (self.redis.clone(), leases.clone(), self.lease_ttl);
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    if redis
+                        .extend_leases(&held, ttl)
+                        .await
+                        .is_some_and(|extended| !extended.contains(&true))
+                    {
+                        return; // every lease was taken by a write or filled
+                    }
+                }
+            })
+            .abort_handle()
+        });
+        KeptLeases {
+            redis: self.redis.clone(),
+            leases,
+            keep_alive,
+        }
+    }
+
+    /// Gives leases back (if they are still the caller's), so waiters need not wait them out.
+    pub(super) async fn release(&self, leases: &[&Lease]) {
+        let leases: Vec<(String, String)> = leases
+            .iter()
+            .map(|lease| (lease.key.clone(), lease.token.clone()))
+            .collect();
+        self.redis.release_leases(&leases).await;
+    }
+
+    /// Waits for another caller's fill of `id`, polling at short, capped
+    /// intervals; takes the lease over if its holder lets go without filling.
+    pub async fn wait_for_fill<E: Cacheable>(&self, id: E::Id) -> Waited<Cached<E>> {
+        let lease_key = self.keys.lease(&E::key(&self.keys, id));
+        self.wait(lease_key, || async {
+            match self.get_many::<E>(&[id]).await?.pop()? {
+                hit @ Cached::Hit { .. } => Some(Some(hit)),
+                Cached::Miss => Some(None),
+            }
+        })
+        .await
+    }
+
+    /// Polls `look` (`None`: Redis failed; `Some(None)`: not there yet) until
+    /// it finds something, trying to take `lease_key` after each empty look.
+    pub(super) async fn wait<T, F>(&self, lease_key: String, look: impl Fn() -> F) -> Waited<T>
+    where
+        F: Future<Output = Option<Option<T>>>,
+    {
+        let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
+        let mut interval = WAIT_FIRST_POLL;
+        while tokio::time::Instant::now() + interval < deadline {
+            tokio::time::sleep(interval).await;
+            interval = (interval * 2).min(WAIT_MAX_POLL);
+            let read_at = Instant::now();
+            match look().await {
+                None => return Waited::GaveUp,
+                Some(Some(found)) => return Waited::Filled(found, read_at),
+                Some(None) => {}
+            }
+            if let Some(lease) = self.acquire(vec![lease_key.clone()]).await.pop().flatten() {
+                return Waited::Leased(lease);
+            }
+        }
+        Waited::GaveUp
+    }
+}
