@@ -19,7 +19,7 @@ use std::{
 
 use tokio::task::AbortHandle;
 
-use super::{Cache, Cacheable, Cached, RedisClient};
+use super::{Cache, Cacheable, RedisClient, redis::Lookup};
 
 /// Polling a key another caller is filling: first interval, doubled up to the cap.
 pub(super) const WAIT_FIRST_POLL: Duration = Duration::from_millis(2);
@@ -33,6 +33,17 @@ pub(super) const WAIT_LIMIT: Duration = Duration::from_secs(30);
 pub struct Lease {
     pub(super) key: String,
     pub(super) token: String,
+}
+
+/// What one look at a missing key found.
+#[derive(Debug)]
+pub enum Claim<T> {
+    /// It is cached (now).
+    Found(T),
+    /// Still missing; the caller holds its lease now.
+    Leased(Lease),
+    /// Still missing; another caller holds its lease.
+    Busy,
 }
 
 /// How waiting for another caller's fill ended.
@@ -139,24 +150,48 @@ impl Cache {
         self.redis.release_leases(&leases).await;
     }
 
-    /// Waits for another caller's fill of `id`, polling at short, capped
-    /// intervals; takes the lease over if its holder lets go without filling.
-    pub async fn wait_for_fill<E: Cacheable>(&self, id: E::Id) -> Waited<Cached<E>> {
-        let lease_key = self.keys.lease(&E::key(&self.keys, id));
-        self.wait(lease_key, || async {
-            match self.get_many::<E>(&[id]).await?.pop()? {
-                hit @ Cached::Hit { .. } => Some(Some(hit)),
-                Cached::Miss => Some(None),
-            }
+    /// The cached value of `id` or, when it is missing, its lease if nobody
+    /// holds it: in one step, so no fill lands between the miss and the lease.
+    /// `None` when Redis did not answer.
+    pub async fn get_or_lease<E: Cacheable>(&self, id: E::Id) -> Option<Claim<Option<E>>> {
+        let key = E::key(&self.keys, id);
+        let lease_key = self.keys.lease(&key);
+        Some(match self.claim(&key, lease_key).await? {
+            Claim::Found(bytes) => match self.decode_entry::<E>(&bytes, id) {
+                Some(entry) => Claim::Found(entry.value),
+                None => {
+                    // Corrupt: delete it, so the next attempt takes the lease.
+                    self.redis.delete(&[key]).await;
+                    Claim::Busy
+                }
+            },
+            Claim::Leased(lease) => Claim::Leased(lease),
+            Claim::Busy => Claim::Busy,
         })
-        .await
     }
 
-    /// Polls `look` (`None`: Redis failed; `Some(None)`: not there yet) until
-    /// it finds something, trying to take `lease_key` after each empty look.
-    pub(super) async fn wait<T, F>(&self, lease_key: String, look: impl Fn() -> F) -> Waited<T>
+    /// `key`'s raw value, or else the lease `lease_key`.
+    pub(super) async fn claim(&self, key: &str, lease_key: String) -> Option<Claim<Vec<u8>>> {
+        let token = uuid::Uuid::new_v4().simple().to_string();
+        Some(
+            match self.redis.get_or_lease(key, &lease_key, &token, self.lease_ttl).await? {
+                Lookup::Found(bytes) => Claim::Found(bytes),
+                Lookup::Leased => Claim::Leased(Lease { key: lease_key, token }),
+                Lookup::Busy => Claim::Busy,
+            },
+        )
+    }
+
+    /// Waits for another caller's fill of `id` (see `Cache::wait`).
+    pub async fn wait_for_fill<E: Cacheable>(&self, id: E::Id) -> Waited<Option<E>> {
+        self.wait(|| self.get_or_lease::<E>(id)).await
+    }
+
+    /// Polls `attempt` at short, capped intervals until it finds the value or
+    /// takes the lease (its holder let go without filling), for at most `WAIT_LIMIT`.
+    pub(super) async fn wait<T, F>(&self, attempt: impl Fn() -> F) -> Waited<T>
     where
-        F: Future<Output = Option<Option<T>>>,
+        F: Future<Output = Option<Claim<T>>>,
     {
         let deadline = tokio::time::Instant::now() + WAIT_LIMIT;
         let mut interval = WAIT_FIRST_POLL;
@@ -164,13 +199,11 @@ impl Cache {
             tokio::time::sleep(interval).await;
             interval = (interval * 2).min(WAIT_MAX_POLL);
             let read_at = Instant::now();
-            match look().await {
+            match attempt().await {
                 None => return Waited::GaveUp,
-                Some(Some(found)) => return Waited::Filled(found, read_at),
-                Some(None) => {}
-            }
-            if let Some(lease) = self.acquire(vec![lease_key.clone()]).await.pop().flatten() {
-                return Waited::Leased(lease);
+                Some(Claim::Found(found)) => return Waited::Filled(found, read_at),
+                Some(Claim::Leased(lease)) => return Waited::Leased(lease),
+                Some(Claim::Busy) => {}
             }
         }
         Waited::GaveUp

@@ -25,7 +25,7 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Cache, KeyGroup, Kind, Lease, Waited, codec, jittered_secs};
+use super::{Cache, Claim, KeyGroup, Kind, Lease, Waited, codec, jittered_secs};
 use crate::domain::{CategoryId, ProductId};
 
 /// What is stored under a list's metadata key.
@@ -134,18 +134,20 @@ impl Cache {
         ListRead::Partial { present, missing, meta }
     }
 
-    /// Waits for another caller's head fill of the list (see `Cache::wait`):
-    /// `Filled` once the list is cached.
-    pub async fn wait_for_list(&self, category: &CategoryId) -> Waited<()> {
+    /// Whether the list is cached or, if not, its lease (see `Cache::claim`).
+    pub async fn claim_list(&self, category: &CategoryId) -> Option<Claim<()>> {
+        // The metadata is written last with the head and dropped with it.
         let lease_key = self.keys.lease(&self.keys.list_ids(category));
-        self.wait(lease_key, || async {
-            match self.read_list(category, 0, 1).await {
-                ListRead::Unavailable => None,
-                ListRead::Miss => Some(None),
-                ListRead::Hit { .. } | ListRead::Partial { .. } => Some(Some(())),
-            }
+        Some(match self.claim(&self.keys.list_meta(category), lease_key).await? {
+            Claim::Found(_) => Claim::Found(()),
+            Claim::Leased(lease) => Claim::Leased(lease),
+            Claim::Busy => Claim::Busy,
         })
-        .await
+    }
+
+    /// Waits for another caller's head fill of the list (see `Cache::wait`).
+    pub async fn wait_for_list(&self, category: &CategoryId) -> Waited<()> {
+        self.wait(|| self.claim_list(category)).await
     }
 
     async fn discard_list(&self, category: &CategoryId, why: &str) -> ListRead {
@@ -154,14 +156,6 @@ impl Cache {
         self.redis.delete(&self.list_keys(category)).await;
         self.outcomes(Kind::List).misses.increment(1);
         ListRead::Miss
-    }
-
-    /// Takes the lease of a list's head fill.
-    pub async fn acquire_list_lease(&self, category: &CategoryId) -> Option<Lease> {
-        self.acquire(vec![self.keys.lease(&self.keys.list_ids(category))])
-            .await
-            .pop()
-            .flatten()
     }
 
     /// Replaces the list with its first ids and new metadata (a new

@@ -34,7 +34,7 @@ use crate::{
     telemetry::Throttle,
 };
 pub use keys::Keys;
-pub use leases::{KeptLeases, Lease, Waited};
+pub use leases::{Claim, KeptLeases, Lease, Waited};
 pub use lists::{CachedMeta, ListMeta, ListRead};
 pub use redis::RedisClient;
 use redis::{Delivery, GuardedFill};

@@ -88,6 +88,17 @@ if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) 
 return 0
 ";
 
+/// Reads a key or, when it is missing, takes its lease, in one step: no fill
+/// can land between a miss and the lease taken after it (which would load
+/// the value a second time). KEYS: key, lease. ARGV: token, ms.
+/// Returns {1, value}, {2} when leased, {0} when another holds the lease.
+const GET_OR_LEASE: &str = r"
+local value = redis.call('GET', KEYS[1])
+if value then return {1, value} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
+return {0}
+";
+
 /// Extends a lease only if it is still the caller's. KEYS: lease. ARGV: token, ms.
 const EXTEND: &str = r"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
@@ -101,6 +112,15 @@ pub enum Delivery<'a> {
     /// The subscription dropped: messages may be missed until `Subscribed`.
     Lost,
     Message(&'a [u8]),
+}
+
+/// What `get_or_lease` found.
+pub enum Lookup {
+    Found(Vec<u8>),
+    /// The key was missing and the caller now holds its lease.
+    Leased,
+    /// The key was missing and another caller holds its lease.
+    Busy,
 }
 
 /// One value to store under a lease.
@@ -279,6 +299,31 @@ impl RedisClient {
         }
         let replies: Vec<Option<String>> = self.run_pipe("lease", &pipe).await?;
         Some(replies.into_iter().map(|reply| reply.is_some()).collect())
+    }
+
+    /// `key`'s value, or else its lease if nobody holds it (see `GET_OR_LEASE`).
+    pub async fn get_or_lease(&self, key: &str, lease_key: &str, token: &str, ttl: Duration) -> Option<Lookup> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(GET_OR_LEASE)
+            .arg(2)
+            .arg(key)
+            .arg(lease_key)
+            .arg(token)
+            .arg(ttl.as_millis() as u64);
+        let (outcome, value): (i64, Option<Vec<u8>>) =
+            match self.run::<Vec<redis::Value>>("lease", &cmd).await?.as_slice() {
+                [outcome] => (redis::from_redis_value_ref(outcome).ok()?, None),
+                [outcome, value] => (
+                    redis::from_redis_value_ref(outcome).ok()?,
+                    redis::from_redis_value_ref(value).ok()?,
+                ),
+                _ => return None,
+            };
+        match (outcome, value) {
+            (1, Some(value)) => Some(Lookup::Found(value)),
+            (2, _) => Some(Lookup::Leased),
+            _ => Some(Lookup::Busy),
+        }
     }
 
     /// Stores each value whose lease is still held; true where it was stored.

@@ -20,7 +20,7 @@ use super::{
     single_flight::{FLIGHT_ATTEMPTS, Fresh, SingleFlight},
 };
 use crate::{
-    cache::{Cache, CachedMeta, Lease, ListRead, Waited},
+    cache::{Cache, CachedMeta, Claim, Lease, ListRead, Waited},
     domain::{CategoryId, Cursor, PageRequest, PageStart, ProductId},
     store::products::{self, RangeStart},
 };
@@ -282,21 +282,21 @@ impl Lists {
     }
 
     async fn load_head_once(&self, category: &CategoryId) -> Result<Fresh<HeadLoad>, ServiceError> {
-        let lease = match self.cache.acquire_list_lease(category).await {
-            Some(lease) => Some(lease),
-            None => {
-                let waited = Instant::now();
-                match self.cache.wait_for_list(category).await {
-                    Waited::Filled((), _) => {
-                        return Ok(Fresh {
-                            value: HeadLoad::FilledElsewhere,
-                            as_of: waited,
-                        });
-                    }
-                    Waited::Leased(lease) => Some(lease),
-                    Waited::GaveUp => None,
-                }
-            }
+        let looked = Instant::now();
+        let filled_elsewhere = Ok(Fresh {
+            value: HeadLoad::FilledElsewhere,
+            as_of: looked,
+        });
+        let lease = match self.cache.claim_list(category).await {
+            Some(Claim::Found(())) => return filled_elsewhere,
+            Some(Claim::Leased(lease)) => Some(lease),
+            // Redis did not answer: read without filling.
+            None => None,
+            Some(Claim::Busy) => match self.cache.wait_for_list(category).await {
+                Waited::Filled((), _) => return filled_elsewhere,
+                Waited::Leased(lease) => Some(lease),
+                Waited::GaveUp => None,
+            },
         };
         let fresh = self.read_head(category, lease).await?;
         Ok(Fresh {

@@ -13,7 +13,7 @@ use sqlx::PgPool;
 
 use super::single_flight::{FLIGHT_ATTEMPTS, Fresh, SingleFlight};
 use crate::{
-    cache::{Cache, Cacheable, Cached, Lease, Waited, near::NearCache},
+    cache::{Cache, Cacheable, Cached, Claim, Lease, Waited, near::NearCache},
     domain::{Product, User},
     store::{self, StoreError},
 };
@@ -212,14 +212,19 @@ impl<E: Loadable> ReadThrough<E> {
     }
 
     async fn load_one_once(&self, id: E::Id) -> Result<Fresh<Option<E>>, StoreError> {
-        let lease = match self.cache.acquire_leases::<E>(&[id]).await.pop().flatten() {
-            Some(lease) => Some(lease),
-            None => {
+        let looked = Instant::now();
+        let lease = match self.cache.get_or_lease::<E>(id).await {
+            // Filled since this caller's miss (by the flight before, or another instance).
+            Some(Claim::Found(value)) => return Ok(Fresh { value, as_of: looked }),
+            Some(Claim::Leased(lease)) => Some(lease),
+            // Redis did not answer: read without filling.
+            None => None,
+            Some(Claim::Busy) => {
                 metrics::counter!("readthrough_cache_lease_waits_total", "entity" => E::KIND.label()).increment(1);
                 match self.cache.wait_for_fill::<E>(id).await {
-                    Waited::Filled(Cached::Hit { value, .. }, as_of) => return Ok(Fresh { value, as_of }),
-                    Waited::Filled(Cached::Miss, _) | Waited::GaveUp => None,
+                    Waited::Filled(value, as_of) => return Ok(Fresh { value, as_of }),
                     Waited::Leased(lease) => Some(lease),
+                    Waited::GaveUp => None,
                 }
             }
         };

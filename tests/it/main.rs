@@ -13,4 +13,5 @@ mod helpers;
 mod hot_path;
 mod invalidation;
 mod products;
+mod stampede;
 mod users;
