@@ -12,7 +12,7 @@
 //! Settings (environment): BENCH_SECONDS (5) per run, BENCH_ROUNDS (3),
 //! BENCH_PRODUCTS (1000000, all in one category), BENCH_OUTPUT
 //! (docs/benchmarks.md), BENCH_PROFILE (1: perf record a warm GetUser run),
-//! BENCH_SCENARIOS (all of start,hot,random,lists,prices,mixed,profile,near),
+//! BENCH_SCENARIOS (all of start,hot,random,lists,prices,mixed,profile,outbox,near),
 //! and DATABASE_URL / REDIS_URL as for readthrough.
 
 mod h2load;
@@ -46,7 +46,7 @@ use crate::{
     probe::{CacheCounts, Metrics, RedisStats},
     report::{Measured, Report, Target},
     servers::Server,
-    stats::median,
+    stats::{Latencies, median},
 };
 
 /// The list every list scenario reads: the seed puts every product in it.
@@ -210,6 +210,11 @@ async fn main() -> anyhow::Result<()> {
     }
     drop(service);
 
+    if settings.runs("outbox") {
+        // No instance runs now, so no relay drains the outbox under the measurement.
+        eprintln!("bench: writes with a long outbox");
+        outbox_writes(&settings, &mut report).await?;
+    }
     if settings.runs("near") {
         eprintln!("bench: the near cache");
         near_cache(&settings, &floor, &calls, ids, &mut redis_stats, &mut report).await?;
@@ -217,6 +222,68 @@ async fn main() -> anyhow::Result<()> {
 
     report.write()?;
     eprintln!("bench: wrote {}", settings.output.display());
+    Ok(())
+}
+
+/// Rows put in the outbox for the long-outbox measurement.
+const LONG_OUTBOX: i64 = 1_000_000;
+/// Writes timed with each outbox length.
+const OUTBOX_WRITES: usize = 2000;
+
+/// A user update's database time (the write, the lookup of its own outbox
+/// rows, the commit: `store::users::update`, as the service runs it) with an
+/// empty outbox and with `LONG_OUTBOX` rows in it, alternating round by round.
+async fn outbox_writes(settings: &Settings, report: &mut Report) -> anyhow::Result<()> {
+    use readthrough::{
+        domain::{Email, ExpectedVersion, UserId, UserPatch},
+        store::{outbox, users},
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(settings.database_url.expose())
+        .await?;
+    sqlx::query("DELETE FROM cache_outbox").execute(&pool).await?;
+    let id = UserId::parse(&demo_user_id(0).to_string())?;
+    let timed = |long: bool| {
+        let pool = pool.clone();
+        async move {
+            if long {
+                // Rows of an outage that the relay has not got to yet.
+                sqlx::query(
+                    "INSERT INTO cache_outbox (entity, entity_id, event, xact_id) \
+                     SELECT 'user', gen_random_uuid(), 'user.updated', pg_current_xact_id() FROM generate_series(1, $1)",
+                )
+                .bind(LONG_OUTBOX)
+                .execute(&pool)
+                .await?;
+                sqlx::query("ANALYZE cache_outbox").execute(&pool).await?;
+            }
+            let mut took = Vec::with_capacity(OUTBOX_WRITES);
+            for n in 0..OUTBOX_WRITES {
+                let patch = UserPatch {
+                    id,
+                    email: Some(Email::parse(&format!("outbox-{n}@example.com"))?),
+                    preferences: None,
+                    expected_version: ExpectedVersion::parse(0)?,
+                };
+                let started = Instant::now();
+                let written = users::update(&pool, &patch).await?;
+                took.push(started.elapsed());
+                let ids: Vec<i64> = written.outbox.iter().map(|row| row.id).collect();
+                outbox::confirm(&pool, &ids).await?;
+            }
+            sqlx::query("DELETE FROM cache_outbox").execute(&pool).await?;
+            sqlx::query("VACUUM ANALYZE cache_outbox").execute(&pool).await?;
+            anyhow::Ok(Latencies::from_durations(took))
+        }
+    };
+    let mut rounds = Vec::new();
+    for _ in 0..settings.rounds {
+        let empty = timed(false).await?;
+        let long = timed(true).await?;
+        rounds.push((empty, long));
+    }
+    report.outbox_writes(&rounds, LONG_OUTBOX);
     Ok(())
 }
 

@@ -266,6 +266,38 @@ impl Report {
         );
     }
 
+    /// Write latency with an empty outbox and with `long` rows in it, per round.
+    pub fn outbox_writes(&mut self, rounds: &[(Latencies, Latencies)], long: i64) {
+        let _ = writeln!(
+            self.sections,
+            "### A user update's database time, empty outbox and {long} rows in the outbox\n\n\
+             `store::users::update` (the UPDATE, the lookup of the transaction's own outbox rows, the commit), \
+             timed in the harness's own process against the bench database while no instance runs, so no relay \
+             drains the outbox.\n\n| round | empty p50 / p99 ms | long p50 / p99 ms | ratio of p50 |\n|---|---|---|---|"
+        );
+        let mut ratios = Vec::new();
+        for (n, (empty, long)) in rounds.iter().enumerate() {
+            let ratio = long.p50() / empty.p50();
+            ratios.push(ratio);
+            let _ = writeln!(
+                self.sections,
+                "| {} | {:.3} / {:.3} | {:.3} / {:.3} | {ratio:.2} |",
+                n + 1,
+                empty.p50(),
+                empty.p99(),
+                long.p50(),
+                long.p99()
+            );
+        }
+        let ratio = median(ratios);
+        let _ = writeln!(self.sections, "\nMedian ratio of p50: **{ratio:.2}**.\n");
+        self.target(Target::at_most(
+            &format!("user update latency (p50) with {long} outbox rows ÷ with none"),
+            ratio,
+            1.2,
+        ));
+    }
+
     pub fn profile(&mut self, text: String) {
         self.profile = Some(text);
     }

@@ -29,13 +29,14 @@ pub struct Written<T> {
     pub outbox: Vec<OutboxRow>,
 }
 
+/// How a write finds the outbox rows it recorded: by its transaction id,
+/// through `cache_outbox_xact_id_idx`, however long the outbox is.
+pub const RECORDED: &str =
+    "SELECT id, entity, entity_id, categories, event FROM cache_outbox WHERE xact_id = pg_current_xact_id()";
+
 /// The outbox rows the current transaction's writes recorded (by their triggers).
 pub async fn recorded(tx: &mut Transaction<'_, Postgres>) -> Result<Vec<OutboxRow>, StoreError> {
-    let rows = sqlx::query_as::<_, OutboxRow>(
-        "SELECT id, entity, entity_id, categories, event FROM cache_outbox WHERE xact_id = pg_current_xact_id()",
-    )
-    .fetch_all(&mut **tx)
-    .await?;
+    let rows = sqlx::query_as::<_, OutboxRow>(RECORDED).fetch_all(&mut **tx).await?;
     Ok(rows)
 }
 

@@ -485,3 +485,28 @@ async fn a_stalled_event_subscription_is_noticed_and_replaced() {
     .await;
     assert!(counted, "an unknown event name is counted as `other`");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_finds_its_outbox_rows_by_index_however_long_the_outbox() {
+    let app = spawn_app().await;
+    // An outage's worth of rows the relay has not got to (dated ahead, so it leaves them).
+    sqlx::query(
+        "INSERT INTO cache_outbox (entity, entity_id, event, xact_id, created_at) \
+         SELECT 'user', gen_random_uuid(), 'user.updated', pg_current_xact_id(), now() + interval '1 day' \
+         FROM generate_series(1, 100000)",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE cache_outbox").execute(&app.db).await.unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "EXPLAIN {}",
+        readthrough::store::outbox::RECORDED
+    )))
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    let plan = plan.join("\n");
+    assert!(plan.contains("cache_outbox_xact_id_idx"), "{plan}");
+    assert!(!plan.contains("Seq Scan"), "{plan}");
+}
