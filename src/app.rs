@@ -23,6 +23,20 @@ use crate::{
     store, telemetry,
 };
 
+/// The largest request a service decodes. The largest valid one is an
+/// UpdateUser with 16 KiB of preferences (up to about twice that as a protobuf
+/// Struct) or a product with a 5,000-character description; anything bigger
+/// is refused before it is decoded.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Streams a client may open and reset before the server handles them (the
+/// HTTP/2 "rapid reset" guard).
+const MAX_PENDING_RESETS: usize = 64;
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+
 pub struct Application {
     config: ServeConfig,
     grpc_listener: TcpListener,
@@ -106,22 +120,33 @@ impl Application {
         let admission = AdmissionLayer::new(
             self.config.admission_limit,
             Duration::from_millis(self.config.request_queue_timeout_ms),
+            Duration::from_millis(self.config.request_timeout_ms),
         );
         // Our own listener, so tonic's `tcp_nodelay` setting does not reach the
         // accepted sockets: set it here. Without it a response's trailers wait
         // for the client's delayed ACK (Nagle), about 40 ms per call.
         let incoming = TcpIncoming::from(self.grpc_listener).with_nodelay(Some(true));
         let server = Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            // A client that opens and resets streams faster than they are served is cut off.
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            // Clients reconnect now and then, so load spreads over new instances.
+            .max_connection_age(MAX_CONNECTION_AGE)
             .layer(admission)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
-            .add_service(UserServiceServer::new(UserApi::new(users)))
-            .add_service(ProductServiceServer::new(ProductApi::new(
-                products,
-                PageTokens::new(self.config.page_token_secret.expose().as_bytes()),
-            )))
-            .add_service(CacheAdminServiceServer::new(admin))
+            .add_service(UserServiceServer::new(UserApi::new(users)).max_decoding_message_size(MAX_REQUEST_BYTES))
+            .add_service(
+                ProductServiceServer::new(ProductApi::new(
+                    products,
+                    PageTokens::new(self.config.page_token_secret.expose().as_bytes()),
+                ))
+                .max_decoding_message_size(MAX_REQUEST_BYTES),
+            )
+            .add_service(CacheAdminServiceServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES))
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
             });

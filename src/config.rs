@@ -87,6 +87,10 @@ pub struct Config {
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
 
+    /// Longest a single SQL statement may run (PostgreSQL's `statement_timeout`), in milliseconds.
+    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub database_statement_timeout_ms: u64,
+
     /// Redis connection URL.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: SecretUrl,
@@ -190,7 +194,7 @@ pub struct ServeConfig {
     pub migrate_on_start: bool,
 
     /// Work in progress at once, in units of about one cached read: GetUser and
-    /// GetProduct take 1, BatchGetUsers 4, ListProducts and writes 8. More waits
+    /// GetProduct take 1, BatchGetUsers 4, ListProducts 16, writes 8. More waits
     /// in line (see `api::admission`).
     #[arg(long, env = "ADMISSION_LIMIT", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub admission_limit: u32,
@@ -198,6 +202,11 @@ pub struct ServeConfig {
     /// How long a request may wait in line before it is answered RESOURCE_EXHAUSTED, in milliseconds.
     #[arg(long, env = "REQUEST_QUEUE_TIMEOUT_MS", default_value_t = 1000)]
     pub request_queue_timeout_ms: u64,
+
+    /// Longest a request may take once admitted, whatever deadline its caller
+    /// sent (a shorter one applies too); past it DEADLINE_EXCEEDED, in milliseconds.
+    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub request_timeout_ms: u64,
 
     /// Key of the MAC that makes page tokens tamper-evident. Every instance
     /// must have the same; set your own to make tokens unforgeable.

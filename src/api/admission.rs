@@ -1,6 +1,7 @@
 //! Admission control at the gRPC edge: the work in progress is bounded, the
 //! rest waits in line (first come, first served) and is turned away with
-//! RESOURCE_EXHAUSTED after `queue_timeout`.
+//! RESOURCE_EXHAUSTED after `queue_timeout`; an admitted request gets
+//! DEADLINE_EXCEEDED past `request_timeout`, whatever deadline its caller sent.
 //!
 //! Why: when the process is short of CPU, every runnable request competes for
 //! it, and so does Redis on the same machine; a reply waits behind them all.
@@ -45,17 +46,19 @@ pub struct AdmissionLayer {
     units: Arc<Semaphore>,
     limit: u32,
     queue_timeout: Duration,
+    request_timeout: Duration,
 }
 
 impl AdmissionLayer {
     /// `limit`: units in progress at once. A call costs at most `limit`, so
     /// any call fits alone, however small the limit.
-    pub fn new(limit: u32, queue_timeout: Duration) -> Self {
+    pub fn new(limit: u32, queue_timeout: Duration, request_timeout: Duration) -> Self {
         let limit = limit.max(1);
         Self {
             units: Arc::new(Semaphore::new(limit as usize)),
             limit,
             queue_timeout,
+            request_timeout,
         }
     }
 }
@@ -99,7 +102,11 @@ where
             return Box::pin(inner.call(request));
         }
         let cost = units(path).min(self.layer.limit);
-        let (pool, queue_timeout) = (self.layer.units.clone(), self.layer.queue_timeout);
+        let (pool, queue_timeout, request_timeout) = (
+            self.layer.units.clone(),
+            self.layer.queue_timeout,
+            self.layer.request_timeout,
+        );
         Box::pin(async move {
             let permit = match pool.clone().try_acquire_many_owned(cost) {
                 Ok(permit) => permit,
@@ -111,7 +118,10 @@ where
                     }
                 },
             };
-            let response = inner.call(request).await;
+            let response = match tokio::time::timeout(request_timeout, inner.call(request)).await {
+                Ok(response) => response,
+                Err(_) => Ok(Status::deadline_exceeded("the server's request deadline passed").into_http()),
+            };
             drop(permit);
             response
         })

@@ -18,7 +18,7 @@ impl From<ServiceError> for Status {
         match error {
             ServiceError::NotFound(_) => Status::not_found(error.to_string()),
             ServiceError::AlreadyExists(_) => Status::already_exists(error.to_string()),
-            ServiceError::VersionMismatch { .. } => Status::aborted(error.to_string()),
+            ServiceError::VersionMismatch { .. } | ServiceError::Aborted(_) => Status::aborted(error.to_string()),
             ServiceError::Invalid(invalid) => invalid.into(),
             ServiceError::Unavailable(ref cause) => {
                 tracing::warn!(error = %cause, "database unavailable");

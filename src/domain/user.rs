@@ -91,6 +91,13 @@ impl Preferences {
         if !value.is_object() {
             return Err(ValidationError::new("preferences", "must be an object"));
         }
+        if holds_nul(&value) {
+            // PostgreSQL's jsonb cannot store U+0000 in a key or a string.
+            return Err(ValidationError::new(
+                "preferences",
+                "must not contain the NUL character (U+0000)",
+            ));
+        }
         if depth(&value) > Self::MAX_DEPTH {
             return Err(ValidationError::new(
                 "preferences",
@@ -118,6 +125,15 @@ impl Preferences {
 }
 
 /// Nesting depth of a JSON value: a scalar is 0, `{}` is 1, `{"a": {}}` is 2.
+fn holds_nul(value: &serde_json::Value) -> bool {
+    match value {
+        serde_json::Value::Object(map) => map.iter().any(|(key, value)| key.contains('\0') || holds_nul(value)),
+        serde_json::Value::Array(items) => items.iter().any(holds_nul),
+        serde_json::Value::String(text) => text.contains('\0'),
+        _ => false,
+    }
+}
+
 fn depth(value: &serde_json::Value) -> usize {
     match value {
         serde_json::Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),

@@ -108,6 +108,8 @@ pub enum ServiceError {
     Invalid(#[from] ValidationError),
     #[error("database unavailable")]
     Unavailable(#[source] StoreError),
+    #[error("transaction aborted by the database (a conflict); retry")]
+    Aborted(#[source] StoreError),
     #[error("internal error")]
     Internal(#[source] StoreError),
 }
@@ -121,6 +123,7 @@ impl ServiceError {
             StoreError::VersionMismatch { expected, actual } => Self::VersionMismatch { expected, actual },
             StoreError::Invalid(invalid) => Self::Invalid(invalid),
             error @ StoreError::Unavailable(_) => Self::Unavailable(error),
+            error @ StoreError::Aborted(_) => Self::Aborted(error),
             error @ StoreError::Other(_) => Self::Internal(error),
         }
     }

@@ -7,12 +7,12 @@ pub mod outbox;
 pub mod products;
 pub mod users;
 
-use std::time::Duration;
+use std::{str::FromStr, time::Duration};
 
 use sqlx::{
     PgPool,
     migrate::MigrateDatabase,
-    postgres::{PgPoolOptions, Postgres},
+    postgres::{PgConnectOptions, PgPoolOptions, Postgres},
 };
 
 use crate::{config::Config, domain::ValidationError};
@@ -32,28 +32,56 @@ pub enum StoreError {
     Invalid(#[from] ValidationError),
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
+    /// A serialization failure or deadlock: the transaction may simply be retried.
+    #[error("transaction aborted: {0}")]
+    Aborted(#[source] sqlx::Error),
     #[error("database error: {0}")]
     Other(#[source] sqlx::Error),
 }
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        match error {
-            sqlx::Error::RowNotFound => Self::NotFound,
-            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_) => {
-                Self::Unavailable(error)
-            }
-            other => Self::Other(other),
+        let sqlstate = error
+            .as_database_error()
+            .and_then(|e| e.code())
+            .map(|code| code.into_owned());
+        match (error, sqlstate.as_deref()) {
+            (sqlx::Error::RowNotFound, _) => Self::NotFound,
+            (
+                error
+                @ (sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::Tls(_)),
+                _,
+            ) => Self::Unavailable(error),
+            // serialization_failure, deadlock_detected
+            (error, Some("40001" | "40P01")) => Self::Aborted(error),
+            // query_canceled (statement_timeout), admin_shutdown, too_many_connections
+            (error, Some("57014" | "57P01" | "53300")) => Self::Unavailable(error),
+            // Class 22, data exception: a value PostgreSQL cannot take, i.e. bad input.
+            (error, Some(code)) if code.starts_with("22") => Self::Invalid(ValidationError::new(
+                "request",
+                format!("a value the database cannot store: {}", database_message(&error)),
+            )),
+            (other, _) => Self::Other(other),
         }
     }
 }
 
-/// Opens a pool of at most `max_connections`, waiting at most 5 s for a free one.
+/// The database's own message, without the driver's prefix.
+fn database_message(error: &sqlx::Error) -> String {
+    error
+        .as_database_error()
+        .map_or_else(|| error.to_string(), |e| e.message().to_string())
+}
+
+/// Opens a pool of at most `max_connections`, waiting at most 5 s for a free
+/// one; every statement on it is cancelled past `DATABASE_STATEMENT_TIMEOUT_MS`.
 pub async fn connect(config: &Config) -> Result<PgPool, sqlx::Error> {
+    let options = PgConnectOptions::from_str(config.database_url.expose())?
+        .options([("statement_timeout", config.database_statement_timeout_ms.to_string())]);
     PgPoolOptions::new()
         .max_connections(config.database_max_connections)
         .acquire_timeout(Duration::from_secs(5))
-        .connect(config.database_url.expose())
+        .connect_with(options)
         .await
 }
 

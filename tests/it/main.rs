@@ -12,6 +12,7 @@ mod fail_open;
 mod helpers;
 mod hot_path;
 mod invalidation;
+mod limits;
 mod products;
 mod stampede;
 mod users;

@@ -1,0 +1,177 @@
+//! Bounded by default: request size, request and statement deadlines, and
+//! database errors mapped to the status that tells the caller what to do.
+
+use std::{sync::Arc, time::Duration};
+
+use prost_types::{Struct, Value, value::Kind};
+use readthrough::{
+    cache::Hooks,
+    proto::{CreateUserRequest, GetUserRequest},
+    store::StoreError,
+};
+use sqlx::{Connection, PgConnection};
+use tonic::Code;
+
+use crate::helpers::{rename_user, spawn_app, spawn_app_with, spawn_app_with_hooks};
+
+fn preferences(key: &str, value: &str) -> Struct {
+    Struct {
+        fields: [(
+            key.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(value.to_string())),
+            },
+        )]
+        .into(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nul_in_a_preferences_key_or_value_is_invalid_argument() {
+    let mut app = spawn_app().await;
+    for bad in [preferences("a\0b", "x"), preferences("theme", "da\0rk")] {
+        let status = app
+            .users
+            .create_user(CreateUserRequest {
+                email: "nul@example.com".into(),
+                preferences: Some(bad),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().starts_with("preferences:"), "{status:?}");
+    }
+    let stored: i64 = sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(stored, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_over_64_kib_is_refused_before_it_is_decoded() {
+    let mut app = spawn_app().await;
+    for size in [100 * 1024, 5 * 1024 * 1024] {
+        let status = app
+            .users
+            .create_user(CreateUserRequest {
+                email: "x".repeat(size),
+                preferences: None,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::OutOfRange, "{size} bytes: {status:?}");
+    }
+    // The largest valid request still fits: 16 KiB of preferences.
+    let largest = preferences("blob", &"x".repeat(16 * 1024 - 20));
+    app.users
+        .create_user(CreateUserRequest {
+            email: "big@example.com".into(),
+            preferences: Some(largest),
+        })
+        .await
+        .expect("16 KiB of preferences is accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_past_its_timeout_is_unavailable_and_changes_nothing() {
+    let mut app = spawn_app_with(|config| config.config.database_statement_timeout_ms = 200).await;
+    let user = app.create_user("locked@example.com").await;
+    let mut holder = PgConnection::connect(app.config.config.database_url.expose())
+        .await
+        .unwrap();
+    let mut lock = holder.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM users WHERE id = $1::uuid FOR UPDATE")
+        .bind(&user.id)
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    let started = std::time::Instant::now();
+    let status = app
+        .users
+        .update_user(rename_user(&user.id, "waited@example.com"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    lock.rollback().await.unwrap();
+    let email: String = sqlx::query_scalar("SELECT email FROM users WHERE id = $1::uuid")
+        .bind(&user.id)
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    assert_eq!(email, "locked@example.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_past_the_server_deadline_is_deadline_exceeded() {
+    let hooks = Hooks {
+        before_fill: Some(Arc::new(|_key: &str| {
+            Box::pin(tokio::time::sleep(Duration::from_secs(3)))
+        })),
+        ..Hooks::default()
+    };
+    let mut app = spawn_app_with_hooks(hooks, |config| config.request_timeout_ms = 300).await;
+    let user = app.create_user("slow@example.com").await;
+    let started = std::time::Instant::now();
+    let status = app.users.get_user(GetUserRequest { id: user.id }).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn database_errors_say_whether_to_fix_the_input_retry_or_wait() {
+    let app = spawn_app().await;
+    // Class 22 (data exception): bad input, whoever let it through.
+    let error = sqlx::query(r#"SELECT '"\u0000"'::jsonb"#)
+        .execute(&app.db)
+        .await
+        .unwrap_err();
+    assert!(matches!(StoreError::from(error), StoreError::Invalid(_)));
+
+    // 57014 (statement timeout): the database is overloaded, not the request wrong.
+    let mut conn = app.db.acquire().await.unwrap();
+    sqlx::query("SET statement_timeout = 10")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    let error = sqlx::query("SELECT pg_sleep(1)").execute(&mut *conn).await.unwrap_err();
+    sqlx::query("RESET statement_timeout")
+        .execute(&mut *conn)
+        .await
+        .unwrap();
+    assert!(matches!(StoreError::from(error), StoreError::Unavailable(_)));
+
+    // 40P01 (deadlock): retry the transaction.
+    for statement in [
+        "CREATE TABLE locks (id int PRIMARY KEY)",
+        "INSERT INTO locks VALUES (1), (2)",
+    ] {
+        sqlx::query(statement).execute(&app.db).await.unwrap();
+    }
+    let url = app.config.config.database_url.expose().to_string();
+    let lock_in_order = |first: i32, second: i32| {
+        let url = url.clone();
+        async move {
+            let mut conn = PgConnection::connect(&url).await.unwrap();
+            let mut tx = conn.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM locks WHERE id = $1 FOR UPDATE")
+                .bind(first)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let outcome = sqlx::query("SELECT 1 FROM locks WHERE id = $1 FOR UPDATE")
+                .bind(second)
+                .execute(&mut *tx)
+                .await;
+            outcome.err()
+        }
+    };
+    let (one, two) = tokio::join!(lock_in_order(1, 2), lock_in_order(2, 1));
+    let deadlock = one
+        .or(two)
+        .expect("one of the two transactions is chosen as the deadlock victim");
+    assert!(matches!(StoreError::from(deadlock), StoreError::Aborted(_)));
+}
