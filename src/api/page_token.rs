@@ -162,4 +162,25 @@ mod tests {
             assert!(tokens().decode(&category("books"), token).is_err(), "{token:?}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::domain::CASES))]
+
+        /// A token from a client is whatever it sends: any string is rejected
+        /// cleanly (forging the MAC by chance is out of reach), never a panic.
+        #[test]
+        fn any_token_string_is_rejected_without_panicking(token in proptest::prelude::any::<String>()) {
+            let tokens = PageTokens::new(b"secret");
+            let category = CategoryId::parse("books").unwrap();
+            proptest::prop_assert!(tokens.decode(&category, &token).is_err());
+        }
+
+        /// The same for strings made of the token alphabet, which get past the base64 step.
+        #[test]
+        fn any_base64_token_is_rejected_without_panicking(token in "[A-Za-z0-9_-]{0,200}") {
+            let tokens = PageTokens::new(b"secret");
+            let category = CategoryId::parse("books").unwrap();
+            proptest::prop_assert!(tokens.decode(&category, &token).is_err());
+        }
+    }
 }

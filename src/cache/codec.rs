@@ -114,4 +114,27 @@ mod tests {
             assert!(decode::<Sample>(bytes).is_err(), "{bytes:?}");
         }
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(crate::domain::CASES))]
+
+        /// Whatever Redis hands back, decoding fails or yields a value; it never panics.
+        #[test]
+        fn any_bytes_decode_or_fail_without_panicking(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = decode::<crate::cache::Entry<crate::domain::User>>(&bytes);
+            let _ = decode::<crate::cache::Entry<crate::domain::Product>>(&bytes);
+            let _ = decode::<crate::cache::ListMeta>(&bytes);
+        }
+
+        /// The same behind a valid envelope, compressed or not, so the payload decoders are reached.
+        #[test]
+        fn any_payload_in_a_valid_envelope_decodes_or_fails(
+            compressed in proptest::bool::ANY,
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..512),
+        ) {
+            let bytes = envelope(if compressed { FLAG_ZSTD } else { 0 }, &payload);
+            let _ = decode::<crate::cache::Entry<crate::domain::User>>(&bytes);
+            let _ = decode::<crate::cache::Entry<crate::domain::Product>>(&bytes);
+        }
+    }
 }

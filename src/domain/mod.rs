@@ -65,3 +65,90 @@ impl ExpectedVersion {
         self.0
     }
 }
+
+/// Cases each property test runs (see the `proptest!` blocks).
+#[cfg(test)]
+pub(crate) const CASES: u32 = 2000;
+
+#[cfg(test)]
+mod properties {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(CASES))]
+
+        /// Every parser of text input answers Ok or a validation error for any
+        /// string, and what it accepts keeps its invariants.
+        #[test]
+        fn text_parsers_never_panic_and_keep_their_invariants(raw in any::<String>()) {
+            if let Ok(id) = UserId::parse(&raw) {
+                prop_assert_eq!(UserId::parse(&id.to_string()).unwrap(), id);
+            }
+            if let Ok(id) = ProductId::parse(&raw) {
+                prop_assert_eq!(ProductId::parse(&id.to_string()).unwrap(), id);
+            }
+            if let Ok(email) = Email::parse(&raw) {
+                prop_assert!(email.as_str().chars().count() <= Email::MAX_LEN);
+                prop_assert!(!email.as_str().chars().any(char::is_control));
+            }
+            if let Ok(category) = CategoryId::parse(&raw) {
+                prop_assert!(category.as_str().len() <= CategoryId::MAX_LEN);
+                let glob_or_tag = ['{', '}', '*', '?', '[', ']', ' '];
+                prop_assert!(!category.as_str().contains(glob_or_tag), "{:?}", category);
+            }
+            if let Ok(name) = ProductName::parse(&raw) {
+                prop_assert!(!name.as_str().is_empty() && !name.as_str().chars().any(char::is_control));
+            }
+            if let Ok(description) = Description::parse(&raw) {
+                prop_assert!(!description.as_str().contains('\0'));
+            }
+            if let Ok(currency) = Currency::parse(&raw) {
+                prop_assert_eq!(currency.as_str().len(), 3);
+            }
+        }
+
+        #[test]
+        fn number_parsers_never_panic(n in any::<i64>(), page in any::<i32>(), size in any::<i32>()) {
+            if let Ok(version) = ExpectedVersion::parse(n) {
+                prop_assert!(version.get().is_none_or(|v| v > 0));
+            }
+            if let Ok(price) = PriceCents::parse(n) {
+                prop_assert!(price.get() >= 0);
+            }
+            if let Ok(request) = PageRequest::parse(page, size) {
+                prop_assert!((1..=PageRequest::MAX_SIZE).contains(&request.size()));
+            }
+        }
+
+        /// Any JSON: accepted preferences are an object within the bounds.
+        #[test]
+        fn preferences_accept_only_bounded_objects(value in json(4)) {
+            if let Ok(preferences) = Preferences::parse(value) {
+                let json = preferences.as_json();
+                prop_assert!(json.is_object());
+                prop_assert!(serde_json::to_vec(json).unwrap().len() <= Preferences::MAX_BYTES);
+            }
+        }
+    }
+
+    /// Arbitrary JSON values, nested up to `depth`.
+    pub(crate) fn json(depth: u32) -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::Bool),
+            any::<f64>().prop_map(
+                |n| serde_json::Number::from_f64(n).map_or(serde_json::Value::Null, serde_json::Value::Number)
+            ),
+            any::<String>().prop_map(serde_json::Value::String),
+        ];
+        leaf.prop_recursive(depth, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::Array),
+                prop::collection::btree_map(any::<String>(), inner, 0..8)
+                    .prop_map(|map| serde_json::Value::Object(map.into_iter().collect())),
+            ]
+        })
+    }
+}
