@@ -40,5 +40,9 @@ USER 10001:10001
 # gRPC (GRPC_ADDR) and Prometheus metrics at /metrics (METRICS_ADDR).
 EXPOSE 50051 9090
 
+# The gRPC health service, asked by the binary itself (no probe to download).
+HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
+    CMD ["readthrough", "health"]
+
 ENTRYPOINT ["readthrough"]
 CMD ["serve"]

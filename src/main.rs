@@ -42,6 +42,13 @@ enum Command {
         #[arg(long, default_value_t = 50)]
         categories: u32,
     },
+    /// Exit 0 if the instance at `--url` answers SERVING to a gRPC health check (for container health checks).
+    Health {
+        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        url: String,
+        #[arg(long, default_value_t = 3)]
+        timeout_secs: u64,
+    },
     /// Pre-populate the cache: given categories, or the most recently modified rows.
     Warm {
         #[command(flatten)]
@@ -73,6 +80,10 @@ async fn run() -> anyhow::Result<()> {
             tracing::info!(?config, "starting");
             let app = Application::build(config).await?;
             app.run_until_stopped(app::shutdown_signal()).await?;
+        }
+        Command::Health { url, timeout_secs } => {
+            ops::health::check(&url, std::time::Duration::from_secs(timeout_secs)).await?;
+            println!("SERVING");
         }
         Command::Migrate(config) => {
             store::migrate(&config).await?;

@@ -1,5 +1,6 @@
 //! Operator commands beyond serving: `seed` (demo data) and `warm` (pre-fill the cache).
 
+pub mod health;
 mod seed;
 mod warm;
 

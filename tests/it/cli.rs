@@ -145,3 +145,22 @@ fn sigterm_shuts_the_server_down_cleanly() {
     };
     assert!(status.success(), "exit status {status}");
 }
+
+#[test]
+fn the_health_subcommand_says_whether_an_instance_serves() {
+    let sandbox = Sandbox::new();
+    let server = Server::start(&sandbox);
+    let health = |url: &str| {
+        Command::new(env!("CARGO_BIN_EXE_readthrough"))
+            .args(["health", "--url", url, "--timeout-secs", "2"])
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap()
+    };
+    let serving = health(&format!("http://{}", server.address));
+    assert!(serving.status.success(), "{serving:?}");
+    assert_eq!(String::from_utf8_lossy(&serving.stdout).trim(), "SERVING");
+
+    let nobody = health(&format!("http://127.0.0.1:{}", free_port()));
+    assert!(!nobody.status.success(), "nothing listens there: {nobody:?}");
+}

@@ -170,9 +170,13 @@ fn compose_defines_postgres_redis_and_readthrough() {
 }
 
 #[test]
-fn postgres_and_redis_have_healthchecks() {
+fn every_service_has_a_healthcheck() {
     let compose = compose();
-    for (name, probe) in [("postgres", "pg_isready"), ("redis", "redis-cli ping")] {
+    for (name, probe) in [
+        ("postgres", "pg_isready"),
+        ("redis", "redis-cli ping"),
+        ("readthrough", "readthrough health"),
+    ] {
         let healthcheck = service(&compose, name)
             .get("healthcheck")
             .unwrap_or_else(|| panic!("`{name}` has no healthcheck, so nothing can wait for it"));
@@ -392,6 +396,24 @@ fn dockerfile_is_a_multi_stage_build() {
     assert!(
         stages >= 2,
         "the Dockerfile should build in one stage and run in another (found {stages} FROM)"
+    );
+}
+
+#[test]
+fn dockerfile_checks_health_with_the_binary_itself() {
+    let instructions = dockerfile();
+    let healthcheck = instructions
+        .iter()
+        .find(|(keyword, _)| keyword == "HEALTHCHECK")
+        .map(|(_, args)| args.clone())
+        .expect("the Dockerfile has no HEALTHCHECK");
+    let command: String = healthcheck
+        .chars()
+        .filter(|c| !matches!(c, '"' | ',' | '[' | ']'))
+        .collect();
+    assert!(
+        command.contains("CMD readthrough health"),
+        "HEALTHCHECK should run `readthrough health`: {healthcheck}"
     );
 }
 
