@@ -91,6 +91,11 @@ pub struct Config {
     #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
     pub database_statement_timeout_ms: u64,
 
+    /// Reads that may go to PostgreSQL at once because Redis did not answer;
+    /// more are answered UNAVAILABLE at once, so an outage cannot exhaust the pool.
+    #[arg(long, env = "DATABASE_FALLBACK_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub database_fallback_limit: u32,
+
     /// Redis connection URL.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: SecretUrl,

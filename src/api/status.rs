@@ -5,7 +5,7 @@
 
 use tonic::Status;
 
-use crate::{domain::ValidationError, service::ServiceError};
+use crate::{domain::ValidationError, service::ServiceError, store::StoreError};
 
 impl From<ValidationError> for Status {
     fn from(error: ValidationError) -> Self {
@@ -20,6 +20,10 @@ impl From<ServiceError> for Status {
             ServiceError::AlreadyExists(_) => Status::already_exists(error.to_string()),
             ServiceError::VersionMismatch { .. } | ServiceError::Aborted(_) => Status::aborted(error.to_string()),
             ServiceError::Invalid(invalid) => invalid.into(),
+            // Shed on purpose, counted in readthrough_db_fallbacks_shed_total: no log line each.
+            ServiceError::Unavailable(StoreError::FallbackLimit) => {
+                Status::unavailable("cache unavailable and the database fallback is at its limit; retry with backoff")
+            }
             ServiceError::Unavailable(ref cause) => {
                 tracing::warn!(error = %cause, "database unavailable");
                 Status::unavailable("database unavailable; try again later")

@@ -228,7 +228,12 @@ pub struct Cache {
     /// Indexed by `Kind`.
     outcomes: [Outcomes; 3],
     uncacheable_log: Throttle,
+    /// Reads that may go to PostgreSQL at once because Redis did not answer.
+    fallbacks: Arc<tokio::sync::Semaphore>,
 }
+
+/// Leave to read PostgreSQL instead of an unavailable Redis (see `Cache::fallback`).
+pub struct Fallback(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
 
 impl Cache {
     pub fn new(config: &Config, hooks: Hooks) -> anyhow::Result<Self> {
@@ -248,6 +253,7 @@ impl Cache {
             hooks,
             outcomes: [Kind::User, Kind::Product, Kind::List].map(Outcomes::of),
             uncacheable_log: Throttle::default(),
+            fallbacks: Arc::new(tokio::sync::Semaphore::new(config.database_fallback_limit as usize)),
         })
     }
 
@@ -265,6 +271,24 @@ impl Cache {
     /// A fill refused because its lease (or list generation) was gone: a write came first.
     fn count_refused(&self, kind: Kind) {
         metrics::counter!("readthrough_cache_fills_refused_total", "entity" => kind.label()).increment(1);
+    }
+
+    /// Leave for a read that found Redis unavailable to go to PostgreSQL, or
+    /// `None` when `DATABASE_FALLBACK_LIMIT` such reads are running already:
+    /// then the caller is turned away (UNAVAILABLE), so that a Redis outage
+    /// cannot send the whole read load to PostgreSQL. With the cache switched
+    /// off, PostgreSQL is the read path itself and is not limited here.
+    pub fn fallback(&self) -> Option<Fallback> {
+        if !self.enabled {
+            return Some(Fallback(None));
+        }
+        match self.fallbacks.clone().try_acquire_owned() {
+            Ok(permit) => Some(Fallback(Some(permit))),
+            Err(_) => {
+                metrics::counter!("readthrough_db_fallbacks_shed_total").increment(1);
+                None
+            }
+        }
     }
 
     pub fn keys(&self) -> &Keys {

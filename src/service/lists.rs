@@ -22,7 +22,10 @@ use super::{
 use crate::{
     cache::{Cache, CachedMeta, Claim, Lease, ListRead, Waited},
     domain::{CategoryId, Cursor, PageRequest, PageStart, ProductId},
-    store::products::{self, RangeStart},
+    store::{
+        StoreError,
+        products::{self, RangeStart},
+    },
 };
 
 /// The ids of one page of a category, and what the next page's token needs.
@@ -236,6 +239,7 @@ impl Lists {
 
     /// A page by number with the cache unavailable: PostgreSQL alone.
     async fn uncached(&self, category: &CategoryId, position: u64, size: u64) -> Result<IdPage, ServiceError> {
+        let _fallback = self.cache.fallback().ok_or(StoreError::FallbackLimit)?;
         let ids = products::list_at_offset(&self.pool, category, position, size).await?;
         let total = products::count_in_category(&self.pool, category).await?;
         Ok(IdPage {

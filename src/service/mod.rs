@@ -122,7 +122,7 @@ impl ServiceError {
             StoreError::AlreadyExists(what) => Self::AlreadyExists(what),
             StoreError::VersionMismatch { expected, actual } => Self::VersionMismatch { expected, actual },
             StoreError::Invalid(invalid) => Self::Invalid(invalid),
-            error @ StoreError::Unavailable(_) => Self::Unavailable(error),
+            error @ (StoreError::Unavailable(_) | StoreError::FallbackLimit) => Self::Unavailable(error),
             error @ StoreError::Aborted(_) => Self::Aborted(error),
             error @ StoreError::Other(_) => Self::Internal(error),
         }

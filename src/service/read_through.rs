@@ -114,7 +114,9 @@ impl<E: Loadable> ReadThrough<E> {
     /// its own, so that a hit does not carry (and move around) its state.
     async fn get_many_shared(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
         let Some(cached) = self.cache.get_many::<E>(ids).await else {
-            // Cache off or Redis unavailable: PostgreSQL answers, nothing is filled.
+            // Cache off or Redis unavailable: PostgreSQL answers (within the
+            // fallback limit), nothing is filled.
+            let _fallback = self.cache.fallback().ok_or(StoreError::FallbackLimit)?;
             return Box::pin(self.read_uncached(ids)).await;
         };
         let mut found = Vec::with_capacity(ids.len());

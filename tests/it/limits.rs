@@ -12,7 +12,7 @@ use readthrough::{
 use sqlx::{Connection, PgConnection};
 use tonic::Code;
 
-use crate::helpers::{rename_user, spawn_app, spawn_app_with, spawn_app_with_hooks};
+use crate::helpers::{RedisProxy, Sandbox, rename_user, spawn_app, spawn_app_with, spawn_app_with_hooks};
 
 fn preferences(key: &str, value: &str) -> Struct {
     Struct {
@@ -174,4 +174,66 @@ async fn database_errors_say_whether_to_fix_the_input_retry_or_wait() {
         .or(two)
         .expect("one of the two transactions is chosen as the deadlock victim");
     assert!(matches!(StoreError::from(deadlock), StoreError::Aborted(_)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_unavailable_at_once() {
+    let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
+    let url = proxy.url.clone();
+    let mut app = spawn_app_with(|config| {
+        config.config.redis_url = url.parse().unwrap();
+        config.config.database_fallback_limit = 2;
+    })
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..5 {
+        ids.push(app.create_user(&format!("fallback{n}@example.com")).await.id);
+    }
+    proxy.cut();
+    // Reads of users block behind this lock until it is released: the first
+    // two fallbacks stay busy while the others arrive.
+    let mut holder = PgConnection::connect(app.config.config.database_url.expose())
+        .await
+        .unwrap();
+    let mut lock = holder.begin().await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+
+    let reads: Vec<_> = ids
+        .iter()
+        .map(|id| {
+            let mut users = app.users.clone();
+            let id = id.clone();
+            tokio::spawn(async move {
+                users
+                    .get_user(GetUserRequest { id })
+                    .await
+                    .map(|r| r.into_inner().version)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lock.rollback().await.unwrap();
+    let mut served = 0;
+    let mut shed = 0;
+    for read in reads {
+        match read.await.unwrap() {
+            Ok(version) => {
+                assert_eq!(version, 1);
+                served += 1;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                shed += 1;
+            }
+        }
+    }
+    assert_eq!(
+        (served, shed),
+        (2, 3),
+        "two fallbacks at a time; the others turned away"
+    );
+    assert_eq!(app.metric("readthrough_db_fallbacks_shed_total").await, 3.0);
 }
