@@ -37,7 +37,9 @@ COPY --from=builder /app/target/release/readthrough /usr/local/bin/readthrough
 
 USER 10001:10001
 
-# gRPC (GRPC_ADDR) and Prometheus metrics at /metrics (METRICS_ADDR).
+# gRPC (GRPC_ADDR) and Prometheus metrics at /metrics (METRICS_ADDR, loopback
+# unless set: in a container it must face the container's network).
+ENV METRICS_ADDR=0.0.0.0:9090
 EXPOSE 50051 9090
 
 # The gRPC health service, asked by the binary itself (no probe to download).

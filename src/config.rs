@@ -191,7 +191,8 @@ pub struct ServeConfig {
     pub grpc_addr: SocketAddr,
 
     /// Address of the Prometheus endpoint (`/metrics`).
-    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:9090")]
+    /// Loopback by default: what it tells is for your Prometheus, not the network.
+    #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9090")]
     pub metrics_addr: SocketAddr,
 
     /// Apply pending migrations before serving.

@@ -2,7 +2,7 @@
 
 use std::{
     sync::{
-        Mutex, OnceLock,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -10,14 +10,21 @@ use std::{
 
 use http_body_util::Full;
 use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Semaphore};
 
 /// Latency buckets in seconds: from a cache hit (sub-millisecond) to a slow database read.
 const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
+
+/// Connections the metrics listener serves at once; more are closed at once.
+const METRICS_MAX_CONNECTIONS: usize = 64;
+/// A client must send its request headers within this, or the connection is closed.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a metrics connection stays open.
+const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Logs to stderr, `info` unless `RUST_LOG` says otherwise. Safe to call twice.
 pub fn init_logging() {
@@ -43,6 +50,7 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
 /// Serves the Prometheus text format on `GET /metrics` until the task is dropped.
 pub async fn serve_metrics(listener: TcpListener) {
     let handle = metrics_handle();
+    let connections = Arc::new(Semaphore::new(METRICS_MAX_CONNECTIONS));
     // Histograms are aggregated lazily; upkeep keeps their memory bounded between scrapes.
     let mut upkeep = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -53,8 +61,15 @@ pub async fn serve_metrics(listener: TcpListener) {
             }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
-                Err(_) => continue,
+                Err(_) => {
+                    // Out of file descriptors, most likely: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             },
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            continue; // at the cap: the connection is closed at once
         };
         // A scrape is one small response; don't let Nagle hold its last segment back.
         let _ = stream.set_nodelay(true);
@@ -70,9 +85,12 @@ pub async fn serve_metrics(listener: TcpListener) {
                         .body(Full::new(Bytes::from("see /metrics\n")))
                 }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(METRICS_HEADER_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, connection).await;
+            drop(permit);
         });
     }
 }

@@ -237,3 +237,19 @@ async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_
     );
     assert_eq!(app.metric("readthrough_db_fallbacks_shed_total").await, 3.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_metrics_listener_closes_a_connection_that_never_finishes_its_headers() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_app().await;
+    let mut slow = tokio::net::TcpStream::connect(("127.0.0.1", app.metrics_port))
+        .await
+        .unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n").await.unwrap();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(10), slow.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the half-sent request was cut off by the header timeout"
+    );
+}
