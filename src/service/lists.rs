@@ -256,18 +256,7 @@ impl Lists {
     async fn load_head(&self, category: &CategoryId) -> Result<HeadLoad, ServiceError> {
         let arrived = Instant::now();
         for _ in 0..FLIGHT_ATTEMPTS {
-            let load = async {
-                match self.load_head_once(category).await {
-                    Ok(fresh) => Fresh {
-                        value: Some(fresh.value),
-                        as_of: fresh.as_of,
-                    },
-                    Err(_) => Fresh {
-                        value: None,
-                        as_of: Instant::now(),
-                    },
-                }
-            };
+            let load = async { Fresh::shared(self.load_head_once(category).await) };
             match self.heads.run(category.clone(), arrived, load).await {
                 Some(Some(head)) => return Ok(head),
                 // The shared load failed: load alone below, to report our own error.

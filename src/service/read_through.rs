@@ -178,21 +178,11 @@ impl<E: Loadable> ReadThrough<E> {
         for _ in 0..FLIGHT_ATTEMPTS {
             let this = self.clone();
             let load = async move {
-                let loaded = if cache_usable {
+                Fresh::shared(if cache_usable {
                     this.load_one_once(id).await
                 } else {
                     this.load_and_fill(&[id], &[]).await.map(single)
-                };
-                match loaded {
-                    Ok(fresh) => Fresh {
-                        value: Some(fresh.value),
-                        as_of: fresh.as_of,
-                    },
-                    Err(_) => Fresh {
-                        value: None,
-                        as_of: Instant::now(),
-                    },
-                }
+                })
             };
             match self.flights.run(id, arrived, load).await {
                 Some(Some(value)) => return Ok(value),

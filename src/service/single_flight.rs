@@ -25,6 +25,23 @@ pub struct Fresh<V> {
     pub as_of: Instant,
 }
 
+impl<V> Fresh<Option<V>> {
+    /// A load's outcome as a flight shares it: `None` when it failed (each
+    /// waiter then reads for itself, to report its own error).
+    pub fn shared<E>(loaded: Result<Fresh<V>, E>) -> Self {
+        match loaded {
+            Ok(fresh) => Fresh {
+                value: Some(fresh.value),
+                as_of: fresh.as_of,
+            },
+            Err(_) => Fresh {
+                value: None,
+                as_of: Instant::now(),
+            },
+        }
+    }
+}
+
 pub struct SingleFlight<K, V> {
     calls: Mutex<HashMap<K, broadcast::Sender<Fresh<V>>>>,
 }

@@ -1,8 +1,6 @@
 //! CacheAdminService: operator invalidation of one entry, one category list, or
 //! a whole group (SCAN + UNLINK), checked through Redis directly.
 
-use std::time::Duration;
-
 use readthrough::{
     domain::{CategoryId, ProductId, UserId},
     proto::{
@@ -12,26 +10,12 @@ use readthrough::{
 };
 use tonic::{Code, transport::Channel};
 
-use crate::helpers::{RedisProxy, Sandbox, TestApp, eventually, spawn_app, spawn_app_with};
+use crate::helpers::{RedisProxy, Sandbox, TestApp, spawn_app, spawn_app_with};
 
 async fn admin(app: &TestApp) -> CacheAdminServiceClient<Channel> {
     CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.grpc_port))
         .await
         .expect("connects to the app")
-}
-
-/// Waits until every write's invalidation is done, so that the outbox relay
-/// deletes nothing the test fills afterwards.
-async fn outbox_drained(app: &TestApp) {
-    let drained = eventually(Duration::from_secs(5), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM cache_outbox")
-            .fetch_one(&app.db)
-            .await
-            .unwrap()
-            == 0
-    })
-    .await;
-    assert!(drained, "the outbox drains");
 }
 
 /// This app's cached keys whose entity part is `entity` (e.g. `product`).
@@ -52,7 +36,7 @@ async fn invalidate_user_dry_run_reports_and_the_real_run_deletes() {
     let mut app = spawn_app().await;
     let mut admin = admin(&app).await;
     let user = app.create_user("ada@example.com").await;
-    outbox_drained(&app).await;
+    app.outbox_drained().await;
     let get = GetUserRequest { id: user.id.clone() };
     app.users.get_user(get.clone()).await.unwrap();
     let key = app.keys.user(UserId::parse(&user.id).unwrap());
@@ -96,7 +80,7 @@ async fn invalidate_product_deletes_its_entry() {
     let mut app = spawn_app().await;
     let mut admin = admin(&app).await;
     let product = app.create_product("tools", "Hammer").await;
-    outbox_drained(&app).await;
+    app.outbox_drained().await;
     app.products
         .get_product(GetProductRequest { id: product.id.clone() })
         .await
@@ -124,7 +108,7 @@ async fn invalidate_category_deletes_both_list_keys() {
         app.create_product("smithing", name).await;
     }
     app.create_product("garden", "Rake").await;
-    outbox_drained(&app).await;
+    app.outbox_drained().await;
     for category in ["smithing", "garden"] {
         let page = app
             .products
@@ -180,7 +164,7 @@ async fn invalidate_all_products_leaves_users() {
         app.create_user("one@example.com").await,
         app.create_user("two@example.com").await,
     ];
-    outbox_drained(&app).await;
+    app.outbox_drained().await;
     for product in &products {
         app.products
             .get_product(GetProductRequest { id: product.id.clone() })

@@ -188,19 +188,7 @@ async fn a_reader_dropped_by_its_deadline_gives_its_lease_back() {
     let mut reader = app.users.clone();
     let read = tokio::spawn(async move { reader.get_user(request).await });
     assert!(
-        eventually(Duration::from_secs(2), || {
-            let mut redis = app.redis.clone();
-            let lease = lease.clone();
-            async move {
-                redis::cmd("EXISTS")
-                    .arg(&lease)
-                    .query_async::<i64>(&mut redis)
-                    .await
-                    .unwrap()
-                    == 1
-            }
-        })
-        .await,
+        app.eventually_exists(&lease, true, Duration::from_secs(2)).await,
         "the reader took the lease"
     );
     let status = read.await.unwrap().unwrap_err();
@@ -208,19 +196,7 @@ async fn a_reader_dropped_by_its_deadline_gives_its_lease_back() {
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
-    let released = eventually(Duration::from_secs(1), || {
-        let mut redis = app.redis.clone();
-        let lease = lease.clone();
-        async move {
-            redis::cmd("EXISTS")
-                .arg(&lease)
-                .query_async::<i64>(&mut redis)
-                .await
-                .unwrap()
-                == 0
-        }
-    })
-    .await;
+    let released = app.eventually_exists(&lease, false, Duration::from_secs(1)).await;
     assert!(released, "the lease (10 s) was given back when its reader went away");
     let started = Instant::now();
     assert_eq!(
@@ -250,23 +226,30 @@ fn delay_fills(part: &'static str, delay: Duration) -> Hook {
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_load_slower_than_the_lease_still_fills_once_for_every_caller() {
-    // The load outlasts the 200 ms lease twice over: without keeping the lease
-    // alive the fill is refused, and callers on both instances each load.
+/// Two instances with a 200 ms lease whose fills of keys containing `part`
+/// come 400 ms after their load: every load outlasts its lease twice over.
+async fn slow_pair(part: &'static str) -> (TestApp, TestApp) {
     let lease = Duration::from_millis(200);
     let slow = || Hooks {
-        before_fill: Some(delay_fills(":user:", lease * 2)),
+        before_fill: Some(delay_fills(part, lease * 2)),
         ..Hooks::default()
     };
-    // 500 client tasks and two servers share two cores: a 50 ms Redis deadline would
-    // measure the scheduler (the h2load test below keeps the default).
-    let mut first = spawn_app_with_hooks(slow(), |config| {
+    // Hundreds of client tasks and two servers share two cores: a 50 ms Redis deadline
+    // would measure the scheduler (the h2load test in stampede.rs keeps the default).
+    let first = spawn_app_with_hooks(slow(), |config| {
         config.config.cache_lease_ms = lease.as_millis() as u64;
         config.config.redis_timeout_ms = 1000;
     })
     .await;
     let second = first.spawn_sibling_with_hooks(slow()).await;
+    (first, second)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_slower_than_the_lease_still_fills_once_for_every_caller() {
+    // The load outlasts the 200 ms lease twice over: without keeping the lease
+    // alive the fill is refused, and callers on both instances each load.
+    let (mut first, second) = slow_pair(":user:").await;
     let user = first.create_user("slow@example.com").await;
 
     let calls: Vec<_> = (0..500)
@@ -296,19 +279,9 @@ async fn a_load_slower_than_the_lease_still_fills_once_for_every_caller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_lists_load_once_across_instances_even_when_the_load_outlasts_the_lease() {
-    let lease = Duration::from_millis(200);
-    let slow = || Hooks {
-        before_fill: Some(delay_fills(":list:", lease * 2)),
-        ..Hooks::default()
-    };
-    let mut first = spawn_app_with_hooks(slow(), |config| {
-        config.config.cache_lease_ms = lease.as_millis() as u64;
-        config.config.redis_timeout_ms = 1000;
-    })
-    .await;
-    let second = first.spawn_sibling_with_hooks(slow()).await;
+    let (mut first, second) = slow_pair(":list:").await;
     first.create_products("cold", 30).await;
-    outbox_empty(&first).await;
+    first.outbox_drained().await;
 
     let calls: Vec<_> = (0..200)
         .map(|n| {
@@ -337,19 +310,6 @@ async fn cold_lists_load_once_across_instances_even_when_the_load_outlasts_the_l
     assert!(loads <= 2.0, "200 cold pages loaded the list {loads} times (at most 2)");
 }
 
-/// Waits until the outbox is empty: the relay will delete nothing the test fills afterwards.
-async fn outbox_empty(app: &TestApp) {
-    let empty = eventually(Duration::from_secs(5), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM cache_outbox")
-            .fetch_one(&app.db)
-            .await
-            .unwrap()
-            == 0
-    })
-    .await;
-    assert!(empty, "the outbox drained");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_that_fails_validation_is_served_but_never_cached() {
     let mut app = spawn_app().await;
@@ -360,7 +320,7 @@ async fn a_row_that_fails_validation_is_served_but_never_cached() {
         .execute(&app.db)
         .await
         .unwrap();
-    outbox_empty(&app).await;
+    app.outbox_drained().await;
     for _ in 0..3 {
         let product = app
             .products
@@ -390,7 +350,7 @@ async fn a_truncate_by_hand_drops_every_cached_entry_of_the_table() {
     let mut app = spawn_app().await;
     let user = app.create_user("gone@example.com").await;
     let product = app.create_product("gone", "Gone").await;
-    outbox_empty(&app).await;
+    app.outbox_drained().await;
     app.users
         .get_user(GetUserRequest { id: user.id.clone() })
         .await

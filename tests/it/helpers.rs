@@ -102,6 +102,32 @@ impl TestApp {
             == 1
     }
 
+    /// Waits until every write's invalidation is done (the outbox is empty),
+    /// so that the outbox relay deletes nothing the test fills afterwards.
+    pub async fn outbox_drained(&self) {
+        let drained = eventually(Duration::from_secs(5), || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM cache_outbox")
+                .fetch_one(&self.db)
+                .await
+                .unwrap()
+                == 0
+        })
+        .await;
+        assert!(drained, "the outbox drains");
+    }
+
+    /// Whether `key` comes to exist (`present`) or to be gone within `limit`.
+    pub async fn eventually_exists(&self, key: &str, present: bool, limit: Duration) -> bool {
+        eventually(limit, || {
+            let mut redis = self.redis.clone();
+            async move {
+                let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut redis).await.unwrap();
+                (exists == 1) == present
+            }
+        })
+        .await
+    }
+
     /// Every key of this app's namespace.
     pub async fn namespace_keys(&mut self) -> Vec<String> {
         scan_namespace(&mut self.redis, &self.sandbox.namespace).await

@@ -55,19 +55,7 @@ async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {
     assert!(app.metric("readthrough_invalidation_failures_total").await >= 1.0);
 
     proxy.restore();
-    let gone = eventually(Duration::from_secs(5), || {
-        let mut redis = app.redis.clone();
-        let key = key.clone();
-        async move {
-            redis::cmd("EXISTS")
-                .arg(&key)
-                .query_async::<i64>(&mut redis)
-                .await
-                .unwrap()
-                == 0
-        }
-    })
-    .await;
+    let gone = app.eventually_exists(&key, false, Duration::from_secs(5)).await;
     assert!(
         gone,
         "the relay removed the stale entry within 5 s of Redis coming back"
@@ -226,15 +214,7 @@ async fn every_write_is_published_as_an_event_to_every_instance() {
 async fn the_relay_publishes_one_event_per_entity_for_a_burst_of_changes() {
     let mut app = spawn_app().await;
     let user = app.create_user("burst@example.com").await;
-    let outbox_empty = eventually(Duration::from_secs(2), || async {
-        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM cache_outbox")
-            .fetch_one(&app.db)
-            .await
-            .unwrap()
-            == 0
-    })
-    .await;
-    assert!(outbox_empty, "the create's own invalidation is done");
+    app.outbox_drained().await; // the create's own invalidation is done
     let client = redis::Client::open(Sandbox::new().redis_url.as_str()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub
