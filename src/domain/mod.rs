@@ -38,6 +38,14 @@ impl ValidationError {
     }
 }
 
+/// Characters that change how text is shown without being seen: bidirectional
+/// overrides and isolates (which make `abc` display as `cba`, "Trojan
+/// Source"), marks, zero-width spaces and the byte order mark. In an email or
+/// a name they serve only to make two values look alike.
+pub fn is_hidden_format(c: char) -> bool {
+    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+}
+
 /// Parses an id. Keys and SQL use the parsed `Uuid`, never the raw text, so
 /// every spelling of one id names the same cache entry.
 fn parse_uuid(field: &'static str, raw: &str) -> Result<Uuid, ValidationError> {

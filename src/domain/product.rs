@@ -76,7 +76,8 @@ impl std::fmt::Display for CategoryId {
     }
 }
 
-/// 1–200 characters (not bytes), no control characters.
+/// 1–200 characters (not bytes), no control characters, no bidirectional
+/// overrides or zero-width spaces.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProductName(String);
 
@@ -88,6 +89,16 @@ impl ProductName {
         }
         if raw.chars().any(char::is_control) {
             return Err(ValidationError::new("name", "must not contain control characters"));
+        }
+        // Zero-width joiners (U+200C, U+200D) stay: scripts and emoji need them.
+        if raw
+            .chars()
+            .any(|c| super::is_hidden_format(c) && !matches!(c, '\u{200C}' | '\u{200D}'))
+        {
+            return Err(ValidationError::new(
+                "name",
+                "must not contain bidirectional overrides or invisible characters",
+            ));
         }
         Ok(Self(raw.to_string()))
     }

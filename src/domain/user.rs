@@ -57,8 +57,13 @@ impl Email {
         if raw.len() > Self::MAX_LEN {
             return Err(invalid("must be at most 254 characters"));
         }
-        if raw.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(invalid("must not contain spaces or control characters"));
+        if raw
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || super::is_hidden_format(c))
+        {
+            return Err(invalid(
+                "must not contain spaces, control or invisible formatting characters",
+            ));
         }
         let Some((local, domain)) = raw.rsplit_once('@') else {
             return Err(invalid("must look like name@example.com"));

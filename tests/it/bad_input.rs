@@ -155,6 +155,42 @@ async fn emails_must_be_well_formed_and_at_most_254_characters() {
 }
 
 #[tokio::test]
+async fn invisible_and_reordering_characters_are_refused_in_emails_and_names() {
+    let mut app = spawn_app().await;
+    // Right-to-left override, zero-width space, byte order mark, left-to-right isolate.
+    for hidden in ['\u{202E}', '\u{200B}', '\u{FEFF}', '\u{2066}'] {
+        let request = CreateUserRequest {
+            email: format!("ad{hidden}min@example.com"),
+            preferences: None,
+        };
+        assert_invalid(app.users.create_user(request).await, "email");
+        let request = product("books", &format!("Manual{hidden}"), "", 100, "EUR");
+        assert_invalid(app.products.create_product(request).await, "name");
+    }
+    assert_nothing_stored(&mut app).await;
+    // A joiner is part of some scripts and emoji sequences: names keep it.
+    let family = product("books", "Family \u{1F468}\u{200D}\u{1F469}", "", 100, "EUR");
+    assert!(app.products.create_product(family).await.is_ok());
+}
+
+#[tokio::test]
+async fn an_unknown_update_mask_path_is_quoted_back_only_in_part() {
+    let mut app = spawn_app().await;
+    let user = app.create_user("mask@example.com").await;
+    let mut request = crate::helpers::rename_user(&user.id, "new@example.com");
+    request.update_mask = Some(prost_types::FieldMask {
+        paths: vec!["x".repeat(50_000)],
+    });
+    let status = app.users.update_user(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().len() < 200,
+        "{} bytes of message",
+        status.message().len()
+    );
+}
+
+#[tokio::test]
 async fn preferences_are_bounded_in_size_and_depth() {
     let mut app = spawn_app().await;
     let big = Struct {
