@@ -1,7 +1,12 @@
 # Multi-stage build: compile in the official Rust image, run on a slim Debian.
 #
 #   docker build -t readthrough .
-#   docker run --rm -p 50051:50051 -p 9090:9090 -e DATABASE_URL=... -e REDIS_URL=... readthrough
+#   docker run --rm -p 127.0.0.1:50051:50051 -e DATABASE_URL=... -e REDIS_URL=... \
+#     -e AUTH_TOKENS_FILE=/etc/readthrough/tokens -v $PWD/deploy/dev-tokens:/etc/readthrough/tokens:ro readthrough
+#
+# The listeners face the container's network, so `serve` refuses to start
+# without authentication (AUTH_TOKENS_FILE, AUTH_JWT_SECRET or
+# AUTH_JWT_PUBLIC_KEY_FILE) unless INSECURE_ALLOW_UNAUTHENTICATED=true.
 #
 # protoc comes from the protoc-bin-vendored crate, so nothing extra is installed.
 
@@ -37,10 +42,11 @@ COPY --from=builder /app/target/release/readthrough /usr/local/bin/readthrough
 
 USER 10001:10001
 
-# gRPC (GRPC_ADDR) and Prometheus metrics at /metrics (METRICS_ADDR, loopback
-# unless set: in a container it must face the container's network).
-ENV METRICS_ADDR=0.0.0.0:9090
-EXPOSE 50051 9090
+# gRPC (GRPC_ADDR), cache administration (ADMIN_ADDR) and Prometheus metrics
+# at /metrics (METRICS_ADDR): loopback unless set, and in a container they
+# must face the container's network.
+ENV GRPC_ADDR=0.0.0.0:50051 ADMIN_ADDR=0.0.0.0:50052 METRICS_ADDR=0.0.0.0:9090
+EXPOSE 50051 50052 9090
 
 # The gRPC health service, asked by the binary itself (no probe to download).
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \

@@ -1,18 +1,24 @@
 //! Wiring: pools, services, health, reflection, metrics endpoint, graceful shutdown.
 //!
-//! `Application::build` binds both listeners (port 0 picks a free one, which
-//! is how tests start real servers side by side) and `run_until_stopped`
-//! serves until the given future completes.
+//! `Application::build` binds the three listeners (the data API, cache
+//! administration and metrics; port 0 picks a free one, which is how tests
+//! start real servers side by side) and `run_until_stopped` serves until the
+//! given future completes.
 
 use std::{future::Future, time::Duration};
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 use tonic::transport::{Server, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_reflection::server::{
+    v1::{ServerReflection, ServerReflectionServer},
+    v1alpha::{ServerReflection as ServerReflectionV1Alpha, ServerReflectionServer as ServerReflectionServerV1Alpha},
+};
+use tower::layer::util::{Identity, Stack};
 
 use crate::{
-    api::{AdmissionLayer, CacheAdminApi, PageTokens, ProductApi, UserApi},
+    api::{AdmissionLayer, AuthLayer, Authenticator, CacheAdminApi, PageTokens, ProductApi, UserApi},
     cache::Hooks,
     config::ServeConfig,
     proto::{
@@ -28,19 +34,25 @@ use crate::{
 /// Struct) or a product with a 5,000-character description; anything bigger
 /// is refused before it is decoded.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
-/// Streams one HTTP/2 connection may have open at once.
-const MAX_STREAMS_PER_CONNECTION: u32 = 256;
+/// Calls one HTTP/2 connection may have in progress at once: the
+/// per-connection limit, so one client cannot take the whole admission limit
+/// from the others. Clients see it in the connection's settings and queue
+/// further calls on their side (a gRPC channel is usually one connection, so
+/// shedding them instead would fail a well-behaved busy client); a client
+/// that ignores it has its extra streams refused at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 128;
 /// Streams a client may open and reset before the server handles them (the
 /// HTTP/2 "rapid reset" guard).
 const MAX_PENDING_RESETS: usize = 64;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
-
 pub struct Application {
     config: ServeConfig,
     grpc_listener: TcpListener,
+    admin_listener: TcpListener,
     metrics_listener: TcpListener,
+    auth: AuthLayer,
     services: Services,
 }
 
@@ -55,6 +67,9 @@ impl Application {
     pub async fn build_with_hooks(config: ServeConfig, hooks: Hooks) -> anyhow::Result<Self> {
         // First: the cache registers its metric handles when it is created.
         telemetry::metrics_handle();
+        let auth =
+            AuthLayer::new(Authenticator::from_config(&config.auth).context("loading the authentication settings")?);
+        check_exposure(&config, auth.enabled())?;
         if config.migrate_on_start {
             store::migrate(&config.config).await.context("migrating the database")?;
         }
@@ -64,19 +79,28 @@ impl Application {
         let grpc_listener = TcpListener::bind(config.grpc_addr)
             .await
             .with_context(|| format!("binding GRPC_ADDR {}", config.grpc_addr))?;
+        let admin_listener = TcpListener::bind(config.admin_addr)
+            .await
+            .with_context(|| format!("binding ADMIN_ADDR {}", config.admin_addr))?;
         let metrics_listener = TcpListener::bind(config.metrics_addr)
             .await
             .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
         Ok(Self {
             config,
             grpc_listener,
+            admin_listener,
             metrics_listener,
+            auth,
             services,
         })
     }
 
     pub fn grpc_port(&self) -> u16 {
         self.grpc_listener.local_addr().map(|a| a.port()).unwrap_or_default()
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_listener.local_addr().map(|a| a.port()).unwrap_or_default()
     }
 
     pub fn metrics_port(&self) -> u16 {
@@ -87,7 +111,7 @@ impl Application {
     /// accepting, lets in-flight requests finish (up to the grace period) and
     /// closes the pools.
     pub async fn run_until_stopped(self, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
-        let (grpc_port, metrics_port) = (self.grpc_port(), self.metrics_port());
+        let (grpc_port, admin_port, metrics_port) = (self.grpc_port(), self.admin_port(), self.metrics_port());
         let services = self.services;
         let Services {
             users,
@@ -105,39 +129,29 @@ impl Application {
         ];
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
-        let reflection_v1 = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()?;
-        // grpcurl before 1.9 speaks only v1alpha.
-        let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()?;
 
         let metrics = tokio::spawn(telemetry::serve_metrics(self.metrics_listener));
-        let (stop_accepting, stopped) = tokio::sync::oneshot::channel::<()>();
-        let admission = AdmissionLayer::new(
-            self.config.admission_limit,
-            Duration::from_millis(self.config.request_queue_timeout_ms),
-            Duration::from_millis(self.config.request_timeout_ms),
-        );
-        // Our own listener, so tonic's `tcp_nodelay` setting does not reach the
-        // accepted sockets: set it here. Without it a response's trailers wait
-        // for the client's delayed ACK (Nagle), about 40 ms per call.
-        let incoming = TcpIncoming::from(self.grpc_listener).with_nodelay(Some(true));
-        let server = Server::builder()
-            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
-            // A client that opens and resets streams faster than they are served is cut off.
-            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
-            // Clients reconnect now and then, so load spreads over new instances.
-            .max_connection_age(MAX_CONNECTION_AGE)
-            .layer(admission)
+        let (stop_accepting, stopped) = tokio::sync::watch::channel(false);
+        let until_stopped = || {
+            let mut stopped = stopped.clone();
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            }
+        };
+        let edge = Edge {
+            auth: self.auth,
+            admission: AdmissionLayer::new(
+                self.config.admission_limit,
+                Duration::from_millis(self.config.request_queue_timeout_ms),
+                Duration::from_millis(self.config.request_timeout_ms),
+            ),
+            reflection: self.config.reflection_enabled,
+        };
+        let api = edge
+            .server()
             .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
+            .add_optional_service(edge.reflection_v1())
+            .add_optional_service(edge.reflection_v1alpha())
             .add_service(UserServiceServer::new(UserApi::new(users)).max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(
                 ProductServiceServer::new(ProductApi::new(
@@ -146,22 +160,30 @@ impl Application {
                 ))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
+            .serve_with_incoming_shutdown(incoming(self.grpc_listener), until_stopped());
+        let admin = edge
+            .server()
+            .add_optional_service(edge.reflection_v1())
+            .add_optional_service(edge.reflection_v1alpha())
             .add_service(CacheAdminServiceServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES))
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stopped.await;
-            });
-        tokio::pin!(server);
-        tracing::info!(grpc_port, metrics_port, "serving");
+            .serve_with_incoming_shutdown(incoming(self.admin_listener), until_stopped());
+        let servers = async {
+            let (api, admin) = tokio::join!(api, admin);
+            api.context("gRPC server failed")?;
+            admin.context("gRPC admin server failed")
+        };
+        tokio::pin!(servers);
+        tracing::info!(grpc_port, admin_port, metrics_port, "serving");
 
         let result = tokio::select! {
-            result = &mut server => result.context("gRPC server failed"),
+            result = &mut servers => result,
             () = shutdown => {
                 tracing::info!("shutting down: NOT_SERVING, finishing in-flight requests");
                 set_health(&health, ServingStatus::NotServing).await;
-                let _ = stop_accepting.send(());
+                let _ = stop_accepting.send(true);
                 let grace = Duration::from_secs(self.config.shutdown_grace_secs);
-                match tokio::time::timeout(grace, &mut server).await {
-                    Ok(result) => result.context("gRPC server failed"),
+                match tokio::time::timeout(grace, &mut servers).await {
+                    Ok(result) => result,
                     Err(_) => {
                         tracing::warn!(?grace, "grace period over; dropping the remaining connections");
                         Ok(())
@@ -177,6 +199,89 @@ impl Application {
         tracing::info!("stopped");
         result
     }
+}
+
+/// What both gRPC listeners share: the transport's limits, authentication
+/// (outermost: a refused call costs nothing else), admission, and reflection.
+struct Edge {
+    auth: AuthLayer,
+    admission: AdmissionLayer,
+    reflection: bool,
+}
+
+impl Edge {
+    fn server(&self) -> Server<Stack<AdmissionLayer, Stack<AuthLayer, Identity>>> {
+        Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
+            // A client that opens and resets streams faster than they are served is cut off.
+            .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+            // Clients reconnect now and then, so load spreads over new instances.
+            .max_connection_age(MAX_CONNECTION_AGE)
+            .layer(self.auth.clone())
+            .layer(self.admission.clone())
+    }
+
+    fn reflection_v1(&self) -> Option<ServerReflectionServer<impl ServerReflection>> {
+        self.reflection.then(|| {
+            reflection_builder()
+                .build_v1()
+                .expect("the embedded descriptor sets are valid")
+        })
+    }
+
+    /// grpcurl before 1.9 speaks only v1alpha.
+    fn reflection_v1alpha(&self) -> Option<ServerReflectionServerV1Alpha<impl ServerReflectionV1Alpha>> {
+        self.reflection.then(|| {
+            reflection_builder()
+                .build_v1alpha()
+                .expect("the embedded descriptor sets are valid")
+        })
+    }
+}
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Our own listener, so tonic's `tcp_nodelay` setting does not reach the
+/// accepted sockets: set it here. Without it a response's trailers wait for
+/// the client's delayed ACK (Nagle), about 40 ms per call.
+fn incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Without authentication anyone who reaches a port can read, write and flush
+/// the cache: refuse to listen beyond loopback unless the operator insists.
+fn check_exposure(config: &ServeConfig, authenticated: bool) -> anyhow::Result<()> {
+    if authenticated {
+        return Ok(());
+    }
+    let exposed: Vec<String> = [("GRPC_ADDR", config.grpc_addr), ("ADMIN_ADDR", config.admin_addr)]
+        .into_iter()
+        .filter(|(_, addr)| !addr.ip().is_loopback())
+        .map(|(name, addr)| format!("{name}={addr}"))
+        .collect();
+    if exposed.is_empty() {
+        tracing::info!("no authentication configured: listening on loopback only");
+        return Ok(());
+    }
+    if config.auth.insecure_allow_unauthenticated {
+        tracing::warn!(
+            exposed = exposed.join(", "),
+            "INSECURE: serving without authentication beyond loopback; anyone who reaches these ports can read, write and flush the cache"
+        );
+        return Ok(());
+    }
+    bail!(
+        "{} is not a loopback address and no authentication is configured: set AUTH_TOKENS_FILE, \
+         AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY_FILE, listen on 127.0.0.1, or set \
+         INSECURE_ALLOW_UNAUTHENTICATED=true",
+        exposed.join(" and ")
+    )
 }
 
 /// Sets the overall status ("") and each service's status.

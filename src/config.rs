@@ -3,7 +3,7 @@
 //! Every subcommand takes the same `Config`; `serve` adds `ServeConfig`.
 //! Connection URLs can carry passwords, so their `Debug` output is redacted.
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{ArgAction, Parser};
 
@@ -186,9 +186,23 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub config: Config,
 
-    /// Address the gRPC server listens on.
-    #[arg(long, env = "GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    /// Address the gRPC server listens on. Loopback by default: without
+    /// authentication the service refuses any other address (see `AuthConfig`).
+    #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+
+    /// Address of the cache administration listener (CacheAdminService):
+    /// apart from the data API, so a network policy or a firewall can keep it
+    /// to operators.
+    #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:50052")]
+    pub admin_addr: SocketAddr,
+
+    #[command(flatten)]
+    pub auth: AuthConfig,
+
+    /// Serve gRPC server reflection (what grpcurl uses to learn the API).
+    #[arg(long, env = "REFLECTION_ENABLED", default_value_t = true, action = ArgAction::Set)]
+    pub reflection_enabled: bool,
 
     /// Address of the Prometheus endpoint (`/metrics`).
     /// Loopback by default: what it tells is for your Prometheus, not the network.
@@ -233,6 +247,38 @@ impl ServeConfig {
     pub fn from_env() -> Self {
         Self::parse_from(["readthrough"])
     }
+}
+
+/// Who may call: bearer tokens, static or JWT (see `api::auth`). With none
+/// of them set every call is allowed, and so the service listens on loopback
+/// addresses only, unless `INSECURE_ALLOW_UNAUTHENTICATED` says otherwise.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct AuthConfig {
+    /// File of static tokens: one per line, `<sha256 hex of the token> <roles>`,
+    /// roles comma-separated from read, write, admin.
+    #[arg(long, env = "AUTH_TOKENS_FILE")]
+    pub auth_tokens_file: Option<PathBuf>,
+
+    /// Shared secret (at least 32 bytes) of HS256-signed JWTs.
+    #[arg(long, env = "AUTH_JWT_SECRET", hide_env_values = true)]
+    pub auth_jwt_secret: Option<Secret>,
+
+    /// PEM public key of RS256 (RSA) or ES256 (EC P-256) signed JWTs.
+    #[arg(long, env = "AUTH_JWT_PUBLIC_KEY_FILE")]
+    pub auth_jwt_public_key_file: Option<PathBuf>,
+
+    /// Issuer (`iss`) a JWT must name, if set.
+    #[arg(long, env = "AUTH_JWT_ISSUER")]
+    pub auth_jwt_issuer: Option<String>,
+
+    /// Audience (`aud`) a JWT must name, if set.
+    #[arg(long, env = "AUTH_JWT_AUDIENCE")]
+    pub auth_jwt_audience: Option<String>,
+
+    /// Serve without authentication on addresses other than loopback: anyone
+    /// who can reach the port can read, write and flush the cache.
+    #[arg(long, env = "INSECURE_ALLOW_UNAUTHENTICATED", default_value_t = false, action = ArgAction::Set)]
+    pub insecure_allow_unauthenticated: bool,
 }
 
 fn parse_namespace(raw: &str) -> Result<String, String> {

@@ -28,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Serve gRPC (and Prometheus metrics) until SIGINT or SIGTERM.
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Create the database if needed and apply pending migrations.
     Migrate(Config),
     /// Load demo users and products (rows that exist already are kept).
@@ -78,7 +78,7 @@ async fn run() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Serve(config) => {
             tracing::info!(?config, "starting");
-            let app = Application::build(config).await?;
+            let app = Application::build(*config).await?;
             app.run_until_stopped(app::shutdown_signal()).await?;
         }
         Command::Health { url, timeout_secs } => {

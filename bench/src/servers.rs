@@ -83,6 +83,7 @@ pub fn start_readthrough(env: &[(String, String)]) -> anyhow::Result<Server> {
         .envs(env.iter().cloned())
         .env("GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
         .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+        .env("ADMIN_ADDR", "127.0.0.1:0")
         .env(
             "RUST_LOG",
             std::env::var("BENCH_RUST_LOG").unwrap_or_else(|_| "info".into()),

@@ -17,11 +17,17 @@ use crate::{
 
 pub struct CacheAdminApi {
     cache: Arc<Cache>,
+    /// Held by the `InvalidateAll` in progress: one walk of the keyspace per
+    /// instance at a time, so a loop of calls cannot multiply the load on Redis.
+    invalidating_all: tokio::sync::Mutex<()>,
 }
 
 impl CacheAdminApi {
     pub fn new(cache: Arc<Cache>) -> Self {
-        Self { cache }
+        Self {
+            cache,
+            invalidating_all: tokio::sync::Mutex::new(()),
+        }
     }
 
     /// Deletes (or, dry, finds) the given keys and answers with the ones that existed.
@@ -104,6 +110,12 @@ impl CacheAdminService for CacheAdminApi {
                     );
                 }
             };
+            // The walk ends with the call: past the server's deadline
+            // (REQUEST_TIMEOUT_MS) it stops where it is, and the keys deleted
+            // so far stay deleted (they are only misses).
+            let _running = self.invalidating_all.try_lock().map_err(|_| {
+                Status::aborted("an InvalidateAll is already running on this instance; retry when it has ended")
+            })?;
             let (count, sample) = self
                 .cache
                 .invalidate_matching(entity, request.dry_run)

@@ -6,6 +6,7 @@
 
 mod admin;
 mod admission;
+mod auth;
 pub mod codec;
 mod convert;
 mod page_token;
@@ -21,6 +22,7 @@ use tracing::Instrument;
 
 pub use admin::CacheAdminApi;
 pub use admission::AdmissionLayer;
+pub use auth::{Access, AuthLayer, Authenticator, Role, required_access};
 pub use page_token::PageTokens;
 pub use products::ProductApi;
 pub use users::UserApi;

@@ -13,7 +13,7 @@ use tonic::{Code, transport::Channel};
 use crate::helpers::{RedisProxy, Sandbox, TestApp, spawn_app, spawn_app_with};
 
 async fn admin(app: &TestApp) -> CacheAdminServiceClient<Channel> {
-    CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.grpc_port))
+    CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
         .await
         .expect("connects to the app")
 }
@@ -233,6 +233,63 @@ async fn invalidate_all_samples_at_most_100_keys_but_counts_all() {
         .into_inner();
     assert_eq!((response.count, response.keys.len()), (250, 100));
     assert!(app.namespace_keys().await.is_empty(), "the whole namespace is gone");
+}
+
+/// `count` list entries written by hand.
+async fn fill_namespace(app: &TestApp, count: usize) {
+    let mut redis = app.redis.clone();
+    for start in (0..count).step_by(10_000) {
+        let mut pipe = crate::helpers::redis::pipe();
+        for i in start..count.min(start + 10_000) {
+            let category = CategoryId::parse(&format!("c{i}")).unwrap();
+            pipe.cmd("SET").arg(app.keys.list_meta(&category)).arg("x").ignore();
+        }
+        let () = pipe.query_async(&mut redis).await.unwrap();
+    }
+}
+
+fn everything() -> InvalidateAllRequest {
+    InvalidateAllRequest {
+        entity: String::new(),
+        dry_run: false,
+    }
+}
+
+#[tokio::test]
+async fn one_invalidate_all_runs_at_a_time_per_instance() {
+    let mut app = spawn_app().await;
+    fill_namespace(&app, 100_000).await;
+    let client = admin(&app).await;
+    let calls = (0..4).map(|_| {
+        let mut client = client.clone();
+        async move { client.invalidate_all(everything()).await }
+    });
+    let outcomes = futures_util::future::join_all(calls).await;
+    let aborted = outcomes
+        .iter()
+        .filter(|outcome| matches!(outcome, Err(status) if status.code() == Code::Aborted))
+        .count();
+    let done = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
+    assert!(aborted >= 1 && done >= 1, "{outcomes:?}");
+    assert_eq!(aborted + done, 4, "{outcomes:?}");
+    // The lock is released with the call: the next one runs.
+    admin(&app).await.invalidate_all(everything()).await.unwrap();
+    assert!(app.namespace_keys().await.is_empty());
+}
+
+#[tokio::test]
+async fn invalidate_all_stops_at_the_server_deadline_and_frees_the_next_run() {
+    let app = spawn_app_with(|config| config.request_timeout_ms = 20).await;
+    fill_namespace(&app, 200_000).await;
+    let mut client = admin(&app).await;
+    let status = client.invalidate_all(everything()).await.unwrap_err();
+    assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
+    let next = client.invalidate_all(everything()).await.unwrap_err();
+    assert_eq!(
+        next.code(),
+        Code::DeadlineExceeded,
+        "the next run starts (and stops) instead of ABORTED"
+    );
 }
 
 #[tokio::test]

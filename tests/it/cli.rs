@@ -26,6 +26,7 @@ impl Server {
             .env("CACHE_NAMESPACE", &sandbox.namespace)
             .env("GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
             .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("ADMIN_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

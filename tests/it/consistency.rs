@@ -122,7 +122,7 @@ async fn every_invalidation_deletes_the_lease_no_later_than_the_entry() {
     let marker_client = redis::Client::open(own.url.as_str()).unwrap();
     let mut marker = marker_client.get_multiplexed_async_connection().await.unwrap();
     let mut users = app.users.clone();
-    let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.grpc_port))
+    let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
         .await
         .unwrap();
     let id = user.id.clone();

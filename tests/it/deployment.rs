@@ -14,14 +14,17 @@ use std::{
 };
 
 use clap::{CommandFactory, Parser};
-use readthrough::config::ServeConfig;
+use readthrough::{
+    api::{Authenticator, Role},
+    config::ServeConfig,
+};
 use serde_yaml::Value;
 
 /// Variables read outside clap: `RUST_LOG` by the logging setup (`EnvFilter`).
 const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG"];
 
 /// What compose must pass for the service to reach its databases and be reachable.
-const REQUIRED_VARIABLES: &[&str] = &["DATABASE_URL", "REDIS_URL", "GRPC_ADDR", "METRICS_ADDR"];
+const REQUIRED_VARIABLES: &[&str] = &["DATABASE_URL", "REDIS_URL", "GRPC_ADDR", "ADMIN_ADDR", "METRICS_ADDR"];
 
 /// What `cargo build` needs from the build context (Cargo.toml declares a
 /// `[[bench]]` and the `bench` workspace member, so both must be there too).
@@ -174,7 +177,7 @@ fn every_service_has_a_healthcheck() {
     let compose = compose();
     for (name, probe) in [
         ("postgres", "pg_isready"),
-        ("redis", "redis-cli ping"),
+        ("redis", "redis-cli"),
         ("readthrough", "readthrough health"),
     ] {
         let healthcheck = service(&compose, name)
@@ -194,6 +197,12 @@ fn every_service_has_a_healthcheck() {
             test.contains(probe),
             "`{name}`'s healthcheck should run `{probe}`, runs `{test}`"
         );
+        if name == "redis" {
+            assert!(
+                test.ends_with(" ping"),
+                "redis's healthcheck should PING, runs `{test}`"
+            );
+        }
     }
 }
 
@@ -298,7 +307,7 @@ fn compose_passes_the_connection_and_listen_addresses() {
         );
     }
     // Listening on loopback inside a container is unreachable from outside it.
-    for variable in ["GRPC_ADDR", "METRICS_ADDR"] {
+    for variable in ["GRPC_ADDR", "ADMIN_ADDR", "METRICS_ADDR"] {
         let raw = passed[variable].as_deref().unwrap_or_default();
         let addr: SocketAddr = raw
             .parse()
@@ -307,6 +316,80 @@ fn compose_passes_the_connection_and_listen_addresses() {
             addr.ip().is_unspecified(),
             "{variable}={raw} should listen on all interfaces (0.0.0.0)"
         );
+    }
+}
+
+#[test]
+fn compose_publishes_ports_on_the_hosts_loopback_only() {
+    let compose = compose();
+    let services = compose.get("services").and_then(Value::as_mapping).unwrap();
+    for (name, service) in services {
+        let Some(ports) = service.get("ports").and_then(Value::as_sequence) else {
+            continue;
+        };
+        for port in ports {
+            let published = match port {
+                Value::String(s) => s.clone(),
+                other => panic!("{name:?}: write ports as \"127.0.0.1:host:container\", not {other:?}"),
+            };
+            assert!(
+                published.starts_with("127.0.0.1:"),
+                "{name:?} publishes {published} beyond the host's loopback"
+            );
+        }
+    }
+}
+
+#[test]
+fn compose_redis_requires_the_password_the_service_uses() {
+    let compose = compose();
+    let words = command_words(service(&compose, "redis"), "redis");
+    let password = option_values(&words, "--requirepass")
+        .last()
+        .and_then(|values| values.first().cloned())
+        .unwrap_or_else(|| panic!("redis sets no --requirepass: {words:?}"));
+    let passed = environment(service(&compose, "readthrough"), "readthrough");
+    let url = passed["REDIS_URL"].clone().unwrap_or_default();
+    assert!(
+        url.contains(&format!(":{password}@")),
+        "REDIS_URL should carry redis's password: {url}"
+    );
+}
+
+#[test]
+fn compose_authenticates_calls_with_the_development_token() {
+    let compose = compose();
+    let readthrough = service(&compose, "readthrough");
+    let passed = environment(readthrough, "readthrough");
+    let tokens_path = passed
+        .get("AUTH_TOKENS_FILE")
+        .cloned()
+        .flatten()
+        .expect("compose sets AUTH_TOKENS_FILE");
+    let volumes: Vec<String> = readthrough
+        .get("volumes")
+        .and_then(Value::as_sequence)
+        .map(|volumes| volumes.iter().filter_map(scalar).collect())
+        .unwrap_or_default();
+    let source = volumes
+        .iter()
+        .find_map(|volume| {
+            let mut parts = volume.split(':');
+            let (source, target) = (parts.next()?, parts.next()?);
+            (target == tokens_path).then(|| source.to_string())
+        })
+        .unwrap_or_else(|| panic!("no volume mounts {tokens_path}: {volumes:?}"));
+
+    let mut config = ServeConfig::try_parse_from(["readthrough"]).unwrap();
+    config.auth.auth_tokens_file = Some(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(source));
+    let authenticator = Authenticator::from_config(&config.auth)
+        .expect("the tokens file loads")
+        .expect("it lists tokens");
+    let roles = authenticator
+        .authenticate(Some(b"Bearer dev-token"))
+        .expect("the README's development token is listed");
+    for role in [Role::Read, Role::Write, Role::Admin] {
+        assert!(roles.contains(role), "the development token lacks {role}");
     }
 }
 
@@ -341,7 +424,7 @@ fn compose_publishes_the_grpc_and_metrics_ports() {
         "readthrough should publish the gRPC port 50051; publishes {published:?}"
     );
     let passed = environment(readthrough, "readthrough");
-    for variable in ["GRPC_ADDR", "METRICS_ADDR"] {
+    for variable in ["GRPC_ADDR", "ADMIN_ADDR", "METRICS_ADDR"] {
         let Some(Some(raw)) = passed.get(variable) else {
             continue; // compose_passes_the_connection_and_listen_addresses reports it
         };

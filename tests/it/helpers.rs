@@ -42,8 +42,10 @@ pub struct TestApp {
     pub redis: redis::aio::MultiplexedConnection,
     pub keys: Keys,
     pub config: ServeConfig,
-    /// For clients the app has no field for (e.g. `CacheAdminServiceClient`).
+    /// For clients the app has no field for.
     pub grpc_port: u16,
+    /// The cache administration listener (`CacheAdminServiceClient`).
+    pub admin_port: u16,
     pub metrics_port: u16,
     stop: Option<oneshot::Sender<()>>,
     sandbox: Arc<Sandbox>,
@@ -230,11 +232,12 @@ async fn start(
 ) -> TestApp {
     config.grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    config.admin_addr = "127.0.0.1:0".parse().unwrap();
     customize(&mut config);
     let app = Application::build_with_hooks(config.clone(), hooks)
         .await
         .expect("app builds");
-    let (grpc_port, metrics_port) = (app.grpc_port(), app.metrics_port());
+    let (grpc_port, admin_port, metrics_port) = (app.grpc_port(), app.admin_port(), app.metrics_port());
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
@@ -257,6 +260,7 @@ async fn start(
         keys: Keys::new(&config.config.cache_namespace),
         config,
         grpc_port,
+        admin_port,
         metrics_port,
         stop: Some(stop),
         sandbox,

@@ -2,6 +2,7 @@
 //! real PostgreSQL and Redis, driven through its gRPC clients.
 
 mod admin;
+mod auth;
 mod bad_input;
 mod checker;
 mod cli;

@@ -31,6 +31,7 @@ impl Instance {
                 .env("CACHE_NAMESPACE", &sandbox.namespace)
                 .env("GRPC_ADDR", format!("127.0.0.1:{port}"))
                 .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
+                .env("ADMIN_ADDR", "127.0.0.1:0")
                 .env("RUST_LOG", "warn")
                 .stdout(Stdio::null())
                 .spawn()

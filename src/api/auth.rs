@@ -1,0 +1,453 @@
+//! Who may call what.
+//!
+//! A caller sends `authorization: Bearer <token>`. A token is either a signed
+//! JWT (HS256 with a shared secret, or RS256/ES256 checked with a public key)
+//! or one of the static tokens of `AUTH_TOKENS_FILE`, which holds only their
+//! SHA-256 hashes, compared in constant time. A token grants roles: `read`
+//! (Get, BatchGet, List), `write` (Create, Update, Delete) and `admin`
+//! (CacheAdminService). `required_access` is the one table of what each
+//! method needs.
+//!
+//! The check is a tower layer in front of admission and every handler: a
+//! missing or bad token is UNAUTHENTICATED, a good one without the role
+//! PERMISSION_DENIED, and neither costs more than a hash or a signature check.
+//! Health and reflection are open. With no authentication configured every
+//! call passes; the service then listens on loopback only (see `app`).
+
+use std::{
+    fmt,
+    path::Path,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use anyhow::{Context as _, bail};
+use futures_util::future::{Either, Ready, ready};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tonic::{Status, body::Body};
+use tower::{Layer, Service};
+
+use crate::config::AuthConfig;
+
+/// A role a token grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Role {
+    fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "read" => Some(Self::Read),
+            "write" => Some(Self::Write),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
+    fn bit(self) -> u8 {
+        match self {
+            Self::Read => 1,
+            Self::Write => 2,
+            Self::Admin => 4,
+        }
+    }
+}
+
+/// The roles one token grants. Roles do not imply each other: a token for a
+/// service that only reads should not be able to write, and an operator's
+/// admin token need not read user data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Roles(u8);
+
+impl Roles {
+    pub fn contains(self, role: Role) -> bool {
+        self.0 & role.bit() != 0
+    }
+
+    fn parse<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, String> {
+        names.into_iter().try_fold(Self::default(), |roles, name| {
+            Role::parse(name)
+                .map(|role| Self(roles.0 | role.bit()))
+                .ok_or_else(|| format!("unknown role `{name}` (known: read, write, admin)"))
+        })
+    }
+}
+
+/// What a call needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Open,
+    Needs(Role),
+}
+
+/// The method-to-role table, for a request path `/package.Service/Method`.
+pub fn required_access(path: &str) -> Access {
+    let (service, method) = path
+        .strip_prefix('/')
+        .and_then(|path| path.split_once('/'))
+        .unwrap_or_default();
+    match (service, method) {
+        ("grpc.health.v1.Health", _)
+        | ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", _) => Access::Open,
+        ("readthrough.v1.UserService", "GetUser" | "BatchGetUsers")
+        | ("readthrough.v1.ProductService", "GetProduct" | "ListProducts") => Access::Needs(Role::Read),
+        ("readthrough.v1.UserService", "CreateUser" | "UpdateUser" | "DeleteUser")
+        | ("readthrough.v1.ProductService", "CreateProduct" | "UpdateProduct" | "DeleteProduct") => {
+            Access::Needs(Role::Write)
+        }
+        ("readthrough.v1.CacheAdminService", _) => Access::Needs(Role::Admin),
+        // A method missing here (tonic answers UNIMPLEMENTED for unknown
+        // ones) needs the most trusted role: a new RPC is closed until listed.
+        _ => Access::Needs(Role::Admin),
+    }
+}
+
+/// Checks bearer tokens against the configured static tokens and JWT key.
+pub struct Authenticator {
+    static_tokens: Vec<StaticToken>,
+    jwt: Option<JwtVerifier>,
+}
+
+#[derive(Debug)]
+struct StaticToken {
+    sha256: [u8; 32],
+    roles: Roles,
+}
+
+struct JwtVerifier {
+    key: DecodingKey,
+    validation: Validation,
+}
+
+/// The claims a JWT must carry besides `exp` (and `iss`/`aud` when configured).
+#[derive(Deserialize)]
+struct Claims {
+    #[serde(default)]
+    roles: Vec<String>,
+}
+
+/// Why a call was refused; the message a caller sees says no more than this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    MissingToken,
+    InvalidToken,
+    MissingRole(Role),
+}
+
+impl Refusal {
+    fn label(self) -> &'static str {
+        match self {
+            Self::MissingToken => "missing_token",
+            Self::InvalidToken => "invalid_token",
+            Self::MissingRole(_) => "missing_role",
+        }
+    }
+
+    fn status(self) -> Status {
+        match self {
+            Self::MissingToken => Status::unauthenticated("missing `authorization: Bearer <token>` metadata"),
+            Self::InvalidToken => Status::unauthenticated("invalid or expired token"),
+            Self::MissingRole(role) => Status::permission_denied(format!("the token lacks the `{role}` role")),
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Admin => "admin",
+        })
+    }
+}
+
+impl Authenticator {
+    /// `None` when no authentication is configured.
+    pub fn from_config(config: &AuthConfig) -> anyhow::Result<Option<Self>> {
+        let static_tokens = match &config.auth_tokens_file {
+            Some(path) => read_tokens_file(path)?,
+            None => Vec::new(),
+        };
+        let jwt = match (&config.auth_jwt_secret, &config.auth_jwt_public_key_file) {
+            (Some(_), Some(_)) => bail!("set AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY_FILE, not both"),
+            (Some(secret), None) => {
+                if secret.expose().len() < 32 {
+                    bail!("AUTH_JWT_SECRET must be at least 32 bytes");
+                }
+                Some((DecodingKey::from_secret(secret.expose().as_bytes()), Algorithm::HS256))
+            }
+            (None, Some(path)) => Some(read_public_key(path)?),
+            (None, None) => None,
+        };
+        let jwt = jwt.map(|(key, algorithm)| {
+            let mut validation = Validation::new(algorithm);
+            validation.set_required_spec_claims(&["exp"]);
+            validation.leeway = 30;
+            validation.validate_nbf = true;
+            if let Some(issuer) = &config.auth_jwt_issuer {
+                validation.set_issuer(&[issuer]);
+            }
+            match &config.auth_jwt_audience {
+                Some(audience) => validation.set_audience(&[audience]),
+                None => validation.validate_aud = false,
+            }
+            JwtVerifier { key, validation }
+        });
+        if static_tokens.is_empty() && jwt.is_none() {
+            if config.auth_tokens_file.is_some() {
+                bail!("AUTH_TOKENS_FILE lists no tokens");
+            }
+            return Ok(None);
+        }
+        Ok(Some(Self { static_tokens, jwt }))
+    }
+
+    /// The roles of the token in an `authorization` header value.
+    pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<Roles, Refusal> {
+        let token = authorization
+            .and_then(|value| std::str::from_utf8(value).ok())
+            .and_then(|value| {
+                let (scheme, token) = value.split_once(' ')?;
+                scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+            })
+            .filter(|token| !token.is_empty())
+            .ok_or(Refusal::MissingToken)?;
+        if let Some(roles) = self.static_roles(token) {
+            return Ok(roles);
+        }
+        let jwt = self.jwt.as_ref().ok_or(Refusal::InvalidToken)?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation)
+            .map_err(|_| Refusal::InvalidToken)?
+            .claims;
+        // A token with an unknown role is refused whole rather than trimmed.
+        Roles::parse(claims.roles.iter().map(String::as_str)).map_err(|_| Refusal::InvalidToken)
+    }
+
+    /// Compares the token's hash with every listed hash, each in constant
+    /// time and without stopping at a match, so timing tells nothing about
+    /// which bytes or which entry matched.
+    fn static_roles(&self, token: &str) -> Option<Roles> {
+        let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+        self.static_tokens.iter().fold(None, |found, entry| {
+            let difference = entry.sha256.iter().zip(digest).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+            if difference == 0 { Some(entry.roles) } else { found }
+        })
+    }
+}
+
+/// Reads `AUTH_TOKENS_FILE`: one token per line, `<sha256 hex> <roles>`, where
+/// roles are comma-separated; `#` starts a comment. Make an entry with
+/// `printf %s "$TOKEN" | sha256sum`.
+fn read_tokens_file(path: &Path) -> anyhow::Result<Vec<StaticToken>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading AUTH_TOKENS_FILE {}", path.display()))?;
+    let mut tokens = Vec::new();
+    for (number, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or_default().trim();
+        if line.is_empty() {
+            continue;
+        }
+        let parsed =
+            parse_token_line(line).map_err(|error| anyhow::anyhow!("{}:{}: {error}", path.display(), number + 1))?;
+        tokens.push(parsed);
+    }
+    Ok(tokens)
+}
+
+fn parse_token_line(line: &str) -> Result<StaticToken, String> {
+    let mut words = line.split_whitespace();
+    let (Some(hash), Some(roles), None) = (words.next(), words.next(), words.next()) else {
+        return Err("expected `<sha256 hex of the token> <roles, comma-separated>`".to_string());
+    };
+    let mut sha256 = [0u8; 32];
+    if hash.len() != 64 {
+        return Err("the hash must be 64 hex digits (SHA-256 of the token)".to_string());
+    }
+    for (byte, pair) in sha256.iter_mut().zip(hash.as_bytes().chunks(2)) {
+        let pair = std::str::from_utf8(pair).map_err(|_| "the hash must be hex".to_string())?;
+        *byte = u8::from_str_radix(pair, 16).map_err(|_| "the hash must be hex".to_string())?;
+    }
+    let roles = Roles::parse(roles.split(','))?;
+    Ok(StaticToken { sha256, roles })
+}
+
+/// An RSA (RS256) or EC P-256 (ES256) public key in PEM.
+fn read_public_key(path: &Path) -> anyhow::Result<(DecodingKey, Algorithm)> {
+    let pem = std::fs::read(path).with_context(|| format!("reading AUTH_JWT_PUBLIC_KEY_FILE {}", path.display()))?;
+    if let Ok(key) = DecodingKey::from_rsa_pem(&pem) {
+        return Ok((key, Algorithm::RS256));
+    }
+    if let Ok(key) = DecodingKey::from_ec_pem(&pem) {
+        return Ok((key, Algorithm::ES256));
+    }
+    bail!(
+        "AUTH_JWT_PUBLIC_KEY_FILE {} holds neither an RSA nor an EC public key in PEM",
+        path.display()
+    )
+}
+
+/// The tower layer: `None` lets every call through (no authentication configured).
+#[derive(Clone)]
+pub struct AuthLayer {
+    authenticator: Option<Arc<Authenticator>>,
+}
+
+impl AuthLayer {
+    pub fn new(authenticator: Option<Authenticator>) -> Self {
+        Self {
+            authenticator: authenticator.map(Arc::new),
+        }
+    }
+
+    /// Whether calls are checked at all.
+    pub fn enabled(&self) -> bool {
+        self.authenticator.is_some()
+    }
+}
+
+impl<S> Layer<S> for AuthLayer {
+    type Service = Auth<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Auth {
+            inner,
+            authenticator: self.authenticator.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Auth<S> {
+    inner: S,
+    authenticator: Option<Arc<Authenticator>>,
+}
+
+impl<S> Service<http::Request<Body>> for Auth<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Either<S::Future, Ready<Result<Self::Response, Self::Error>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        if let Some(authenticator) = &self.authenticator
+            && let Err(refusal) = check(authenticator, &request)
+        {
+            metrics::counter!("readthrough_auth_refused_total", "reason" => refusal.label()).increment(1);
+            return Either::Right(ready(Ok(refusal.status().into_http())));
+        }
+        Either::Left(self.inner.call(request))
+    }
+}
+
+fn check(authenticator: &Authenticator, request: &http::Request<Body>) -> Result<(), Refusal> {
+    let Access::Needs(role) = required_access(request.uri().path()) else {
+        return Ok(());
+    };
+    let authorization = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
+    let roles = authenticator.authenticate(authorization)?;
+    if roles.contains(role) {
+        Ok(())
+    } else {
+        Err(Refusal::MissingRole(role))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prost::Message;
+
+    #[test]
+    fn every_rpc_of_the_api_is_in_the_table() {
+        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
+        let mut seen = 0;
+        for file in &set.file {
+            for service in &file.service {
+                for method in &service.method {
+                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
+                    let expected = match service.name() {
+                        "CacheAdminService" => Role::Admin,
+                        _ if method.name().starts_with("Get")
+                            || method.name().starts_with("List")
+                            || method.name().starts_with("BatchGet") =>
+                        {
+                            Role::Read
+                        }
+                        _ => Role::Write,
+                    };
+                    assert_eq!(required_access(&path), Access::Needs(expected), "{path}");
+                    seen += 1;
+                }
+            }
+        }
+        assert_eq!(seen, 14);
+        assert_eq!(required_access("/grpc.health.v1.Health/Check"), Access::Open);
+        assert_eq!(
+            required_access("/readthrough.v1.UserService/Unknown"),
+            Access::Needs(Role::Admin)
+        );
+        assert_eq!(required_access("garbage"), Access::Needs(Role::Admin));
+    }
+
+    fn token_line(token: &str, roles: &str) -> String {
+        let hex: String = Sha256::digest(token.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{hex} {roles}")
+    }
+
+    #[test]
+    fn static_tokens_grant_their_roles_only() {
+        let authenticator = Authenticator {
+            static_tokens: vec![
+                parse_token_line(&token_line("reader-token", "read")).unwrap(),
+                parse_token_line(&token_line("writer-token", "read,write")).unwrap(),
+            ],
+            jwt: None,
+        };
+        let reader = authenticator.authenticate(Some(b"Bearer reader-token")).unwrap();
+        assert!(reader.contains(Role::Read) && !reader.contains(Role::Write) && !reader.contains(Role::Admin));
+        let writer = authenticator.authenticate(Some(b"bearer writer-token")).unwrap();
+        assert!(writer.contains(Role::Read) && writer.contains(Role::Write));
+        assert_eq!(authenticator.authenticate(None), Err(Refusal::MissingToken));
+        assert_eq!(
+            authenticator.authenticate(Some(b"Basic reader-token")),
+            Err(Refusal::MissingToken)
+        );
+        assert_eq!(authenticator.authenticate(Some(b"Bearer ")), Err(Refusal::MissingToken));
+        assert_eq!(
+            authenticator.authenticate(Some(b"Bearer reader-tokeN")),
+            Err(Refusal::InvalidToken)
+        );
+        assert_eq!(
+            authenticator.authenticate(Some(&[0xff, 0xfe])),
+            Err(Refusal::MissingToken)
+        );
+    }
+
+    #[test]
+    fn token_lines_are_checked() {
+        assert!(parse_token_line(&token_line("t", "read,admin")).is_ok());
+        assert!(
+            parse_token_line(&token_line("t", "reader"))
+                .unwrap_err()
+                .contains("unknown role")
+        );
+        assert!(parse_token_line("abc read").is_err());
+        assert!(parse_token_line(&format!("{} read", "zz".repeat(32))).is_err());
+        assert!(parse_token_line(&format!("{} read extra", "00".repeat(32))).is_err());
+    }
+}

@@ -1,0 +1,441 @@
+//! Authentication and roles: bearer tokens (static and JWT), the role each
+//! method needs, the admin listener apart, and loopback-only without auth.
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use futures_util::future::join_all;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use readthrough::{
+    app::Application,
+    cache::Hooks,
+    config::ServeConfig,
+    proto::{
+        CreateUserRequest, GetUserRequest, InvalidateUserRequest, cache_admin_service_client::CacheAdminServiceClient,
+        user_service_client::UserServiceClient,
+    },
+};
+use sha2::{Digest, Sha256};
+use tonic::{Code, Request, transport::Channel};
+
+use crate::helpers::{Sandbox, TestApp, spawn_app_with, spawn_app_with_hooks};
+
+const READER: &str = "reader-token-0123456789";
+const WRITER: &str = "writer-token-0123456789";
+const OPERATOR: &str = "operator-token-0123456789";
+const JWT_SECRET: &str = "a shared secret of at least 32 bytes, for tests";
+
+/// A tokens file in the test's temp dir: a reader, a writer (write only) and an operator (admin).
+fn tokens_file() -> PathBuf {
+    let line = |token: &str, roles: &str| {
+        let hex: String = Sha256::digest(token.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        format!("{hex} {roles}\n")
+    };
+    let path = std::env::temp_dir().join(format!("readthrough-tokens-{}", uuid::Uuid::new_v4().simple()));
+    let text = format!(
+        "# test tokens\n{}{}{}",
+        line(READER, "read"),
+        line(WRITER, "write"),
+        line(OPERATOR, "admin")
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn spawn_with_tokens() -> TestApp {
+    let tokens = tokens_file();
+    spawn_app_with(|config| config.auth.auth_tokens_file = Some(tokens)).await
+}
+
+fn with_token<T>(message: T, token: &str) -> Request<T> {
+    let mut request = Request::new(message);
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    request
+}
+
+fn create(email: &str) -> CreateUserRequest {
+    CreateUserRequest {
+        email: email.to_string(),
+        preferences: None,
+    }
+}
+
+fn get(id: &str) -> GetUserRequest {
+    GetUserRequest { id: id.to_string() }
+}
+
+async fn user_rows(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM users")
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+async fn channel(port: u16) -> Channel {
+    Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn admin_client(port: u16) -> CacheAdminServiceClient<Channel> {
+    CacheAdminServiceClient::connect(format!("http://127.0.0.1:{port}"))
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn calls_without_a_valid_token_are_unauthenticated_and_reach_no_handler() {
+    let mut app = spawn_with_tokens().await;
+    for request in [
+        Request::new(create("nobody@example.com")),
+        with_token(create("nobody@example.com"), "not-a-token"),
+        with_token(create("nobody@example.com"), &format!("{WRITER}x")),
+    ] {
+        let status = app.users.create_user(request).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    let mut basic = Request::new(create("nobody@example.com"));
+    basic
+        .metadata_mut()
+        .insert("authorization", format!("Basic {WRITER}").parse().unwrap());
+    assert_eq!(
+        app.users.create_user(basic).await.unwrap_err().code(),
+        Code::Unauthenticated
+    );
+
+    assert_eq!(user_rows(&app).await, 0, "no refused call wrote a row");
+    let handled = app
+        .metric("readthrough_rpc_duration_seconds_count{method=\"CreateUser\",code=\"Unauthenticated\"}")
+        .await;
+    assert_eq!(handled, 0.0, "refused calls never reach the handler");
+    let refused = app
+        .metric("readthrough_auth_refused_total{reason=\"invalid_token\"}")
+        .await;
+    assert_eq!(refused, 2.0);
+}
+
+#[tokio::test]
+async fn a_token_without_the_role_is_permission_denied() {
+    let mut app = spawn_with_tokens().await;
+    let status = app
+        .users
+        .create_user(with_token(create("reader@example.com"), READER))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
+    assert_eq!(user_rows(&app).await, 0);
+
+    let user = app
+        .users
+        .create_user(with_token(create("writer@example.com"), WRITER))
+        .await
+        .unwrap()
+        .into_inner();
+    // Roles do not imply each other: the writer cannot read, the reader can.
+    let status = app.users.get_user(with_token(get(&user.id), WRITER)).await.unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let read = app.users.get_user(with_token(get(&user.id), READER)).await.unwrap();
+    assert_eq!(read.into_inner().email, "writer@example.com");
+
+    let mut admin = admin_client(app.admin_port).await;
+    let invalidate = || InvalidateUserRequest {
+        id: user.id.clone(),
+        dry_run: true,
+    };
+    let status = admin
+        .invalidate_user(with_token(invalidate(), WRITER))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+    let status = admin.invalidate_user(Request::new(invalidate())).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    admin
+        .invalidate_user(with_token(invalidate(), OPERATOR))
+        .await
+        .expect("the admin role may invalidate");
+}
+
+#[tokio::test]
+async fn cache_administration_is_served_on_its_own_listener_only() {
+    let app = spawn_app_with(|_| {}).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let request = || InvalidateUserRequest {
+        id: id.clone(),
+        dry_run: true,
+    };
+    let status = admin_client(app.grpc_port)
+        .await
+        .invalidate_user(request())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        status.code(),
+        Code::Unimplemented,
+        "the data API port serves no admin calls"
+    );
+    admin_client(app.admin_port)
+        .await
+        .invalidate_user(request())
+        .await
+        .expect("the admin port serves them");
+    let mut users = UserServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
+        .await
+        .unwrap();
+    let status = users.get_user(get(&id)).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented, "the admin port serves no data API");
+}
+
+#[tokio::test]
+async fn health_and_reflection_need_no_token_and_reflection_can_be_switched_off() {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest,
+    };
+
+    let list_services = |port: u16| async move {
+        let mut client = ServerReflectionClient::new(channel(port).await);
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = client
+            .server_reflection_info(tokio_stream_once(request))
+            .await?
+            .into_inner();
+        responses.message().await.map(|response| response.is_some())
+    };
+
+    let app = spawn_with_tokens().await;
+    let mut health = HealthClient::new(channel(app.grpc_port).await);
+    let serving = health.check(HealthCheckRequest::default()).await.unwrap().into_inner();
+    assert_eq!(serving.status, 1, "SERVING, without a token");
+    assert!(
+        list_services(app.grpc_port).await.unwrap(),
+        "reflection answers without a token"
+    );
+
+    let tokens = tokens_file();
+    let closed = spawn_app_with(|config| {
+        config.auth.auth_tokens_file = Some(tokens);
+        config.reflection_enabled = false;
+    })
+    .await;
+    let status = list_services(closed.grpc_port).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unimplemented);
+}
+
+/// A request stream of one message.
+fn tokio_stream_once<T: Send + 'static>(message: T) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::iter([message])
+}
+
+#[derive(serde::Serialize)]
+struct Claims<'a> {
+    sub: &'a str,
+    exp: u64,
+    roles: &'a [&'a str],
+}
+
+fn now() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
+}
+
+fn hs256(secret: &str, exp: u64, roles: &[&str]) -> String {
+    let claims = Claims { sub: "svc", exp, roles };
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn jwts_are_checked_for_signature_expiry_and_roles() {
+    let mut app = spawn_app_with(|config| config.auth.auth_jwt_secret = Some(JWT_SECRET.parse().unwrap())).await;
+    let good = hs256(JWT_SECRET, now() + 300, &["read", "write"]);
+    let user = app
+        .users
+        .create_user(with_token(create("jwt@example.com"), &good))
+        .await
+        .expect("a valid token with the write role creates")
+        .into_inner();
+
+    let read_only = hs256(JWT_SECRET, now() + 300, &["read"]);
+    let status = app
+        .users
+        .create_user(with_token(create("jwt2@example.com"), &read_only))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::PermissionDenied);
+
+    // The leeway is 30 s: a token expired a minute ago is refused.
+    let expired = hs256(JWT_SECRET, now() - 60, &["read"]);
+    let forged = hs256("another secret of at least 32 bytes, not ours", now() + 300, &["read"]);
+    let unknown_role = hs256(JWT_SECRET, now() + 300, &["read", "root"]);
+    // alg "none": header and claims with no signature.
+    let unsigned = {
+        use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+        let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"none","typ":"JWT"}"#);
+        let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"sub":"svc","exp":{},"roles":["read"]}}"#, now() + 300));
+        format!("{header}.{claims}.")
+    };
+    for token in [expired, forged, unknown_role, unsigned] {
+        let status = app.users.get_user(with_token(get(&user.id), &token)).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{token}");
+    }
+}
+
+#[tokio::test]
+async fn es256_jwts_are_checked_with_the_public_key_file() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let public_key = std::env::temp_dir().join(format!("readthrough-jwt-{}.pem", uuid::Uuid::new_v4().simple()));
+    std::fs::write(&public_key, key.public_key_pem()).unwrap();
+    let mut app = spawn_app_with(|config| config.auth.auth_jwt_public_key_file = Some(public_key)).await;
+
+    let sign = |key: &rcgen::KeyPair| {
+        let claims = Claims {
+            sub: "svc",
+            exp: now() + 300,
+            roles: &["write"],
+        };
+        let encoding = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+        jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &encoding).unwrap()
+    };
+    app.users
+        .create_user(with_token(create("es256@example.com"), &sign(&key)))
+        .await
+        .expect("signed with the key whose public half is configured");
+
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let status = app
+        .users
+        .create_user(with_token(create("other@example.com"), &sign(&other)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+    // An HS256 token "signed" with the public key as its secret: the
+    // algorithm confusion attack. Only ES256 is accepted.
+    let pem = key.public_key_pem();
+    let confused = hs256(&pem, now() + 300, &["write"]);
+    let status = app
+        .users
+        .create_user(with_token(create("confused@example.com"), &confused))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unauthenticated);
+}
+
+#[tokio::test]
+async fn without_authentication_only_loopback_addresses_are_served() {
+    let sandbox = Sandbox::new();
+    let mut config = ServeConfig::from_env();
+    config.config.database_url = sandbox.database_url.parse().unwrap();
+    config.config.cache_namespace = sandbox.namespace.clone();
+    config.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    config.admin_addr = "127.0.0.1:0".parse().unwrap();
+    config.grpc_addr = "0.0.0.0:0".parse().unwrap();
+    let error = Application::build(config.clone())
+        .await
+        .err()
+        .expect("refused to start");
+    let message = format!("{error:#}");
+    assert!(
+        message.contains("GRPC_ADDR=0.0.0.0:0") && message.contains("INSECURE_ALLOW_UNAUTHENTICATED"),
+        "{message}"
+    );
+
+    config.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.admin_addr = "0.0.0.0:0".parse().unwrap();
+    let error = Application::build(config.clone())
+        .await
+        .err()
+        .expect("refused to start");
+    assert!(format!("{error:#}").contains("ADMIN_ADDR=0.0.0.0:0"), "{error:#}");
+
+    let mut app = spawn_app_with(|config| {
+        config.grpc_addr = "0.0.0.0:0".parse().unwrap();
+        config.auth.insecure_allow_unauthenticated = true;
+    })
+    .await;
+    app.create_user("insecure@example.com").await;
+
+    let tokens = tokens_file();
+    let mut app = spawn_app_with(|config| {
+        config.grpc_addr = "0.0.0.0:0".parse().unwrap();
+        config.auth.auth_tokens_file = Some(tokens);
+    })
+    .await;
+    app.users
+        .create_user(with_token(create("authenticated@example.com"), WRITER))
+        .await
+        .expect("with authentication any address is allowed");
+}
+
+#[tokio::test]
+async fn one_connection_has_at_most_its_share_of_calls_in_progress() {
+    // Every fill takes a second, so the calls of one connection pile up in the service.
+    let (in_progress, most) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let hooks = Hooks {
+        before_fill: Some({
+            let (in_progress, most) = (in_progress.clone(), most.clone());
+            Arc::new(move |_key: &str| {
+                let (in_progress, most) = (in_progress.clone(), most.clone());
+                Box::pin(async move {
+                    most.fetch_max(in_progress.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    in_progress.fetch_sub(1, Ordering::SeqCst);
+                })
+            })
+        }),
+        ..Hooks::default()
+    };
+    let app = spawn_app_with_hooks(hooks, |_| {}).await;
+    let calls = (0..300).map(|_| {
+        let mut client = app.users.clone();
+        async move { client.get_user(get(&uuid::Uuid::new_v4().to_string())).await }
+    });
+    let busy = tokio::spawn(join_all(calls));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Another client's call is not queued behind the busy connection's 300.
+    let started = Instant::now();
+    let mut other = UserServiceClient::new(channel(app.grpc_port).await);
+    let status = other
+        .get_user(get(&uuid::Uuid::new_v4().to_string()))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    assert!(
+        started.elapsed() < Duration::from_millis(1900),
+        "another connection waited {:?}",
+        started.elapsed()
+    );
+
+    let outcomes = busy.await.unwrap();
+    assert!(
+        outcomes
+            .iter()
+            .all(|outcome| outcome.as_ref().unwrap_err().code() == Code::NotFound),
+        "the busy client's calls wait on its side and are all served"
+    );
+    let most = most.load(Ordering::SeqCst);
+    assert!(
+        (128..=129).contains(&most),
+        "{most} fills at once (128 of the busy connection, 1 other)"
+    );
+}
