@@ -8,7 +8,7 @@ use std::{future::Future, time::Duration};
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use crate::{
@@ -20,7 +20,7 @@ use crate::{
         user_service_server::UserServiceServer,
     },
     service::{Services, relay},
-    store, telemetry,
+    store, telemetry, tls,
 };
 
 /// The largest request a service decodes. The largest valid one is an
@@ -42,6 +42,8 @@ pub struct Application {
     grpc_listener: TcpListener,
     metrics_listener: TcpListener,
     services: Services,
+    /// `None`: the gRPC listener speaks plaintext.
+    tls: Option<ServerTlsConfig>,
 }
 
 impl Application {
@@ -55,6 +57,12 @@ impl Application {
     pub async fn build_with_hooks(config: ServeConfig, hooks: Hooks) -> anyhow::Result<Self> {
         // First: the cache registers its metric handles when it is created.
         telemetry::metrics_handle();
+        tls::install_crypto_provider();
+        let tls = tls::server_config(
+            config.tls_cert_file.as_deref(),
+            config.tls_key_file.as_deref(),
+            config.tls_client_ca_file.as_deref(),
+        )?;
         if config.migrate_on_start {
             store::migrate(&config.config).await.context("migrating the database")?;
         }
@@ -72,6 +80,7 @@ impl Application {
             grpc_listener,
             metrics_listener,
             services,
+            tls,
         })
     }
 
@@ -126,7 +135,13 @@ impl Application {
         // accepted sockets: set it here. Without it a response's trailers wait
         // for the client's delayed ACK (Nagle), about 40 ms per call.
         let incoming = TcpIncoming::from(self.grpc_listener).with_nodelay(Some(true));
-        let server = Server::builder()
+        let tls_on = self.tls.is_some();
+        let mut server = Server::builder();
+        if let Some(tls) = self.tls {
+            // Only TLS from here: a plaintext client's first bytes fail the handshake.
+            server = server.tls_config(tls).context("TLS settings")?;
+        }
+        let server = server
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             // A client that opens and resets streams faster than they are served is cut off.
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
@@ -151,7 +166,7 @@ impl Application {
                 let _ = stopped.await;
             });
         tokio::pin!(server);
-        tracing::info!(grpc_port, metrics_port, "serving");
+        tracing::info!(grpc_port, metrics_port, tls = tls_on, "serving");
 
         let result = tokio::select! {
             result = &mut server => result.context("gRPC server failed"),

@@ -13,6 +13,8 @@ mod helpers;
 mod hot_path;
 mod invalidation;
 mod limits;
+mod own_postgres;
 mod products;
 mod stampede;
+mod tls;
 mod users;
