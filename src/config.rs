@@ -96,6 +96,12 @@ pub struct Config {
     #[arg(long, env = "DATABASE_FALLBACK_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub database_fallback_limit: u32,
 
+    /// Longest a query waits for a PostgreSQL connection, in milliseconds,
+    /// including reconnecting: past it the call is UNAVAILABLE, so a database
+    /// that is down costs a request this long, not a hang.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub database_acquire_timeout_ms: u64,
+
     /// Redis connection URL: `redis://` or `rediss://` (TLS), with `user:password@` for an ACL user.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: SecretUrl,

@@ -14,6 +14,7 @@ mod hot_path;
 mod invalidation;
 mod limits;
 mod own_postgres;
+mod postgres_outage;
 mod products;
 mod stampede;
 mod tls;
