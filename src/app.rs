@@ -9,7 +9,7 @@ use std::{future::Future, time::Duration};
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
-use tonic::transport::{Server, server::TcpIncoming};
+use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tonic_reflection::server::{
     v1::{ServerReflection, ServerReflectionServer},
@@ -26,7 +26,7 @@ use crate::{
         user_service_server::UserServiceServer,
     },
     service::{Services, relay},
-    store, telemetry,
+    store, telemetry, tls,
 };
 
 /// The largest request a service decodes. The largest valid one is an
@@ -54,6 +54,8 @@ pub struct Application {
     metrics_listener: TcpListener,
     auth: AuthLayer,
     services: Services,
+    /// `None`: the gRPC listener speaks plaintext.
+    tls: Option<ServerTlsConfig>,
 }
 
 impl Application {
@@ -70,6 +72,12 @@ impl Application {
         let auth =
             AuthLayer::new(Authenticator::from_config(&config.auth).context("loading the authentication settings")?);
         check_exposure(&config, auth.enabled())?;
+        tls::install_crypto_provider();
+        let tls = tls::server_config(
+            config.tls_cert_file.as_deref(),
+            config.tls_key_file.as_deref(),
+            config.tls_client_ca_file.as_deref(),
+        )?;
         if config.migrate_on_start {
             store::migrate(&config.config).await.context("migrating the database")?;
         }
@@ -92,6 +100,7 @@ impl Application {
             metrics_listener,
             auth,
             services,
+            tls,
         })
     }
 
@@ -146,9 +155,10 @@ impl Application {
                 Duration::from_millis(self.config.request_timeout_ms),
             ),
             reflection: self.config.reflection_enabled,
+            tls: self.tls,
         };
         let api = edge
-            .server()
+            .server()?
             .add_service(health_service)
             .add_optional_service(edge.reflection_v1())
             .add_optional_service(edge.reflection_v1alpha())
@@ -162,7 +172,7 @@ impl Application {
             )
             .serve_with_incoming_shutdown(incoming(self.grpc_listener), until_stopped());
         let admin = edge
-            .server()
+            .server()?
             .add_optional_service(edge.reflection_v1())
             .add_optional_service(edge.reflection_v1alpha())
             .add_service(CacheAdminServiceServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES))
@@ -173,7 +183,7 @@ impl Application {
             admin.context("gRPC admin server failed")
         };
         tokio::pin!(servers);
-        tracing::info!(grpc_port, admin_port, metrics_port, "serving");
+        tracing::info!(grpc_port, admin_port, metrics_port, tls = edge.tls.is_some(), "serving");
 
         let result = tokio::select! {
             result = &mut servers => result,
@@ -201,17 +211,25 @@ impl Application {
     }
 }
 
-/// What both gRPC listeners share: the transport's limits, authentication
-/// (outermost: a refused call costs nothing else), admission, and reflection.
+/// What both gRPC listeners share: TLS, the transport's limits,
+/// authentication (outermost: a refused call costs nothing else), admission,
+/// and reflection.
 struct Edge {
     auth: AuthLayer,
     admission: AdmissionLayer,
     reflection: bool,
+    /// `None`: the listeners speak plaintext.
+    tls: Option<ServerTlsConfig>,
 }
 
 impl Edge {
-    fn server(&self) -> Server<Stack<AdmissionLayer, Stack<AuthLayer, Identity>>> {
-        Server::builder()
+    fn server(&self) -> anyhow::Result<Server<Stack<AdmissionLayer, Stack<AuthLayer, Identity>>>> {
+        let mut server = Server::builder();
+        if let Some(tls) = &self.tls {
+            // Only TLS from here: a plaintext client's first bytes fail the handshake.
+            server = server.tls_config(tls.clone()).context("TLS settings")?;
+        }
+        Ok(server
             .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             // A client that opens and resets streams faster than they are served is cut off.
             .http2_max_pending_accept_reset_streams(Some(MAX_PENDING_RESETS))
@@ -220,7 +238,7 @@ impl Edge {
             // Clients reconnect now and then, so load spreads over new instances.
             .max_connection_age(MAX_CONNECTION_AGE)
             .layer(self.auth.clone())
-            .layer(self.admission.clone())
+            .layer(self.admission.clone()))
     }
 
     fn reflection_v1(&self) -> Option<ServerReflectionServer<impl ServerReflection>> {
@@ -257,14 +275,20 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
 /// Without authentication anyone who reaches a port can read, write and flush
 /// the cache: refuse to listen beyond loopback unless the operator insists.
 fn check_exposure(config: &ServeConfig, authenticated: bool) -> anyhow::Result<()> {
-    if authenticated {
-        return Ok(());
-    }
     let exposed: Vec<String> = [("GRPC_ADDR", config.grpc_addr), ("ADMIN_ADDR", config.admin_addr)]
         .into_iter()
         .filter(|(_, addr)| !addr.ip().is_loopback())
         .map(|(name, addr)| format!("{name}={addr}"))
         .collect();
+    if authenticated {
+        if !exposed.is_empty() && config.tls_cert_file.is_none() {
+            tracing::warn!(
+                exposed = exposed.join(", "),
+                "bearer tokens cross the network in plaintext: set TLS_CERT_FILE and TLS_KEY_FILE, or terminate TLS in front"
+            );
+        }
+        return Ok(());
+    }
     if exposed.is_empty() {
         tracing::info!("no authentication configured: listening on loopback only");
         return Ok(());

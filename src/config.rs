@@ -96,9 +96,20 @@ pub struct Config {
     #[arg(long, env = "DATABASE_FALLBACK_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub database_fallback_limit: u32,
 
-    /// Redis connection URL.
+    /// Longest a query waits for a PostgreSQL connection, in milliseconds,
+    /// including reconnecting: past it the call is UNAVAILABLE, so a database
+    /// that is down costs a request this long, not a hang.
+    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub database_acquire_timeout_ms: u64,
+
+    /// Redis connection URL: `redis://` or `rediss://` (TLS), with `user:password@` for an ACL user.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: SecretUrl,
+
+    /// PEM file of the CA that signed a `rediss://` server's certificate, when
+    /// it is not in the system's trust store.
+    #[arg(long, env = "REDIS_TLS_CA_FILE")]
+    pub redis_tls_ca_file: Option<PathBuf>,
 
     /// How many multiplexed Redis connections this instance keeps open; every
     /// request shares them, so a few suffice.
@@ -208,6 +219,20 @@ pub struct ServeConfig {
     /// Loopback by default: what it tells is for your Prometheus, not the network.
     #[arg(long, env = "METRICS_ADDR", default_value = "127.0.0.1:9090")]
     pub metrics_addr: SocketAddr,
+
+    /// PEM certificate chain of the gRPC listener; with `TLS_KEY_FILE` it
+    /// speaks only TLS. Both or neither.
+    #[arg(long, env = "TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// PEM private key of `TLS_CERT_FILE`.
+    #[arg(long, env = "TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// PEM file of the CA that signs client certificates: set, every client
+    /// must present one (mutual TLS).
+    #[arg(long, env = "TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
 
     /// Apply pending migrations before serving.
     #[arg(long, env = "MIGRATE_ON_START", default_value_t = true, action = ArgAction::Set)]

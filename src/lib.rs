@@ -12,6 +12,7 @@
 //! - [`app`]: wiring: pools, services, health, reflection, graceful shutdown.
 //! - [`config`], [`telemetry`], [`ops`]: settings, logs and metrics, and the
 //!   operator commands `seed` and `warm`.
+//! - [`tls`]: the gRPC listener's certificates, and the one rustls crypto provider.
 
 // Nested async fns (handler, service, read-through, cache, Redis) exceed the default depth.
 #![recursion_limit = "256"]
@@ -25,6 +26,7 @@ pub mod ops;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 /// Code generated from `proto/readthrough/v1/*.proto`.
 pub mod proto {

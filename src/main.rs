@@ -7,7 +7,7 @@ use readthrough::{
     domain::CategoryId,
     ops::{self, SeedOptions, WarmOptions},
     service::Services,
-    store, telemetry,
+    store, telemetry, tls,
 };
 
 /// glibc's allocator spent a fifth of the CPU of a warm GetUser (profile in
@@ -44,10 +44,13 @@ enum Command {
     },
     /// Exit 0 if the instance at `--url` answers SERVING to a gRPC health check (for container health checks).
     Health {
-        #[arg(long, default_value = "http://127.0.0.1:50051")]
+        /// `https://…` when the instance serves TLS.
+        #[arg(long, env = "HEALTH_URL", default_value = "http://127.0.0.1:50051")]
         url: String,
         #[arg(long, default_value_t = 3)]
         timeout_secs: u64,
+        #[command(flatten)]
+        tls: ops::health::HealthTls,
     },
     /// Pre-populate the cache: given categories, or the most recently modified rows.
     Warm {
@@ -75,14 +78,15 @@ fn main() -> anyhow::Result<()> {
 
 async fn run() -> anyhow::Result<()> {
     telemetry::init_logging();
+    tls::install_crypto_provider();
     match Cli::parse().command {
         Command::Serve(config) => {
             tracing::info!(?config, "starting");
             let app = Application::build(*config).await?;
             app.run_until_stopped(app::shutdown_signal()).await?;
         }
-        Command::Health { url, timeout_secs } => {
-            ops::health::check(&url, std::time::Duration::from_secs(timeout_secs)).await?;
+        Command::Health { url, timeout_secs, tls } => {
+            ops::health::check(&url, &tls, std::time::Duration::from_secs(timeout_secs)).await?;
             println!("SERVING");
         }
         Command::Migrate(config) => {

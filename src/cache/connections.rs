@@ -13,6 +13,7 @@
 //! Meanwhile requests use the other slots, or fail open when none is connected.
 
 use std::{
+    path::Path,
     sync::{
         Arc, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -20,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context;
 use deadpool_redis::{
     Connection, Manager, Pool, Runtime,
     redis::{self, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection, io::tcp::TcpSettings},
@@ -63,8 +65,7 @@ struct SlotState {
 
 impl Connections {
     /// Connects nothing yet: see `connect_all`.
-    pub fn new(url: &str, count: usize) -> anyhow::Result<Arc<Self>> {
-        let info = connection_info(url)?;
+    pub fn new(info: ConnectionInfo, count: usize) -> anyhow::Result<Arc<Self>> {
         let manager = Manager::new(info).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
         let pool = Pool::builder(manager)
             .max_size(count)
@@ -176,9 +177,28 @@ impl Connections {
 /// The URL's connection settings, with `TCP_NODELAY`: without it a command
 /// written while an earlier one is unacknowledged waits for the delayed ACK
 /// (Nagle's algorithm), tens of milliseconds on an otherwise idle link.
-pub fn connection_info(url: &str) -> anyhow::Result<ConnectionInfo> {
+///
+/// A `rediss://` URL connects with TLS, trusting the system's roots, or only
+/// the CA in `tls_ca_file` when given. User and password in the URL
+/// authenticate as that ACL user.
+pub fn connection_info(url: &str, tls_ca_file: Option<&Path>) -> anyhow::Result<ConnectionInfo> {
     let info = url
         .into_connection_info()
         .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+    let info = match tls_ca_file {
+        None => info,
+        Some(path) => {
+            let root_cert =
+                std::fs::read(path).with_context(|| format!("reading REDIS_TLS_CA_FILE {}", path.display()))?;
+            let certificates = redis::TlsCertificates {
+                client_tls: None,
+                root_cert: Some(root_cert),
+            };
+            redis::Client::build_with_tls(info, certificates)
+                .map_err(|e| anyhow::anyhow!("REDIS_TLS_CA_FILE {}: {e}", path.display()))?
+                .get_connection_info()
+                .clone()
+        }
+    };
     Ok(info.set_tcp_settings(TcpSettings::default().set_nodelay(true)))
 }

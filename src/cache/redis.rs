@@ -151,12 +151,12 @@ pub struct RedisClient {
 impl RedisClient {
     /// Sets up the connections without connecting, so the service starts while Redis is down.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let url = config.redis_url.expose();
-        let client = redis::Client::open(connections::connection_info(url)?)
-            .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+        let info = connections::connection_info(config.redis_url.expose(), config.redis_tls_ca_file.as_deref())?;
+        // The subscription connects as the shared connections do: same TLS, same ACL user.
+        let client = redis::Client::open(info.clone()).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
         Ok(Self {
             client,
-            connections: Connections::new(url, usize::from(config.redis_connections))?,
+            connections: Connections::new(info, usize::from(config.redis_connections))?,
             timeout: config.redis_timeout(),
             errors: ErrorLog::default(),
         })

@@ -175,19 +175,29 @@ impl<E: Loadable> ReadThrough<E> {
     /// usable, a lease across instances.
     async fn load_one(self: &Arc<Self>, id: E::Id, cache_usable: bool) -> Result<Option<E>, StoreError> {
         let arrived = Instant::now();
+        // Set only when this caller led a flight whose load failed.
+        let mut own_error = None;
         for _ in 0..FLIGHT_ATTEMPTS {
             let this = self.clone();
+            let error_slot = &mut own_error;
             let load = async move {
-                Fresh::shared(if cache_usable {
+                let loaded = if cache_usable {
                     this.load_one_once(id).await
                 } else {
                     this.load_and_fill(&[id], &[]).await.map(single)
-                })
+                };
+                Fresh::shared(loaded.map_err(|error| *error_slot = Some(error)))
             };
             match self.flights.run(id, arrived, load).await {
                 Some(Some(value)) => return Ok(value),
-                // The shared load failed: read once more below, to report our own error.
-                Some(None) => break,
+                Some(None) => match own_error.take() {
+                    // Our own load failed: report it. Loading again would double
+                    // what a failing database costs (a statement timeout, a pool
+                    // that cannot connect) before the caller hears of it.
+                    Some(error) => return Err(error),
+                    // The shared load failed: read once more below, to report our own error.
+                    None => break,
+                },
                 // The shared result predates this caller: the fill it made is
                 // usually there now; if not, the next flight serves this caller.
                 None if cache_usable => {

@@ -76,14 +76,20 @@ fn database_message(error: &sqlx::Error) -> String {
         .map_or_else(|| error.to_string(), |e| e.message().to_string())
 }
 
-/// Opens a pool of at most `max_connections`, waiting at most 5 s for a free
-/// one; every statement on it is cancelled past `DATABASE_STATEMENT_TIMEOUT_MS`.
+/// Opens a pool of at most `max_connections`; every statement on it is
+/// cancelled past `DATABASE_STATEMENT_TIMEOUT_MS`. TLS is as `sslmode` (and
+/// `sslrootcert`) in `DATABASE_URL` say.
+///
+/// A query waits at most `DATABASE_ACQUIRE_TIMEOUT_MS` for a connection: sqlx
+/// keeps reconnecting to a server that refuses connections until then, so
+/// while PostgreSQL is down a call fails after that long (UNAVAILABLE), and
+/// once it is back the next acquire connects again.
 pub async fn connect(config: &Config) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(config.database_url.expose())?
         .options([("statement_timeout", config.database_statement_timeout_ms.to_string())]);
     PgPoolOptions::new()
         .max_connections(config.database_max_connections)
-        .acquire_timeout(Duration::from_secs(5))
+        .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
         .connect_with(options)
         .await
 }

@@ -29,7 +29,7 @@ use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::oneshot,
 };
-use tonic::transport::Channel;
+use tonic::transport::{Channel, ClientTlsConfig};
 
 pub use deadpool_redis::redis;
 
@@ -147,6 +147,20 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// A channel to this app's TLS listener (an app started with
+    /// `TLS_CERT_FILE`), trusting and presenting what `tls` says; connected,
+    /// or the error that refused it, within 5 s.
+    pub async fn tls_channel(&self, tls: ClientTlsConfig) -> Result<Channel, tonic::transport::Error> {
+        Channel::from_shared(format!("https://127.0.0.1:{}", self.grpc_port))
+            .unwrap()
+            .tls_config(tls)?
+            .connect_timeout(Duration::from_secs(5))
+            .connect()
+            .await
+    }
+}
+
 /// An unconditional change of a user's email.
 pub fn rename_user(id: &str, email: &str) -> proto::UpdateUserRequest {
     proto::UpdateUserRequest {
@@ -242,11 +256,14 @@ async fn start(
     tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
     }));
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}"))
-        .unwrap()
-        .connect()
-        .await
-        .expect("connects to the app");
+    let endpoint = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}")).unwrap();
+    // An app serving TLS never answers this plaintext channel: its tests
+    // connect through `TestApp::tls_channel` instead.
+    let channel = if config.tls_cert_file.is_some() {
+        endpoint.connect_lazy()
+    } else {
+        endpoint.connect().await.expect("connects to the app")
+    };
     let redis = redis::Client::open(sandbox.redis_url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -473,6 +490,40 @@ impl OwnRedis {
         .await;
         assert!(up, "own redis-server started on port {port}");
         Self { child, url }
+    }
+
+    /// A redis-server with `extra` arguments after `start`'s own (a later
+    /// one wins: `--port 0 --tls-port <port>` serves only TLS), ready once
+    /// `port` accepts connections; `url` is the plain `redis://` form.
+    pub async fn start_with_args(port: u16, extra: &[&str]) -> Self {
+        let port_arg = port.to_string();
+        let mut args = vec![
+            "--port",
+            &port_arg,
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ];
+        args.extend_from_slice(extra);
+        let child = Command::new("redis-server")
+            .args(&args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/services installs it)");
+        let own = Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        // A TCP connect, not a Redis client: the server may want TLS or a password.
+        let up = eventually(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        assert!(up, "own redis-server started on port {port} with {extra:?}");
+        own
     }
 
     pub fn kill(&mut self) {

@@ -222,6 +222,9 @@ async fn insert_products(app: &TestApp, category: &str, count: u32) -> Vec<Strin
     .execute(&app.db)
     .await
     .unwrap();
+    // The rows' invalidations (done by the outbox relay, 200 ms on) must not
+    // land in the middle of the test and drop the list it has just cached.
+    app.outbox_drained().await;
     sqlx::query_scalar("SELECT id::text FROM products WHERE category_id = $1 ORDER BY name, id")
         .bind(category)
         .fetch_all(&app.db)
