@@ -22,13 +22,18 @@ use std::{
 
 use deadpool_redis::{
     Connection, Manager, Pool, Runtime,
-    redis::{self, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection, io::tcp::TcpSettings},
+    redis::{
+        self, AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection,
+        io::tcp::TcpSettings,
+    },
 };
 
 /// Opening one connection may take longer than one command's deadline.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+/// Short, so that hits come back within about a second of Redis's return; an
+/// attempt against a closed port costs next to nothing.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// A connection handle and which slot (and which connection of that slot) it came from.
 pub struct Checked {
@@ -65,7 +70,13 @@ impl Connections {
     /// Connects nothing yet: see `connect_all`.
     pub fn new(url: &str, count: usize) -> anyhow::Result<Arc<Self>> {
         let info = connection_info(url)?;
-        let manager = Manager::new(info).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+        // No response timeout of redis-rs's own (500 ms by default): every call
+        // has REDIS_TIMEOUT_MS already, and a second, shorter one would cut it.
+        let settings = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(None);
+        let manager =
+            Manager::new_with_config(info, settings).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
         let pool = Pool::builder(manager)
             .max_size(count)
             .wait_timeout(Some(CONNECT_TIMEOUT))
