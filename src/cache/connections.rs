@@ -11,6 +11,8 @@
 //! (Redis restarted, a socket reset) is emptied and refilled in the background
 //! by a task that asks the pool for a new one, with backoff, until it succeeds.
 //! Meanwhile requests use the other slots, or fail open when none is connected.
+//! A new connection tells the circuit breaker, which then probes at once
+//! instead of waiting out its cool-down.
 
 use std::{
     sync::{
@@ -27,6 +29,8 @@ use deadpool_redis::{
         io::tcp::TcpSettings,
     },
 };
+
+use super::breaker::Breaker;
 
 /// Opening one connection may take longer than one command's deadline.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -47,6 +51,7 @@ pub struct Connections {
     pool: Pool,
     slots: Box<[Slot]>,
     next: AtomicUsize,
+    breaker: Arc<Breaker>,
 }
 
 #[derive(Default)]
@@ -68,7 +73,7 @@ struct SlotState {
 
 impl Connections {
     /// Connects nothing yet: see `connect_all`.
-    pub fn new(url: &str, count: usize) -> anyhow::Result<Arc<Self>> {
+    pub fn new(url: &str, count: usize, breaker: Arc<Breaker>) -> anyhow::Result<Arc<Self>> {
         let info = connection_info(url)?;
         // No response timeout of redis-rs's own (500 ms by default): every call
         // has REDIS_TIMEOUT_MS already, and a second, shorter one would cut it.
@@ -88,6 +93,7 @@ impl Connections {
             pool,
             slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
+            breaker,
         }))
     }
 
@@ -125,9 +131,15 @@ impl Connections {
     /// Reports that a command on `checked` failed with `error`: if the error
     /// means the connection is gone, the slot is emptied and reconnected.
     pub fn report_error(self: &Arc<Self>, checked: &Checked, error: &redis::RedisError) {
-        if !(error.is_unrecoverable_error() || error.is_connection_dropped() || error.is_io_error()) {
-            return;
+        if error.is_unrecoverable_error() || error.is_connection_dropped() || error.is_io_error() {
+            self.replace(checked);
         }
+    }
+
+    /// Empties `checked`'s slot and reconnects it, unless that connection was
+    /// replaced already: for a connection that is gone, or one that stays
+    /// silent (half-open: its peer vanished without a reset).
+    pub fn replace(self: &Arc<Self>, checked: &Checked) {
         {
             let mut state = self.slots[checked.slot]
                 .state
@@ -155,6 +167,7 @@ impl Connections {
                         let mut state = this.slots[slot].state.write().unwrap_or_else(|p| p.into_inner());
                         state.connection = Some(Connection::take(pooled));
                         state.generation += 1;
+                        this.breaker.reconnected();
                         break;
                     }
                     Err(error) => {

@@ -1,14 +1,19 @@
 //! Redis access that fails open: every call has a deadline, and a failed or
 //! slow call returns `None` so the caller answers from PostgreSQL instead.
+//! After a run of failures the circuit breaker (see `cache::breaker`) skips
+//! Redis altogether until a probe finds it answering again.
 //!
 //! Failures are counted per operation and logged at most once per
 //! `LOG_INTERVAL`, so an outage does not turn into a log line per request.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use deadpool_redis::redis;
+use deadpool_redis::redis::{self, ErrorKind, RetryMethod};
 
-use super::connections::{self, Connections};
+use super::{
+    breaker::{Admission, Breaker, Probe},
+    connections::{self, Connections},
+};
 use crate::{config::Config, telemetry::Throttle};
 
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -146,6 +151,7 @@ pub struct RedisClient {
     connections: Arc<Connections>,
     timeout: Duration,
     errors: ErrorLog,
+    breaker: Arc<Breaker>,
 }
 
 impl RedisClient {
@@ -154,11 +160,16 @@ impl RedisClient {
         let url = config.redis_url.expose();
         let client = redis::Client::open(connections::connection_info(url)?)
             .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+        let breaker = Arc::new(Breaker::new(
+            config.redis_breaker_failures,
+            Duration::from_millis(config.redis_breaker_cooldown_ms),
+        ));
         Ok(Self {
             client,
-            connections: Connections::new(url, usize::from(config.redis_connections))?,
+            connections: Connections::new(url, usize::from(config.redis_connections), breaker.clone())?,
             timeout: config.redis_timeout(),
             errors: ErrorLog::default(),
+            breaker,
         })
     }
 
@@ -488,9 +499,14 @@ impl RedisClient {
         self.connections.connected()
     }
 
+    /// Whether the circuit breaker is letting commands through (closed).
+    pub fn breaker_closed(&self) -> bool {
+        self.breaker.state() == super::breaker::State::Closed
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, operation: &'static str, cmd: &redis::Cmd) -> Option<T> {
         self.with_deadline(operation, async {
-            let mut checked = self.connections.get().ok_or_else(|| NOT_CONNECTED.to_string())?;
+            let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
             cmd.query_async::<T>(&mut checked.connection)
                 .await
                 .map_err(|error| self.failed(&checked, error))
@@ -500,7 +516,7 @@ impl RedisClient {
 
     async fn run_pipe<T: redis::FromRedisValue>(&self, operation: &'static str, pipe: &redis::Pipeline) -> Option<T> {
         self.with_deadline(operation, async {
-            let mut checked = self.connections.get().ok_or_else(|| NOT_CONNECTED.to_string())?;
+            let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
             pipe.query_async::<T>(&mut checked.connection)
                 .await
                 .map_err(|error| self.failed(&checked, error))
@@ -508,25 +524,110 @@ impl RedisClient {
         .await
     }
 
-    fn failed(&self, checked: &connections::Checked, error: redis::RedisError) -> String {
+    fn failed(&self, checked: &connections::Checked, error: redis::RedisError) -> Failure {
         self.connections.report_error(checked, &error);
-        error.to_string()
+        Failure {
+            unavailable: means_unavailable(&error),
+            message: error.to_string(),
+        }
     }
 
     async fn with_deadline<T>(
         &self,
         operation: &'static str,
-        call: impl Future<Output = Result<T, String>>,
+        call: impl Future<Output = Result<T, Failure>>,
     ) -> Option<T> {
-        let error = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => return Some(value),
-            Ok(Err(error)) => error,
-            Err(_) => format!("timed out after {:?}", self.timeout),
+        match self.breaker.admit() {
+            Admission::Run => {}
+            Admission::Skip => return skipped(operation),
+            Admission::Probe(probe) => {
+                self.spawn_probe(probe);
+                return skipped(operation);
+            }
+        }
+        let failure = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => {
+                self.breaker.succeeded();
+                return Some(value);
+            }
+            Ok(Err(failure)) => failure,
+            Err(_) => Failure {
+                unavailable: true,
+                message: format!("timed out after {:?}", self.timeout),
+            },
         };
+        if failure.unavailable {
+            self.breaker.failed();
+        } else {
+            // Redis answered, with an error about this command alone.
+            self.breaker.succeeded();
+        }
         metrics::counter!("readthrough_cache_errors_total", "operation" => operation).increment(1);
-        self.errors.report(operation, &error);
+        self.errors.report(operation, &failure.message);
         None
     }
+
+    /// PINGs Redis in the background, within the usual deadline, and tells
+    /// the half-open breaker the outcome. No request waits for it.
+    fn spawn_probe(&self, probe: Probe) {
+        let (connections, timeout) = (self.connections.clone(), self.timeout);
+        tokio::spawn(async move {
+            let Some(mut checked) = connections.get() else {
+                return probe.answered(false);
+            };
+            let ping = redis::cmd("PING");
+            let answered =
+                match tokio::time::timeout(timeout, ping.query_async::<redis::Value>(&mut checked.connection)).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(error)) => {
+                        connections.report_error(&checked, &error);
+                        false
+                    }
+                    // A silent connection may be half-open, with nobody at the other end
+                    // any more: make a new one, which then probes again when it connects.
+                    Err(_) => {
+                        connections.replace(&checked);
+                        false
+                    }
+                };
+            probe.answered(answered);
+        });
+    }
+}
+
+/// Why a command got no value.
+struct Failure {
+    /// Redis is unreachable or cannot serve (as opposed to refusing this one command).
+    unavailable: bool,
+    message: String,
+}
+
+impl Failure {
+    fn not_connected() -> Self {
+        Self {
+            unavailable: true,
+            message: NOT_CONNECTED.to_string(),
+        }
+    }
+}
+
+/// Whether an error means Redis cannot serve right now (the connection is
+/// gone, or the server says it is loading, busy or down), which counts
+/// towards opening the breaker; an error about the command itself (a wrong
+/// type, a script error) does not.
+fn means_unavailable(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+        || matches!(error.retry_method(), RetryMethod::WaitAndRetry)
+        || (error.kind() == ErrorKind::Extension && error.code() == Some("BUSY"))
+}
+
+/// A command the open breaker did not send: the caller fails open at once.
+#[cold]
+fn skipped<T>(operation: &'static str) -> Option<T> {
+    metrics::counter!("readthrough_cache_skipped_total", "operation" => operation).increment(1);
+    None
 }
 
 const NOT_CONNECTED: &str = "not connected (reconnecting)";
