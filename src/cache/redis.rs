@@ -448,36 +448,49 @@ impl RedisClient {
     /// answer in time the connection counts as lost and is replaced.
     pub async fn subscribe(&self, channel: &str, mut on: impl FnMut(Delivery<'_>)) {
         loop {
-            match self.client.get_async_pubsub().await {
-                Ok(mut pubsub) => match pubsub.subscribe(channel).await {
-                    Ok(()) => {
-                        on(Delivery::Subscribed);
-                        let (mut sink, mut messages) = pubsub.split();
-                        let mut ping = tokio::time::interval(SUBSCRIPTION_PING_INTERVAL);
-                        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        loop {
-                            tokio::select! {
-                                message = futures_util::StreamExt::next(&mut messages) => match message {
-                                    Some(message) => on(Delivery::Message(message.get_payload_bytes())),
-                                    None => break,
-                                },
-                                _ = ping.tick() => {
-                                    let answer = tokio::time::timeout(self.subscription_timeout(), sink.ping::<redis::Value>()).await;
-                                    if !matches!(answer, Ok(Ok(_))) {
-                                        self.errors.report("subscribe", "no answer to PING on the subscription");
-                                        break;
-                                    }
+            match self.open_subscription(channel).await {
+                Ok(pubsub) => {
+                    on(Delivery::Subscribed);
+                    let (mut sink, mut messages) = pubsub.split();
+                    let mut ping = tokio::time::interval(SUBSCRIPTION_PING_INTERVAL);
+                    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            message = futures_util::StreamExt::next(&mut messages) => match message {
+                                Some(message) => on(Delivery::Message(message.get_payload_bytes())),
+                                None => break,
+                            },
+                            _ = ping.tick() => {
+                                let answer = tokio::time::timeout(self.subscription_timeout(), sink.ping::<redis::Value>()).await;
+                                if !matches!(answer, Ok(Ok(_))) {
+                                    self.errors.report("subscribe", "no answer to PING on the subscription");
+                                    break;
                                 }
                             }
                         }
-                        metrics::counter!("readthrough_event_subscription_lost_total").increment(1);
-                        on(Delivery::Lost);
                     }
-                    Err(error) => self.errors.report("subscribe", &error.to_string()),
-                },
-                Err(error) => self.errors.report("subscribe", &error.to_string()),
+                    metrics::counter!("readthrough_event_subscription_lost_total").increment(1);
+                    on(Delivery::Lost);
+                }
+                Err(error) => self.errors.report("subscribe", &error),
             }
+            // While Redis is gone: one attempt a second, logged once per `LOG_INTERVAL`.
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// A new subscription to `channel`, within `CONNECT_TIMEOUT`: a Redis that
+    /// accepts connections but never answers would otherwise hold it forever.
+    async fn open_subscription(&self, channel: &str) -> Result<redis::aio::PubSub, String> {
+        let subscribe = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(connections::CONNECT_TIMEOUT, subscribe).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("not subscribed within {:?}", connections::CONNECT_TIMEOUT)),
         }
     }
 
