@@ -661,3 +661,27 @@ impl ErrorLog {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use deadpool_redis::redis::{ErrorKind, RedisError, ServerErrorKind};
+
+    use super::means_unavailable;
+
+    #[test]
+    fn only_errors_that_say_redis_cannot_serve_count_towards_the_breaker() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(means_unavailable(&RedisError::from(reset)));
+        assert!(means_unavailable(&RedisError::from((ErrorKind::Io, "broken pipe"))));
+        let loading = ErrorKind::Server(ServerErrorKind::BusyLoading);
+        assert!(means_unavailable(&RedisError::from((loading, "loading the dataset"))));
+
+        let wrong_type = ErrorKind::Server(ServerErrorKind::ResponseError);
+        assert!(!means_unavailable(&RedisError::from((wrong_type, "WRONGTYPE"))));
+        let undecodable = ErrorKind::UnexpectedReturnType;
+        assert!(!means_unavailable(&RedisError::from((
+            undecodable,
+            "not a bulk string"
+        ))));
+    }
+}
