@@ -120,6 +120,17 @@ pub struct Config {
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 50)]
     pub redis_timeout_ms: u64,
 
+    /// Redis failures in a row (errors that mean it is unavailable, or
+    /// deadlines) that open the circuit breaker: then every request skips
+    /// Redis at once, without waiting for a deadline, until a probe answers.
+    #[arg(long, env = "REDIS_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    pub redis_breaker_failures: u32,
+
+    /// How long the open breaker waits before it lets one probe try Redis
+    /// again, in milliseconds (a reconnect ends the wait early).
+    #[arg(long, env = "REDIS_BREAKER_COOLDOWN_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub redis_breaker_cooldown_ms: u64,
+
     /// First part of every cache key (`<namespace>:v1:user:<id>`); letters, digits, '_', '-', '.'.
     #[arg(long, env = "CACHE_NAMESPACE", default_value = "rt", value_parser = parse_namespace)]
     pub cache_namespace: String,

@@ -11,6 +11,8 @@
 //! (Redis restarted, a socket reset) is emptied and refilled in the background
 //! by a task that asks the pool for a new one, with backoff, until it succeeds.
 //! Meanwhile requests use the other slots, or fail open when none is connected.
+//! A new connection tells the circuit breaker, which then probes at once
+//! instead of waiting out its cool-down.
 
 use std::{
     path::Path,
@@ -24,13 +26,20 @@ use std::{
 use anyhow::Context;
 use deadpool_redis::{
     Connection, Manager, Pool, Runtime,
-    redis::{self, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection, io::tcp::TcpSettings},
+    redis::{
+        self, AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection,
+        io::tcp::TcpSettings,
+    },
 };
+
+use super::breaker::Breaker;
 
 /// Opening one connection may take longer than one command's deadline.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
-const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
+/// Short, so that hits come back within about a second of Redis's return; an
+/// attempt against a closed port costs next to nothing.
+const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// A connection handle and which slot (and which connection of that slot) it came from.
 pub struct Checked {
@@ -44,6 +53,7 @@ pub struct Connections {
     pool: Pool,
     slots: Box<[Slot]>,
     next: AtomicUsize,
+    breaker: Arc<Breaker>,
 }
 
 #[derive(Default)]
@@ -65,8 +75,14 @@ struct SlotState {
 
 impl Connections {
     /// Connects nothing yet: see `connect_all`.
-    pub fn new(info: ConnectionInfo, count: usize) -> anyhow::Result<Arc<Self>> {
-        let manager = Manager::new(info).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+    pub fn new(info: ConnectionInfo, count: usize, breaker: Arc<Breaker>) -> anyhow::Result<Arc<Self>> {
+        // No response timeout of redis-rs's own (500 ms by default): every call
+        // has REDIS_TIMEOUT_MS already, and a second, shorter one would cut it.
+        let settings = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(None);
+        let manager =
+            Manager::new_with_config(info, settings).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
         let pool = Pool::builder(manager)
             .max_size(count)
             .wait_timeout(Some(CONNECT_TIMEOUT))
@@ -78,6 +94,7 @@ impl Connections {
             pool,
             slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
+            breaker,
         }))
     }
 
@@ -115,9 +132,15 @@ impl Connections {
     /// Reports that a command on `checked` failed with `error`: if the error
     /// means the connection is gone, the slot is emptied and reconnected.
     pub fn report_error(self: &Arc<Self>, checked: &Checked, error: &redis::RedisError) {
-        if !(error.is_unrecoverable_error() || error.is_connection_dropped() || error.is_io_error()) {
-            return;
+        if error.is_unrecoverable_error() || error.is_connection_dropped() || error.is_io_error() {
+            self.replace(checked);
         }
+    }
+
+    /// Empties `checked`'s slot and reconnects it, unless that connection was
+    /// replaced already: for a connection that is gone, or one that stays
+    /// silent (half-open: its peer vanished without a reset).
+    pub fn replace(self: &Arc<Self>, checked: &Checked) {
         {
             let mut state = self.slots[checked.slot]
                 .state
@@ -145,6 +168,7 @@ impl Connections {
                         let mut state = this.slots[slot].state.write().unwrap_or_else(|p| p.into_inner());
                         state.connection = Some(Connection::take(pooled));
                         state.generation += 1;
+                        this.breaker.reconnected();
                         break;
                     }
                     Err(error) => {

@@ -9,6 +9,7 @@
 //! write deletes it together with the entry, so a fill of data read before the
 //! write is refused (the stale-set race of plain cache-aside).
 
+mod breaker;
 pub mod codec;
 mod connections;
 pub mod keys;
@@ -49,6 +50,9 @@ pub const INVALIDATION_SAMPLE: usize = 100;
 const REFRESH_MIN_DELTA_MS: f64 = 50.0;
 /// At most one log line per interval about rows that cannot be cached.
 const UNCACHEABLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// At most one log line per interval about invalidations left to the relay:
+/// while Redis is down every write and every relay round has one.
+const INVALIDATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the cache holds, as the `entity` label of metrics names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -228,6 +232,7 @@ pub struct Cache {
     /// Indexed by `Kind`.
     outcomes: [Outcomes; 3],
     uncacheable_log: Throttle,
+    invalidation_log: Throttle,
     /// Reads that may go to PostgreSQL at once because Redis did not answer.
     fallbacks: Arc<tokio::sync::Semaphore>,
 }
@@ -253,6 +258,7 @@ impl Cache {
             hooks,
             outcomes: [Kind::User, Kind::Product, Kind::List].map(Outcomes::of),
             uncacheable_log: Throttle::default(),
+            invalidation_log: Throttle::default(),
             fallbacks: Arc::new(tokio::sync::Semaphore::new(config.database_fallback_limit as usize)),
         })
     }
@@ -467,15 +473,21 @@ impl Cache {
                 }
                 return true;
             }
-            if attempt < INVALIDATION_ATTEMPTS {
+            // With the breaker open a retry would be skipped too: leave it to the relay now.
+            if attempt < INVALIDATION_ATTEMPTS && self.redis.breaker_closed() {
                 tokio::time::sleep(INVALIDATION_BACKOFF * attempt).await;
+            } else {
+                break;
             }
         }
         metrics::counter!("readthrough_invalidation_failures_total").increment(1);
-        tracing::warn!(
-            keys = groups.len(),
-            "invalidation failed; the outbox relay will retry it"
-        );
+        if let Some(held_back) = self.invalidation_log.pass(INVALIDATION_LOG_INTERVAL) {
+            tracing::warn!(
+                keys = groups.len(),
+                held_back,
+                "invalidation failed; the outbox relay will retry it"
+            );
+        }
         false
     }
 

@@ -1,14 +1,19 @@
 //! Redis access that fails open: every call has a deadline, and a failed or
 //! slow call returns `None` so the caller answers from PostgreSQL instead.
+//! After a run of failures the circuit breaker (see `cache::breaker`) skips
+//! Redis altogether until a probe finds it answering again.
 //!
 //! Failures are counted per operation and logged at most once per
 //! `LOG_INTERVAL`, so an outage does not turn into a log line per request.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
-use deadpool_redis::redis;
+use deadpool_redis::redis::{self, ErrorKind, RetryMethod};
 
-use super::connections::{self, Connections};
+use super::{
+    breaker::{Admission, Breaker, Probe},
+    connections::{self, Connections},
+};
 use crate::{config::Config, telemetry::Throttle};
 
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
@@ -146,6 +151,7 @@ pub struct RedisClient {
     connections: Arc<Connections>,
     timeout: Duration,
     errors: ErrorLog,
+    breaker: Arc<Breaker>,
 }
 
 impl RedisClient {
@@ -154,11 +160,16 @@ impl RedisClient {
         let info = connections::connection_info(config.redis_url.expose(), config.redis_tls_ca_file.as_deref())?;
         // The subscription connects as the shared connections do: same TLS, same ACL user.
         let client = redis::Client::open(info.clone()).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+        let breaker = Arc::new(Breaker::new(
+            config.redis_breaker_failures,
+            Duration::from_millis(config.redis_breaker_cooldown_ms),
+        ));
         Ok(Self {
             client,
-            connections: Connections::new(info, usize::from(config.redis_connections))?,
+            connections: Connections::new(info, usize::from(config.redis_connections), breaker.clone())?,
             timeout: config.redis_timeout(),
             errors: ErrorLog::default(),
+            breaker,
         })
     }
 
@@ -437,36 +448,49 @@ impl RedisClient {
     /// answer in time the connection counts as lost and is replaced.
     pub async fn subscribe(&self, channel: &str, mut on: impl FnMut(Delivery<'_>)) {
         loop {
-            match self.client.get_async_pubsub().await {
-                Ok(mut pubsub) => match pubsub.subscribe(channel).await {
-                    Ok(()) => {
-                        on(Delivery::Subscribed);
-                        let (mut sink, mut messages) = pubsub.split();
-                        let mut ping = tokio::time::interval(SUBSCRIPTION_PING_INTERVAL);
-                        ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                        loop {
-                            tokio::select! {
-                                message = futures_util::StreamExt::next(&mut messages) => match message {
-                                    Some(message) => on(Delivery::Message(message.get_payload_bytes())),
-                                    None => break,
-                                },
-                                _ = ping.tick() => {
-                                    let answer = tokio::time::timeout(self.subscription_timeout(), sink.ping::<redis::Value>()).await;
-                                    if !matches!(answer, Ok(Ok(_))) {
-                                        self.errors.report("subscribe", "no answer to PING on the subscription");
-                                        break;
-                                    }
+            match self.open_subscription(channel).await {
+                Ok(pubsub) => {
+                    on(Delivery::Subscribed);
+                    let (mut sink, mut messages) = pubsub.split();
+                    let mut ping = tokio::time::interval(SUBSCRIPTION_PING_INTERVAL);
+                    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                    loop {
+                        tokio::select! {
+                            message = futures_util::StreamExt::next(&mut messages) => match message {
+                                Some(message) => on(Delivery::Message(message.get_payload_bytes())),
+                                None => break,
+                            },
+                            _ = ping.tick() => {
+                                let answer = tokio::time::timeout(self.subscription_timeout(), sink.ping::<redis::Value>()).await;
+                                if !matches!(answer, Ok(Ok(_))) {
+                                    self.errors.report("subscribe", "no answer to PING on the subscription");
+                                    break;
                                 }
                             }
                         }
-                        metrics::counter!("readthrough_event_subscription_lost_total").increment(1);
-                        on(Delivery::Lost);
                     }
-                    Err(error) => self.errors.report("subscribe", &error.to_string()),
-                },
-                Err(error) => self.errors.report("subscribe", &error.to_string()),
+                    metrics::counter!("readthrough_event_subscription_lost_total").increment(1);
+                    on(Delivery::Lost);
+                }
+                Err(error) => self.errors.report("subscribe", &error),
             }
+            // While Redis is gone: one attempt a second, logged once per `LOG_INTERVAL`.
             tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// A new subscription to `channel`, within `CONNECT_TIMEOUT`: a Redis that
+    /// accepts connections but never answers would otherwise hold it forever.
+    async fn open_subscription(&self, channel: &str) -> Result<redis::aio::PubSub, String> {
+        let subscribe = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        match tokio::time::timeout(connections::CONNECT_TIMEOUT, subscribe).await {
+            Ok(Ok(pubsub)) => Ok(pubsub),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("not subscribed within {:?}", connections::CONNECT_TIMEOUT)),
         }
     }
 
@@ -488,9 +512,14 @@ impl RedisClient {
         self.connections.connected()
     }
 
+    /// Whether the circuit breaker is letting commands through (closed).
+    pub fn breaker_closed(&self) -> bool {
+        self.breaker.state() == super::breaker::State::Closed
+    }
+
     async fn run<T: redis::FromRedisValue>(&self, operation: &'static str, cmd: &redis::Cmd) -> Option<T> {
         self.with_deadline(operation, async {
-            let mut checked = self.connections.get().ok_or_else(|| NOT_CONNECTED.to_string())?;
+            let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
             cmd.query_async::<T>(&mut checked.connection)
                 .await
                 .map_err(|error| self.failed(&checked, error))
@@ -500,7 +529,7 @@ impl RedisClient {
 
     async fn run_pipe<T: redis::FromRedisValue>(&self, operation: &'static str, pipe: &redis::Pipeline) -> Option<T> {
         self.with_deadline(operation, async {
-            let mut checked = self.connections.get().ok_or_else(|| NOT_CONNECTED.to_string())?;
+            let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
             pipe.query_async::<T>(&mut checked.connection)
                 .await
                 .map_err(|error| self.failed(&checked, error))
@@ -508,25 +537,110 @@ impl RedisClient {
         .await
     }
 
-    fn failed(&self, checked: &connections::Checked, error: redis::RedisError) -> String {
+    fn failed(&self, checked: &connections::Checked, error: redis::RedisError) -> Failure {
         self.connections.report_error(checked, &error);
-        error.to_string()
+        Failure {
+            unavailable: means_unavailable(&error),
+            message: error.to_string(),
+        }
     }
 
     async fn with_deadline<T>(
         &self,
         operation: &'static str,
-        call: impl Future<Output = Result<T, String>>,
+        call: impl Future<Output = Result<T, Failure>>,
     ) -> Option<T> {
-        let error = match tokio::time::timeout(self.timeout, call).await {
-            Ok(Ok(value)) => return Some(value),
-            Ok(Err(error)) => error,
-            Err(_) => format!("timed out after {:?}", self.timeout),
+        match self.breaker.admit() {
+            Admission::Run => {}
+            Admission::Skip => return skipped(operation),
+            Admission::Probe(probe) => {
+                self.spawn_probe(probe);
+                return skipped(operation);
+            }
+        }
+        let failure = match tokio::time::timeout(self.timeout, call).await {
+            Ok(Ok(value)) => {
+                self.breaker.succeeded();
+                return Some(value);
+            }
+            Ok(Err(failure)) => failure,
+            Err(_) => Failure {
+                unavailable: true,
+                message: format!("timed out after {:?}", self.timeout),
+            },
         };
+        if failure.unavailable {
+            self.breaker.failed();
+        } else {
+            // Redis answered, with an error about this command alone.
+            self.breaker.succeeded();
+        }
         metrics::counter!("readthrough_cache_errors_total", "operation" => operation).increment(1);
-        self.errors.report(operation, &error);
+        self.errors.report(operation, &failure.message);
         None
     }
+
+    /// PINGs Redis in the background, within the usual deadline, and tells
+    /// the half-open breaker the outcome. No request waits for it.
+    fn spawn_probe(&self, probe: Probe) {
+        let (connections, timeout) = (self.connections.clone(), self.timeout);
+        tokio::spawn(async move {
+            let Some(mut checked) = connections.get() else {
+                return probe.answered(false);
+            };
+            let ping = redis::cmd("PING");
+            let answered =
+                match tokio::time::timeout(timeout, ping.query_async::<redis::Value>(&mut checked.connection)).await {
+                    Ok(Ok(_)) => true,
+                    Ok(Err(error)) => {
+                        connections.report_error(&checked, &error);
+                        false
+                    }
+                    // A silent connection may be half-open, with nobody at the other end
+                    // any more: make a new one, which then probes again when it connects.
+                    Err(_) => {
+                        connections.replace(&checked);
+                        false
+                    }
+                };
+            probe.answered(answered);
+        });
+    }
+}
+
+/// Why a command got no value.
+struct Failure {
+    /// Redis is unreachable or cannot serve (as opposed to refusing this one command).
+    unavailable: bool,
+    message: String,
+}
+
+impl Failure {
+    fn not_connected() -> Self {
+        Self {
+            unavailable: true,
+            message: NOT_CONNECTED.to_string(),
+        }
+    }
+}
+
+/// Whether an error means Redis cannot serve right now (the connection is
+/// gone, or the server says it is loading, busy or down), which counts
+/// towards opening the breaker; an error about the command itself (a wrong
+/// type, a script error) does not.
+fn means_unavailable(error: &redis::RedisError) -> bool {
+    error.is_io_error()
+        || error.is_connection_dropped()
+        || error.is_unrecoverable_error()
+        || matches!(error.retry_method(), RetryMethod::WaitAndRetry)
+        || (error.kind() == ErrorKind::Extension && error.code() == Some("BUSY"))
+}
+
+/// A command the open breaker did not send: the caller fails open at once.
+#[cold]
+fn skipped<T>(operation: &'static str) -> Option<T> {
+    metrics::counter!("readthrough_cache_skipped_total", "operation" => operation).increment(1);
+    None
 }
 
 const NOT_CONNECTED: &str = "not connected (reconnecting)";
@@ -545,5 +659,29 @@ impl ErrorLog {
                 "redis unavailable; serving from PostgreSQL"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use deadpool_redis::redis::{ErrorKind, RedisError, ServerErrorKind};
+
+    use super::means_unavailable;
+
+    #[test]
+    fn only_errors_that_say_redis_cannot_serve_count_towards_the_breaker() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(means_unavailable(&RedisError::from(reset)));
+        assert!(means_unavailable(&RedisError::from((ErrorKind::Io, "broken pipe"))));
+        let loading = ErrorKind::Server(ServerErrorKind::BusyLoading);
+        assert!(means_unavailable(&RedisError::from((loading, "loading the dataset"))));
+
+        let wrong_type = ErrorKind::Server(ServerErrorKind::ResponseError);
+        assert!(!means_unavailable(&RedisError::from((wrong_type, "WRONGTYPE"))));
+        let undecodable = ErrorKind::UnexpectedReturnType;
+        assert!(!means_unavailable(&RedisError::from((
+            undecodable,
+            "not a bulk string"
+        ))));
     }
 }

@@ -9,7 +9,10 @@
 use std::{
     net::TcpListener as StdListener,
     process::{Child, Command, Stdio},
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -139,11 +142,21 @@ impl TestApp {
     /// (0 when absent), e.g. `readthrough_cache_hits_total{entity="user"}`.
     /// Under nextest each test is its own process, so counters start at 0.
     pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics(&[sample]).await[0]
+    }
+
+    /// Several samples (see `metric`) from one scrape, so they are consistent with each other.
+    pub async fn metrics(&self, samples: &[&str]) -> Vec<f64> {
         let text = scrape(self.metrics_port).await;
-        text.lines()
-            .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
-            .map(|value| value.trim().parse().unwrap())
-            .unwrap_or(0.0)
+        samples
+            .iter()
+            .map(|sample| {
+                text.lines()
+                    .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+                    .map(|value| value.trim().parse().unwrap())
+                    .unwrap_or(0.0)
+            })
+            .collect()
     }
 }
 
@@ -397,10 +410,12 @@ impl Drop for Sandbox {
 /// A TCP proxy in front of the real Redis that a test can cut (every
 /// connection dropped, new ones refused) and restore: Redis unreachable, and back.
 /// It can also stall the connections it carries: they stay open but carry
-/// nothing more, like a connection whose peer vanished without a reset.
+/// nothing more, like a connection whose peer vanished without a reset; and
+/// black-hole Redis: stall them, and accept new ones that never get an answer.
 pub struct RedisProxy {
     pub url: String,
-    up: Arc<std::sync::atomic::AtomicBool>,
+    up: Arc<AtomicBool>,
+    black_hole: Arc<AtomicBool>,
     cut: tokio::sync::broadcast::Sender<()>,
     stall: tokio::sync::broadcast::Sender<()>,
 }
@@ -413,17 +428,26 @@ impl RedisProxy {
             .to_string();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("redis://{}", listener.local_addr().unwrap());
-        let up = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let up = Arc::new(AtomicBool::new(true));
+        let black_hole = Arc::new(AtomicBool::new(false));
         let (cut, _) = tokio::sync::broadcast::channel::<()>(1);
         let (stall, _) = tokio::sync::broadcast::channel::<()>(1);
-        let (accepting, cuts, stalls) = (up.clone(), cut.clone(), stall.clone());
+        let (accepting, swallowing, cuts, stalls) = (up.clone(), black_hole.clone(), cut.clone(), stall.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
-                if !accepting.load(std::sync::atomic::Ordering::SeqCst) {
+                if !accepting.load(Ordering::SeqCst) {
                     continue; // dropped: connection refused, as far as the client can tell
                 }
-                let target = target.clone();
                 let (mut cut, mut stall) = (cuts.subscribe(), stalls.subscribe());
+                if swallowing.load(Ordering::SeqCst) {
+                    // Accepted, and never answered, until a cut.
+                    tokio::spawn(async move {
+                        let _ = cut.recv().await;
+                        drop(client);
+                    });
+                    continue;
+                }
+                let target = target.clone();
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
                         return;
@@ -440,7 +464,13 @@ impl RedisProxy {
                 });
             }
         });
-        Self { url, up, cut, stall }
+        Self {
+            url,
+            up,
+            black_hole,
+            cut,
+            stall,
+        }
     }
 
     /// The connections open now carry nothing more (new ones work).
@@ -448,25 +478,59 @@ impl RedisProxy {
         let _ = self.stall.send(());
     }
 
+    /// Redis stops answering: the connections open now stall, and new ones
+    /// are accepted but never answered, until a cut (then `restore`).
+    pub fn black_hole(&self) {
+        self.black_hole.store(true, Ordering::SeqCst);
+        self.stall();
+    }
+
     pub fn cut(&self) {
-        self.up.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.up.store(false, Ordering::SeqCst);
         let _ = self.cut.send(());
     }
 
+    /// New connections reach Redis again.
     pub fn restore(&self) {
-        self.up.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.black_hole.store(false, Ordering::SeqCst);
+        self.up.store(true, Ordering::SeqCst);
     }
 }
 
-/// A Redis server of the test's own, on a free port, killed when dropped.
+/// A Redis server of the test's own, on a free port, killed when dropped. It
+/// keeps nothing on disk: started again, it is empty, as a restarted cache is.
 pub struct OwnRedis {
-    child: Child,
+    child: Option<Child>,
+    port: u16,
+    /// Arguments after the usual ones, kept for `start_again`.
+    extra: Vec<String>,
     pub url: String,
 }
 
 impl OwnRedis {
     pub async fn start() -> Self {
-        let port = free_port();
+        Self::start_with_args(free_port(), &[]).await
+    }
+
+    /// A redis-server with `extra` arguments after the usual ones (a later
+    /// one wins: `--port 0 --tls-port <port>` serves only TLS), ready once
+    /// `port` accepts connections; `url` is the plain `redis://` form.
+    pub async fn start_with_args(port: u16, extra: &[&str]) -> Self {
+        let mut own = Self {
+            child: None,
+            port,
+            extra: extra.iter().map(|arg| arg.to_string()).collect(),
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        own.start_again().await;
+        own
+    }
+
+    /// Starts the server (again, after `kill`) on the same port and with the
+    /// same arguments, and waits until it accepts connections.
+    pub async fn start_again(&mut self) {
+        self.kill();
+        let port = self.port;
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -478,57 +542,24 @@ impl OwnRedis {
                 "--appendonly",
                 "no",
             ])
+            .args(&self.extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is installed (scripts/services installs it)");
-        let url = format!("redis://127.0.0.1:{port}");
-        let client = redis::Client::open(url.as_str()).unwrap();
-        let up = eventually(Duration::from_secs(10), || {
-            let client = client.clone();
-            async move { client.get_multiplexed_async_connection().await.is_ok() }
-        })
-        .await;
-        assert!(up, "own redis-server started on port {port}");
-        Self { child, url }
-    }
-
-    /// A redis-server with `extra` arguments after `start`'s own (a later
-    /// one wins: `--port 0 --tls-port <port>` serves only TLS), ready once
-    /// `port` accepts connections; `url` is the plain `redis://` form.
-    pub async fn start_with_args(port: u16, extra: &[&str]) -> Self {
-        let port_arg = port.to_string();
-        let mut args = vec![
-            "--port",
-            &port_arg,
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ];
-        args.extend_from_slice(extra);
-        let child = Command::new("redis-server")
-            .args(&args)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed (scripts/services installs it)");
-        let own = Self {
-            child,
-            url: format!("redis://127.0.0.1:{port}"),
-        };
+        self.child = Some(child);
         // A TCP connect, not a Redis client: the server may want TLS or a password.
         let up = eventually(Duration::from_secs(10), || async move {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
         .await;
-        assert!(up, "own redis-server started on port {port} with {extra:?}");
-        own
+        assert!(up, "own redis-server started on port {port} with {:?}", self.extra);
     }
 
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -10,6 +10,7 @@ mod concurrency;
 mod consistency;
 mod deployment;
 mod fail_open;
+mod failures;
 mod helpers;
 mod hot_path;
 mod invalidation;
