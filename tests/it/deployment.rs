@@ -320,6 +320,60 @@ fn compose_passes_the_connection_and_listen_addresses() {
 }
 
 #[test]
+fn compose_migrates_in_a_step_of_its_own_and_serves_as_a_role_that_is_not_a_superuser() {
+    let compose = compose();
+    let migrate = service(&compose, "migrate");
+    assert_eq!(command_words(migrate, "migrate"), ["migrate"]);
+    let readthrough = service(&compose, "readthrough");
+    let condition = readthrough
+        .get("depends_on")
+        .and_then(|depends_on| depends_on.get("migrate"))
+        .and_then(|migrate| migrate.get("condition"))
+        .and_then(Value::as_str);
+    assert_eq!(condition, Some("service_completed_successfully"));
+    let serve = environment(readthrough, "readthrough");
+    assert_eq!(serve["MIGRATE_ON_START"].as_deref(), Some("false"));
+    let url = serve["DATABASE_URL"].clone().unwrap_or_default();
+    assert_eq!(
+        environment(migrate, "migrate")["DATABASE_URL"].as_deref(),
+        Some(url.as_str()),
+        "migrations and the service use the same role"
+    );
+    let user = url
+        .split_once("://")
+        .and_then(|(_, rest)| rest.split(['@', ':']).next())
+        .unwrap_or_default()
+        .to_string();
+    assert_ne!(user, "postgres", "the service does not connect as the superuser");
+
+    // The postgres image runs the mounted script when its data directory is new.
+    let postgres = service(&compose, "postgres");
+    let script = postgres
+        .get("volumes")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(scalar)
+        .find_map(|volume| {
+            let mut parts = volume.split(':');
+            let (source, target) = (parts.next()?, parts.next()?);
+            target
+                .starts_with("/docker-entrypoint-initdb.d/")
+                .then(|| source.trim_start_matches("./").to_string())
+        })
+        .expect("postgres mounts an init script");
+    let sql = read_project_file(&script);
+    assert!(
+        sql.contains(&format!("CREATE ROLE {user} LOGIN")) && sql.contains("NOSUPERUSER"),
+        "{script} creates {user} without superuser rights: {sql}"
+    );
+    assert!(
+        sql.contains(&format!("OWNER {user}")),
+        "{user} owns its database: {sql}"
+    );
+}
+
+#[test]
 fn compose_publishes_ports_on_the_hosts_loopback_only() {
     let compose = compose();
     let services = compose.get("services").and_then(Value::as_mapping).unwrap();
