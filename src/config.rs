@@ -79,7 +79,7 @@ pub struct Config {
     #[arg(
         long,
         env = "DATABASE_URL",
-        default_value = "postgres://postgres:postgres@127.0.0.1:5432/readthrough"
+        default_value = "postgres://postgres:postgres@127.0.0.1:5432/readthrough?sslmode=disable"
     )]
     pub database_url: SecretUrl,
 
