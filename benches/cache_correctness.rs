@@ -156,15 +156,18 @@ async fn consistency() {
         users: 50,
         products: 60,
         max_delay: Duration::from_millis(10),
+        retire_all: std::env::var("CHECKER_RETIRE_ALL").is_ok_and(|v| v == "true"),
     })
     .await;
     println!(
-        "consistency checker: {clients} clients, 2 instances, {seconds} s: {} operations ({} reads, {} writes), {} stale entries, {} read-rule violations",
+        "consistency checker: {clients} clients, 2 instances, {seconds} s: {} operations ({} reads, {} writes), {} stale of {} cached entries, {} read-rule violations, {} key epoch bumps",
         report.operations,
         report.reads,
         report.writes,
         report.stale_entries.len(),
+        report.entries_checked,
         report.read_violations.len(),
+        report.epoch_bumps,
     );
     for problem in report.stale_entries.iter().chain(&report.read_violations).take(10) {
         println!("  {problem}");

@@ -19,7 +19,7 @@ use tower::layer::util::{Identity, Stack};
 
 use crate::{
     api::{AdmissionLayer, AuthLayer, Authenticator, CacheAdminApi, PageTokens, ProductApi, UserApi},
-    cache::Hooks,
+    cache::{Hooks, Keys},
     config::ServeConfig,
     proto::{
         cache_admin_service_server::CacheAdminServiceServer, product_service_server::ProductServiceServer,
@@ -112,6 +112,11 @@ impl Application {
         self.admin_listener.local_addr().map(|a| a.port()).unwrap_or_default()
     }
 
+    /// The cache's key names, at the key epochs this instance knows.
+    pub fn cache_keys(&self) -> Keys {
+        self.services.cache.keys().clone()
+    }
+
     pub fn metrics_port(&self) -> u16 {
         self.metrics_listener.local_addr().map(|a| a.port()).unwrap_or_default()
     }
@@ -132,8 +137,12 @@ impl Application {
         let background = [
             tokio::spawn(relay::run(pool.clone(), cache.clone())),
             tokio::spawn({
-                let services = services.clone();
+                let (services, cache) = (services.clone(), cache.clone());
                 async move { cache.receive_events(|feed| services.on_event(&feed)).await }
+            }),
+            tokio::spawn({
+                let services = services.clone();
+                async move { cache.follow_epochs(|kind| services.on_epoch_change(kind)).await }
             }),
         ];
         let (health, health_service) = tonic_health::server::health_reporter();

@@ -1,4 +1,5 @@
-//! `readthrough.v1.CacheAdminService`: operator invalidation of cached keys.
+//! `readthrough.v1.CacheAdminService`: operator invalidation of cached keys:
+//! one entity or list by deleting its keys, a whole kind by a new key epoch.
 //!
 //! Talks to the cache directly (there is nothing to read from PostgreSQL) and
 //! holds no Redis commands itself. Unlike reads, these calls do not fail open:
@@ -10,15 +11,16 @@ use tonic::{Request, Response, Status};
 
 use super::{observe, status::cache_unavailable};
 use crate::{
-    cache::Cache,
+    cache::{Bump, Cache, EPOCH_TRUST, Kind},
     domain::{CategoryId, Product, ProductId, User, UserId, ValidationError},
     proto::{self, cache_admin_service_server::CacheAdminService},
 };
 
 pub struct CacheAdminApi {
     cache: Arc<Cache>,
-    /// Held by the `InvalidateAll` in progress: one walk of the keyspace per
-    /// instance at a time, so a loop of calls cannot multiply the load on Redis.
+    /// Held by the `InvalidateAll` in progress: one per instance at a time, so
+    /// a loop of calls cannot multiply the load on Redis (a dry run walks the
+    /// keyspace).
     invalidating_all: tokio::sync::Mutex<()>,
 }
 
@@ -98,38 +100,52 @@ impl CacheAdminService for CacheAdminApi {
     async fn invalidate_all(
         &self,
         request: Request<proto::InvalidateAllRequest>,
-    ) -> Result<Response<proto::InvalidateResponse>, Status> {
+    ) -> Result<Response<proto::InvalidateAllResponse>, Status> {
         observe("InvalidateAll", async {
             let request = request.into_inner();
-            let entity = match request.entity.as_str() {
-                "" => None,
-                entity @ ("user" | "product" | "list") => Some(entity),
-                _ => {
-                    return Err(
-                        ValidationError::new("entity", "must be \"\", \"user\", \"product\" or \"list\"").into(),
-                    );
-                }
+            let kinds = match request.entity.as_str() {
+                "" => Kind::ALL.to_vec(),
+                label => vec![Kind::parse(label).ok_or_else(|| {
+                    ValidationError::new("entity", "must be \"\", \"user\", \"product\" or \"list\"")
+                })?],
             };
-            // The walk ends with the call: past the server's deadline
-            // (REQUEST_TIMEOUT_MS) it stops where it is, and the keys deleted
-            // so far stay deleted (they are only misses).
+            // Whatever it is doing ends with the call, at the server's deadline
+            // (REQUEST_TIMEOUT_MS): a bump made by then stays made.
             let _running = self.invalidating_all.try_lock().map_err(|_| {
                 Status::aborted("an InvalidateAll is already running on this instance; retry when it has ended")
             })?;
-            let (count, sample) = self
-                .cache
-                .invalidate_matching(entity, request.dry_run)
-                .await
-                .ok_or_else(cache_unavailable)?;
-            if !request.dry_run {
-                tracing::info!(entity = entity.unwrap_or("all"), count, "invalidated cache keys");
-            }
-            Ok(proto::InvalidateResponse {
-                keys: sample,
+            let (count, keys) = if request.dry_run {
+                self.cache.count_keys(&kinds).await.ok_or_else(cache_unavailable)?
+            } else {
+                self.retire(&kinds).await?;
+                (0, Vec::new())
+            };
+            let epochs = self.cache.keys().epochs_known();
+            Ok(proto::InvalidateAllResponse {
+                epochs: Kind::ALL
+                    .into_iter()
+                    .map(|kind| (kind.label().to_string(), epochs.of(kind)))
+                    .collect(),
                 count: i64::try_from(count).unwrap_or(i64::MAX),
+                keys,
                 dry_run: request.dry_run,
             })
         })
         .await
+    }
+}
+
+impl CacheAdminApi {
+    /// Bumps the epochs of `kinds` (waiting for the spacing between bumps),
+    /// then waits until no instance reads the old ones.
+    async fn retire(&self, kinds: &[Kind]) -> Result<(), Status> {
+        loop {
+            match self.cache.bump_epochs(kinds).await.ok_or_else(cache_unavailable)? {
+                Bump::Done(_) => break,
+                Bump::TooSoon(wait) => tokio::time::sleep(wait).await,
+            }
+        }
+        tokio::time::sleep(EPOCH_TRUST).await;
+        Ok(())
     }
 }

@@ -1,14 +1,20 @@
 //! Cache key names. Every key starts with `<namespace>:v<SCHEMA_VERSION>`, so a
-//! change to a cached type is a new prefix rather than a flush.
+//! change to a cached type is a new prefix rather than a flush, and then names
+//! its kind and the kind's epoch (see `cache::epochs`): `…:user:e<epoch>:…`.
 
+use std::sync::Arc;
+
+use super::{Kind, epochs::Epochs};
 use crate::domain::{CategoryId, ProductId, UserId};
 
 /// Bump when the shape of a cached value changes.
 pub const SCHEMA_VERSION: u32 = 1;
 
+/// Key names at the epochs this instance knows. Clones share the epochs.
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    epochs: Arc<Epochs>,
 }
 
 impl Keys {
@@ -16,38 +22,57 @@ impl Keys {
     pub fn new(namespace: &str) -> Self {
         Self {
             prefix: format!("{namespace}:v{SCHEMA_VERSION}"),
+            epochs: Arc::default(),
         }
     }
 
-    /// Matches every key of this namespace and schema version (for SCAN, never KEYS).
-    pub fn pattern(&self) -> String {
-        format!("{}:*", self.prefix)
+    pub fn epochs_known(&self) -> &Epochs {
+        &self.epochs
     }
 
-    /// Matches every key of one entity (`user`, `product`, `list`), or of the
-    /// whole namespace for `None`; `None` for an unknown entity, so a typo never
-    /// widens to everything. The namespace holds no glob characters, so the
-    /// pattern matches exactly this prefix.
-    pub fn pattern_for(&self, entity: Option<&str>) -> Option<String> {
-        match entity {
-            None => Some(self.pattern()),
-            Some(entity @ ("user" | "product" | "list")) => Some(format!("{}:{entity}:*", self.prefix)),
-            Some(_) => None,
-        }
+    /// Matches every key of one kind at its current epoch (for SCAN, never
+    /// KEYS). The namespace holds no glob characters, so the pattern matches
+    /// exactly this prefix.
+    pub fn pattern_for(&self, kind: Kind) -> String {
+        format!("{}:{}:e{}:*", self.prefix, kind.label(), self.epochs.of(kind))
     }
 
-    /// Matches the fill leases among the keys `pattern_for(entity)` matches.
-    pub fn lease_pattern_for(&self, entity: Option<&str>) -> Option<String> {
-        self.pattern_for(entity).map(|pattern| format!("{pattern}:lease"))
+    /// The hash of every kind's epoch.
+    pub fn epochs(&self) -> String {
+        format!("{}:epochs", self.prefix)
     }
 
-    /// A user's entry. The id is a hash tag, so the entry and its lease share a Cluster slot.
+    /// The entry of an entity of `kind` with id `id`, at the current epoch.
+    /// The id is a hash tag, so the entry and its lease share a Cluster slot.
+    pub fn entry(&self, kind: Kind, id: impl std::fmt::Display) -> String {
+        self.entry_at(kind, self.epochs.of(kind), id)
+    }
+
+    fn entry_at(&self, kind: Kind, epoch: u64, id: impl std::fmt::Display) -> String {
+        format!("{}:{}:e{epoch}:{{{id}}}", self.prefix, kind.label())
+    }
+
+    /// An entry and its lease at each epoch an invalidation must reach
+    /// (see `Epochs::around`): leases first, all under one hash tag.
+    pub fn entry_group(&self, kind: Kind, id: impl std::fmt::Display + Copy) -> Vec<String> {
+        let entries: Vec<String> = self
+            .epochs
+            .around(kind)
+            .map(|epoch| self.entry_at(kind, epoch, id))
+            .collect();
+        entries
+            .iter()
+            .map(|key| self.lease(key))
+            .chain(entries.iter().cloned())
+            .collect()
+    }
+
     pub fn user(&self, id: UserId) -> String {
-        format!("{}:user:{{{id}}}", self.prefix)
+        self.entry(Kind::User, id)
     }
 
     pub fn product(&self, id: ProductId) -> String {
-        format!("{}:product:{{{id}}}", self.prefix)
+        self.entry(Kind::Product, id)
     }
 
     /// The pub/sub channel of invalidation events.
@@ -60,63 +85,95 @@ impl Keys {
         format!("{key}:lease")
     }
 
+    fn list_at(&self, epoch: u64, category: &CategoryId, part: &str) -> String {
+        format!("{}:list:e{epoch}:{{{category}}}:{part}", self.prefix)
+    }
+
+    fn list_part(&self, category: &CategoryId, part: &str) -> String {
+        self.list_at(self.epochs.of(Kind::List), category, part)
+    }
+
     /// The category's ordered ids (a sorted set, score = position). Shares the hash
     /// tag `{<category>}` with `list_meta`, so both live on one Redis Cluster node.
     pub fn list_ids(&self, category: &CategoryId) -> String {
-        format!("{}:list:{{{category}}}:ids", self.prefix)
+        self.list_part(category, "ids")
     }
 
     /// The category list's metadata (total, generation, head, chunk size).
     pub fn list_meta(&self, category: &CategoryId) -> String {
-        format!("{}:list:{{{category}}}:meta", self.prefix)
+        self.list_part(category, "meta")
     }
 
     /// The category list's directory: where each chunk starts.
     pub fn list_dir(&self, category: &CategoryId) -> String {
-        format!("{}:list:{{{category}}}:dir", self.prefix)
+        self.list_part(category, "dir")
+    }
+
+    /// A list's keys at each epoch an invalidation must reach: its leases first.
+    pub fn list_group(&self, category: &CategoryId) -> Vec<String> {
+        let epochs: Vec<u64> = self.epochs.around(Kind::List).collect();
+        let leases = epochs.iter().map(|&e| self.lease(&self.list_at(e, category, "ids")));
+        let rest = epochs
+            .iter()
+            .flat_map(|&e| ["ids", "meta", "dir"].map(|part| self.list_at(e, category, part)));
+        leases.chain(rest).collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Instant;
+
     use super::*;
 
     #[test]
     fn list_keys_share_a_hash_tag() {
         let keys = Keys::new("rt");
         let category = CategoryId::parse("books").unwrap();
-        assert_eq!(keys.list_ids(&category), "rt:v1:list:{books}:ids");
-        assert_eq!(keys.list_meta(&category), "rt:v1:list:{books}:meta");
-        assert_eq!(keys.list_dir(&category), "rt:v1:list:{books}:dir");
-        assert_eq!(keys.lease(&keys.list_ids(&category)), "rt:v1:list:{books}:ids:lease");
+        assert_eq!(keys.list_ids(&category), "rt:v1:list:e0:{books}:ids");
+        assert_eq!(keys.list_meta(&category), "rt:v1:list:e0:{books}:meta");
+        assert_eq!(keys.list_dir(&category), "rt:v1:list:e0:{books}:dir");
+        assert_eq!(keys.lease(&keys.list_ids(&category)), "rt:v1:list:e0:{books}:ids:lease");
     }
 
     #[test]
-    fn patterns_cover_one_entity_or_the_namespace() {
+    fn keys_follow_their_kinds_epoch() {
         let keys = Keys::new("rt-test.1");
-        assert_eq!(keys.pattern_for(None).as_deref(), Some("rt-test.1:v1:*"));
-        assert_eq!(keys.pattern_for(Some("user")).as_deref(), Some("rt-test.1:v1:user:*"));
+        let id = UserId::parse("123e4567-e89b-12d3-a456-426614174000").unwrap();
+        assert_eq!(keys.pattern_for(Kind::User), "rt-test.1:v1:user:e0:*");
+        keys.epochs_known().confirm(Instant::now(), [3, 0, 7]);
+        assert_eq!(keys.pattern_for(Kind::User), "rt-test.1:v1:user:e3:*");
+        assert_eq!(keys.pattern_for(Kind::Product), "rt-test.1:v1:product:e0:*");
         assert_eq!(
-            keys.pattern_for(Some("product")).as_deref(),
-            Some("rt-test.1:v1:product:*")
+            keys.user(id),
+            "rt-test.1:v1:user:e3:{123e4567-e89b-12d3-a456-426614174000}"
         );
-        assert_eq!(keys.pattern_for(Some("list")).as_deref(), Some("rt-test.1:v1:list:*"));
-        assert_eq!(keys.pattern_for(Some("")), None);
-        assert_eq!(keys.pattern_for(Some("users")), None);
         assert_eq!(
-            keys.lease_pattern_for(Some("user")).as_deref(),
-            Some("rt-test.1:v1:user:*:lease")
+            keys.list_ids(&CategoryId::parse("books").unwrap()),
+            "rt-test.1:v1:list:e7:{books}:ids"
         );
     }
 
     #[test]
-    fn entries_and_their_leases_share_a_hash_tag() {
+    fn a_group_holds_three_epochs_leases_first_under_one_hash_tag() {
         let keys = Keys::new("rt");
+        keys.epochs_known().confirm(Instant::now(), [4, 0, 2]);
         let id = UserId::parse("123e4567-e89b-12d3-a456-426614174000").unwrap();
-        assert_eq!(keys.user(id), "rt:v1:user:{123e4567-e89b-12d3-a456-426614174000}");
+        let group = keys.entry_group(Kind::User, id);
+        let tag = "{123e4567-e89b-12d3-a456-426614174000}";
         assert_eq!(
-            keys.lease(&keys.user(id)),
-            "rt:v1:user:{123e4567-e89b-12d3-a456-426614174000}:lease"
+            group,
+            [3, 4, 5]
+                .map(|e| format!("rt:v1:user:e{e}:{tag}:lease"))
+                .into_iter()
+                .chain([3, 4, 5].map(|e| format!("rt:v1:user:e{e}:{tag}")))
+                .collect::<Vec<_>>()
         );
+        let list = keys.list_group(&CategoryId::parse("books").unwrap());
+        assert_eq!(list.len(), 12);
+        assert!(list[..3].iter().all(|key| key.ends_with(":ids:lease")));
+        assert!(list.iter().all(|key| key.contains(":{books}:")));
+        assert!(list.iter().any(|key| key.starts_with("rt:v1:list:e1:")));
+        assert!(list.iter().any(|key| key.starts_with("rt:v1:list:e3:")));
     }
 }

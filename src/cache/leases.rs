@@ -91,7 +91,10 @@ impl Drop for KeptLeases {
 impl Cache {
     /// Tries to take the fill lease of each id; `Some` where this caller got it.
     pub async fn acquire_leases<E: Cacheable>(&self, ids: &[E::Id]) -> Vec<Option<Lease>> {
-        let lease_keys: Vec<String> = ids.iter().map(|&id| self.keys.lease(&E::key(&self.keys, id))).collect();
+        let lease_keys: Vec<String> = ids
+            .iter()
+            .map(|&id| self.keys.lease(&self.keys.entry(E::KIND, id)))
+            .collect();
         self.acquire(lease_keys).await
     }
 
@@ -154,7 +157,7 @@ impl Cache {
     /// holds it: in one step, so no fill lands between the miss and the lease.
     /// `None` when Redis did not answer.
     pub async fn get_or_lease<E: Cacheable>(&self, id: E::Id) -> Option<Claim<Option<E>>> {
-        let key = E::key(&self.keys, id);
+        let key = self.keys.entry(E::KIND, id);
         let lease_key = self.keys.lease(&key);
         Some(match self.claim(&key, lease_key).await? {
             Claim::Found(bytes) => match self.decode_entry::<E>(&bytes, id) {
@@ -170,11 +173,13 @@ impl Cache {
         })
     }
 
-    /// `key`'s raw value, or else the lease `lease_key`.
+    /// `key`'s raw value, or else the lease `lease_key`. A value found while
+    /// the epochs are not trusted counts as Redis not answering (`None`).
     pub(super) async fn claim(&self, key: &str, lease_key: String) -> Option<Claim<Vec<u8>>> {
         let token = uuid::Uuid::new_v4().simple().to_string();
         Some(
             match self.redis.get_or_lease(key, &lease_key, &token, self.lease_ttl).await? {
+                Lookup::Found(_) if !self.epochs_trusted() => return None,
                 Lookup::Found(bytes) => Claim::Found(bytes),
                 Lookup::Leased => Claim::Leased(Lease { key: lease_key, token }),
                 Lookup::Busy => Claim::Busy,

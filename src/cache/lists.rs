@@ -20,7 +20,8 @@
 //! written only while the metadata holds exactly the bytes their loader read
 //! (compared inside Redis), so they always belong to the list the metadata
 //! describes; an invalidation deletes all four keys, and nothing read before
-//! it can be written back after it.
+//! it can be written back after it. A head fill whose lease belongs to a
+//! retired key epoch is refused too (see `cache::epochs`).
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -88,7 +89,8 @@ impl Cache {
         }
         let (ids_key, meta_key) = (self.keys.list_ids(category), self.keys.list_meta(category));
         let stop = start + len.max(1) - 1;
-        let Some(raw) = self.redis.read_list_page(&ids_key, &meta_key, start, stop).await else {
+        let read = self.redis.read_list_page(&ids_key, &meta_key, start, stop).await;
+        let Some(raw) = read.filter(|_| self.epochs_trusted()) else {
             self.outcomes(Kind::List).misses.increment(1);
             return ListRead::Unavailable;
         };
@@ -172,6 +174,11 @@ impl Cache {
         if let Some(hook) = &self.hooks.before_fill {
             hook(&ids_key).await;
         }
+        if lease.key != self.keys.lease(&ids_key) {
+            // Taken in an epoch retired since: what it guards is never read again.
+            self.count_refused(Kind::List);
+            return None;
+        }
         let meta = ListMeta {
             total,
             generation: rand::rng().random_range(1..=u64::MAX),
@@ -241,14 +248,9 @@ impl Cache {
         }
     }
 
-    /// The keys to delete when a category's membership or order changes.
+    /// The keys to delete when a category's membership or order changes, in
+    /// each epoch an instance may be reading (see `cache::epochs`).
     pub fn list_keys(&self, category: &CategoryId) -> KeyGroup {
-        let ids = self.keys.list_ids(category);
-        vec![
-            self.keys.lease(&ids),
-            ids,
-            self.keys.list_meta(category),
-            self.keys.list_dir(category),
-        ]
+        self.keys.list_group(category)
     }
 }

@@ -12,6 +12,7 @@
 mod breaker;
 pub mod codec;
 mod connections;
+mod epochs;
 pub mod keys;
 mod leases;
 mod lists;
@@ -34,6 +35,7 @@ use crate::{
     domain::{CategoryId, Product, ProductId, User, UserId},
     telemetry::Throttle,
 };
+pub use epochs::{Bump, EPOCH_TRUST};
 pub use keys::Keys;
 pub use leases::{Claim, KeptLeases, Lease, Waited};
 pub use lists::{CachedMeta, ListMeta, ListRead};
@@ -63,6 +65,13 @@ pub enum Kind {
 }
 
 impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::User, Kind::Product, Kind::List];
+
+    /// The kind a label names (`user`, `product`, `list`).
+    pub fn parse(label: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.label() == label)
+    }
+
     pub const fn label(self) -> &'static str {
         match self {
             Kind::User => "user",
@@ -94,7 +103,6 @@ impl Outcomes {
 pub trait Cacheable: Serialize + DeserializeOwned + Clone + Send + Sync + 'static {
     type Id: Copy + Eq + std::hash::Hash + std::fmt::Display + Send + Sync + 'static;
     const KIND: Kind;
-    fn key(keys: &Keys, id: Self::Id) -> String;
     fn id(&self) -> Self::Id;
     /// The id an outbox row or an event names.
     fn id_of(uuid: uuid::Uuid) -> Self::Id;
@@ -106,9 +114,6 @@ pub trait Cacheable: Serialize + DeserializeOwned + Clone + Send + Sync + 'stati
 impl Cacheable for User {
     type Id = UserId;
     const KIND: Kind = Kind::User;
-    fn key(keys: &Keys, id: UserId) -> String {
-        keys.user(id)
-    }
     fn id(&self) -> UserId {
         UserId::from_uuid(self.id)
     }
@@ -126,9 +131,6 @@ impl Cacheable for User {
 impl Cacheable for Product {
     type Id = ProductId;
     const KIND: Kind = Kind::Product;
-    fn key(keys: &Keys, id: ProductId) -> String {
-        keys.product(id)
-    }
     fn id(&self) -> ProductId {
         ProductId::from_uuid(self.id)
     }
@@ -256,7 +258,7 @@ impl Cache {
             enabled: config.cache_enabled,
             refresh_ahead: config.refresh_ahead,
             hooks,
-            outcomes: [Kind::User, Kind::Product, Kind::List].map(Outcomes::of),
+            outcomes: Kind::ALL.map(Outcomes::of),
             uncacheable_log: Throttle::default(),
             invalidation_log: Throttle::default(),
             fallbacks: Arc::new(tokio::sync::Semaphore::new(config.database_fallback_limit as usize)),
@@ -308,8 +310,8 @@ impl Cache {
         if !self.enabled {
             return None;
         }
-        let keys: Vec<String> = ids.iter().map(|&id| E::key(&self.keys, id)).collect();
-        let Some(raw) = self.redis.get_many(&keys).await else {
+        let keys: Vec<String> = ids.iter().map(|&id| self.keys.entry(E::KIND, id)).collect();
+        let Some(raw) = self.redis.get_many(&keys).await.filter(|_| self.epochs_trusted()) else {
             self.outcomes(E::KIND).misses.increment(ids.len() as u64);
             return None;
         };
@@ -376,7 +378,7 @@ impl Cache {
         if fills.is_empty() {
             return true;
         }
-        let keys: Vec<String> = fills.iter().map(|(id, _, _)| E::key(&self.keys, *id)).collect();
+        let keys: Vec<String> = fills.iter().map(|(id, _, _)| self.keys.entry(E::KIND, *id)).collect();
         if let Some(hook) = &self.hooks.before_fill {
             hook(&keys[0]).await;
         }
@@ -385,6 +387,11 @@ impl Cache {
         let mut guarded = Vec::with_capacity(fills.len());
         let mut invalid = Vec::new();
         for ((id, value, lease), key) in fills.iter().zip(&keys) {
+            if lease.key != self.keys.lease(key) {
+                // Taken in an epoch retired since: what it guards is never read again.
+                self.count_refused(E::KIND);
+                continue;
+            }
             if value.is_some_and(|value| !value.is_valid_for(*id)) {
                 invalid.push(*lease);
                 continue;
@@ -446,10 +453,15 @@ impl Cache {
         self.release(leases).await;
     }
 
-    /// The keys to delete when an entity changes: its fill lease, then its entry.
+    /// The keys to delete when an entity changes: its fill leases, then its
+    /// entries, in each epoch an instance may be reading (see `cache::epochs`).
     pub fn entity_keys<E: Cacheable>(&self, id: E::Id) -> KeyGroup {
-        let key = E::key(&self.keys, id);
-        vec![self.keys.lease(&key), key]
+        self.keys.entry_group(E::KIND, id)
+    }
+
+    /// Whether values read from Redis may be used now (see `cache::epochs`).
+    fn epochs_trusted(&self) -> bool {
+        self.keys.epochs_known().trusted()
     }
 
     /// Deletes each group of keys with one command and publishes `events`, all
@@ -461,11 +473,13 @@ impl Cache {
         }
         let messages: Vec<Vec<u8>> = events.iter().filter_map(|e| serde_json::to_vec(e).ok()).collect();
         for attempt in 1..=INVALIDATION_ATTEMPTS {
+            // Done only if the epochs it deleted in were still trusted when Redis confirmed it.
             if self
                 .redis
                 .delete_and_publish(groups, &self.keys.events(), &messages)
                 .await
                 .is_some()
+                && self.epochs_trusted()
             {
                 for event in events {
                     metrics::counter!("readthrough_events_published_total", "event" => event_label(&event.event))
@@ -509,46 +523,20 @@ impl Cache {
         )
     }
 
-    /// Operator invalidation of a group: every key of one entity (`user`,
-    /// `product`, `list`) or, for `None`, of the whole namespace, found with
-    /// SCAN in batches and deleted with UNLINK unless `dry_run`. Returns how
-    /// many keys were (or would be) deleted and the first `INVALIDATION_SAMPLE`
-    /// of them. `None` for an unknown entity, or when Redis stopped answering
-    /// (the batches before that are deleted).
-    ///
-    /// The fill leases go in a first pass, the rest in a second: a fill whose
-    /// lease the first pass missed happened before the second pass began, so
-    /// its entry is found then. (SCAN returns every key that exists for the
-    /// whole walk, but not always one created during it.)
-    pub async fn invalidate_matching(&self, entity: Option<&str>, dry_run: bool) -> Option<(u64, Vec<String>)> {
-        let pattern = self.keys.pattern_for(entity)?;
-        let lease_pattern = self.keys.lease_pattern_for(entity)?;
+    /// How many keys `kinds` hold at their current epochs (what bumping them
+    /// retires), found with SCAN in batches, and the first
+    /// `INVALIDATION_SAMPLE` of them. `None` when Redis stopped answering.
+    pub async fn count_keys(&self, kinds: &[Kind]) -> Option<(u64, Vec<String>)> {
         let mut count = 0u64;
         let mut sample = Vec::new();
-        let passes = if dry_run {
-            vec![pattern]
-        } else {
-            vec![lease_pattern, pattern]
-        };
-        for pattern in passes {
-            let walked = self
-                .redis
-                .scan_matching(&pattern, dry_run, |batch| {
+        for &kind in kinds {
+            self.redis
+                .scan_matching(&self.keys.pattern_for(kind), |batch| {
                     count += batch.len() as u64;
                     let room = INVALIDATION_SAMPLE.saturating_sub(sample.len());
                     sample.extend(batch.into_iter().take(room));
                 })
-                .await;
-            if walked.is_none() {
-                if !dry_run && count > 0 {
-                    tracing::warn!(
-                        pattern,
-                        deleted = count,
-                        "group invalidation stopped: Redis did not answer"
-                    );
-                }
-                return None;
-            }
+                .await?;
         }
         Some((count, sample))
     }
@@ -573,9 +561,11 @@ impl Cache {
     }
 
     /// Opens the Redis connections (see `RedisClient::open_connections`).
+    /// Then reads the key epochs, without which no value read is used.
     pub async fn open_connections(&self) {
         if self.enabled {
             self.redis.open_connections().await;
+            self.learn_epochs().await;
         }
     }
 }

@@ -11,6 +11,7 @@ use std::{future::Future, sync::Arc, time::Duration};
 use deadpool_redis::redis::{self, ErrorKind, RetryMethod};
 
 use super::{
+    Bump, Kind,
     breaker::{Admission, Breaker, Probe},
     connections::{self, Connections},
 };
@@ -85,6 +86,23 @@ local ttl = redis.call('PTTL', KEYS[2])
 if ttl <= 0 then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
 return 1
+";
+
+/// Adds 1 to the epoch of each kind named, unless the last bump is less than
+/// the spacing old (measured with the Redis server's clock, the one every
+/// instance shares). KEYS: the epochs hash. ARGV: spacing ms, then the kinds.
+/// Returns {0, user, product, list} when bumped, {ms to wait} when too soon.
+const BUMP_EPOCHS: &str = r"
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local last = tonumber(redis.call('HGET', KEYS[1], 'bumped_at_ms') or '0')
+local spacing = tonumber(ARGV[1])
+if now - last < spacing then return {math.max(1, spacing - (now - last))} end
+redis.call('HSET', KEYS[1], 'bumped_at_ms', now)
+for i = 2, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
+local epochs = redis.call('HMGET', KEYS[1], 'user', 'product', 'list')
+for i = 1, 3 do epochs[i] = tonumber(epochs[i] or '0') end
+return {0, epochs[1], epochs[2], epochs[3]}
 ";
 
 /// Deletes a lease only if it is still the caller's. KEYS: lease. ARGV: token.
@@ -236,17 +254,10 @@ impl RedisClient {
     }
 
     /// Walks the keyspace with `SCAN cursor MATCH pattern COUNT 1000` (never
-    /// KEYS) and calls `on_batch` with each step's keys: with `dry_run`, the
-    /// keys found; otherwise the ones of them that `unlink_each` deleted. Each
-    /// step is its own call with its own deadline; `None` when one fails, after
-    /// the batches before it were handled. Without `dry_run` a key is reported
-    /// once; a dry run may report a key twice if Redis resizes its table meanwhile.
-    pub async fn scan_matching(
-        &self,
-        pattern: &str,
-        dry_run: bool,
-        mut on_batch: impl FnMut(Vec<String>),
-    ) -> Option<()> {
+    /// KEYS) and calls `on_batch` with each step's keys. Each step is its own
+    /// call with its own deadline; `None` when one fails. A key may be reported
+    /// twice if Redis resizes its table meanwhile.
+    pub async fn scan_matching(&self, pattern: &str, mut on_batch: impl FnMut(Vec<String>)) -> Option<()> {
         let mut cursor: u64 = 0;
         loop {
             let (next, found): (u64, Vec<String>) = self
@@ -261,23 +272,36 @@ impl RedisClient {
                 )
                 .await?;
             if !found.is_empty() {
-                if dry_run {
-                    on_batch(found);
-                } else {
-                    let deleted = self.unlink_each(&found).await?;
-                    on_batch(
-                        found
-                            .into_iter()
-                            .zip(deleted)
-                            .filter_map(|(key, deleted)| deleted.then_some(key))
-                            .collect(),
-                    );
-                }
+                on_batch(found);
             }
             if next == 0 {
                 return Some(());
             }
             cursor = next;
+        }
+    }
+
+    /// Every kind's epoch (by `Kind`; 0 for one never bumped).
+    pub async fn read_epochs(&self, key: &str) -> Option<[u64; 3]> {
+        let mut cmd = redis::cmd("HMGET");
+        cmd.arg(key).arg(&Kind::ALL.map(Kind::label)[..]);
+        let epochs: Vec<Option<u64>> = self.run("epochs", &cmd).await?;
+        epochs_by_kind(&epochs)
+    }
+
+    /// Bumps the epochs of `kinds` unless the last bump is less than `spacing` old.
+    pub async fn bump_epochs(&self, key: &str, spacing: Duration, kinds: &[Kind]) -> Option<Bump> {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(BUMP_EPOCHS)
+            .arg(1)
+            .arg(key)
+            .arg(spacing.as_millis() as u64)
+            .arg(kinds.iter().map(|kind| kind.label()).collect::<Vec<_>>());
+        let reply: Vec<Option<u64>> = self.run("epochs", &cmd).await?;
+        match reply.split_first()? {
+            (Some(0), epochs) => epochs_by_kind(epochs).map(Bump::Done),
+            (Some(wait_ms), _) => Some(Bump::TooSoon(Duration::from_millis(*wait_ms))),
+            (None, _) => None,
         }
     }
 
@@ -628,6 +652,14 @@ impl Failure {
 /// gone, or the server says it is loading, busy or down), which counts
 /// towards opening the breaker; an error about the command itself (a wrong
 /// type, a script error) does not.
+/// Epochs in `Kind` order, a missing one (never bumped) as 0.
+fn epochs_by_kind(epochs: &[Option<u64>]) -> Option<[u64; 3]> {
+    match epochs {
+        [user, product, list] => Some([user, product, list].map(|epoch| epoch.unwrap_or(0))),
+        _ => None,
+    }
+}
+
 fn means_unavailable(error: &redis::RedisError) -> bool {
     error.is_io_error()
         || error.is_connection_dropped()

@@ -19,7 +19,7 @@ pub use products::{ProductPage, Products};
 pub use users::Users;
 
 use crate::{
-    cache::{Cache, EventFeed, Hooks, near::NearCache},
+    cache::{Cache, EventFeed, Hooks, Kind, near::NearCache},
     config::Config,
     domain::ValidationError,
     store::{self, StoreError, outbox},
@@ -78,6 +78,16 @@ impl Services {
                     _ => {}
                 }
             }
+        }
+    }
+
+    /// A kind's key epoch moved (its keys were retired): what the near cache
+    /// holds of it was read in the old epoch.
+    pub fn on_epoch_change(&self, kind: Kind) {
+        match kind {
+            Kind::User => self.users.forget_all(),
+            Kind::Product => self.products.forget_all(),
+            Kind::List => {}
         }
     }
 }

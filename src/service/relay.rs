@@ -6,7 +6,8 @@
 //! by the notification (or every `POLL_INTERVAL`), it claims rows with
 //! `FOR UPDATE SKIP LOCKED`, deletes their keys and publishes their events in
 //! one Redis round trip, and deletes the rows only once Redis confirmed. While
-//! Redis is down the rows stay, and are retried every `POLL_INTERVAL`.
+//! Redis is down the rows stay, and are retried every `POLL_INTERVAL`. A
+//! TRUNCATE names no rows: it retires its kinds' keys with a new key epoch.
 
 use std::{
     collections::{BTreeSet, HashMap, hash_map::Entry},
@@ -18,7 +19,7 @@ use sqlx::{PgPool, postgres::PgListener};
 use uuid::Uuid;
 
 use crate::{
-    cache::{Cache, Event, KeyGroup},
+    cache::{Bump, Cache, Event, KeyGroup, Kind},
     domain::{CategoryId, Product, ProductId, User, UserId},
     store::{
         StoreError,
@@ -93,15 +94,15 @@ pub struct Invalidations {
     pub groups: Vec<KeyGroup>,
     /// One event per entity: its last row's, with the categories of all its rows.
     pub events: Vec<Event>,
-    /// Entities (as `Keys::pattern_for` names them) every key of which goes:
-    /// after a TRUNCATE, which names no rows.
-    pub sweeps: Vec<&'static str>,
+    /// Kinds every key of which is retired (a new key epoch): after a
+    /// TRUNCATE, which names no rows.
+    pub retired: Vec<Kind>,
 }
 
 /// Coalesces a batch of outbox rows into the invalidations they ask for.
 pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
     let mut groups = BTreeSet::new();
-    let mut sweeps = BTreeSet::new();
+    let mut retired = Vec::new();
     let mut events: Vec<Event> = Vec::new();
     let mut event_of: HashMap<(&str, Uuid), usize> = HashMap::new();
     for row in rows {
@@ -117,12 +118,8 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
                     groups.insert(cache.list_keys(&category));
                 }
             }
-            ("user", true) => {
-                sweeps.insert("user");
-            }
-            ("product", true) => {
-                sweeps.extend(["product", "list"]);
-            }
+            ("user", true) => retired.push(Kind::User),
+            ("product", true) => retired.extend([Kind::Product, Kind::List]),
             (entity, _) => {
                 tracing::warn!(entity, id = row.id, "ignoring an outbox row of an unknown entity");
                 continue;
@@ -151,17 +148,16 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
     Invalidations {
         groups: groups.into_iter().collect(),
         events,
-        sweeps: sweeps.into_iter().collect(),
+        retired: Kind::ALL.into_iter().filter(|kind| retired.contains(kind)).collect(),
     }
 }
 
-/// Carries out `planned`: the sweeps first, then the key groups and events in
-/// one round trip. True when Redis confirmed all of it.
+/// Carries out `planned`: the epoch bump first, then the key groups and events
+/// in one round trip. True when Redis confirmed all of it; a bump refused as
+/// too soon after the last one is tried again with the rows in a later round.
 pub async fn carry_out(cache: &Cache, planned: &Invalidations) -> bool {
-    for entity in &planned.sweeps {
-        if cache.invalidate_matching(Some(entity), false).await.is_none() {
-            return false;
-        }
+    if !planned.retired.is_empty() && !matches!(cache.bump_epochs(&planned.retired).await, Some(Bump::Done(_))) {
+        return false;
     }
     cache.invalidate(&planned.groups, &planned.events).await
 }
@@ -193,8 +189,12 @@ mod tests {
             row(5, "product", 9, &["books", "games"], "product.moved"),
             row(6, "product", 10, &["books"], "product.deleted"),
         ];
-        let Invalidations { groups, events, sweeps } = invalidations(&cache, &rows);
-        assert!(sweeps.is_empty());
+        let Invalidations {
+            groups,
+            events,
+            retired,
+        } = invalidations(&cache, &rows);
+        assert!(retired.is_empty());
 
         let books = CategoryId::parse("books").unwrap();
         let games = CategoryId::parse("games").unwrap();
@@ -231,7 +231,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_truncate_sweeps_its_entity_and_an_unknown_entity_is_ignored() {
+    async fn a_truncate_retires_its_kinds_and_an_unknown_entity_is_ignored() {
         let cache = Cache::new(&Config::from_env(), Hooks::default()).unwrap();
         let rows = [
             row(1, "product", 0, &[], "product.truncated"),
@@ -239,7 +239,7 @@ mod tests {
             row(3, "user", 0, &[], "user.truncated"),
         ];
         let planned = invalidations(&cache, &rows);
-        assert_eq!(planned.sweeps, ["list", "product", "user"]);
+        assert_eq!(planned.retired, Kind::ALL);
         assert!(planned.groups.is_empty(), "{:?}", planned.groups);
         let events: Vec<&str> = planned.events.iter().map(|e| e.event.as_str()).collect();
         assert_eq!(events, ["product.truncated", "user.truncated"]);

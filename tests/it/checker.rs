@@ -19,11 +19,12 @@ use std::{
 use prost_types::FieldMask;
 use rand::{Rng, seq::IndexedRandom};
 use readthrough::{
-    cache::{Entry, Hook, Hooks, ListMeta},
+    cache::{Entry, Hook, Hooks, Kind, ListMeta},
     domain::{CategoryId, Product, ProductId, User, UserId},
     proto::{
         self, CreateProductRequest, CreateUserRequest, DeleteUserRequest, GetProductRequest, GetUserRequest,
-        ListProductsRequest, UpdateProductRequest, UpdateUserRequest, product_service_client::ProductServiceClient,
+        InvalidateAllRequest, ListProductsRequest, UpdateProductRequest, UpdateUserRequest,
+        cache_admin_service_client::CacheAdminServiceClient, product_service_client::ProductServiceClient,
         user_service_client::UserServiceClient,
     },
 };
@@ -38,6 +39,9 @@ pub struct Settings {
     pub products: usize,
     /// Upper bound of each injected delay.
     pub max_delay: Duration,
+    /// Runs `InvalidateAll` (every kind) back to back meanwhile, so the key
+    /// epochs move under the clients.
+    pub retire_all: bool,
 }
 
 #[derive(Debug, Default)]
@@ -45,6 +49,10 @@ pub struct Report {
     pub operations: u64,
     pub reads: u64,
     pub writes: u64,
+    /// Cached entries and lists compared with PostgreSQL at the end.
+    pub entries_checked: u64,
+    /// Key epoch bumps made during the run (`retire_all`).
+    pub epoch_bumps: u64,
     pub stale_entries: Vec<String>,
     pub read_violations: Vec<String>,
 }
@@ -131,6 +139,24 @@ pub async fn run(settings: Settings) -> Report {
             })
         })
         .collect();
+    let retiring = settings.retire_all.then(|| {
+        let admin_port = first.admin_port;
+        tokio::spawn(async move {
+            let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{admin_port}"))
+                .await
+                .unwrap();
+            let mut bumps = 0;
+            while Instant::now() < deadline {
+                let everything = InvalidateAllRequest {
+                    entity: String::new(),
+                    dry_run: false,
+                };
+                admin.invalidate_all(everything).await.unwrap();
+                bumps += 1;
+            }
+            bumps
+        })
+    });
     let mut report = Report::default();
     for client in clients {
         let (reads, writes) = client.await.unwrap();
@@ -138,9 +164,12 @@ pub async fn run(settings: Settings) -> Report {
         report.writes += writes;
     }
     report.operations = report.reads + report.writes;
+    if let Some(retiring) = retiring {
+        report.epoch_bumps = retiring.await.unwrap();
+    }
 
     quiesce(&first).await;
-    report.stale_entries = stale_entries(&mut first).await;
+    (report.stale_entries, report.entries_checked) = stale_entries(&mut first).await;
     report.read_violations = read_violations(&history.lock().unwrap());
     drop(second);
     report
@@ -336,14 +365,21 @@ async fn quiesce(app: &TestApp) {
     tokio::time::sleep(Duration::from_millis(300)).await;
 }
 
-/// Cached entries (users, products, lists) that differ from PostgreSQL.
-async fn stale_entries(app: &mut TestApp) -> Vec<String> {
+/// Cached entries (users, products, lists) of the current key epochs that
+/// differ from PostgreSQL, and how many were compared. (Keys of a retired
+/// epoch are never read again.)
+async fn stale_entries(app: &mut TestApp) -> (Vec<String>, u64) {
     let mut stale = Vec::new();
+    let mut checked = 0;
+    let current: Vec<String> = Kind::ALL
+        .map(|kind| app.keys.pattern_for(kind).trim_end_matches('*').to_string())
+        .into();
     for key in app.namespace_keys().await {
-        if key.ends_with(":lease") || key.ends_with(":events") {
+        if key.ends_with(":lease") || !current.iter().any(|prefix| key.starts_with(prefix)) {
             continue;
         }
         if let Some(id) = tag(&key, ":user:") {
+            checked += 1;
             let id = UserId::parse(id).unwrap();
             let cached: Entry<User> = app.cached_value(&key).await.unwrap();
             let row = readthrough::store::users::get_many(&app.db, &[id]).await.unwrap().pop();
@@ -351,6 +387,7 @@ async fn stale_entries(app: &mut TestApp) -> Vec<String> {
                 stale.push(format!("{key}: cached {:?}, stored {row:?}", cached.value));
             }
         } else if let Some(id) = tag(&key, ":product:") {
+            checked += 1;
             let id = ProductId::parse(id).unwrap();
             let cached: Entry<Product> = app.cached_value(&key).await.unwrap();
             let row = readthrough::store::products::get_many(&app.db, &[id])
@@ -361,6 +398,7 @@ async fn stale_entries(app: &mut TestApp) -> Vec<String> {
                 stale.push(format!("{key}: cached {:?}, stored {row:?}", cached.value));
             }
         } else if let Some(category) = tag(&key, ":list:").filter(|_| key.ends_with(":meta")) {
+            checked += 1;
             let category = CategoryId::parse(category).unwrap();
             let meta: ListMeta = app.cached_value(&key).await.unwrap();
             // Every cached (id, position) must be where PostgreSQL has it.
@@ -387,11 +425,14 @@ async fn stale_entries(app: &mut TestApp) -> Vec<String> {
             }
         }
     }
-    stale
+    (stale, checked)
 }
 
-/// The part of `key` inside the hash tag that follows `kind`, e.g. the id of `rt:v1:user:{id}`.
+/// The part of `key` inside the hash tag that follows `kind` and its epoch,
+/// e.g. the id of `rt:v1:user:e0:{id}`.
 fn tag<'a>(key: &'a str, kind: &str) -> Option<&'a str> {
     let rest = &key[key.find(kind)? + kind.len()..];
+    let (epoch, rest) = rest.strip_prefix('e')?.split_once(':')?;
+    epoch.parse::<u64>().ok()?;
     rest.strip_prefix('{')?.split('}').next()
 }

@@ -12,7 +12,7 @@ use std::{
 
 use deadpool_redis::redis;
 use readthrough::{
-    cache::{Hook, Hooks},
+    cache::{Hook, Hooks, Kind},
     domain::{ProductId, UserId},
     proto::{
         GetProductRequest, GetUserRequest, InvalidateUserRequest, ListProductsRequest,
@@ -41,9 +41,30 @@ async fn concurrent_reads_and_writes_on_two_instances_stay_consistent() {
         users: 10,
         products: 12,
         max_delay: Duration::from_millis(5),
+        retire_all: false,
     })
     .await;
+    assert_consistent(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_stay_consistent_while_invalidate_all_moves_the_key_epochs() {
+    let report = checker::run(Settings {
+        clients: 8,
+        duration: Duration::from_secs(5),
+        users: 10,
+        products: 12,
+        max_delay: Duration::from_millis(5),
+        retire_all: true,
+    })
+    .await;
+    assert!(report.epoch_bumps >= 2, "the epochs moved: {report:?}");
+    assert_consistent(&report);
+}
+
+fn assert_consistent(report: &checker::Report) {
     assert!(report.writes > 50 && report.reads > 100, "the run did work: {report:?}");
+    assert!(report.entries_checked > 10, "the cache was compared: {report:?}");
     assert_eq!(
         report.stale_entries,
         Vec::<String>::new(),
@@ -100,7 +121,7 @@ fn entries_deleted_before_their_lease(deletions: &[Vec<String>]) -> Vec<String> 
         leases_gone.extend(command.iter().filter(|key| key.ends_with(":lease")).cloned());
         for key in command
             .iter()
-            .filter(|key| key.contains(":user:{") && !key.ends_with(":lease"))
+            .filter(|key| key.contains(":user:e") && !key.ends_with(":lease"))
         {
             if !leases_gone.contains(&format!("{key}:lease")) {
                 early.push(key.clone());
@@ -365,12 +386,16 @@ async fn a_truncate_by_hand_drops_every_cached_entry_of_the_table() {
 
     sqlx::query("TRUNCATE users, products").execute(&app.db).await.unwrap();
 
-    // The relay deletes the truncate's outbox rows once it has swept the keys.
-    // (A NotFound is no proof: one slow GET would answer it from PostgreSQL.)
+    // The relay deletes the truncate's outbox rows once it has retired the
+    // keys. (A NotFound is no proof: one slow GET would answer it from PostgreSQL.)
     app.outbox_drained().await;
-    let product_key = app.keys.product(ProductId::parse(&product.id).unwrap());
-    assert!(!app.exists(&user_key).await, "the truncated user's entry is gone");
-    assert!(!app.exists(&product_key).await, "the truncated product's entry is gone");
+    let epochs = app.keys.epochs_known();
+    assert_eq!(
+        [Kind::User, Kind::Product, Kind::List].map(|kind| epochs.of(kind)),
+        [1, 1, 1],
+        "every kind of the truncated tables has a new key epoch"
+    );
+    assert_ne!(app.keys.user(UserId::parse(&user.id).unwrap()), user_key);
     let status = app
         .users
         .get_user(GetUserRequest { id: user.id.clone() })

@@ -265,6 +265,7 @@ async fn start(
         .await
         .expect("app builds");
     let (grpc_port, admin_port, metrics_port) = (app.grpc_port(), app.admin_port(), app.metrics_port());
+    let keys = app.cache_keys();
     let (stop, stopped) = oneshot::channel::<()>();
     tokio::spawn(app.run_until_stopped(async {
         let _ = stopped.await;
@@ -287,7 +288,7 @@ async fn start(
         products: ProductServiceClient::new(channel),
         db: PgPool::connect(config.config.database_url.expose()).await.unwrap(),
         redis,
-        keys: Keys::new(&config.config.cache_namespace),
+        keys,
         config,
         grpc_port,
         admin_port,

@@ -9,6 +9,7 @@ mod cli;
 mod concurrency;
 mod consistency;
 mod deployment;
+mod epochs;
 mod fail_open;
 mod failures;
 mod helpers;
