@@ -132,17 +132,14 @@ impl Application {
             products,
             pool,
             cache,
+            ..
         } = services.clone();
         let admin = CacheAdminApi::new(cache.clone());
         let background = [
             tokio::spawn(relay::run(pool.clone(), cache.clone())),
             tokio::spawn({
-                let (services, cache) = (services.clone(), cache.clone());
-                async move { cache.receive_events(|feed| services.on_event(&feed)).await }
-            }),
-            tokio::spawn({
                 let services = services.clone();
-                async move { cache.follow_epochs(|kind| services.on_epoch_change(kind)).await }
+                async move { cache.receive_events(|feed| services.on_event(&feed)).await }
             }),
         ];
         let (health, health_service) = tonic_health::server::health_reporter();

@@ -32,26 +32,55 @@ pub struct Services {
     pub products: Products,
     pub pool: PgPool,
     pub cache: Arc<Cache>,
+    /// Keeps the cache's key epochs current while any clone lives.
+    _epochs: Arc<AbortOnDrop>,
+}
+
+/// Stops a background task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Services {
     /// Connects to PostgreSQL and Redis; works while Redis is down (its
-    /// connections are retried in the background).
+    /// connections are retried in the background). Every command that uses
+    /// the cache (serve, seed, warm) follows the key epochs from here on:
+    /// without them it could use no value read and confirm no invalidation.
     pub async fn connect(config: &Config, hooks: Hooks) -> anyhow::Result<Self> {
         let pool = store::connect(config).await?;
         let cache = Arc::new(Cache::new(config, hooks)?);
         cache.open_connections().await;
+        let users = Users::new(pool.clone(), cache.clone(), near_cache(config));
+        let products = Products::new(
+            pool.clone(),
+            cache.clone(),
+            near_cache(config),
+            config.list_cache_max_ids,
+            config.list_chunk_ids,
+        );
+        let epochs = tokio::spawn({
+            let (cache, users, products) = (cache.clone(), users.clone(), products.clone());
+            async move {
+                // A kind's epoch moved: what the near cache holds of it was read in the old one.
+                cache
+                    .follow_epochs(|kind| match kind {
+                        Kind::User => users.forget_all(),
+                        Kind::Product => products.forget_all(),
+                        Kind::List => {}
+                    })
+                    .await;
+            }
+        });
         Ok(Self {
-            users: Users::new(pool.clone(), cache.clone(), near_cache(config)),
-            products: Products::new(
-                pool.clone(),
-                cache.clone(),
-                near_cache(config),
-                config.list_cache_max_ids,
-                config.list_chunk_ids,
-            ),
+            users,
+            products,
             pool,
             cache,
+            _epochs: Arc::new(AbortOnDrop(epochs.abort_handle())),
         })
     }
 
@@ -78,16 +107,6 @@ impl Services {
                     _ => {}
                 }
             }
-        }
-    }
-
-    /// A kind's key epoch moved (its keys were retired): what the near cache
-    /// holds of it was read in the old epoch.
-    pub fn on_epoch_change(&self, kind: Kind) {
-        match kind {
-            Kind::User => self.users.forget_all(),
-            Kind::Product => self.products.forget_all(),
-            Kind::List => {}
         }
     }
 }
