@@ -106,6 +106,11 @@ pub struct Config {
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     pub redis_url: SecretUrl,
 
+    /// Seed nodes of a Redis Cluster, comma-separated (`redis://host:port`, with
+    /// `user:password@` for an ACL user). When set, it replaces `REDIS_URL`.
+    #[arg(long, env = "REDIS_CLUSTER_URLS", value_delimiter = ',')]
+    pub redis_cluster_urls: Vec<SecretUrl>,
+
     /// PEM file of the CA that signed a `rediss://` server's certificate, when
     /// it is not in the system's trust store.
     #[arg(long, env = "REDIS_TLS_CA_FILE")]

@@ -13,6 +13,13 @@
 //! Meanwhile requests use the other slots, or fail open when none is connected.
 //! A new connection tells the circuit breaker, which then probes at once
 //! instead of waiting out its cool-down.
+//!
+//! Against a Redis Cluster (`REDIS_CLUSTER_URLS`) each slot holds a redis-rs
+//! cluster connection instead: itself multiplexed, it keeps one connection
+//! per node, routes each command by its key's hash slot, follows MOVED and
+//! ASK, and refreshes the slot map after a failover. It is made by redis-rs's
+//! `ClusterClient` directly rather than deadpool-redis's cluster pool, whose
+//! manager cannot set TCP_NODELAY, the connect timeout or a private CA.
 
 use std::{
     path::Path,
@@ -27,7 +34,10 @@ use anyhow::Context;
 use deadpool_redis::{
     Connection, Manager, Pool, Runtime,
     redis::{
-        self, AsyncConnectionConfig, ConnectionInfo, IntoConnectionInfo, aio::MultiplexedConnection,
+        self, AsyncConnectionConfig, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value,
+        aio::{ConnectionLike, MultiplexedConnection},
+        cluster::{ClusterClient, ClusterClientBuilder},
+        cluster_async::ClusterConnection,
         io::tcp::TcpSettings,
     },
 };
@@ -41,16 +51,82 @@ const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 /// attempt against a closed port costs next to nothing.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
+/// Where the cache lives.
+pub enum Target {
+    Single(Box<ConnectionInfo>),
+    /// Seed nodes of a Redis Cluster.
+    Cluster(Vec<ConnectionInfo>),
+}
+
+/// A connection to one Redis, or to a whole Redis Cluster.
+#[derive(Clone)]
+pub enum Handle {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for Handle {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Handle::Single(connection) => connection.req_packed_command(cmd),
+            Handle::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Handle::Single(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Handle::Cluster(connection) => connection.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Handle::Single(connection) => connection.get_db(),
+            Handle::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+/// Makes connections; it holds none itself.
+enum Factory {
+    /// Each connection is taken out of the pool at once.
+    Single(Pool),
+    Cluster(Box<ClusterClient>),
+}
+
+impl Factory {
+    async fn connect(&self) -> Result<Handle, String> {
+        match self {
+            Factory::Single(pool) => match pool.get().await {
+                Ok(pooled) => Ok(Handle::Single(Connection::take(pooled))),
+                Err(error) => Err(error.to_string()),
+            },
+            Factory::Cluster(client) => {
+                match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_connection()).await {
+                    Ok(Ok(connection)) => Ok(Handle::Cluster(connection)),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err(format!("no cluster connection within {CONNECT_TIMEOUT:?}")),
+                }
+            }
+        }
+    }
+}
+
 /// A connection handle and which slot (and which connection of that slot) it came from.
 pub struct Checked {
-    pub connection: MultiplexedConnection,
+    pub connection: Handle,
     slot: usize,
     generation: u64,
 }
 
 pub struct Connections {
-    /// Makes connections; it holds none itself (each is taken out of it at once).
-    pool: Pool,
+    factory: Factory,
     slots: Box<[Slot]>,
     next: AtomicUsize,
     breaker: Arc<Breaker>,
@@ -67,7 +143,7 @@ struct Slot {
 
 #[derive(Default)]
 struct SlotState {
-    connection: Option<MultiplexedConnection>,
+    connection: Option<Handle>,
     /// Bumped on every new connection, so a late failure report about an old
     /// connection does not discard its replacement.
     generation: u64,
@@ -75,23 +151,40 @@ struct SlotState {
 
 impl Connections {
     /// Connects nothing yet: see `connect_all`.
-    pub fn new(info: ConnectionInfo, count: usize, breaker: Arc<Breaker>) -> anyhow::Result<Arc<Self>> {
-        // No response timeout of redis-rs's own (500 ms by default): every call
-        // has REDIS_TIMEOUT_MS already, and a second, shorter one would cut it.
-        let settings = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(None);
-        let manager =
-            Manager::new_with_config(info, settings).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
-        let pool = Pool::builder(manager)
-            .max_size(count)
-            .wait_timeout(Some(CONNECT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .map_err(|e| anyhow::anyhow!("cannot set up Redis connections: {e}"))?;
+    pub fn new(target: Target, count: usize, breaker: Arc<Breaker>) -> anyhow::Result<Arc<Self>> {
+        let factory = match target {
+            Target::Single(info) => {
+                // No response timeout of redis-rs's own (500 ms by default): every call
+                // has REDIS_TIMEOUT_MS already, and a second, shorter one would cut it.
+                let settings = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
+                    .set_response_timeout(None);
+                let manager =
+                    Manager::new_with_config(*info, settings).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+                let pool = Pool::builder(manager)
+                    .max_size(count)
+                    .wait_timeout(Some(CONNECT_TIMEOUT))
+                    .create_timeout(Some(CONNECT_TIMEOUT))
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("cannot set up Redis connections: {e}"))?;
+                Factory::Single(pool)
+            }
+            Target::Cluster(seeds) => {
+                // The same: REDIS_TIMEOUT_MS is the deadline. A command whose
+                // node fails is retried on the new owner of its slot (within it).
+                let client = ClusterClientBuilder::new(seeds)
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(Duration::from_secs(3600))
+                    .overall_response_timeout(None)
+                    .tcp_settings(TcpSettings::default().set_nodelay(true))
+                    .build()
+                    .map_err(|e| anyhow::anyhow!("invalid REDIS_CLUSTER_URLS: {e}"))?;
+                Factory::Cluster(Box::new(client))
+            }
+        };
         Ok(Arc::new(Self {
-            pool,
+            factory,
             slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
             breaker,
@@ -163,10 +256,10 @@ impl Connections {
         tokio::spawn(async move {
             let mut delay = RECONNECT_FIRST_DELAY;
             loop {
-                match this.pool.get().await {
-                    Ok(pooled) => {
+                match this.factory.connect().await {
+                    Ok(connection) => {
                         let mut state = this.slots[slot].state.write().unwrap_or_else(|p| p.into_inner());
-                        state.connection = Some(Connection::take(pooled));
+                        state.connection = Some(connection);
                         state.generation += 1;
                         this.breaker.reconnected();
                         break;

@@ -6,14 +6,25 @@
 //! Failures are counted per operation and logged at most once per
 //! `LOG_INTERVAL`, so an outage does not turn into a log line per request.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
-use deadpool_redis::redis::{self, ErrorKind, RetryMethod};
+use deadpool_redis::redis::{
+    self, ErrorKind, RetryMethod,
+    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot},
+};
 
 use super::{
     Bump, Kind,
     breaker::{Admission, Breaker, Probe},
-    connections::{self, Connections},
+    connections::{self, Connections, Handle, Target},
 };
 use crate::{config::Config, telemetry::Throttle};
 
@@ -164,8 +175,13 @@ pub struct ListPageRaw {
 }
 
 pub struct RedisClient {
-    /// For pub/sub, which needs a connection of its own.
-    client: redis::Client,
+    /// For pub/sub, which needs a connection of its own: the Redis, or each
+    /// seed node of a cluster (PUBLISH reaches every node's subscribers), tried
+    /// in turn.
+    subscribers: Vec<redis::Client>,
+    next_subscriber: AtomicUsize,
+    /// Whether `connections` lead to a Redis Cluster.
+    cluster: bool,
     connections: Arc<Connections>,
     timeout: Duration,
     errors: ErrorLog,
@@ -175,110 +191,156 @@ pub struct RedisClient {
 impl RedisClient {
     /// Sets up the connections without connecting, so the service starts while Redis is down.
     pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let info = connections::connection_info(config.redis_url.expose(), config.redis_tls_ca_file.as_deref())?;
+        let tls_ca = config.redis_tls_ca_file.as_deref();
+        let nodes = if config.redis_cluster_urls.is_empty() {
+            vec![connections::connection_info(config.redis_url.expose(), tls_ca)?]
+        } else {
+            config
+                .redis_cluster_urls
+                .iter()
+                .map(|url| connections::connection_info(url.expose(), tls_ca))
+                .collect::<anyhow::Result<_>>()?
+        };
         // The subscription connects as the shared connections do: same TLS, same ACL user.
-        let client = redis::Client::open(info.clone()).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+        let subscribers = nodes
+            .iter()
+            .map(|info| redis::Client::open(info.clone()).map_err(|e| anyhow::anyhow!("invalid Redis URL: {e}")))
+            .collect::<anyhow::Result<_>>()?;
+        let cluster = !config.redis_cluster_urls.is_empty();
+        let target = if cluster {
+            Target::Cluster(nodes)
+        } else {
+            Target::Single(Box::new(nodes.into_iter().next().expect("one node")))
+        };
         let breaker = Arc::new(Breaker::new(
             config.redis_breaker_failures,
             Duration::from_millis(config.redis_breaker_cooldown_ms),
         ));
         Ok(Self {
-            client,
-            connections: Connections::new(info, usize::from(config.redis_connections), breaker.clone())?,
+            subscribers,
+            next_subscriber: AtomicUsize::new(0),
+            cluster,
+            connections: Connections::new(target, usize::from(config.redis_connections), breaker.clone())?,
             timeout: config.redis_timeout(),
             errors: ErrorLog::default(),
             breaker,
         })
     }
 
-    /// GET for one key, MGET for several; `None` when Redis could not answer.
+    /// GET for one key, MGET for several (against a cluster, a GET per key
+    /// in one pipeline per slot); `None` when Redis could not answer.
     pub async fn get_many(&self, keys: &[String]) -> Option<Vec<Option<Vec<u8>>>> {
         match keys {
             [] => Some(Vec::new()),
             [key] => self.run("get", redis::cmd("GET").arg(key)).await.map(|v| vec![v]),
+            _ if self.cluster => {
+                self.run_routed("mget", keys, |key| redis::cmd("GET").arg(key).clone())
+                    .await
+            }
             _ => self.run("mget", redis::cmd("MGET").arg(keys)).await,
         }
     }
 
-    /// SET with an expiry for each entry, pipelined into one round trip.
+    /// SET with an expiry for each entry, in one round trip.
     pub async fn set_many(&self, entries: &[(String, Vec<u8>, u64)]) -> Option<()> {
-        if entries.is_empty() {
-            return Some(());
-        }
-        let mut pipe = redis::pipe();
-        for (key, value, ttl_secs) in entries {
-            pipe.cmd("SET").arg(key).arg(value).arg("EX").arg(ttl_secs).ignore();
-        }
-        self.run_pipe("set", &pipe).await
+        let sets = entries.iter().map(|(key, value, ttl_secs)| {
+            let set = redis::cmd("SET").arg(key).arg(value).arg("EX").arg(ttl_secs).clone();
+            (key.as_str(), set)
+        });
+        self.run_each::<redis::Value>("set", sets.collect()).await.map(drop)
     }
 
     /// Deletes the keys in one round trip, one DEL per key so that no command
     /// spans two Redis Cluster slots.
     pub async fn delete(&self, keys: &[String]) -> Option<()> {
-        if keys.is_empty() {
-            return Some(());
-        }
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("DEL").arg(key).ignore();
-        }
-        self.run_pipe("del", &pipe).await
+        self.run_routed::<redis::Value>("del", keys, |key| redis::cmd("DEL").arg(key).clone())
+            .await
+            .map(drop)
     }
 
-    /// Which of `keys` exist, in order: one EXISTS per key, pipelined, so that
-    /// no command spans two Redis Cluster slots.
+    /// Which of `keys` exist, in order: one EXISTS per key, in one round trip.
     pub async fn exists_each(&self, keys: &[String]) -> Option<Vec<bool>> {
-        if keys.is_empty() {
-            return Some(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("EXISTS").arg(key);
-        }
-        let replies: Vec<i64> = self.run_pipe("exists", &pipe).await?;
+        let replies: Vec<i64> = self
+            .run_routed("exists", keys, |key| redis::cmd("EXISTS").arg(key).clone())
+            .await?;
         Some(replies.into_iter().map(|n| n == 1).collect())
     }
 
     /// Deletes the keys (UNLINK: the memory is freed in the background), one
-    /// command per key in one pipeline; true where the key existed.
+    /// command per key in one round trip; true where the key existed.
     pub async fn unlink_each(&self, keys: &[String]) -> Option<Vec<bool>> {
-        if keys.is_empty() {
-            return Some(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for key in keys {
-            pipe.cmd("UNLINK").arg(key);
-        }
-        let replies: Vec<i64> = self.run_pipe("unlink", &pipe).await?;
+        let replies: Vec<i64> = self
+            .run_routed("unlink", keys, |key| redis::cmd("UNLINK").arg(key).clone())
+            .await?;
         Some(replies.into_iter().map(|n| n == 1).collect())
     }
 
     /// Walks the keyspace with `SCAN cursor MATCH pattern COUNT 1000` (never
-    /// KEYS) and calls `on_batch` with each step's keys. Each step is its own
-    /// call with its own deadline; `None` when one fails. A key may be reported
-    /// twice if Redis resizes its table meanwhile.
+    /// KEYS), on every master of a cluster, and calls `on_batch` with each
+    /// step's keys. Each step is its own call with its own deadline; `None`
+    /// when one fails. A key may be reported twice if Redis resizes its table
+    /// (or a cluster moves a slot) meanwhile.
     pub async fn scan_matching(&self, pattern: &str, mut on_batch: impl FnMut(Vec<String>)) -> Option<()> {
-        let mut cursor: u64 = 0;
-        loop {
-            let (next, found): (u64, Vec<String>) = self
-                .run(
-                    "scan",
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("MATCH")
-                        .arg(pattern)
-                        .arg("COUNT")
-                        .arg(SCAN_COUNT),
-                )
-                .await?;
-            if !found.is_empty() {
-                on_batch(found);
+        let nodes = if self.cluster {
+            self.masters().await?.into_iter().map(Some).collect()
+        } else {
+            vec![None]
+        };
+        for node in nodes {
+            let mut cursor: u64 = 0;
+            loop {
+                let mut scan = redis::cmd("SCAN");
+                scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_COUNT);
+                let (next, found): (u64, Vec<String>) = match &node {
+                    None => self.run("scan", &scan).await?,
+                    Some(node) => self.run_at("scan", node, scan).await?,
+                };
+                if !found.is_empty() {
+                    on_batch(found);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
             }
-            if next == 0 {
-                return Some(());
-            }
-            cursor = next;
         }
+        Some(())
+    }
+
+    /// The cluster's masters, as `CLUSTER NODES` lists them: (host, port).
+    async fn masters(&self) -> Option<Vec<(String, u16)>> {
+        let nodes: String = self
+            .run("cluster_nodes", &redis::cmd("CLUSTER").arg("NODES").clone())
+            .await?;
+        Some(masters_of(&nodes))
+    }
+
+    /// Runs `cmd` on one node of the cluster, within the deadline.
+    async fn run_at<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        (host, port): &(String, u16),
+        cmd: redis::Cmd,
+    ) -> Option<T> {
+        self.with_deadline(operation, async {
+            let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
+            let Handle::Cluster(connection) = &mut checked.connection else {
+                return Err(Failure::not_connected());
+            };
+            let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port: *port,
+            });
+            let value = connection
+                .route_command(cmd, at)
+                .await
+                .map_err(|error| self.failed(&checked, error))?;
+            redis::from_redis_value(value).map_err(|error| Failure {
+                unavailable: false,
+                message: error.to_string(),
+            })
+        })
+        .await
     }
 
     /// Every kind's epoch (by `Kind`; 0 for one never bumped).
@@ -323,16 +385,16 @@ impl RedisClient {
 
     /// Takes each lease that nobody holds (`SET NX PX`); true where this caller got it.
     pub async fn acquire_leases(&self, lease_keys: &[String], token: &str, ttl: Duration) -> Option<Vec<bool>> {
-        let mut pipe = redis::pipe();
-        for key in lease_keys {
-            pipe.cmd("SET")
+        let set = |key: &str| {
+            redis::cmd("SET")
                 .arg(key)
                 .arg(token)
                 .arg("NX")
                 .arg("PX")
-                .arg(ttl.as_millis() as u64);
-        }
-        let replies: Vec<Option<String>> = self.run_pipe("lease", &pipe).await?;
+                .arg(ttl.as_millis() as u64)
+                .clone()
+        };
+        let replies: Vec<Option<String>> = self.run_routed("lease", lease_keys, set).await?;
         Some(replies.into_iter().map(|reply| reply.is_some()).collect())
     }
 
@@ -363,46 +425,39 @@ impl RedisClient {
 
     /// Stores each value whose lease is still held; true where it was stored.
     pub async fn fill_guarded(&self, fills: &[GuardedFill<'_>]) -> Option<Vec<bool>> {
-        if fills.is_empty() {
-            return Some(Vec::new());
-        }
-        let mut pipe = redis::pipe();
-        for fill in fills {
-            pipe.cmd("EVAL")
-                .arg(GUARDED_SET)
+        let fills = fills.iter().map(|fill| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(GUARDED_SET)
                 .arg(2)
                 .arg(fill.key)
                 .arg(fill.lease_key)
                 .arg(fill.token)
                 .arg(&fill.value)
                 .arg(fill.ttl_secs);
-        }
-        let stored: Vec<i64> = self.run_pipe("fill", &pipe).await?;
+            (fill.key, cmd)
+        });
+        let stored: Vec<i64> = self.run_each("fill", fills.collect()).await?;
         Some(stored.into_iter().map(|s| s == 1).collect())
     }
 
     /// Gives leases (key, token) back early, each if it is still the caller's.
     pub async fn release_leases(&self, leases: &[(String, String)]) {
-        let mut pipe = redis::pipe();
-        for (key, token) in leases {
-            pipe.cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(token).ignore();
-        }
-        self.run_pipe::<()>("release", &pipe).await;
+        let releases = leases.iter().map(|(key, token)| {
+            let release = redis::cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(token).clone();
+            (key.as_str(), release)
+        });
+        self.run_each::<redis::Value>("release", releases.collect()).await;
     }
 
     /// Sets the leases (key, token) that are still the caller's to expire `ttl`
     /// from now; true where it did.
     pub async fn extend_leases(&self, leases: &[(String, String)], ttl: Duration) -> Option<Vec<bool>> {
-        let mut pipe = redis::pipe();
-        for (key, token) in leases {
-            pipe.cmd("EVAL")
-                .arg(EXTEND)
-                .arg(1)
-                .arg(key)
-                .arg(token)
-                .arg(ttl.as_millis() as u64);
-        }
-        let extended: Vec<i64> = self.run_pipe("extend", &pipe).await?;
+        let extends = leases.iter().map(|(key, token)| {
+            let mut cmd = redis::cmd("EVAL");
+            cmd.arg(EXTEND).arg(1).arg(key).arg(token).arg(ttl.as_millis() as u64);
+            (key.as_str(), cmd)
+        });
+        let extended: Vec<i64> = self.run_each("extend", extends.collect()).await?;
         Some(extended.into_iter().map(|e| e == 1).collect())
     }
 
@@ -453,16 +508,18 @@ impl RedisClient {
     }
 
     /// Deletes each group of keys with one DEL (a group shares a hash slot) and
-    /// publishes the messages on `channel`, in one round trip.
+    /// publishes the messages on `channel`, in one round trip. In a cluster
+    /// any node takes a PUBLISH and passes it to every node's subscribers.
     pub async fn delete_and_publish(&self, groups: &[Vec<String>], channel: &str, messages: &[Vec<u8>]) -> Option<()> {
-        let mut pipe = redis::pipe();
-        for group in groups {
-            pipe.cmd("DEL").arg(group).ignore();
-        }
-        for message in messages {
-            pipe.cmd("PUBLISH").arg(channel).arg(message).ignore();
-        }
-        self.run_pipe("del", &pipe).await
+        let deletes = groups
+            .iter()
+            .filter_map(|group| Some((group.first()?.as_str(), redis::cmd("DEL").arg(group).clone())));
+        let publishes = messages
+            .iter()
+            .map(|message| (channel, redis::cmd("PUBLISH").arg(channel).arg(message).clone()));
+        self.run_each::<redis::Value>("del", deletes.chain(publishes).collect())
+            .await
+            .map(drop)
     }
 
     /// Calls `on` with each message published on `channel`, forever,
@@ -506,8 +563,10 @@ impl RedisClient {
     /// A new subscription to `channel`, within `CONNECT_TIMEOUT`: a Redis that
     /// accepts connections but never answers would otherwise hold it forever.
     async fn open_subscription(&self, channel: &str) -> Result<redis::aio::PubSub, String> {
+        let turn = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
+        let client = &self.subscribers[turn % self.subscribers.len()];
         let subscribe = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
+            let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
@@ -539,6 +598,58 @@ impl RedisClient {
     /// Whether the circuit breaker is letting commands through (closed).
     pub fn breaker_closed(&self) -> bool {
         self.breaker.state() == super::breaker::State::Closed
+    }
+
+    /// `run_each` with one command per key.
+    async fn run_routed<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        keys: &[String],
+        command: impl Fn(&str) -> redis::Cmd,
+    ) -> Option<Vec<T>> {
+        let commands = keys.iter().map(|key| (key.as_str(), command(key))).collect();
+        self.run_each(operation, commands).await
+    }
+
+    /// Sends `commands`, each with the key that routes it, in one round trip:
+    /// one pipeline to a single Redis; to a cluster, one pipeline per hash
+    /// slot (a pipeline may not span slots), sent concurrently, each with its
+    /// own deadline. The replies come back in the order of `commands`.
+    async fn run_each<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        commands: Vec<(&str, redis::Cmd)>,
+    ) -> Option<Vec<T>> {
+        if commands.is_empty() {
+            return Some(Vec::new());
+        }
+        let count = commands.len();
+        if !self.cluster {
+            let mut pipe = redis::pipe();
+            for (_, cmd) in commands {
+                pipe.add_command(cmd);
+            }
+            return self.run_pipe(operation, &pipe).await;
+        }
+        let mut by_slot: HashMap<Slot, (Vec<usize>, redis::Pipeline)> = HashMap::new();
+        for (index, (key, cmd)) in commands.into_iter().enumerate() {
+            let (indices, pipe) = by_slot
+                .entry(Slot::for_key(key))
+                .or_insert_with(|| (Vec::new(), redis::pipe()));
+            indices.push(index);
+            pipe.add_command(cmd);
+        }
+        let sent = by_slot.into_values().map(|(indices, pipe)| async move {
+            let replies: Vec<T> = self.run_pipe(operation, &pipe).await?;
+            Some(indices.into_iter().zip(replies))
+        });
+        let mut ordered: Vec<Option<T>> = (0..count).map(|_| None).collect();
+        for replies in futures_util::future::join_all(sent).await {
+            for (index, reply) in replies? {
+                ordered[index] = Some(reply);
+            }
+        }
+        ordered.into_iter().collect()
     }
 
     async fn run<T: redis::FromRedisValue>(&self, operation: &'static str, cmd: &redis::Cmd) -> Option<T> {
@@ -652,6 +763,22 @@ impl Failure {
 /// gone, or the server says it is loading, busy or down), which counts
 /// towards opening the breaker; an error about the command itself (a wrong
 /// type, a script error) does not.
+/// The (host, port) of each master that is not failing in a `CLUSTER NODES`
+/// reply (`<id> <host>:<port>@<bus port> <flags> …`).
+fn masters_of(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split(' ');
+            let address = fields.nth(1)?;
+            let flags = fields.next()?;
+            let is_live_master = flags.split(',').any(|f| f == "master") && !flags.contains("fail");
+            let (host, port) = address.split('@').next()?.rsplit_once(':')?;
+            is_live_master.then(|| Some((host.to_string(), port.parse().ok()?)))?
+        })
+        .collect()
+}
+
 /// Epochs in `Kind` order, a missing one (never bumped) as 0.
 fn epochs_by_kind(epochs: &[Option<u64>]) -> Option<[u64; 3]> {
     match epochs {
@@ -698,7 +825,21 @@ impl ErrorLog {
 mod tests {
     use deadpool_redis::redis::{ErrorKind, RedisError, ServerErrorKind};
 
-    use super::means_unavailable;
+    use super::{masters_of, means_unavailable};
+
+    #[test]
+    fn masters_are_the_live_master_lines_of_cluster_nodes() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:7003@17003 slave a1 0 1 4 connected
+d4 127.0.0.1:7002@17002 master,fail - 0 1 3 disconnected
+";
+        assert_eq!(
+            masters_of(nodes),
+            [("127.0.0.1".to_string(), 7000), ("127.0.0.1".to_string(), 7001)]
+        );
+    }
 
     #[test]
     fn only_errors_that_say_redis_cannot_serve_count_towards_the_breaker() {

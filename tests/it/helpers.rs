@@ -569,3 +569,83 @@ impl Drop for OwnRedis {
         self.kill();
     }
 }
+
+/// A Redis Cluster of the test's own: three masters and three replicas
+/// (`redis-cli --cluster create --cluster-replicas 1`) on free ports, nothing
+/// kept on disk but each node's cluster state file (in a temporary
+/// directory). Every node is killed when dropped.
+pub struct OwnCluster {
+    pub nodes: Vec<OwnRedis>,
+    /// `REDIS_CLUSTER_URLS`: every node.
+    pub urls: Vec<String>,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnCluster {
+    pub async fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let mut nodes = Vec::new();
+        for _ in 0..6 {
+            let port = free_port();
+            let state = dir.path().join(format!("nodes-{port}.conf"));
+            let args = [
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                state.to_str().unwrap(),
+                "--cluster-node-timeout",
+                "1000",
+            ];
+            nodes.push(OwnRedis::start_with_args(port, &args).await);
+        }
+        let addresses: Vec<String> = nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)).collect();
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addresses)
+            .args(["--cluster-replicas", "1", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli is installed (scripts/services installs redis-server)");
+        assert!(created.success(), "redis-cli --cluster create");
+        let cluster = Self {
+            urls: nodes.iter().map(|node| node.url.clone()).collect(),
+            nodes,
+            _dir: dir,
+        };
+        let ready = eventually(Duration::from_secs(20), || async {
+            let mut states = Vec::new();
+            for node in &cluster.nodes {
+                states.push(cluster_state(&node.url).await);
+            }
+            states.iter().all(|ok| *ok)
+        })
+        .await;
+        assert!(ready, "every node reports cluster_state:ok");
+        cluster
+    }
+
+    /// A client of the whole cluster, for tests that look inside it.
+    pub async fn connection(&self) -> redis::cluster_async::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls.clone())
+            .unwrap()
+            .get_async_connection()
+            .await
+            .unwrap()
+    }
+}
+
+/// Whether the node at `url` says `cluster_state:ok` and knows six nodes.
+async fn cluster_state(url: &str) -> bool {
+    let Ok(client) = redis::Client::open(url) else {
+        return false;
+    };
+    let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+        return false;
+    };
+    let info: String = redis::cmd("CLUSTER")
+        .arg("INFO")
+        .query_async(&mut connection)
+        .await
+        .unwrap_or_default();
+    info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")
+}

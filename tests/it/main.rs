@@ -6,6 +6,7 @@ mod auth;
 mod bad_input;
 mod checker;
 mod cli;
+mod cluster;
 mod concurrency;
 mod consistency;
 mod deployment;

@@ -1,0 +1,191 @@
+//! The cache on a Redis Cluster of three masters and three replicas, started
+//! by each test (`REDIS_CLUSTER_URLS`): the core cases of the single-Redis
+//! tests, and what only a cluster has (keys in many slots, several masters).
+
+use readthrough::{
+    cache::Kind,
+    proto::{
+        BatchGetUsersRequest, GetUserRequest, InvalidateAllRequest, cache_admin_service_client::CacheAdminServiceClient,
+    },
+};
+
+use crate::helpers::{OwnCluster, TestApp, redis, rename_user, spawn_app_with};
+
+async fn on_cluster(cluster: &OwnCluster) -> TestApp {
+    let urls: Vec<_> = cluster.urls.iter().map(|url| url.parse().unwrap()).collect();
+    spawn_app_with(move |config| config.config.redis_cluster_urls = urls).await
+}
+
+async fn get_user(app: &mut TestApp, id: &str) -> readthrough::proto::User {
+    app.users
+        .get_user(GetUserRequest { id: id.to_string() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_fills_a_hit_and_an_update_reaches_another_instance() {
+    let cluster = OwnCluster::start().await;
+    let mut app = on_cluster(&cluster).await;
+    let mut other = app.spawn_sibling().await;
+    let user = app.create_user("clustered@example.com").await;
+    app.outbox_drained().await;
+
+    assert_eq!(get_user(&mut app, &user.id).await, user);
+    assert_eq!(get_user(&mut app, &user.id).await, user);
+    let [hits, misses] = app
+        .metrics(&[
+            r#"readthrough_cache_hits_total{entity="user"}"#,
+            r#"readthrough_cache_misses_total{entity="user"}"#,
+        ])
+        .await[..]
+    else {
+        unreachable!()
+    };
+    assert_eq!((hits, misses), (1.0, 1.0), "a miss, then a hit");
+    let key = app.keys.user(readthrough::domain::UserId::parse(&user.id).unwrap());
+    let mut redis = cluster.connection().await;
+    let cached: bool = redis::cmd("EXISTS").arg(&key).query_async(&mut redis).await.unwrap();
+    assert!(cached, "{key} is cached in the cluster");
+
+    assert_eq!(get_user(&mut other, &user.id).await.email, "clustered@example.com");
+    app.users
+        .update_user(rename_user(&user.id, "renamed@example.com"))
+        .await
+        .unwrap();
+    assert_eq!(
+        get_user(&mut other, &user.id).await.email,
+        "renamed@example.com",
+        "the update is read through the other instance"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_reads_across_slots_keep_the_callers_order() {
+    let cluster = OwnCluster::start().await;
+    let mut app = on_cluster(&cluster).await;
+    let mut ids = Vec::new();
+    for n in 0..24 {
+        ids.push(app.create_user(&format!("batch{n}@example.com")).await.id);
+    }
+    app.outbox_drained().await;
+    let slots: std::collections::HashSet<_> = ids
+        .iter()
+        .map(|id| redis::cluster_routing::Slot::for_key(app.keys.user(readthrough::domain::UserId::parse(id).unwrap())))
+        .collect();
+    assert!(slots.len() > 10, "the keys lie in many slots: {}", slots.len());
+    // A shuffled order with an unknown id and a repeat, read twice: misses, then hits.
+    let mut asked = ids.clone();
+    asked.reverse();
+    asked.insert(5, uuid::Uuid::new_v4().to_string());
+    asked.push(ids[3].clone());
+    for round in 0..2 {
+        let found = app
+            .users
+            .batch_get_users(BatchGetUsersRequest { ids: asked.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        let answered: Vec<String> = found.users.iter().map(|user| user.id.clone()).collect();
+        let expected: Vec<String> = asked[..asked.len() - 1]
+            .iter()
+            .filter(|id| ids.contains(id))
+            .cloned()
+            .collect();
+        assert_eq!(
+            answered, expected,
+            "round {round}: in the caller's order, a repeat once"
+        );
+        assert_eq!(found.missing_ids, [asked[5].clone()]);
+    }
+    assert!(
+        app.metric(r#"readthrough_cache_hits_total{entity="user"}"#).await >= 24.0,
+        "the second round was served from the cluster"
+    );
+    assert_eq!(
+        app.metric(r#"readthrough_cache_errors_total{operation="mget"}"#).await,
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_of_a_list_and_a_corrupt_entry_repaired() {
+    let cluster = OwnCluster::start().await;
+    let mut app = on_cluster(&cluster).await;
+    let products = app.create_products("lamps", 250).await;
+    app.outbox_drained().await;
+    let mut expected: Vec<(String, String)> = products.iter().map(|p| (p.name.clone(), p.id.clone())).collect();
+    expected.sort();
+    for _ in 0..2 {
+        let mut listed = Vec::new();
+        for page in 0..3 {
+            let response = app.list_page("lamps", page, 100).await;
+            assert_eq!(response.total_count, 250);
+            listed.extend(response.products.into_iter().map(|p| (p.name, p.id)));
+        }
+        assert_eq!(listed, expected, "every product once, in order");
+    }
+    assert!(app.metric(r#"readthrough_cache_hits_total{entity="list"}"#).await >= 3.0);
+
+    let user = app.create_user("repaired@example.com").await;
+    app.outbox_drained().await;
+    get_user(&mut app, &user.id).await;
+    let key = app.keys.user(readthrough::domain::UserId::parse(&user.id).unwrap());
+    let mut redis = cluster.connection().await;
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("not an entry")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(get_user(&mut app, &user.id).await, user, "read from PostgreSQL");
+    assert_eq!(
+        app.metric(r#"readthrough_cache_corrupt_total{entity="user"}"#).await,
+        1.0
+    );
+    let repaired: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut redis).await.unwrap();
+    assert_ne!(repaired, b"not an entry", "the fill replaced it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_counts_keys_on_every_master_and_invalidate_all_retires_them() {
+    let cluster = OwnCluster::start().await;
+    let mut app = on_cluster(&cluster).await;
+    let mut ids = Vec::new();
+    for n in 0..30 {
+        ids.push(app.create_user(&format!("counted{n}@example.com")).await.id);
+    }
+    app.outbox_drained().await;
+    for id in &ids {
+        get_user(&mut app, id).await;
+    }
+    let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
+        .await
+        .unwrap();
+    let dry = admin
+        .invalidate_all(InvalidateAllRequest {
+            entity: "user".to_string(),
+            dry_run: true,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(dry.count, 30, "keys on all three masters are counted");
+
+    admin
+        .invalidate_all(InvalidateAllRequest {
+            entity: "user".to_string(),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(app.keys.epochs_known().of(Kind::User), 1);
+    let hits = app.metric(r#"readthrough_cache_hits_total{entity="user"}"#).await;
+    get_user(&mut app, &ids[0]).await;
+    assert_eq!(
+        app.metric(r#"readthrough_cache_hits_total{entity="user"}"#).await,
+        hits,
+        "a retired key is not read"
+    );
+}
