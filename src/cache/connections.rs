@@ -60,6 +60,7 @@ pub enum Target {
 
 /// A connection to one Redis, or to a whole Redis Cluster.
 #[derive(Clone)]
+#[allow(clippy::large_enum_variant)] // cloned per command: a box would cost an allocation each time
 pub enum Handle {
     Single(MultiplexedConnection),
     Cluster(ClusterConnection),

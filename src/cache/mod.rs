@@ -35,6 +35,7 @@ use crate::{
     domain::{CategoryId, Product, ProductId, User, UserId},
     telemetry::Throttle,
 };
+pub use connections::Handle as RedisConnection;
 pub use epochs::{Bump, EPOCH_TRUST};
 pub use keys::Keys;
 pub use leases::{Claim, KeptLeases, Lease, Waited};

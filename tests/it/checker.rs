@@ -20,6 +20,7 @@ use prost_types::FieldMask;
 use rand::{Rng, seq::IndexedRandom};
 use readthrough::{
     cache::{Entry, Hook, Hooks, Kind, ListMeta},
+    config::SecretUrl,
     domain::{CategoryId, Product, ProductId, User, UserId},
     proto::{
         self, CreateProductRequest, CreateUserRequest, DeleteUserRequest, GetProductRequest, GetUserRequest,
@@ -42,6 +43,8 @@ pub struct Settings {
     /// Runs `InvalidateAll` (every kind) back to back meanwhile, so the key
     /// epochs move under the clients.
     pub retire_all: bool,
+    /// `REDIS_CLUSTER_URLS` for both instances; empty: the test Redis.
+    pub redis_cluster_urls: Vec<String>,
 }
 
 #[derive(Debug, Default)]
@@ -94,7 +97,12 @@ pub async fn run(settings: Settings) -> Report {
         before_invalidate: Some(random_delay(settings.max_delay)),
         unguarded_fills: false,
     };
-    let mut first = spawn_app_with_hooks(hooks(), |_| {}).await;
+    let cluster_urls: Vec<SecretUrl> = settings
+        .redis_cluster_urls
+        .iter()
+        .map(|url| url.parse().unwrap())
+        .collect();
+    let mut first = spawn_app_with_hooks(hooks(), |config| config.config.redis_cluster_urls = cluster_urls).await;
     let second = first.spawn_sibling_with_hooks(hooks()).await;
 
     let mut user_ids = Vec::new();

@@ -12,7 +12,7 @@ use std::{
 
 use deadpool_redis::redis;
 use readthrough::{
-    cache::{Hook, Hooks, Kind},
+    cache::{Hook, Hooks, Kind, RedisConnection},
     domain::{ProductId, UserId},
     proto::{
         GetProductRequest, GetUserRequest, InvalidateUserRequest, ListProductsRequest,
@@ -25,7 +25,7 @@ use tonic::Code;
 use crate::{
     checker::{self, Settings},
     helpers::{
-        OwnRedis, RedisProxy, Sandbox, TestApp, eventually, rename_user, spawn_app, spawn_app_with,
+        OwnCluster, OwnRedis, RedisProxy, Sandbox, TestApp, eventually, rename_user, spawn_app, spawn_app_with,
         spawn_app_with_hooks,
     },
 };
@@ -42,6 +42,23 @@ async fn concurrent_reads_and_writes_on_two_instances_stay_consistent() {
         products: 12,
         max_delay: Duration::from_millis(5),
         retire_all: false,
+        redis_cluster_urls: Vec::new(),
+    })
+    .await;
+    assert_consistent(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_reads_and_writes_on_two_instances_stay_consistent_on_a_cluster() {
+    let cluster = OwnCluster::start().await;
+    let report = checker::run(Settings {
+        clients: 8,
+        duration: Duration::from_secs(3),
+        users: 10,
+        products: 12,
+        max_delay: Duration::from_millis(5),
+        retire_all: false,
+        redis_cluster_urls: cluster.urls.clone(),
     })
     .await;
     assert_consistent(&report);
@@ -56,6 +73,7 @@ async fn reads_and_writes_stay_consistent_while_invalidate_all_moves_the_key_epo
         products: 12,
         max_delay: Duration::from_millis(5),
         retire_all: true,
+        redis_cluster_urls: Vec::new(),
     })
     .await;
     assert!(report.epoch_bumps >= 2, "the epochs moved: {report:?}");
@@ -419,7 +437,7 @@ async fn a_stalled_event_subscription_is_noticed_and_replaced() {
     let channel = app.keys.events();
     let received = r#"readthrough_events_received_total{event="user.updated"}"#;
     let event = format!(r#"{{"event":"user.updated","id":"{}"}}"#, uuid::Uuid::new_v4());
-    let publish = |redis: &redis::aio::MultiplexedConnection| {
+    let publish = |redis: &RedisConnection| {
         let (channel, event) = (channel.clone(), event.clone());
         let mut redis = redis.clone();
         async move {

@@ -19,7 +19,7 @@ use std::{
 use rand::{Rng, distr::Alphanumeric};
 use readthrough::{
     app::Application,
-    cache::{Hooks, Keys, codec},
+    cache::{Hooks, Keys, RedisConnection, codec},
     config::ServeConfig,
     proto::{
         self, CreateProductRequest, CreateUserRequest, ListProductsRequest, ListProductsResponse,
@@ -41,8 +41,9 @@ pub struct TestApp {
     pub products: ProductServiceClient<Channel>,
     /// Direct access to the app's database, bypassing the service.
     pub db: PgPool,
-    /// Direct access to the real Redis (even when the app is pointed elsewhere).
-    pub redis: redis::aio::MultiplexedConnection,
+    /// Direct access to the real Redis, or to the app's Redis Cluster (even
+    /// when the app is pointed elsewhere, as through a proxy).
+    pub redis: RedisConnection,
     pub keys: Keys,
     pub config: ServeConfig,
     /// For clients the app has no field for.
@@ -133,9 +134,23 @@ impl TestApp {
         .await
     }
 
-    /// Every key of this app's namespace.
+    /// Every key of this app's namespace (on a cluster: of every node, once).
     pub async fn namespace_keys(&mut self) -> Vec<String> {
-        scan_namespace(&mut self.redis, &self.sandbox.namespace).await
+        if self.config.config.redis_cluster_urls.is_empty() {
+            return scan_namespace(&mut self.redis, &self.sandbox.namespace).await;
+        }
+        let mut keys = Vec::new();
+        for url in &self.config.config.redis_cluster_urls {
+            let mut node = redis::Client::open(url.expose())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap();
+            keys.extend(scan_namespace(&mut node, &self.sandbox.namespace).await);
+        }
+        keys.sort();
+        keys.dedup(); // a replica holds its master's keys
+        keys
     }
 
     /// The value of one Prometheus sample, scraped from this app's `/metrics`
@@ -278,11 +293,24 @@ async fn start(
     } else {
         endpoint.connect().await.expect("connects to the app")
     };
-    let redis = redis::Client::open(sandbox.redis_url.as_str())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .expect("the test Redis is reachable");
+    let redis = if config.config.redis_cluster_urls.is_empty() {
+        let client = redis::Client::open(sandbox.redis_url.as_str()).unwrap();
+        RedisConnection::Single(
+            client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("the test Redis is reachable"),
+        )
+    } else {
+        let urls: Vec<&str> = config
+            .config
+            .redis_cluster_urls
+            .iter()
+            .map(|url| url.expose())
+            .collect();
+        let client = redis::cluster::ClusterClient::new(urls).unwrap();
+        RedisConnection::Cluster(client.get_async_connection().await.expect("the cluster is reachable"))
+    };
     TestApp {
         users: UserServiceClient::new(channel.clone()),
         products: ProductServiceClient::new(channel),
@@ -332,7 +360,7 @@ where
     }
 }
 
-async fn scan_namespace(conn: &mut redis::aio::MultiplexedConnection, namespace: &str) -> Vec<String> {
+async fn scan_namespace(conn: &mut impl redis::aio::ConnectionLike, namespace: &str) -> Vec<String> {
     let mut keys = Vec::new();
     let mut cursor = 0u64;
     loop {

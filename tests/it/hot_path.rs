@@ -16,7 +16,7 @@ use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 use crate::helpers::{OwnRedis, eventually, redis, rename_user, spawn_app, spawn_app_with, spawn_app_with_hooks};
 
 /// Per command, the calls `INFO commandstats` counted since the last reset.
-async fn command_calls(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, u64)> {
+async fn command_calls(conn: &mut impl redis::aio::ConnectionLike) -> Vec<(String, u64)> {
     let info: String = redis::cmd("INFO").arg("commandstats").query_async(conn).await.unwrap();
     info.lines()
         .filter_map(|line| {

@@ -350,7 +350,7 @@ async fn postgres_with_a_certificate_from_another_ca_fails_the_start() {
 }
 
 /// How many clients are subscribed to `channel` on the Redis behind `redis`.
-async fn subscribers(redis: &mut redis::aio::MultiplexedConnection, channel: &str) -> i64 {
+async fn subscribers(redis: &mut impl redis::aio::ConnectionLike, channel: &str) -> i64 {
     let (_, count): (String, i64) = redis::cmd("PUBSUB")
         .arg("NUMSUB")
         .arg(channel)
@@ -362,7 +362,7 @@ async fn subscribers(redis: &mut redis::aio::MultiplexedConnection, channel: &st
 
 /// A user read twice through `app` is a miss and then a hit, stored in the
 /// Redis behind `redis`, where the app's event subscription is connected too.
-async fn cache_works_through(app: &mut TestApp, redis: &mut redis::aio::MultiplexedConnection) {
+async fn cache_works_through(app: &mut TestApp, redis: &mut (impl redis::aio::ConnectionLike + Clone + Send + Sync)) {
     let user = app
         .create_user(&format!("{}@cache.example.com", uuid::Uuid::new_v4().simple()))
         .await;
