@@ -331,6 +331,18 @@ pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// A free port for a Redis Cluster node: its cluster bus listens 10000
+/// above it, on a port that must be free too and below 65536 (which
+/// ephemeral ports often are not).
+fn free_cluster_port() -> u16 {
+    loop {
+        let port = rand::rng().random_range(20_000..40_000);
+        if StdListener::bind(("127.0.0.1", port)).is_ok() && StdListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 async fn scrape(port: u16) -> String {
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
     stream
@@ -614,7 +626,7 @@ impl OwnCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut nodes = Vec::new();
         for _ in 0..6 {
-            let port = free_port();
+            let port = free_cluster_port();
             let state = dir.path().join(format!("nodes-{port}.conf"));
             let args = [
                 "--cluster-enabled",
@@ -631,10 +643,14 @@ impl OwnCluster {
             .args(["--cluster", "create"])
             .args(&addresses)
             .args(["--cluster-replicas", "1", "--cluster-yes"])
-            .stdout(Stdio::null())
-            .status()
+            .output()
             .expect("redis-cli is installed (scripts/services installs redis-server)");
-        assert!(created.success(), "redis-cli --cluster create");
+        assert!(
+            created.status.success(),
+            "redis-cli --cluster create: {}{}",
+            String::from_utf8_lossy(&created.stdout),
+            String::from_utf8_lossy(&created.stderr)
+        );
         let cluster = Self {
             urls: nodes.iter().map(|node| node.url.clone()).collect(),
             nodes,
