@@ -336,8 +336,8 @@ pub fn free_port() -> u16 {
 /// ephemeral ports often are not).
 fn free_cluster_port() -> u16 {
     loop {
-        let port = rand::rng().random_range(20_000..40_000);
-        if StdListener::bind(("127.0.0.1", port)).is_ok() && StdListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+        let port = free_port();
+        if port <= u16::MAX - 10_000 && StdListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
             return port;
         }
     }
@@ -594,6 +594,11 @@ impl OwnRedis {
         })
         .await;
         assert!(up, "own redis-server started on port {port} with {:?}", self.extra);
+        let exited = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten());
+        assert!(
+            exited.is_none(),
+            "own redis-server on port {port} exited ({exited:?}): the port answers for another"
+        );
     }
 
     pub fn kill(&mut self) {
