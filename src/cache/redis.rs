@@ -233,10 +233,7 @@ impl RedisClient {
         match keys {
             [] => Some(Vec::new()),
             [key] => self.run("get", redis::cmd("GET").arg(key)).await.map(|v| vec![v]),
-            _ if self.cluster => {
-                self.run_routed("mget", keys, |key| redis::cmd("GET").arg(key).clone())
-                    .await
-            }
+            _ if self.cluster => self.run_on_each("mget", keys, "GET").await,
             _ => self.run("mget", redis::cmd("MGET").arg(keys)).await,
         }
     }
@@ -253,25 +250,19 @@ impl RedisClient {
     /// Deletes the keys in one round trip, one DEL per key so that no command
     /// spans two Redis Cluster slots.
     pub async fn delete(&self, keys: &[String]) -> Option<()> {
-        self.run_routed::<redis::Value>("del", keys, |key| redis::cmd("DEL").arg(key).clone())
-            .await
-            .map(drop)
+        self.run_on_each::<redis::Value>("del", keys, "DEL").await.map(drop)
     }
 
     /// Which of `keys` exist, in order: one EXISTS per key, in one round trip.
     pub async fn exists_each(&self, keys: &[String]) -> Option<Vec<bool>> {
-        let replies: Vec<i64> = self
-            .run_routed("exists", keys, |key| redis::cmd("EXISTS").arg(key).clone())
-            .await?;
+        let replies: Vec<i64> = self.run_on_each("exists", keys, "EXISTS").await?;
         Some(replies.into_iter().map(|n| n == 1).collect())
     }
 
     /// Deletes the keys (UNLINK: the memory is freed in the background), one
     /// command per key in one round trip; true where the key existed.
     pub async fn unlink_each(&self, keys: &[String]) -> Option<Vec<bool>> {
-        let replies: Vec<i64> = self
-            .run_routed("unlink", keys, |key| redis::cmd("UNLINK").arg(key).clone())
-            .await?;
+        let replies: Vec<i64> = self.run_on_each("unlink", keys, "UNLINK").await?;
         Some(replies.into_iter().map(|n| n == 1).collect())
     }
 
@@ -385,16 +376,12 @@ impl RedisClient {
 
     /// Takes each lease that nobody holds (`SET NX PX`); true where this caller got it.
     pub async fn acquire_leases(&self, lease_keys: &[String], token: &str, ttl: Duration) -> Option<Vec<bool>> {
-        let set = |key: &str| {
-            redis::cmd("SET")
-                .arg(key)
-                .arg(token)
-                .arg("NX")
-                .arg("PX")
-                .arg(ttl.as_millis() as u64)
-                .clone()
-        };
-        let replies: Vec<Option<String>> = self.run_routed("lease", lease_keys, set).await?;
+        let sets = lease_keys.iter().map(|key| {
+            let mut set = redis::cmd("SET");
+            set.arg(key).arg(token).arg("NX").arg("PX").arg(ttl.as_millis() as u64);
+            (key.as_str(), set)
+        });
+        let replies: Vec<Option<String>> = self.run_each("lease", sets.collect()).await?;
         Some(replies.into_iter().map(|reply| reply.is_some()).collect())
     }
 
@@ -600,14 +587,21 @@ impl RedisClient {
         self.breaker.state() == super::breaker::State::Closed
     }
 
-    /// `run_each` with one command per key.
-    async fn run_routed<T: redis::FromRedisValue>(
+    /// `run_each` with the command `name` on each key.
+    async fn run_on_each<T: redis::FromRedisValue>(
         &self,
         operation: &'static str,
         keys: &[String],
-        command: impl Fn(&str) -> redis::Cmd,
+        name: &str,
     ) -> Option<Vec<T>> {
-        let commands = keys.iter().map(|key| (key.as_str(), command(key))).collect();
+        let commands = keys
+            .iter()
+            .map(|key| {
+                let mut cmd = redis::cmd(name);
+                cmd.arg(key);
+                (key.as_str(), cmd)
+            })
+            .collect();
         self.run_each(operation, commands).await
     }
 

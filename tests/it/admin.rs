@@ -295,10 +295,7 @@ async fn a_dry_run_samples_at_most_100_keys_but_counts_all() {
     let mut admin = admin(&app).await;
     fill_namespace(&app, 250).await;
     let dry = admin
-        .invalidate_all(InvalidateAllRequest {
-            entity: String::new(),
-            dry_run: true,
-        })
+        .invalidate_all(dry_run_of_everything())
         .await
         .unwrap()
         .into_inner();
@@ -308,10 +305,7 @@ async fn a_dry_run_samples_at_most_100_keys_but_counts_all() {
     assert_eq!(real.epochs.values().copied().collect::<Vec<_>>(), [1, 1, 1]);
     assert_eq!(keys_of(&mut app, "list").await.len(), 250, "nothing is deleted…");
     let dry = admin
-        .invalidate_all(InvalidateAllRequest {
-            entity: String::new(),
-            dry_run: true,
-        })
+        .invalidate_all(dry_run_of_everything())
         .await
         .unwrap()
         .into_inner();
@@ -335,6 +329,13 @@ fn everything() -> InvalidateAllRequest {
     InvalidateAllRequest {
         entity: String::new(),
         dry_run: false,
+    }
+}
+
+fn dry_run_of_everything() -> InvalidateAllRequest {
+    InvalidateAllRequest {
+        dry_run: true,
+        ..everything()
     }
 }
 
@@ -363,13 +364,9 @@ async fn invalidate_all_stops_at_the_server_deadline_and_frees_the_next_run() {
     let app = spawn_app_with(|config| config.request_timeout_ms = 20).await;
     fill_namespace(&app, 200_000).await;
     let mut client = admin(&app).await;
-    let dry = InvalidateAllRequest {
-        entity: String::new(),
-        dry_run: true,
-    };
-    let status = client.invalidate_all(dry.clone()).await.unwrap_err();
+    let status = client.invalidate_all(dry_run_of_everything()).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    let next = client.invalidate_all(dry).await.unwrap_err();
+    let next = client.invalidate_all(dry_run_of_everything()).await.unwrap_err();
     assert_eq!(
         next.code(),
         Code::DeadlineExceeded,
