@@ -539,10 +539,14 @@ impl RedisProxy {
 }
 
 /// A Redis server of the test's own, on a free port, killed when dropped. It
-/// keeps nothing on disk: started again, it is empty, as a restarted cache is.
+/// saves nothing: started again, it is empty, as a restarted cache is. It
+/// works in a directory of its own, so that the files Redis writes anyway
+/// (a replica's copy of its master, a cluster node's state) neither land in
+/// the checkout nor get loaded by the next server.
 pub struct OwnRedis {
     child: Option<Child>,
     port: u16,
+    dir: tempfile::TempDir,
     /// Arguments after the usual ones, kept for `start_again`.
     extra: Vec<String>,
     pub url: String,
@@ -557,19 +561,30 @@ impl OwnRedis {
     /// one wins: `--port 0 --tls-port <port>` serves only TLS), ready once
     /// `port` accepts connections; `url` is the plain `redis://` form.
     pub async fn start_with_args(port: u16, extra: &[&str]) -> Self {
+        Self::try_start_with_args(port, extra).await.unwrap()
+    }
+
+    /// `start_with_args`, telling instead of panicking when the server does
+    /// not come up as ours (another process took the port meanwhile).
+    pub async fn try_start_with_args(port: u16, extra: &[&str]) -> Result<Self, String> {
         let mut own = Self {
             child: None,
             port,
+            dir: tempfile::tempdir().unwrap(),
             extra: extra.iter().map(|arg| arg.to_string()).collect(),
             url: format!("redis://127.0.0.1:{port}"),
         };
-        own.start_again().await;
-        own
+        own.try_start_again().await?;
+        Ok(own)
     }
 
     /// Starts the server (again, after `kill`) on the same port and with the
     /// same arguments, and waits until it accepts connections.
     pub async fn start_again(&mut self) {
+        self.try_start_again().await.unwrap()
+    }
+
+    async fn try_start_again(&mut self) -> Result<(), String> {
         self.kill();
         let port = self.port;
         let child = Command::new("redis-server")
@@ -578,6 +593,8 @@ impl OwnRedis {
                 &port.to_string(),
                 "--bind",
                 "127.0.0.1",
+                "--dir",
+                self.dir.path().to_str().unwrap(),
                 "--save",
                 "",
                 "--appendonly",
@@ -593,12 +610,24 @@ impl OwnRedis {
             tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
         })
         .await;
-        assert!(up, "own redis-server started on port {port} with {:?}", self.extra);
+        if !up {
+            return Err(format!(
+                "own redis-server did not start on port {port} with {:?}",
+                self.extra
+            ));
+        }
         let exited = self.child.as_mut().and_then(|child| child.try_wait().ok().flatten());
-        assert!(
-            exited.is_none(),
-            "own redis-server on port {port} exited ({exited:?}): the port answers for another"
-        );
+        match exited {
+            None => Ok(()),
+            Some(status) => Err(format!(
+                "own redis-server on port {port} exited ({status}): the port answers for another"
+            )),
+        }
+    }
+
+    /// The server's process id, to tell it from another listening on its port.
+    fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn kill(&mut self) {
@@ -616,32 +645,42 @@ impl Drop for OwnRedis {
 }
 
 /// A Redis Cluster of the test's own: three masters and three replicas
-/// (`redis-cli --cluster create --cluster-replicas 1`) on free ports, nothing
-/// kept on disk but each node's cluster state file (in a temporary
-/// directory). Every node is killed when dropped.
+/// (`redis-cli --cluster create --cluster-replicas 1`) on free ports. Every
+/// node is killed when dropped.
 pub struct OwnCluster {
     pub nodes: Vec<OwnRedis>,
     /// `REDIS_CLUSTER_URLS`: every node.
     pub urls: Vec<String>,
-    _dir: tempfile::TempDir,
 }
 
 impl OwnCluster {
+    /// Starts a cluster, trying fresh ports a few times: ports are picked
+    /// free but only taken when a node starts, and every node needs two
+    /// (its port and its bus port, 10000 above), so another process
+    /// starting meanwhile can take one.
     pub async fn start() -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let mut failures = Vec::new();
+        for _ in 0..5 {
+            match Self::try_start().await {
+                Ok(cluster) => return cluster,
+                Err(failure) => failures.push(failure),
+            }
+        }
+        panic!("no Redis Cluster started in 5 tries: {failures:#?}");
+    }
+
+    async fn try_start() -> Result<Self, String> {
         let mut nodes = Vec::new();
         for _ in 0..6 {
             let port = free_cluster_port();
-            let state = dir.path().join(format!("nodes-{port}.conf"));
-            let args = [
-                "--cluster-enabled",
-                "yes",
-                "--cluster-config-file",
-                state.to_str().unwrap(),
-                "--cluster-node-timeout",
-                "1000",
-            ];
-            nodes.push(OwnRedis::start_with_args(port, &args).await);
+            // The cluster state file is kept in the node's own directory.
+            let args = ["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"];
+            let node = OwnRedis::try_start_with_args(port, &args).await?;
+            let answering = process_id(&node.url).await;
+            if answering != node.pid() {
+                return Err(format!("port {port} answers for process {answering:?}, not our node"));
+            }
+            nodes.push(node);
         }
         let addresses: Vec<String> = nodes.iter().map(|node| format!("127.0.0.1:{}", node.port)).collect();
         let created = Command::new("redis-cli")
@@ -650,16 +689,16 @@ impl OwnCluster {
             .args(["--cluster-replicas", "1", "--cluster-yes"])
             .output()
             .expect("redis-cli is installed (scripts/services installs redis-server)");
-        assert!(
-            created.status.success(),
-            "redis-cli --cluster create: {}{}",
-            String::from_utf8_lossy(&created.stdout),
-            String::from_utf8_lossy(&created.stderr)
-        );
+        if !created.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create: {}{}",
+                String::from_utf8_lossy(&created.stdout),
+                String::from_utf8_lossy(&created.stderr)
+            ));
+        }
         let cluster = Self {
             urls: nodes.iter().map(|node| node.url.clone()).collect(),
             nodes,
-            _dir: dir,
         };
         let ready = eventually(Duration::from_secs(20), || async {
             let mut states = Vec::new();
@@ -669,8 +708,10 @@ impl OwnCluster {
             states.iter().all(|ok| *ok)
         })
         .await;
-        assert!(ready, "every node reports cluster_state:ok");
-        cluster
+        if !ready {
+            return Err("not every node reports cluster_state:ok within 20 s".to_string());
+        }
+        Ok(cluster)
     }
 
     /// A client of the whole cluster, for tests that look inside it.
@@ -681,6 +722,23 @@ impl OwnCluster {
             .await
             .unwrap()
     }
+}
+
+/// The `process_id` the Redis at `url` reports, if it answers.
+async fn process_id(url: &str) -> Option<u32> {
+    let mut connection = redis::Client::open(url)
+        .ok()?
+        .get_multiplexed_async_connection()
+        .await
+        .ok()?;
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut connection)
+        .await
+        .ok()?;
+    info.lines()
+        .find_map(|line| line.strip_prefix("process_id:"))
+        .and_then(|pid| pid.trim().parse().ok())
 }
 
 /// Whether the node at `url` says `cluster_state:ok` and knows six nodes.
