@@ -10,6 +10,7 @@
 
 use std::{
     fs,
+    io::Write,
     os::unix::fs::{MetadataExt, PermissionsExt},
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -31,21 +32,14 @@ impl OwnPostgres {
     /// `settings` added to postgresql.conf and `files` written into the data
     /// directory before the first start (e.g. `server.crt` and `server.key`
     /// for `ssl = on`, or a `pg_hba.conf` of the test's own); then started.
+    ///
+    /// initdb's own pg_hba.conf (with `--auth=trust`) already lets
+    /// 127.0.0.1 connect for replication, which [`Self::replica`] needs; a
+    /// `pg_hba.conf` in `files` replaces it and must allow that itself.
     pub async fn init(settings: &[(&str, &str)], files: &[(&str, &[u8])]) -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("rt-own-postgres-")
-            .tempdir()
-            .expect("a temporary directory");
-        let run_as = running_as_root().then(postgres_user);
-        let own = Self {
-            port: free_port(),
-            bin: binaries(),
-            dir,
-            run_as,
-        };
-        own.hand_over(own.dir.path(), 0o700);
+        let own = Self::unborn();
         let data = own.data_dir();
-        let data = data.to_str().unwrap();
+        let data = data.to_str().expect("a UTF-8 temporary directory");
         own.run(
             "initdb",
             &[
@@ -61,26 +55,110 @@ impl OwnPostgres {
             ],
         )
         .await;
-        let mut conf = format!(
-            "\nport = {}\nlisten_addresses = '127.0.0.1'\nunix_socket_directories = '{}'\nfsync = off\n",
-            own.port,
-            own.dir.path().display()
-        );
-        for (name, value) in settings {
-            conf.push_str(&format!("{name} = '{value}'\n"));
-        }
-        let conf_path = own.data_dir().join("postgresql.conf");
-        let mut existing = fs::read_to_string(&conf_path).unwrap();
-        existing.push_str(&conf);
-        fs::write(&conf_path, existing).unwrap();
+        own.serve_here();
+        own.add_settings(settings);
         for (name, contents) in files {
             let path = own.data_dir().join(name);
-            fs::write(&path, contents).unwrap();
+            fs::write(&path, contents).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
             // Private keys must be readable by their owner only.
             own.hand_over(&path, 0o600);
         }
         own.start().await;
         own
+    }
+
+    /// A streaming replica of this server on a free port: `pg_basebackup -R`
+    /// from it, with `settings` added to its postgresql.conf (e.g.
+    /// `recovery_min_apply_delay`, to make it lag), then started; it accepts
+    /// (read-only) connections and is in recovery.
+    ///
+    /// It starts with a copy of this server's configuration and files (so
+    /// `ssl = on` and its certificate carry over), and streams from it as
+    /// `postgres` over 127.0.0.1, which this server's pg_hba.conf must allow
+    /// (see [`Self::init`]). With `recovery_min_apply_delay`, everything
+    /// committed here, `CREATE DATABASE` included, shows there only after the
+    /// delay. Dropping either server leaves the other running.
+    pub async fn replica(&self, settings: &[(&str, &str)]) -> OwnPostgres {
+        let replica = Self::unborn();
+        let data = replica.data_dir();
+        let data = data.to_str().expect("a UTF-8 temporary directory");
+        let port = self.port.to_string();
+        // As this server's command: if it refuses, its log says why. `-R`
+        // writes standby.signal and the primary_conninfo to stream from
+        // here. A fast checkpoint, because the default spreads the backup's
+        // first checkpoint out: after a CREATE DATABASE that took 93 s
+        // rather than under one.
+        self.run(
+            "pg_basebackup",
+            &[
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "postgres",
+                "-D",
+                data,
+                "-R",
+                "-X",
+                "stream",
+                "--checkpoint=fast",
+                "--no-sync",
+            ],
+        )
+        .await;
+        // The copied configuration still names this server's port and directory.
+        replica.serve_here();
+        replica.add_settings(&[("hot_standby", "on")]);
+        replica.add_settings(settings);
+        replica.start().await;
+        replica
+    }
+
+    /// A free port and a fresh directory owned by the server user, with no
+    /// cluster in it yet (dropping it then stops nothing, quietly).
+    fn unborn() -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("rt-own-postgres-")
+            .tempdir()
+            .expect("a temporary directory");
+        let own = Self {
+            port: free_port(),
+            bin: binaries(),
+            dir,
+            run_as: running_as_root().then(postgres_user),
+        };
+        own.hand_over(own.dir.path(), 0o700);
+        own
+    }
+
+    /// Serves on its own port, on 127.0.0.1 only, with its socket in its own
+    /// directory rather than the system's, and without fsync: the data is
+    /// thrown away.
+    fn serve_here(&self) {
+        let port = self.port.to_string();
+        let socket = self.dir.path().to_str().expect("a UTF-8 temporary directory");
+        self.add_settings(&[
+            ("port", &port),
+            ("listen_addresses", "127.0.0.1"),
+            ("unix_socket_directories", socket),
+            ("fsync", "off"),
+        ]);
+    }
+
+    /// Appends `settings` to postgresql.conf; the last line for a setting
+    /// wins, so they override what is there already.
+    fn add_settings(&self, settings: &[(&str, &str)]) {
+        let path = self.data_dir().join("postgresql.conf");
+        let mut conf = String::from("\n");
+        for (name, value) in settings {
+            conf.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
+        }
+        fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .and_then(|mut file| file.write_all(conf.as_bytes()))
+            .unwrap_or_else(|e| panic!("cannot append to {}: {e}", path.display()));
     }
 
     /// DATABASE_URL of `database` on this server.
