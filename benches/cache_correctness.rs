@@ -158,6 +158,7 @@ async fn consistency() {
         max_delay: Duration::from_millis(10),
         retire_all: std::env::var("CHECKER_RETIRE_ALL").is_ok_and(|v| v == "true"),
         redis_cluster_urls: Vec::new(),
+        database: None,
     })
     .await;
     println!(

@@ -132,11 +132,12 @@ impl Application {
             products,
             pool,
             cache,
+            replicas,
             ..
         } = services.clone();
         let admin = CacheAdminApi::new(cache.clone());
         let background = [
-            tokio::spawn(relay::run(pool.clone(), cache.clone())),
+            tokio::spawn(relay::run(pool.clone(), cache.clone(), replicas)),
             tokio::spawn({
                 let services = services.clone();
                 async move { cache.receive_events(|feed| services.on_event(&feed)).await }

@@ -83,7 +83,20 @@ pub struct Config {
     )]
     pub database_url: SecretUrl,
 
-    /// Most PostgreSQL connections this instance opens.
+    /// Read replicas of `DATABASE_URL`, comma-separated: cache misses of users
+    /// and products read from one that has replayed the last write to what
+    /// they read (see `store::replicas`). Every instance sharing a cache must
+    /// set it alike: writes record the marker that makes replica reads safe
+    /// only where it is set.
+    #[arg(long, env = "DATABASE_READ_URLS", value_delimiter = ',')]
+    pub database_read_urls: Vec<SecretUrl>,
+
+    /// A replica further behind the primary than this, in milliseconds, is
+    /// not read from (write markers live twice as long).
+    #[arg(long, env = "DATABASE_REPLICA_MAX_LAG_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub database_replica_max_lag_ms: u64,
+
+    /// Most PostgreSQL connections this instance opens (to the primary, and to each replica).
     #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
     pub database_max_connections: u32,
 

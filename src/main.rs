@@ -103,8 +103,7 @@ async fn run() -> anyhow::Result<()> {
             let services = Services::connect(&config, Default::default()).await?;
             let started = std::time::Instant::now();
             let report = ops::seed(
-                &services.pool,
-                &services.cache,
+                &services,
                 SeedOptions {
                     users,
                     products,

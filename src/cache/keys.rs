@@ -67,6 +67,13 @@ impl Keys {
             .collect()
     }
 
+    /// Where writes of an entity record the primary's WAL position for
+    /// replica reads (see `store::replicas`). Outside the epochs, which a
+    /// marker must outlive, and under the entry's hash tag.
+    pub fn write_marker(&self, kind: Kind, id: impl std::fmt::Display) -> String {
+        format!("{}:{}:lsn:{{{id}}}", self.prefix, kind.label())
+    }
+
     pub fn user(&self, id: UserId) -> String {
         self.entry(Kind::User, id)
     }

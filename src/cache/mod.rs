@@ -33,6 +33,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use crate::{
     config::Config,
     domain::{CategoryId, Product, ProductId, User, UserId},
+    store::replicas::{self, Lsn},
     telemetry::Throttle,
 };
 pub use connections::Handle as RedisConnection;
@@ -211,6 +212,15 @@ pub enum Cached<E> {
 /// that of its lease.
 pub type KeyGroup = Vec<String>;
 
+/// A write's WAL position, to record under the written entities' markers
+/// (see `store::replicas`).
+#[derive(Debug, Clone, Copy)]
+pub struct WriteMarks<'a> {
+    /// `Keys::write_marker` of each written entity.
+    pub keys: &'a [String],
+    pub position: Lsn,
+}
+
 /// An invalidation, as published to every instance on `<namespace>:v1:events`
 /// (JSON, so that other services can read it too).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -228,6 +238,7 @@ pub struct Cache {
     keys: Keys,
     ttls: Ttls,
     lease_ttl: Duration,
+    write_marker_ttl: Duration,
     compress_threshold: usize,
     enabled: bool,
     refresh_ahead: bool,
@@ -255,6 +266,7 @@ impl Cache {
                 negative: Duration::from_secs(config.negative_ttl_secs),
             },
             lease_ttl: Duration::from_millis(config.cache_lease_ms),
+            write_marker_ttl: replicas::marker_ttl(config),
             compress_threshold: config.compress_threshold_bytes,
             enabled: config.cache_enabled,
             refresh_ahead: config.refresh_ahead,
@@ -460,15 +472,41 @@ impl Cache {
         self.keys.entry_group(E::KIND, id)
     }
 
+    /// Where writes of this entity record their WAL position (see `store::replicas`).
+    pub fn write_marker<E: Cacheable>(&self, id: E::Id) -> String {
+        self.keys.write_marker(E::KIND, id)
+    }
+
+    /// The newest write position marked for any of `ids` (`Some(None)`: no
+    /// marker), or `None` when the cache is off or Redis did not answer: then
+    /// nothing is known, and only the primary may be read.
+    pub async fn newest_write<E: Cacheable>(&self, ids: &[E::Id]) -> Option<Option<Lsn>> {
+        if !self.enabled {
+            return None;
+        }
+        let keys: Vec<String> = ids.iter().map(|&id| self.write_marker::<E>(id)).collect();
+        let markers = self.redis.get_many(&keys).await?;
+        // A marker that does not parse is treated as one no replica has reached.
+        Some(
+            markers
+                .iter()
+                .flatten()
+                .map(|marker| Lsn::from_marker(marker).unwrap_or(Lsn::UNREACHABLE))
+                .max(),
+        )
+    }
+
     /// Whether values read from Redis may be used now (see `cache::epochs`).
     fn epochs_trusted(&self) -> bool {
         self.keys.epochs_known().trusted()
     }
 
-    /// Deletes each group of keys with one command and publishes `events`, all
-    /// in one round trip, retrying a few times; returns whether Redis confirmed
-    /// it. Events are delivered at least once.
-    pub async fn invalidate(&self, groups: &[KeyGroup], events: &[Event]) -> bool {
+    /// Records `marks` (when replicas are read), deletes each group of keys
+    /// with one command and publishes `events`, all in one round trip,
+    /// retrying a few times; returns whether Redis confirmed it. A marker is
+    /// set before the keys it guards are deleted, so a miss that finds them
+    /// gone finds it. Events are delivered at least once.
+    pub async fn invalidate(&self, groups: &[KeyGroup], marks: Option<WriteMarks<'_>>, events: &[Event]) -> bool {
         if let (Some(hook), Some(first)) = (&self.hooks.before_invalidate, groups.first().and_then(|g| g.last())) {
             hook(first).await;
         }
@@ -477,7 +515,7 @@ impl Cache {
             // Done only if the epochs it deleted in were still trusted when Redis confirmed it.
             if self
                 .redis
-                .delete_and_publish(groups, &self.keys.events(), &messages)
+                .delete_and_publish(groups, marks, self.write_marker_ttl, &self.keys.events(), &messages)
                 .await
                 .is_some()
                 && self.epochs_trusted()

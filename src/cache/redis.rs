@@ -22,7 +22,7 @@ use deadpool_redis::redis::{
 };
 
 use super::{
-    Bump, Kind,
+    Bump, Kind, WriteMarks,
     breaker::{Admission, Breaker, Probe},
     connections::{self, Connections, Handle, Target},
 };
@@ -114,6 +114,17 @@ for i = 2, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
 local epochs = redis.call('HMGET', KEYS[1], 'user', 'product', 'list')
 for i = 1, 3 do epochs[i] = tonumber(epochs[i] or '0') end
 return {0, epochs[1], epochs[2], epochs[3]}
+";
+
+/// Records a write's WAL position in its marker unless the marker holds a
+/// later one already (the relay may carry out an older write after a newer
+/// one's writer did). Positions are fixed-width hex, so they compare as
+/// strings. KEYS: marker. ARGV: position, ttl ms.
+const MARK_WRITE: &str = r"
+local current = redis.call('GET', KEYS[1])
+if current and current >= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
 ";
 
 /// Deletes a lease only if it is still the caller's. KEYS: lease. ARGV: token.
@@ -497,14 +508,34 @@ impl RedisClient {
     /// Deletes each group of keys with one DEL (a group shares a hash slot) and
     /// publishes the messages on `channel`, in one round trip. In a cluster
     /// any node takes a PUBLISH and passes it to every node's subscribers.
-    pub async fn delete_and_publish(&self, groups: &[Vec<String>], channel: &str, messages: &[Vec<u8>]) -> Option<()> {
+    pub async fn delete_and_publish(
+        &self,
+        groups: &[Vec<String>],
+        marks: Option<WriteMarks<'_>>,
+        mark_ttl: Duration,
+        channel: &str,
+        messages: &[Vec<u8>],
+    ) -> Option<()> {
+        let marks = marks.into_iter().flat_map(|marks| {
+            let position = marks.position.to_marker();
+            marks.keys.iter().map(move |key| {
+                let mark = redis::cmd("EVAL")
+                    .arg(MARK_WRITE)
+                    .arg(1)
+                    .arg(key)
+                    .arg(&position)
+                    .arg(mark_ttl.as_millis() as u64)
+                    .clone();
+                (key.as_str(), mark)
+            })
+        });
         let deletes = groups
             .iter()
             .filter_map(|group| Some((group.first()?.as_str(), redis::cmd("DEL").arg(group).clone())));
         let publishes = messages
             .iter()
             .map(|message| (channel, redis::cmd("PUBLISH").arg(channel).arg(message).clone()));
-        self.run_each::<redis::Value>("del", deletes.chain(publishes).collect())
+        self.run_each::<redis::Value>("del", marks.chain(deletes).chain(publishes).collect())
             .await
             .map(drop)
     }

@@ -10,13 +10,12 @@
 //! not relay a million rows one event at a time. If Redis does not answer,
 //! the rows stay for the relay, as for any write.
 
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::{
-    cache::Cache,
     domain::{ProductId, UserId},
-    service::relay,
+    service::{Services, relay},
     store::{StoreError, outbox},
 };
 
@@ -63,7 +62,8 @@ fn demo_category(n: u32) -> String {
 }
 
 /// Inserts the demo rows that are not there yet, and invalidates what they touch.
-pub async fn seed(pool: &PgPool, cache: &Cache, options: SeedOptions) -> Result<SeedReport, StoreError> {
+pub async fn seed(services: &Services, options: SeedOptions) -> Result<SeedReport, StoreError> {
+    let pool = &services.pool;
     let mut report = SeedReport {
         users_inserted: 0,
         products_inserted: 0,
@@ -90,7 +90,7 @@ pub async fn seed(pool: &PgPool, cache: &Cache, options: SeedOptions) -> Result<
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        report.left_to_relay += commit_and_invalidate(pool, cache, tx).await?;
+        report.left_to_relay += commit_and_invalidate(services, tx).await?;
     }
     let categories = options.categories.max(1);
     for start in (0..options.products).step_by(BATCH as usize) {
@@ -129,18 +129,15 @@ pub async fn seed(pool: &PgPool, cache: &Cache, options: SeedOptions) -> Result<
         .execute(&mut *tx)
         .await?
         .rows_affected();
-        report.left_to_relay += commit_and_invalidate(pool, cache, tx).await?;
+        report.left_to_relay += commit_and_invalidate(services, tx).await?;
     }
     Ok(report)
 }
 
 /// Commits a batch, invalidates what its outbox rows name (coalesced, no
 /// events), and deletes those rows; how many rows were left to the relay.
-async fn commit_and_invalidate(
-    pool: &PgPool,
-    cache: &Cache,
-    mut tx: Transaction<'_, Postgres>,
-) -> Result<u64, StoreError> {
+async fn commit_and_invalidate(services: &Services, mut tx: Transaction<'_, Postgres>) -> Result<u64, StoreError> {
+    let (pool, cache) = (&services.pool, &services.cache);
     let rows = outbox::recorded(&mut tx).await?;
     tx.commit().await?;
     if rows.is_empty() {
@@ -150,7 +147,7 @@ async fn commit_and_invalidate(
         events: Vec::new(),
         ..relay::invalidations(cache, &rows)
     };
-    if !relay::carry_out(cache, &planned).await {
+    if !relay::carry_out(cache, &planned, services.replicas.write_position().await).await {
         return Ok(rows.len() as u64);
     }
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();

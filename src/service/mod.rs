@@ -22,7 +22,7 @@ use crate::{
     cache::{Cache, EventFeed, Hooks, Kind, near::NearCache},
     config::Config,
     domain::ValidationError,
-    store::{self, StoreError, outbox},
+    store::{self, StoreError, outbox, replicas::Replicas},
 };
 
 /// Both services over one database pool and one cache.
@@ -32,8 +32,17 @@ pub struct Services {
     pub products: Products,
     pub pool: PgPool,
     pub cache: Arc<Cache>,
-    /// Keeps the cache's key epochs current while any clone lives.
-    _epochs: Arc<AbortOnDrop>,
+    pub replicas: Arc<Replicas>,
+    /// Keeps the cache's key epochs and what is known of the replicas current
+    /// while any clone lives.
+    _followers: Arc<[AbortOnDrop; 2]>,
+}
+
+/// The primary, for writes, and the replicas that may serve cache misses.
+#[derive(Clone)]
+pub struct Database {
+    pub pool: PgPool,
+    pub replicas: Arc<Replicas>,
 }
 
 /// Stops a background task when dropped.
@@ -52,11 +61,16 @@ impl Services {
     /// without them it could use no value read and confirm no invalidation.
     pub async fn connect(config: &Config, hooks: Hooks) -> anyhow::Result<Self> {
         let pool = store::connect(config).await?;
+        let replicas = Arc::new(Replicas::new(config, pool.clone())?);
         let cache = Arc::new(Cache::new(config, hooks)?);
         cache.open_connections().await;
-        let users = Users::new(pool.clone(), cache.clone(), near_cache(config));
+        let database = Database {
+            pool: pool.clone(),
+            replicas: replicas.clone(),
+        };
+        let users = Users::new(database.clone(), cache.clone(), near_cache(config));
         let products = Products::new(
-            pool.clone(),
+            database,
             cache.clone(),
             near_cache(config),
             config.list_cache_max_ids,
@@ -75,12 +89,17 @@ impl Services {
                     .await;
             }
         });
+        let probe = tokio::spawn({
+            let replicas = replicas.clone();
+            async move { replicas.follow().await }
+        });
         Ok(Self {
             users,
             products,
             pool,
             cache,
-            _epochs: Arc::new(AbortOnDrop(epochs.abort_handle())),
+            replicas,
+            _followers: Arc::new([AbortOnDrop(epochs.abort_handle()), AbortOnDrop(probe.abort_handle())]),
         })
     }
 
@@ -170,15 +189,16 @@ impl From<StoreError> for ServiceError {
 /// before the caller hears back. When Redis confirmed, the rows are done with
 /// (deleted in the background); otherwise the relay retries them.
 async fn invalidate_written<T>(
-    pool: &PgPool,
+    database: &Database,
     cache: &Cache,
     written: outbox::Written<T>,
     forget: impl FnOnce(&[outbox::OutboxRow]),
 ) -> T {
-    let confirmed = relay::carry_out(cache, &relay::invalidations(cache, &written.outbox)).await;
+    let position = database.replicas.write_position().await;
+    let confirmed = relay::carry_out(cache, &relay::invalidations(cache, &written.outbox), position).await;
     forget(&written.outbox);
     if confirmed && !written.outbox.is_empty() {
-        let pool = pool.clone();
+        let pool = database.pool.clone();
         let ids: Vec<i64> = written.outbox.iter().map(|row| row.id).collect();
         tokio::spawn(async move {
             if let Err(error) = outbox::confirm(&pool, &ids).await {

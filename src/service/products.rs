@@ -3,10 +3,8 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
-
 use super::{
-    ServiceError, invalidate_written,
+    Database, ServiceError, invalidate_written,
     lists::{IdPage, Lists},
     read_through::ReadThrough,
 };
@@ -27,7 +25,7 @@ pub struct ProductPage {
 
 #[derive(Clone)]
 pub struct Products {
-    pool: PgPool,
+    database: Database,
     cache: Arc<Cache>,
     reads: Arc<ReadThrough<Product>>,
     lists: Arc<Lists>,
@@ -35,21 +33,21 @@ pub struct Products {
 
 impl Products {
     pub fn new(
-        pool: PgPool,
+        database: Database,
         cache: Arc<Cache>,
         near: Option<NearCache<ProductId, Option<Product>>>,
         list_cache_max_ids: u32,
         list_chunk_ids: u32,
     ) -> Self {
         Self {
-            reads: ReadThrough::new(pool.clone(), cache.clone(), near),
+            reads: ReadThrough::new(database.clone(), cache.clone(), near),
             lists: Arc::new(Lists::new(
-                pool.clone(),
+                database.pool.clone(),
                 cache.clone(),
                 list_cache_max_ids,
                 list_chunk_ids,
             )),
-            pool,
+            database,
             cache,
         }
     }
@@ -114,12 +112,12 @@ impl Products {
 
     /// The ids of the `limit` most recently modified products.
     pub async fn recent_ids(&self, limit: u32) -> Result<Vec<ProductId>, ServiceError> {
-        Ok(products::recent_ids(&self.pool, i64::from(limit)).await?)
+        Ok(products::recent_ids(&self.database.pool, i64::from(limit)).await?)
     }
 
     pub async fn create(&self, new: NewProduct) -> Result<Product, ServiceError> {
-        let written = products::insert(&self.pool, &new).await?;
-        Ok(invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await)
+        let written = products::insert(&self.database.pool, &new).await?;
+        Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     /// The outbox row names the old and the new category when the product's
@@ -127,17 +125,17 @@ impl Products {
     /// entry is invalidated and its list stays cached.
     pub async fn update(&self, patch: ProductPatch) -> Result<Product, ServiceError> {
         let id = patch.id;
-        let written = products::update(&self.pool, &patch)
+        let written = products::update(&self.database.pool, &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
-        Ok(invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await)
+        Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     pub async fn delete(&self, id: ProductId) -> Result<(), ServiceError> {
-        let written = products::delete(&self.pool, id)
+        let written = products::delete(&self.database.pool, id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
-        invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await;
+        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await;
         Ok(())
     }
 }

@@ -11,7 +11,10 @@ use std::{collections::HashMap, future::Future, sync::Arc, time::Instant};
 
 use sqlx::PgPool;
 
-use super::single_flight::{FLIGHT_ATTEMPTS, Fresh, SingleFlight};
+use super::{
+    Database,
+    single_flight::{FLIGHT_ATTEMPTS, Fresh, SingleFlight},
+};
 use crate::{
     cache::{Cache, Cacheable, Cached, Claim, Lease, Waited, near::NearCache},
     domain::{Product, User},
@@ -37,7 +40,7 @@ impl Loadable for Product {
 }
 
 pub struct ReadThrough<E: Loadable> {
-    pool: PgPool,
+    database: Database,
     cache: Arc<Cache>,
     /// `None` tells waiters the leader failed, so they try themselves.
     flights: SingleFlight<E::Id, Option<Option<E>>>,
@@ -46,9 +49,9 @@ pub struct ReadThrough<E: Loadable> {
 }
 
 impl<E: Loadable> ReadThrough<E> {
-    pub fn new(pool: PgPool, cache: Arc<Cache>, near: Option<NearCache<E::Id, Option<E>>>) -> Arc<Self> {
+    pub fn new(database: Database, cache: Arc<Cache>, near: Option<NearCache<E::Id, Option<E>>>) -> Arc<Self> {
         Arc::new(Self {
-            pool,
+            database,
             cache,
             flights: SingleFlight::new(),
             near,
@@ -247,7 +250,7 @@ impl<E: Loadable> ReadThrough<E> {
     ) -> Result<Fresh<Vec<Option<E>>>, StoreError> {
         let kept = self.cache.keep(leases.iter().flatten());
         let started = Instant::now();
-        let loaded = E::load(&self.pool, ids).await?;
+        let loaded = self.load(ids).await?;
         let load_time = started.elapsed();
         let by_id: HashMap<E::Id, E> = loaded.into_iter().map(|value| (value.id(), value)).collect();
         let values: Vec<Option<E>> = ids.iter().map(|id| by_id.get(id).cloned()).collect();
@@ -265,6 +268,30 @@ impl<E: Loadable> ReadThrough<E> {
         Ok(Fresh { value: values, as_of })
     }
 
+    /// Reads `ids` from a replica that has every write to them (see
+    /// `store::replicas`), or else from the primary. A replica that fails is
+    /// left out, and the primary answers instead.
+    async fn load(&self, ids: &[E::Id]) -> Result<Vec<E>, StoreError> {
+        let replicas = &self.database.replicas;
+        if replicas.any_usable()
+            && let Some(newest_write) = self.cache.newest_write::<E>(ids).await
+            && let Some(replica) = replicas.for_read(newest_write)
+        {
+            match E::load(&replica.pool, ids).await {
+                Ok(rows) => {
+                    count_read("replica");
+                    return Ok(rows);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, replica = replica.label(), "replica read failed; reading the primary");
+                    replica.failed();
+                }
+            }
+        }
+        count_read("primary");
+        E::load(&self.database.pool, ids).await
+    }
+
     /// Refresh ahead: reload a hot entry in the background before it expires.
     /// The lease makes one caller across all instances do it.
     fn refresh(self: &Arc<Self>, id: E::Id) {
@@ -276,6 +303,11 @@ impl<E: Loadable> ReadThrough<E> {
             }
         });
     }
+}
+
+/// A load of missed entities, by the server that answered it.
+fn count_read(server: &'static str) {
+    metrics::counter!("readthrough_db_miss_reads_total", "server" => server).increment(1);
 }
 
 /// The one value of a single-id load.

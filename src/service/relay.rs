@@ -19,11 +19,12 @@ use sqlx::{PgPool, postgres::PgListener};
 use uuid::Uuid;
 
 use crate::{
-    cache::{Bump, Cache, Event, KeyGroup, Kind},
+    cache::{Bump, Cache, Event, KeyGroup, Kind, WriteMarks},
     domain::{CategoryId, Product, ProductId, User, UserId},
     store::{
         StoreError,
         outbox::{self, OutboxRow},
+        replicas::{Lsn, Replicas},
     },
 };
 
@@ -36,10 +37,10 @@ const WRITER_GRACE: Duration = Duration::from_millis(200);
 const BATCH: i64 = 2000;
 
 /// Runs until the task is dropped.
-pub async fn run(pool: PgPool, cache: Arc<Cache>) {
+pub async fn run(pool: PgPool, cache: Arc<Cache>, replicas: Arc<Replicas>) {
     let mut listener: Option<PgListener> = None;
     loop {
-        if let Err(error) = drain(&pool, &cache).await {
+        if let Err(error) = drain(&pool, &cache, &replicas).await {
             tracing::warn!(%error, "outbox relay could not read the outbox");
         }
         if listener.is_none() {
@@ -67,7 +68,7 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
 }
 
 /// Processes rows until the outbox is empty or Redis fails; returns how many were done.
-pub async fn drain(pool: &PgPool, cache: &Cache) -> Result<usize, StoreError> {
+pub async fn drain(pool: &PgPool, cache: &Cache, replicas: &Replicas) -> Result<usize, StoreError> {
     let mut done = 0;
     loop {
         let mut tx = pool.begin().await?;
@@ -75,7 +76,9 @@ pub async fn drain(pool: &PgPool, cache: &Cache) -> Result<usize, StoreError> {
         if rows.is_empty() {
             return Ok(done);
         }
-        if !carry_out(cache, &invalidations(cache, &rows)).await {
+        // Taken after the claim: the rows' writes are committed, so at or before it.
+        let position = replicas.write_position().await;
+        if !carry_out(cache, &invalidations(cache, &rows), position).await {
             // Redis unreachable: the rows stay (the transaction rolls back) for the next round.
             return Ok(done);
         }
@@ -92,6 +95,8 @@ pub async fn drain(pool: &PgPool, cache: &Cache) -> Result<usize, StoreError> {
 pub struct Invalidations {
     /// Each group of keys once.
     pub groups: Vec<KeyGroup>,
+    /// The write marker of each entity written (see `store::replicas`).
+    pub marked: Vec<String>,
     /// One event per entity: its last row's, with the categories of all its rows.
     pub events: Vec<Event>,
     /// Kinds every key of which is retired (a new key epoch): after a
@@ -102,6 +107,7 @@ pub struct Invalidations {
 /// Coalesces a batch of outbox rows into the invalidations they ask for.
 pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
     let mut groups = BTreeSet::new();
+    let mut marked = BTreeSet::new();
     let mut retired = Vec::new();
     let mut events: Vec<Event> = Vec::new();
     let mut event_of: HashMap<(&str, Uuid), usize> = HashMap::new();
@@ -109,10 +115,14 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
         let truncated = row.event.ends_with(".truncated");
         match (row.entity.as_str(), truncated) {
             ("user", false) => {
-                groups.insert(cache.entity_keys::<User>(UserId::from_uuid(row.entity_id)));
+                let id = UserId::from_uuid(row.entity_id);
+                groups.insert(cache.entity_keys::<User>(id));
+                marked.insert(cache.write_marker::<User>(id));
             }
             ("product", false) => {
-                groups.insert(cache.entity_keys::<Product>(ProductId::from_uuid(row.entity_id)));
+                let id = ProductId::from_uuid(row.entity_id);
+                groups.insert(cache.entity_keys::<Product>(id));
+                marked.insert(cache.write_marker::<Product>(id));
                 // A category written by hand that is not a valid id has no cached list.
                 for category in row.categories.iter().filter_map(|c| CategoryId::parse(c).ok()) {
                     groups.insert(cache.list_keys(&category));
@@ -147,19 +157,25 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
     }
     Invalidations {
         groups: groups.into_iter().collect(),
+        marked: marked.into_iter().collect(),
         events,
         retired: Kind::ALL.into_iter().filter(|kind| retired.contains(kind)).collect(),
     }
 }
 
-/// Carries out `planned`: the epoch bump first, then the key groups and events
-/// in one round trip. True when Redis confirmed all of it; a bump refused as
-/// too soon after the last one is tried again with the rows in a later round.
-pub async fn carry_out(cache: &Cache, planned: &Invalidations) -> bool {
+/// Carries out `planned`: the epoch bump first, then the write markers (at
+/// `position`, when replicas are read), key groups and events in one round
+/// trip. True when Redis confirmed all of it; a bump refused as too soon
+/// after the last one is tried again with the rows in a later round.
+pub async fn carry_out(cache: &Cache, planned: &Invalidations, position: Option<Lsn>) -> bool {
     if !planned.retired.is_empty() && !matches!(cache.bump_epochs(&planned.retired).await, Some(Bump::Done(_))) {
         return false;
     }
-    cache.invalidate(&planned.groups, &planned.events).await
+    let marks = position.map(|position| WriteMarks {
+        keys: &planned.marked,
+        position,
+    });
+    cache.invalidate(&planned.groups, marks, &planned.events).await
 }
 
 #[cfg(test)]
@@ -191,10 +207,18 @@ mod tests {
         ];
         let Invalidations {
             groups,
+            marked,
             events,
             retired,
         } = invalidations(&cache, &rows);
         assert!(retired.is_empty());
+        let mut expected_marked = vec![
+            cache.write_marker::<User>(UserId::from_uuid(Uuid::from_u128(7))),
+            cache.write_marker::<Product>(ProductId::from_uuid(Uuid::from_u128(9))),
+            cache.write_marker::<Product>(ProductId::from_uuid(Uuid::from_u128(10))),
+        ];
+        expected_marked.sort();
+        assert_eq!(marked, expected_marked, "each written entity's marker once");
 
         let books = CategoryId::parse("books").unwrap();
         let games = CategoryId::parse("games").unwrap();

@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use sqlx::PgPool;
-
-use super::{ServiceError, invalidate_written, read_through::ReadThrough};
+use super::{Database, ServiceError, invalidate_written, read_through::ReadThrough};
 use crate::{
     cache::{Cache, near::NearCache},
     domain::{NewUser, User, UserId, UserPatch},
@@ -13,16 +11,16 @@ use crate::{
 
 #[derive(Clone)]
 pub struct Users {
-    pool: PgPool,
+    database: Database,
     cache: Arc<Cache>,
     reads: Arc<ReadThrough<User>>,
 }
 
 impl Users {
-    pub fn new(pool: PgPool, cache: Arc<Cache>, near: Option<NearCache<UserId, Option<User>>>) -> Self {
+    pub fn new(database: Database, cache: Arc<Cache>, near: Option<NearCache<UserId, Option<User>>>) -> Self {
         Self {
-            reads: ReadThrough::new(pool.clone(), cache.clone(), near),
-            pool,
+            reads: ReadThrough::new(database.clone(), cache.clone(), near),
+            database,
             cache,
         }
     }
@@ -62,27 +60,27 @@ impl Users {
 
     /// The ids of the `limit` most recently modified users.
     pub async fn recent_ids(&self, limit: u32) -> Result<Vec<UserId>, ServiceError> {
-        Ok(users::recent_ids(&self.pool, i64::from(limit)).await?)
+        Ok(users::recent_ids(&self.database.pool, i64::from(limit)).await?)
     }
 
     pub async fn create(&self, new: NewUser) -> Result<User, ServiceError> {
-        let written = users::insert(&self.pool, &new).await?;
-        Ok(invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await)
+        let written = users::insert(&self.database.pool, &new).await?;
+        Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     pub async fn update(&self, patch: UserPatch) -> Result<User, ServiceError> {
         let id = patch.id;
-        let written = users::update(&self.pool, &patch)
+        let written = users::update(&self.database.pool, &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        Ok(invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await)
+        Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     pub async fn delete(&self, id: UserId) -> Result<(), ServiceError> {
-        let written = users::delete(&self.pool, id)
+        let written = users::delete(&self.database.pool, id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        invalidate_written(&self.pool, &self.cache, written, |rows| self.forget_written(rows)).await;
+        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await;
         Ok(())
     }
 }

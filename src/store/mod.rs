@@ -5,6 +5,7 @@
 
 pub mod outbox;
 pub mod products;
+pub mod replicas;
 pub mod users;
 
 use std::{str::FromStr, time::Duration};
@@ -15,7 +16,10 @@ use sqlx::{
     postgres::{PgConnectOptions, PgPoolOptions, Postgres},
 };
 
-use crate::{config::Config, domain::ValidationError};
+use crate::{
+    config::{Config, SecretUrl},
+    domain::ValidationError,
+};
 
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -85,13 +89,23 @@ fn database_message(error: &sqlx::Error) -> String {
 /// while PostgreSQL is down a call fails after that long (UNAVAILABLE), and
 /// once it is back the next acquire connects again.
 pub async fn connect(config: &Config) -> Result<PgPool, sqlx::Error> {
-    let options = PgConnectOptions::from_str(config.database_url.expose())?
+    let (pool, options) = pool_options(config, &config.database_url)?;
+    pool.connect_with(options).await
+}
+
+/// A pool like `connect`'s for a read replica, which connects when first used.
+fn connect_to(config: &Config, url: &SecretUrl) -> Result<PgPool, sqlx::Error> {
+    let (pool, options) = pool_options(config, url)?;
+    Ok(pool.connect_lazy_with(options))
+}
+
+fn pool_options(config: &Config, url: &SecretUrl) -> Result<(PgPoolOptions, PgConnectOptions), sqlx::Error> {
+    let options = PgConnectOptions::from_str(url.expose())?
         .options([("statement_timeout", config.database_statement_timeout_ms.to_string())]);
-    PgPoolOptions::new()
+    let pool = PgPoolOptions::new()
         .max_connections(config.database_max_connections)
-        .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms))
-        .connect_with(options)
-        .await
+        .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms));
+    Ok((pool, options))
 }
 
 /// Creates the database if it does not exist, then applies pending migrations.

@@ -45,6 +45,9 @@ pub struct Settings {
     pub retire_all: bool,
     /// `REDIS_CLUSTER_URLS` for both instances; empty: the test Redis.
     pub redis_cluster_urls: Vec<String>,
+    /// `DATABASE_URL` and `DATABASE_READ_URLS` for both instances; `None`:
+    /// a database of the test's own on the test PostgreSQL, no replicas.
+    pub database: Option<(String, Vec<String>)>,
 }
 
 #[derive(Debug, Default)]
@@ -102,7 +105,14 @@ pub async fn run(settings: Settings) -> Report {
         .iter()
         .map(|url| url.parse().unwrap())
         .collect();
-    let mut first = spawn_app_with_hooks(hooks(), |config| config.config.redis_cluster_urls = cluster_urls).await;
+    let mut first = spawn_app_with_hooks(hooks(), |config| {
+        config.config.redis_cluster_urls = cluster_urls;
+        if let Some((primary, replicas)) = &settings.database {
+            config.config.database_url = primary.parse().unwrap();
+            config.config.database_read_urls = replicas.iter().map(|url| url.parse().unwrap()).collect();
+        }
+    })
+    .await;
     let second = first.spawn_sibling_with_hooks(hooks()).await;
 
     let mut user_ids = Vec::new();

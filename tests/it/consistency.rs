@@ -43,6 +43,7 @@ async fn concurrent_reads_and_writes_on_two_instances_stay_consistent() {
         max_delay: Duration::from_millis(5),
         retire_all: false,
         redis_cluster_urls: Vec::new(),
+        database: None,
     })
     .await;
     assert_consistent(&report);
@@ -59,6 +60,7 @@ async fn concurrent_reads_and_writes_on_two_instances_stay_consistent_on_a_clust
         max_delay: Duration::from_millis(5),
         retire_all: false,
         redis_cluster_urls: cluster.urls.clone(),
+        database: None,
     })
     .await;
     assert_consistent(&report);
@@ -74,13 +76,14 @@ async fn reads_and_writes_stay_consistent_while_invalidate_all_moves_the_key_epo
         max_delay: Duration::from_millis(5),
         retire_all: true,
         redis_cluster_urls: Vec::new(),
+        database: None,
     })
     .await;
     assert!(report.epoch_bumps >= 2, "the epochs moved: {report:?}");
     assert_consistent(&report);
 }
 
-fn assert_consistent(report: &checker::Report) {
+pub fn assert_consistent(report: &checker::Report) {
     assert!(report.writes > 50 && report.reads > 100, "the run did work: {report:?}");
     assert!(report.entries_checked > 10, "the cache was compared: {report:?}");
     assert_eq!(

@@ -206,6 +206,11 @@ pub fn rename_user(id: &str, email: &str) -> proto::UpdateUserRequest {
 
 /// Requests every test file makes, built in one place.
 impl TestApp {
+    pub async fn get_user(&mut self, id: &str) -> proto::User {
+        let request = proto::GetUserRequest { id: id.to_string() };
+        self.users.get_user(request).await.unwrap().into_inner()
+    }
+
     pub async fn create_user(&mut self, email: &str) -> proto::User {
         let request = CreateUserRequest {
             email: email.to_string(),

@@ -231,7 +231,7 @@ async fn seed_invalidates_what_it_inserts_itself_and_leaves_the_relay_nothing() 
         products: 300,
         categories: 3,
     };
-    let report = ops::seed(&services.pool, &services.cache, options).await.unwrap();
+    let report = ops::seed(&services, options).await.unwrap();
     assert_eq!(
         (report.users_inserted, report.products_inserted, report.left_to_relay),
         (20, 300, 0)

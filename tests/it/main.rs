@@ -21,6 +21,7 @@ mod limits;
 mod own_postgres;
 mod postgres_outage;
 mod products;
+mod replicas;
 mod roles;
 mod stampede;
 mod tls;

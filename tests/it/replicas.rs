@@ -1,0 +1,185 @@
+//! Read replicas (`DATABASE_READ_URLS`): a primary and a streaming replica of
+//! the test's own, the replica applying every change 500 ms late
+//! (`recovery_min_apply_delay`), so it is always behind. Misses may read it,
+//! but never a row older than a write that was acknowledged.
+
+use std::time::{Duration, Instant};
+
+use readthrough::{domain::UserId, proto};
+
+use crate::{
+    checker::{self, Settings},
+    consistency::assert_consistent,
+    helpers::{TestApp, eventually, rename_user, spawn_app_with},
+    own_postgres::OwnPostgres,
+};
+
+const REPLICA_READS: &str = r#"readthrough_db_miss_reads_total{server="replica"}"#;
+const PRIMARY_READS: &str = r#"readthrough_db_miss_reads_total{server="primary"}"#;
+/// How late the replica applies what the primary commits.
+const APPLY_DELAY: &str = "500ms";
+
+struct Topology {
+    primary: OwnPostgres,
+    replica: OwnPostgres,
+}
+
+impl Topology {
+    async fn start() -> Self {
+        let primary = OwnPostgres::init(&[], &[]).await;
+        let replica = primary.replica(&[("recovery_min_apply_delay", APPLY_DELAY)]).await;
+        Self { primary, replica }
+    }
+
+    fn database_url(&self) -> String {
+        self.primary.url("readthrough")
+    }
+
+    fn read_urls(&self) -> Vec<String> {
+        vec![self.replica.url("readthrough")]
+    }
+
+    /// An instance on this primary and replica, once the replica is usable:
+    /// it has the database the instance created, and is within the lag bound.
+    async fn spawn_app(&self) -> TestApp {
+        let (database_url, read_urls) = (self.database_url(), self.read_urls());
+        let app = spawn_app_with(|config| {
+            config.config.database_url = database_url.parse().unwrap();
+            config.config.database_read_urls = read_urls.iter().map(|url| url.parse().unwrap()).collect();
+        })
+        .await;
+        let replica_read = eventually(Duration::from_secs(20), || async {
+            // An id no one has: a miss, with no write marker.
+            let unknown = proto::GetUserRequest {
+                id: uuid::Uuid::new_v4().to_string(),
+            };
+            let _ = app.users.clone().get_user(unknown).await;
+            app.metric(REPLICA_READS).await > 0.0
+        })
+        .await;
+        assert!(replica_read, "the replica serves misses once it has caught up");
+        app
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_right_after_a_write_through_another_instance_is_never_the_replicas_old_row() {
+    let topology = Topology::start().await;
+    let mut app = topology.spawn_app().await;
+    let mut other = app.spawn_sibling().await;
+    let user = app.create_user("before@example.com").await;
+    let id = UserId::parse(&user.id).unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await; // the replica has the user now
+
+    let primary_before = other.metric(PRIMARY_READS).await;
+    for round in 1..=10 {
+        let email = format!("round-{round}@example.com");
+        let written = app
+            .users
+            .update_user(rename_user(&user.id, &email))
+            .await
+            .unwrap()
+            .into_inner();
+        let started = Instant::now();
+        let read = other.get_user(&user.id).await;
+        assert_eq!(
+            (read.email.as_str(), read.version),
+            (email.as_str(), written.version),
+            "round {round}: the read right after the write ({:?} later) sees it",
+            started.elapsed()
+        );
+        let cached: readthrough::cache::Entry<readthrough::domain::User> = other
+            .cached_value(&other.keys.user(id))
+            .await
+            .expect("the read filled the cache");
+        assert_eq!(
+            cached.value.map(|user| user.version),
+            Some(written.version),
+            "round {round}: the cached entry is the new version"
+        );
+    }
+    let primary_reads = other.metric(PRIMARY_READS).await - primary_before;
+    assert!(
+        primary_reads >= 10.0,
+        "with the replica 500 ms behind, each read right after its write went to the primary ({primary_reads})"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_consistency_checker_finds_nothing_stale_with_a_lagging_replica() {
+    let topology = Topology::start().await;
+    // Creates the database and waits until the replica serves.
+    let _app = topology.spawn_app().await;
+    let report = checker::run(Settings {
+        clients: 16,
+        duration: Duration::from_secs(4),
+        users: 10,
+        products: 12,
+        max_delay: Duration::from_millis(5),
+        retire_all: false,
+        redis_cluster_urls: Vec::new(),
+        database: Some((topology.database_url(), topology.read_urls())),
+    })
+    .await;
+    assert_consistent(&report);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn most_misses_of_a_read_heavy_load_are_served_by_the_replica() {
+    let topology = Topology::start().await;
+    let mut app = topology.spawn_app().await;
+    let mut ids = Vec::new();
+    for n in 0..200 {
+        ids.push(app.create_user(&format!("reader-{n}@example.com")).await.id);
+    }
+    app.outbox_drained().await;
+    tokio::time::sleep(Duration::from_secs(1)).await; // the replica has them all
+    let before = app.metrics(&[REPLICA_READS, PRIMARY_READS]).await;
+
+    // Every user read once (a miss each), and one in ten then renamed and read again.
+    for (n, id) in ids.iter().enumerate() {
+        app.get_user(id).await;
+        if n % 10 == 0 {
+            let email = format!("renamed-{n}@example.com");
+            app.users.update_user(rename_user(id, &email)).await.unwrap();
+            assert_eq!(app.get_user(id).await.email, email, "the write is read back");
+        }
+    }
+
+    let after = app.metrics(&[REPLICA_READS, PRIMARY_READS]).await;
+    let (replica, primary) = (after[0] - before[0], after[1] - before[1]);
+    let share = replica / (replica + primary);
+    println!(
+        "misses served by the replica: {replica} of {} ({:.0} %)",
+        replica + primary,
+        share * 100.0
+    );
+    assert!(
+        replica + primary >= 220.0,
+        "every read was a miss: {replica} + {primary}"
+    );
+    assert!(share > 0.8, "most misses read the replica: {share:.2}");
+    assert!(
+        primary >= 20.0,
+        "each read right after its write read the primary: {primary}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_replica_is_down_misses_read_the_primary() {
+    let topology = Topology::start().await;
+    let mut app = topology.spawn_app().await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(app.create_user(&format!("fallback-{n}@example.com")).await.id);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await; // the replica has them all
+    topology.replica.stop().await;
+
+    let primary_before = app.metric(PRIMARY_READS).await;
+    for id in &ids {
+        assert_eq!(&app.get_user(id).await.id, id, "read while the replica is down");
+    }
+    let primary_reads = app.metric(PRIMARY_READS).await - primary_before;
+    assert!(primary_reads >= 20.0, "the primary served every miss: {primary_reads}");
+}
