@@ -134,19 +134,19 @@ impl TestApp {
         .await
     }
 
-    /// Every key of this app's namespace (on a cluster: of every node, once).
+    /// Every key of this app's namespace (on a cluster: of every node that
+    /// answers, once).
     pub async fn namespace_keys(&mut self) -> Vec<String> {
         if self.config.config.redis_cluster_urls.is_empty() {
             return scan_namespace(&mut self.redis, &self.sandbox.namespace).await;
         }
         let mut keys = Vec::new();
         for url in &self.config.config.redis_cluster_urls {
-            let mut node = redis::Client::open(url.expose())
-                .unwrap()
-                .get_multiplexed_async_connection()
-                .await
-                .unwrap();
-            keys.extend(scan_namespace(&mut node, &self.sandbox.namespace).await);
+            let client = redis::Client::open(url.expose()).unwrap();
+            // A node a test killed is skipped: its replica holds its keys.
+            if let Ok(mut node) = client.get_multiplexed_async_connection().await {
+                keys.extend(scan_namespace(&mut node, &self.sandbox.namespace).await);
+            }
         }
         keys.sort();
         keys.dedup(); // a replica holds its master's keys
@@ -719,6 +719,36 @@ impl OwnCluster {
         Ok(cluster)
     }
 
+    /// The index in `nodes` of the master that serves `key`'s slot now.
+    pub async fn master_of(&self, key: &str) -> usize {
+        let mut redis = self.connection().await;
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        // <id> <ip:port@bus> <flags> <master> <ping> <pong> <epoch> <link> <slot ranges...>
+        let port = nodes
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|fields| {
+                fields[2].contains("master")
+                    && fields[8..].iter().any(|range| {
+                        let (first, last) = range.split_once('-').unwrap_or((range, range));
+                        matches!((first.parse::<u16>(), last.parse::<u16>()), (Ok(first), Ok(last)) if (first..=last).contains(&slot))
+                    })
+            })
+            .map(|fields| fields[1].split(['@', ':']).nth(1).unwrap().parse::<u16>().unwrap())
+            .unwrap_or_else(|| panic!("no master serves slot {slot}:\n{nodes}"));
+        self.nodes.iter().position(|node| node.port == port).unwrap()
+    }
+
     /// A client of the whole cluster, for tests that look inside it.
     pub async fn connection(&self) -> redis::cluster_async::ClusterConnection {
         redis::cluster::ClusterClient::new(self.urls.clone())
@@ -746,7 +776,9 @@ async fn process_id(url: &str) -> Option<u32> {
         .and_then(|pid| pid.trim().parse().ok())
 }
 
-/// Whether the node at `url` says `cluster_state:ok` and knows six nodes.
+/// Whether the node at `url` says `cluster_state:ok` and knows six nodes,
+/// and, if it is a replica, has its master's data: a replica that has never
+/// synced is not promoted when its master fails.
 async fn cluster_state(url: &str) -> bool {
     let Ok(client) = redis::Client::open(url) else {
         return false;
@@ -759,5 +791,11 @@ async fn cluster_state(url: &str) -> bool {
         .query_async(&mut connection)
         .await
         .unwrap_or_default();
-    info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6")
+    let replication: String = redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut connection)
+        .await
+        .unwrap_or_default();
+    let synced = replication.contains("role:master") || replication.contains("master_link_status:up");
+    info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6") && synced
 }
