@@ -19,11 +19,21 @@
 //!
 //! A bump is visible at once in the instance that made it; `EPOCH_TRUST`
 //! after it, no instance reads the old epoch.
+//!
+//! Redis replicates asynchronously, so a replica promoted after its master
+//! failed may lack the master's last writes: `DEL`s of entries that are
+//! stale now, or the latest bump itself. So epochs never go back: an epoch
+//! lower than one seen (a lost bump, or a Redis restarted empty) is answered
+//! with a bump above the highest seen. And on a Redis Cluster, a master
+//! serving slots that was not one before (a promoted replica) retires every
+//! kind: from the moment an instance notices it until the bump is done, it
+//! reads nothing from Redis. Every instance notices the same failover; the
+//! bump script acts on it once.
 
 use std::{
     sync::{
         Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -47,6 +57,8 @@ pub struct Epochs {
     current: [AtomicU64; 3],
     /// When the read that confirmed `current` was sent, in µs since `origin` (0: never).
     confirmed_at: AtomicU64,
+    /// Set while a failover's bump is pending: nothing read from Redis is used.
+    held: AtomicBool,
     /// The send time of the confirmation applied last, so an older one never overwrites it.
     applied: Mutex<Option<Instant>>,
     origin: Instant,
@@ -57,6 +69,7 @@ impl Default for Epochs {
         Self {
             current: Default::default(),
             confirmed_at: AtomicU64::new(0),
+            held: AtomicBool::new(false),
             applied: Mutex::new(None),
             origin: Instant::now(),
         }
@@ -81,11 +94,25 @@ impl Epochs {
 
     fn trusted_at(&self, now: Instant) -> bool {
         let confirmed_at = self.confirmed_at.load(Ordering::Acquire);
-        confirmed_at != 0 && self.micros_since_origin(now) < confirmed_at + EPOCH_TRUST.as_micros() as u64
+        confirmed_at != 0
+            && !self.held.load(Ordering::Acquire)
+            && self.micros_since_origin(now) < confirmed_at + EPOCH_TRUST.as_micros() as u64
+    }
+
+    /// Whether `epochs`, as read from Redis, are behind what this instance
+    /// knows for any kind: bumps were lost.
+    pub fn behind(&self, epochs: [u64; 3]) -> bool {
+        Kind::ALL.into_iter().any(|kind| epochs[kind as usize] < self.of(kind))
+    }
+
+    /// The epochs a bump must go beyond: the highest this instance knows.
+    fn floors(&self, kinds: &[Kind]) -> Vec<(Kind, u64)> {
+        kinds.iter().map(|&kind| (kind, self.of(kind))).collect()
     }
 
     /// Records `epochs` (by `Kind`), read by a request sent at `sent`, unless
-    /// a later one was recorded already; returns the kinds whose epoch changed.
+    /// a later one was recorded already; returns the kinds whose epoch
+    /// changed. An epoch never goes back (see the module comment).
     pub fn confirm(&self, sent: Instant, epochs: [u64; 3]) -> Vec<Kind> {
         let mut applied = self.applied.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if applied.is_some_and(|applied| applied > sent) {
@@ -95,11 +122,12 @@ impl Epochs {
         let changed = Kind::ALL
             .into_iter()
             .filter(|&kind| {
-                self.current[kind as usize].swap(epochs[kind as usize], Ordering::AcqRel) != epochs[kind as usize]
+                let epoch = epochs[kind as usize];
+                self.current[kind as usize].fetch_max(epoch, Ordering::AcqRel) < epoch
             })
             .collect();
         for kind in Kind::ALL {
-            metrics::gauge!("readthrough_cache_key_epoch", "entity" => kind.label()).set(epochs[kind as usize] as f64);
+            metrics::gauge!("readthrough_cache_key_epoch", "entity" => kind.label()).set(self.of(kind) as f64);
         }
         // At least 1 µs: 0 means "never confirmed".
         self.confirmed_at
@@ -122,22 +150,54 @@ pub enum Bump {
 }
 
 impl Cache {
-    /// Reads the epochs once; false when Redis did not answer.
-    async fn read_epochs(&self) -> Option<Vec<Kind>> {
+    /// Reads the epochs once; `None` when Redis did not answer. Epochs behind
+    /// the known ones set `lost`.
+    async fn read_epochs(&self, lost: &mut bool) -> Option<Vec<Kind>> {
         let sent = Instant::now();
         let epochs = self.redis.read_epochs(&self.keys.epochs()).await?;
-        Some(self.keys.epochs_known().confirm(sent, epochs))
+        let known = self.keys.epochs_known();
+        *lost |= known.behind(epochs);
+        Some(known.confirm(sent, epochs))
     }
 
     /// Reads the epochs every `EPOCH_POLL`, forever, and calls `on_change`
     /// with each kind whose epoch moved (near caches empty themselves then).
+    /// Retires every kind when bumps were lost or a cluster failed over.
     pub async fn follow_epochs(&self, mut on_change: impl FnMut(Kind)) {
         if !self.enabled {
             return;
         }
+        let known = self.keys.epochs_known();
+        let mut owners: Option<Vec<String>> = None;
+        // Why every kind must be retired, until it is.
+        let mut retire: Option<String> = None;
         loop {
-            if let Some(changed) = self.read_epochs().await {
+            let mut lost = false;
+            if let Some(changed) = self.read_epochs(&mut lost).await {
                 changed.into_iter().for_each(&mut on_change);
+            }
+            if lost && retire.is_none() {
+                tracing::warn!("the key epochs went back (a failover or a restart lost bumps): retiring every key");
+                retire = Some(String::new());
+            }
+            if let Some(now) = self.redis.slot_owners().await {
+                let promoted = owners
+                    .as_ref()
+                    .and_then(|before| now.iter().find(|owner| !before.contains(owner)));
+                if let Some(promoted) = promoted {
+                    tracing::warn!(master = %promoted, "a new master serves slots (a failover): retiring every key");
+                    known.held.store(true, Ordering::Release);
+                    retire = Some(format!("failover:{promoted}"));
+                }
+                owners = Some(now);
+            }
+            if let Some(reason) = &retire {
+                let reason = Some(reason.as_str()).filter(|reason| !reason.is_empty());
+                if let Some(Bump::Done(_)) = self.bump(&Kind::ALL, reason).await {
+                    Kind::ALL.into_iter().for_each(&mut on_change);
+                    known.held.store(false, Ordering::Release);
+                    retire = None;
+                }
             }
             tokio::time::sleep(EPOCH_POLL).await;
         }
@@ -146,21 +206,26 @@ impl Cache {
     /// Moves each of `kinds` to a new epoch, retiring all its cached keys.
     /// `None` when Redis did not answer.
     pub async fn bump_epochs(&self, kinds: &[Kind]) -> Option<Bump> {
+        self.bump(kinds, None).await
+    }
+
+    async fn bump(&self, kinds: &[Kind], reason: Option<&str>) -> Option<Bump> {
         let sent = Instant::now();
+        let floors = self.keys.epochs_known().floors(kinds);
         let bump = self
             .redis
-            .bump_epochs(&self.keys.epochs(), EPOCH_SPACING, kinds)
+            .bump_epochs(&self.keys.epochs(), EPOCH_SPACING, &floors, reason)
             .await?;
         if let Bump::Done(epochs) = bump {
             self.keys.epochs_known().confirm(sent, epochs);
-            tracing::info!(kinds = ?kinds.iter().map(|k| k.label()).collect::<Vec<_>>(), ?epochs, "retired cached keys: new key epochs");
+            tracing::info!(kinds = ?kinds.iter().map(|k| k.label()).collect::<Vec<_>>(), ?epochs, reason, "retired cached keys: new key epochs");
         }
         Some(bump)
     }
 
     /// Reads the epochs before the first request (see `open_connections`).
     pub(super) async fn learn_epochs(&self) {
-        if self.read_epochs().await.is_none() {
+        if self.read_epochs(&mut false).await.is_none() {
             tracing::warn!("cannot read the key epochs yet: reads skip Redis until they are known");
         }
     }
@@ -190,6 +255,20 @@ mod tests {
         );
         assert_eq!(epochs.confirm(older, [0, 0, 0]), []);
         assert_eq!([Kind::User, Kind::Product, Kind::List].map(|k| epochs.of(k)), [1, 2, 3]);
+    }
+
+    #[test]
+    fn epochs_never_go_back_and_a_lower_one_is_noticed() {
+        let epochs = Epochs::default();
+        epochs.confirm(Instant::now(), [4, 2, 7]);
+        assert!(epochs.behind([4, 1, 7]));
+        assert!(!epochs.behind([5, 2, 7]));
+        assert_eq!(epochs.confirm(Instant::now(), [4, 1, 8]), [Kind::List]);
+        assert_eq!(Kind::ALL.map(|k| epochs.of(k)), [4, 2, 8]);
+        assert_eq!(
+            epochs.floors(&Kind::ALL),
+            [(Kind::User, 4), (Kind::Product, 2), (Kind::List, 8)]
+        );
     }
 
     #[test]

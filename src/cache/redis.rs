@@ -99,21 +99,34 @@ redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
 return 1
 ";
 
-/// Adds 1 to the epoch of each kind named, unless the last bump is less than
-/// the spacing old (measured with the Redis server's clock, the one every
-/// instance shares). KEYS: the epochs hash. ARGV: spacing ms, then the kinds.
-/// Returns {0, user, product, list} when bumped, {ms to wait} when too soon.
+/// Moves each kind named to a new epoch, one above both its current epoch
+/// and the floor given for it (the highest the caller has seen: a failover
+/// may have lost the latest bumps), unless the last bump is less than the
+/// spacing old (measured with the Redis server's clock, the one every
+/// instance shares), or the reason, when one is given, was acted on already
+/// (every instance notices the same failover). KEYS: the epochs hash. ARGV:
+/// spacing ms, reason ('' for none), then each kind and its floor.
+/// Returns {0, user, product, list} when bumped (or the reason was acted
+/// on), {ms to wait} when too soon.
 const BUMP_EPOCHS: &str = r"
+local function epochs()
+  local current = redis.call('HMGET', KEYS[1], 'user', 'product', 'list')
+  for i = 1, 3 do current[i] = tonumber(current[i] or '0') end
+  return {0, current[1], current[2], current[3]}
+end
+if ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return epochs() end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local last = tonumber(redis.call('HGET', KEYS[1], 'bumped_at_ms') or '0')
 local spacing = tonumber(ARGV[1])
 if now - last < spacing then return {math.max(1, spacing - (now - last))} end
 redis.call('HSET', KEYS[1], 'bumped_at_ms', now)
-for i = 2, #ARGV do redis.call('HINCRBY', KEYS[1], ARGV[i], 1) end
-local epochs = redis.call('HMGET', KEYS[1], 'user', 'product', 'list')
-for i = 1, 3 do epochs[i] = tonumber(epochs[i] or '0') end
-return {0, epochs[1], epochs[2], epochs[3]}
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], now) end
+for i = 3, #ARGV, 2 do
+  local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
+  redis.call('HSET', KEYS[1], ARGV[i], math.max(current, tonumber(ARGV[i + 1])) + 1)
+end
+return epochs()
 ";
 
 /// Records a write's WAL position in its marker unless the marker holds a
@@ -317,6 +330,19 @@ impl RedisClient {
         Some(masters_of(&nodes))
     }
 
+    /// Each master that serves slots, as `<node id>:<config epoch>`: a
+    /// failover (or a resharding) makes a new one. `None` when not on a
+    /// cluster or the cluster did not answer.
+    pub async fn slot_owners(&self) -> Option<Vec<String>> {
+        if !self.cluster {
+            return None;
+        }
+        let nodes: String = self
+            .run("cluster_nodes", &redis::cmd("CLUSTER").arg("NODES").clone())
+            .await?;
+        Some(slot_owners_of(&nodes))
+    }
+
     /// Runs `cmd` on one node of the cluster, within the deadline.
     async fn run_at<T: redis::FromRedisValue>(
         &self,
@@ -354,13 +380,22 @@ impl RedisClient {
     }
 
     /// Bumps the epochs of `kinds` unless the last bump is less than `spacing` old.
-    pub async fn bump_epochs(&self, key: &str, spacing: Duration, kinds: &[Kind]) -> Option<Bump> {
+    pub async fn bump_epochs(
+        &self,
+        key: &str,
+        spacing: Duration,
+        floors: &[(Kind, u64)],
+        reason: Option<&str>,
+    ) -> Option<Bump> {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(BUMP_EPOCHS)
             .arg(1)
             .arg(key)
             .arg(spacing.as_millis() as u64)
-            .arg(kinds.iter().map(|kind| kind.label()).collect::<Vec<_>>());
+            .arg(reason.unwrap_or(""));
+        for (kind, floor) in floors {
+            cmd.arg(kind.label()).arg(floor);
+        }
         let reply: Vec<Option<u64>> = self.run("epochs", &cmd).await?;
         match reply.split_first()? {
             (Some(0), epochs) => epochs_by_kind(epochs).map(Bump::Done),
@@ -804,6 +839,21 @@ fn masters_of(nodes: &str) -> Vec<(String, u16)> {
         .collect()
 }
 
+/// The slot-serving masters of `CLUSTER NODES` output (see `slot_owners`):
+/// `<id> <address> <flags> <master> <ping> <pong> <config epoch> <link> <slots...>`.
+fn slot_owners_of(nodes: &str) -> Vec<String> {
+    let mut owners: Vec<String> = nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let serves_slots = fields.len() > 8 && fields[2].split(',').any(|flag| flag == "master");
+            serves_slots.then(|| format!("{}:{}", fields[0], fields[6]))
+        })
+        .collect();
+    owners.sort();
+    owners
+}
+
 /// Epochs in `Kind` order, a missing one (never bumped) as 0.
 fn epochs_by_kind(epochs: &[Option<u64>]) -> Option<[u64; 3]> {
     match epochs {
@@ -850,7 +900,7 @@ impl ErrorLog {
 mod tests {
     use deadpool_redis::redis::{ErrorKind, RedisError, ServerErrorKind};
 
-    use super::{masters_of, means_unavailable};
+    use super::{masters_of, means_unavailable, slot_owners_of};
 
     #[test]
     fn masters_are_the_live_master_lines_of_cluster_nodes() {
@@ -864,6 +914,17 @@ d4 127.0.0.1:7002@17002 master,fail - 0 1 3 disconnected
             masters_of(nodes),
             [("127.0.0.1".to_string(), 7000), ("127.0.0.1".to_string(), 7001)]
         );
+    }
+
+    #[test]
+    fn slot_owners_are_the_masters_with_slots_and_their_config_epochs() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922 10923
+c3 127.0.0.1:7003@17003 slave a1 0 1 4 connected
+d4 127.0.0.1:7002@17002 master,fail - 0 1 3 disconnected
+";
+        assert_eq!(slot_owners_of(nodes), ["a1:1", "b2:2"]);
     }
 
     #[test]

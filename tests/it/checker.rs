@@ -386,7 +386,7 @@ async fn quiesce(app: &TestApp) {
 /// Cached entries (users, products, lists) of the current key epochs that
 /// differ from PostgreSQL, and how many were compared. (Keys of a retired
 /// epoch are never read again.)
-async fn stale_entries(app: &mut TestApp) -> (Vec<String>, u64) {
+pub async fn stale_entries(app: &mut TestApp) -> (Vec<String>, u64) {
     let mut stale = Vec::new();
     let mut checked = 0;
     let current: Vec<String> = Kind::ALL

@@ -2,9 +2,15 @@
 //! invalidation as done, only while it knows the current epochs (see
 //! `cache::epochs`).
 
-use readthrough::proto::GetUserRequest;
+use std::time::Duration;
 
-use crate::helpers::{OwnRedis, free_port, spawn_app_with};
+use readthrough::{
+    cache::Kind,
+    domain::UserId,
+    proto::{GetUserRequest, InvalidateAllRequest, cache_admin_service_client::CacheAdminServiceClient},
+};
+
+use crate::helpers::{OwnRedis, eventually, free_port, redis, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn an_instance_that_cannot_read_the_key_epochs_uses_nothing_it_reads_from_redis() {
@@ -65,4 +71,47 @@ async fn an_instance_that_cannot_read_the_key_epochs_uses_nothing_it_reads_from_
         .await
         .unwrap();
     assert_eq!(left, 1, "the creation's invalidation waits for known epochs");
+}
+
+/// A Redis restarted empty, or a promoted replica that lacks the last bump,
+/// shows epochs lower than the instances know: they must not go back to
+/// them, since keys of the older epoch were retired and may be stale.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn epochs_that_went_back_are_bumped_above_the_highest_seen() {
+    let mut app = spawn_app().await;
+    let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
+        .await
+        .unwrap();
+    let retire_users = InvalidateAllRequest {
+        entity: "user".to_string(),
+        dry_run: false,
+    };
+    let bumped = admin.invalidate_all(retire_users).await.unwrap().into_inner();
+    assert_eq!(bumped.epochs["user"], 1);
+
+    // The bump is lost.
+    let epochs_key = app.keys.epochs();
+    let _: () = redis::cmd("DEL")
+        .arg(&epochs_key)
+        .query_async(&mut app.redis)
+        .await
+        .unwrap();
+
+    let epochs = app.keys.epochs_known();
+    let moved_on = eventually(Duration::from_secs(5), || async { epochs.of(Kind::User) == 2 }).await;
+    assert!(moved_on, "the user epoch went above the one seen, not back to 0");
+    let stored: Option<u64> = redis::cmd("HGET")
+        .arg(&epochs_key)
+        .arg("user")
+        .query_async(&mut app.redis)
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(2), "and Redis holds it");
+    let user = app.create_user("after-the-loss@example.com").await;
+    let read = app.get_user(&user.id).await;
+    assert_eq!(read, user);
+    assert!(
+        app.exists(&app.keys.user(UserId::parse(&user.id).unwrap())).await,
+        "filled at the new epoch"
+    );
 }
