@@ -45,9 +45,14 @@ fn read_project_file(name: &str) -> String {
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
+/// docker-compose.yml, with its YAML merges (`<<: *anchor`) applied as compose applies them.
 fn compose() -> Value {
-    serde_yaml::from_str(&read_project_file("docker-compose.yml"))
-        .unwrap_or_else(|e| panic!("docker-compose.yml is not valid YAML: {e}"))
+    let mut compose: Value = serde_yaml::from_str(&read_project_file("docker-compose.yml"))
+        .unwrap_or_else(|e| panic!("docker-compose.yml is not valid YAML: {e}"));
+    compose
+        .apply_merge()
+        .unwrap_or_else(|e| panic!("docker-compose.yml has a bad merge: {e}"));
+    compose
 }
 
 fn service<'a>(compose: &'a Value, name: &str) -> &'a Value {
@@ -103,7 +108,11 @@ fn variables_the_service_reads() -> BTreeSet<String> {
 
 /// `command:` as a list of words, whether compose gives it as a string or a list.
 fn command_words(service: &Value, name: &str) -> Vec<String> {
-    match service.get("command") {
+    command_words_of(service.get("command"), name)
+}
+
+fn command_words_of(command: Option<&Value>, name: &str) -> Vec<String> {
+    match command {
         Some(Value::String(line)) => line.split_whitespace().map(str::to_string).collect(),
         Some(Value::Sequence(items)) => items
             .iter()
@@ -179,6 +188,12 @@ fn every_service_has_a_healthcheck() {
         ("postgres", "pg_isready"),
         ("redis", "redis-cli"),
         ("readthrough", "readthrough health"),
+        ("postgres-replica", "pg_isready"),
+        ("redis-node-1", "redis-cli"),
+        ("redis-node-2", "redis-cli"),
+        ("redis-node-3", "redis-cli"),
+        ("readthrough-a", "readthrough health"),
+        ("readthrough-b", "readthrough health"),
     ] {
         let healthcheck = service(&compose, name)
             .get("healthcheck")
@@ -197,7 +212,7 @@ fn every_service_has_a_healthcheck() {
             test.contains(probe),
             "`{name}`'s healthcheck should run `{probe}`, runs `{test}`"
         );
-        if name == "redis" {
+        if name.starts_with("redis") {
             assert!(
                 test.ends_with(" ping"),
                 "redis's healthcheck should PING, runs `{test}`"
@@ -232,10 +247,15 @@ fn readthrough_starts_after_postgres_and_redis_are_healthy() {
 }
 
 #[test]
-fn redis_is_configured_as_a_bounded_cache_that_keeps_nothing_on_disk() {
+fn every_redis_is_configured_as_a_bounded_cache_that_keeps_nothing_on_disk() {
     let compose = compose();
-    let redis = service(&compose, "redis");
-    let words = command_words(redis, "redis");
+    for name in ["redis", "redis-node-1", "redis-node-2", "redis-node-3"] {
+        redis_is_a_bounded_cache_that_keeps_nothing_on_disk(service(&compose, name), name);
+    }
+}
+
+fn redis_is_a_bounded_cache_that_keeps_nothing_on_disk(redis: &Value, name: &str) {
+    let words = command_words(redis, name);
     let single =
         |option: &str| -> Option<String> { option_values(&words, option).last().map(|values| values.join(" ")) };
 
@@ -265,7 +285,7 @@ fn redis_is_configured_as_a_bounded_cache_that_keeps_nothing_on_disk() {
                 .all(|save| matches!(save.join(" ").as_str(), "\"\"" | "''")),
         "redis must turn RDB snapshots off with --save \"\": {words:?}"
     );
-    assert!(redis.get("volumes").is_none(), "redis keeps no volume: {redis:?}");
+    assert!(redis.get("volumes").is_none(), "{name} keeps no volume: {redis:?}");
 }
 
 #[test]
@@ -276,13 +296,136 @@ fn compose_passes_only_variables_the_service_reads() {
         reads.contains("DATABASE_URL") && reads.contains("GRPC_ADDR"),
         "clap reported no DATABASE_URL or GRPC_ADDR; is `env` still set in src/config.rs? {reads:?}"
     );
-    let passed = environment(service(&compose, "readthrough"), "readthrough");
-    let unknown: Vec<&String> = passed.keys().filter(|key| !reads.contains(*key)).collect();
+    for name in ["readthrough", "readthrough-a", "readthrough-b"] {
+        let passed = environment(service(&compose, name), name);
+        let unknown: Vec<&String> = passed.keys().filter(|key| !reads.contains(*key)).collect();
+        assert!(
+            unknown.is_empty(),
+            "{name}'s compose environment sets {unknown:?}, which the service never reads \
+             (a typo or a renamed setting?); it reads {reads:?}"
+        );
+    }
+}
+
+/// `docker compose --profile scale up readthrough-a readthrough-b`: two
+/// instances on a Redis Cluster of the profile's nodes, reading misses from
+/// the profile's PostgreSQL replica, each started once what it uses is ready.
+#[test]
+fn the_scale_profile_runs_two_instances_on_a_redis_cluster_and_a_postgres_replica() {
+    let compose = compose();
+    let nodes = ["redis-node-1", "redis-node-2", "redis-node-3"];
+    let scaled = [
+        "postgres-replica",
+        "redis-cluster-create",
+        "readthrough-a",
+        "readthrough-b",
+    ];
+    for name in nodes.iter().chain(&scaled) {
+        let profiles = service(&compose, name).get("profiles").and_then(Value::as_sequence);
+        assert_eq!(
+            profiles.map(|p| p.iter().filter_map(scalar).collect::<Vec<_>>()),
+            Some(vec!["scale".to_string()]),
+            "{name} belongs to the `scale` profile only"
+        );
+    }
+    for name in nodes {
+        let words = command_words(service(&compose, name), name);
+        assert_eq!(
+            option_values(&words, "--cluster-enabled")
+                .last()
+                .map(|v| v.join(" "))
+                .as_deref(),
+            Some("yes"),
+            "{name} runs in cluster mode: {words:?}"
+        );
+    }
+    let create = service_script(service(&compose, "redis-cluster-create"), "redis-cluster-create");
     assert!(
-        unknown.is_empty(),
-        "readthrough's compose environment sets {unknown:?}, which the service never reads \
-         (a typo or a renamed setting?); it reads {reads:?}"
+        create.contains("--cluster create"),
+        "redis-cluster-create creates the cluster: {create}"
     );
+    for node in nodes {
+        assert!(create.contains(node), "redis-cluster-create joins {node}: {create}");
+    }
+    let replica = service_script(service(&compose, "postgres-replica"), "postgres-replica");
+    assert!(
+        replica.contains("pg_basebackup -h postgres -U replicator") && replica.contains(" -R "),
+        "postgres-replica streams from postgres as `replicator`: {replica}"
+    );
+    let replication = read_project_file("deploy/postgres-replication.sh");
+    assert!(
+        replication.contains("CREATE ROLE replicator WITH REPLICATION")
+            && replication.contains("host replication replicator"),
+        "the primary lets `replicator` stream: {replication}"
+    );
+
+    for name in ["readthrough-a", "readthrough-b"] {
+        let readthrough = service(&compose, name);
+        assert!(
+            readthrough.get("build").is_some(),
+            "{name} is built from this repository"
+        );
+        let passed = environment(readthrough, name);
+        let seeds = passed["REDIS_CLUSTER_URLS"].clone().unwrap_or_default();
+        let hosts: Vec<&str> = seeds.split(',').map(url_host).collect();
+        assert_eq!(hosts, nodes, "{name}'s REDIS_CLUSTER_URLS name every node");
+        assert!(
+            seeds.split(',').all(|url| url.contains(":dev-redis-password@")),
+            "{name}'s REDIS_CLUSTER_URLS carry the nodes' password: {seeds}"
+        );
+        let read_urls = passed["DATABASE_READ_URLS"].clone().unwrap_or_default();
+        assert_eq!(
+            url_host(&read_urls),
+            "postgres-replica",
+            "{name} reads misses from the replica"
+        );
+        assert_eq!(
+            url_host(passed["DATABASE_URL"].as_deref().unwrap_or_default()),
+            "postgres"
+        );
+        let depends_on = readthrough.get("depends_on").unwrap();
+        for (dependency, condition) in [
+            ("migrate", "service_completed_successfully"),
+            ("postgres", "service_healthy"),
+            ("postgres-replica", "service_healthy"),
+            ("redis-cluster-create", "service_completed_successfully"),
+        ] {
+            assert_eq!(
+                depends_on
+                    .get(dependency)
+                    .and_then(|d| d.get("condition"))
+                    .and_then(Value::as_str),
+                Some(condition),
+                "{name} waits for {dependency}"
+            );
+        }
+    }
+    let ports: Vec<Vec<u16>> = ["readthrough-a", "readthrough-b"]
+        .map(|name| container_ports(service(&compose, name), name))
+        .into();
+    assert_eq!(ports[0], ports[1], "both instances serve on the same container ports");
+}
+
+/// The script a service runs: the file under ./deploy mounted where its entrypoint runs it.
+fn service_script(service: &Value, name: &str) -> String {
+    let entrypoint = command_words_of(service.get("entrypoint"), name);
+    let script = entrypoint
+        .iter()
+        .find(|word| word.ends_with(".sh"))
+        .unwrap_or_else(|| panic!("{name}'s entrypoint runs no script: {entrypoint:?}"));
+    let source = service
+        .get("volumes")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(scalar)
+        .find_map(|volume| {
+            let mut parts = volume.split(':');
+            let (source, target) = (parts.next()?, parts.next()?);
+            (target == script).then(|| source.trim_start_matches("./").to_string())
+        })
+        .unwrap_or_else(|| panic!("{name} does not mount {script}"));
+    read_project_file(&source)
 }
 
 #[test]
@@ -450,21 +593,28 @@ fn compose_authenticates_calls_with_the_development_token() {
 #[test]
 fn compose_environment_values_are_accepted_by_the_service() {
     let compose = compose();
-    let passed = environment(service(&compose, "readthrough"), "readthrough");
-    // Hand each value to clap as the flag it backs: flags win over the test's own environment.
-    let mut argv = vec!["readthrough".to_string()];
-    for arg in ServeConfig::command().get_arguments() {
-        let Some(env) = arg.get_env() else { continue };
-        let Some(Some(value)) = passed.get(&*env.to_string_lossy()) else {
-            continue;
-        };
-        let long = arg
-            .get_long()
-            .unwrap_or_else(|| panic!("{env:?} backs an argument without a --flag"));
-        argv.push(format!("--{long}={value}"));
-    }
-    if let Err(e) = ServeConfig::try_parse_from(&argv) {
-        panic!("readthrough would reject its compose environment ({argv:?}):\n{e}");
+    for name in ["readthrough", "readthrough-a", "readthrough-b"] {
+        let passed = environment(service(&compose, name), name);
+        // Hand each value to clap as the flag it backs: flags win over the test's own environment.
+        let mut argv = vec!["readthrough".to_string()];
+        for arg in ServeConfig::command().get_arguments() {
+            let Some(env) = arg.get_env() else { continue };
+            let Some(Some(value)) = passed.get(&*env.to_string_lossy()) else {
+                continue;
+            };
+            let long = arg
+                .get_long()
+                .unwrap_or_else(|| panic!("{env:?} backs an argument without a --flag"));
+            argv.push(format!("--{long}={value}"));
+        }
+        match ServeConfig::try_parse_from(&argv) {
+            Ok(config) if name != "readthrough" => {
+                assert_eq!(config.config.redis_cluster_urls.len(), 3, "{name} has three seed nodes");
+                assert_eq!(config.config.database_read_urls.len(), 1, "{name} has one replica");
+            }
+            Ok(_) => {}
+            Err(e) => panic!("{name} would reject its compose environment ({argv:?}):\n{e}"),
+        }
     }
 }
 
