@@ -6,6 +6,7 @@
 use std::time::{Duration, Instant};
 
 use readthrough::{domain::UserId, proto};
+use sqlx::PgPool;
 
 use crate::{
     checker::{self, Settings},
@@ -148,6 +149,22 @@ async fn most_misses_of_a_read_heavy_load_are_served_by_the_replica() {
 
     let after = app.metrics(&[REPLICA_READS, PRIMARY_READS]).await;
     let (replica, primary) = (after[0] - before[0], after[1] - before[1]);
+    // PostgreSQL's own count agrees: the replica ran those lookups of users.
+    let on_replica = PgPool::connect(&topology.read_urls()[0]).await.unwrap();
+    let scanned = eventually(Duration::from_secs(5), || async {
+        let scans: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(idx_scan), 0)::bigint FROM pg_stat_user_tables WHERE relname = 'users'",
+        )
+        .fetch_one(&on_replica)
+        .await
+        .unwrap();
+        scans as f64 >= replica
+    })
+    .await;
+    assert!(
+        scanned,
+        "the replica's pg_stat_user_tables counts at least {replica} index scans of users"
+    );
     let share = replica / (replica + primary);
     println!(
         "misses served by the replica: {replica} of {} ({:.0} %)",
