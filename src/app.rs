@@ -18,7 +18,7 @@ use tonic_reflection::server::{
 use tower::layer::util::{Identity, Stack};
 
 use crate::{
-    api::{AdmissionLayer, AuthLayer, Authenticator, CacheAdminApi, PageTokens, ProductApi, UserApi},
+    api::{AdmissionLayer, AuthLayer, Authenticator, CacheAdminApi, PageTokens, ProductApi, RpcMetricsLayer, UserApi},
     cache::{Hooks, Keys},
     config::ServeConfig,
     proto::{
@@ -229,8 +229,11 @@ struct Edge {
     tls: Option<ServerTlsConfig>,
 }
 
+/// The layers every call passes, outermost last: metrics, authentication, admission.
+type EdgeLayers = Stack<AdmissionLayer, Stack<AuthLayer, Stack<RpcMetricsLayer, Identity>>>;
+
 impl Edge {
-    fn server(&self) -> anyhow::Result<Server<Stack<AdmissionLayer, Stack<AuthLayer, Identity>>>> {
+    fn server(&self) -> anyhow::Result<Server<EdgeLayers>> {
         let mut server = Server::builder();
         if let Some(tls) = &self.tls {
             // Only TLS from here: a plaintext client's first bytes fail the handshake.
@@ -244,6 +247,8 @@ impl Edge {
             .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
             // Clients reconnect now and then, so load spreads over new instances.
             .max_connection_age(MAX_CONNECTION_AGE)
+            // Outermost: calls that authentication or admission turn away are counted too.
+            .layer(RpcMetricsLayer)
             .layer(self.auth.clone())
             .layer(self.admission.clone()))
     }

@@ -58,7 +58,7 @@ impl CacheCounts {
             near_hits: delta("readthrough_near_cache_hits_total", &[]),
             misses: delta("readthrough_cache_misses_total", &[]),
             errors: delta("readthrough_cache_errors_total", &[]),
-            failed_rpcs: rpcs - delta("readthrough_rpc_duration_seconds_count", &["code=\"Ok\""]),
+            failed_rpcs: rpcs - delta("readthrough_rpc_duration_seconds_count", &["code=\"OK\""]),
             shed: delta("readthrough_requests_shed_total", &[]),
         }
     }

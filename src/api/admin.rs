@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
-use super::{observe, status::cache_unavailable};
+use super::{respond, status::cache_unavailable};
 use crate::{
     cache::{Bump, Cache, EPOCH_TRUST, Kind},
     domain::{CategoryId, Product, ProductId, User, UserId, ValidationError},
@@ -61,7 +61,7 @@ impl CacheAdminService for CacheAdminApi {
         &self,
         request: Request<proto::InvalidateUserRequest>,
     ) -> Result<Response<proto::InvalidateResponse>, Status> {
-        observe("InvalidateUser", async {
+        respond(async {
             let request = request.into_inner();
             let id = UserId::parse(&request.id)?;
             let keys = self.cache.entity_keys::<User>(id);
@@ -74,7 +74,7 @@ impl CacheAdminService for CacheAdminApi {
         &self,
         request: Request<proto::InvalidateProductRequest>,
     ) -> Result<Response<proto::InvalidateResponse>, Status> {
-        observe("InvalidateProduct", async {
+        respond(async {
             let request = request.into_inner();
             let id = ProductId::parse(&request.id)?;
             let keys = self.cache.entity_keys::<Product>(id);
@@ -87,7 +87,7 @@ impl CacheAdminService for CacheAdminApi {
         &self,
         request: Request<proto::InvalidateCategoryRequest>,
     ) -> Result<Response<proto::InvalidateResponse>, Status> {
-        observe("InvalidateCategory", async {
+        respond(async {
             let request = request.into_inner();
             let category = CategoryId::parse(&request.category_id)?;
             let keys = self.cache.list_keys(&category);
@@ -101,7 +101,7 @@ impl CacheAdminService for CacheAdminApi {
         &self,
         request: Request<proto::InvalidateAllRequest>,
     ) -> Result<Response<proto::InvalidateAllResponse>, Status> {
-        observe("InvalidateAll", async {
+        respond(async {
             let request = request.into_inner();
             let kinds = match request.entity.as_str() {
                 "" => Kind::ALL.to_vec(),

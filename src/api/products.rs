@@ -4,8 +4,8 @@ use tonic::{Request, Response, Status};
 
 use super::{
     convert::{mask_paths, product_to_proto},
-    observe,
     page_token::PageTokens,
+    respond,
 };
 use crate::{
     domain::{
@@ -35,7 +35,7 @@ impl ProductService for ProductApi {
         &self,
         request: Request<proto::GetProductRequest>,
     ) -> Result<Response<proto::Product>, Status> {
-        observe("GetProduct", async {
+        respond(async {
             let id = ProductId::parse(&request.get_ref().id)?;
             Ok(product_to_proto(self.products.get(id).await?))
         })
@@ -46,7 +46,7 @@ impl ProductService for ProductApi {
         &self,
         request: Request<proto::ListProductsRequest>,
     ) -> Result<Response<proto::ListProductsResponse>, Status> {
-        observe("ListProducts", async {
+        respond(async {
             let request = request.get_ref();
             let category = CategoryId::parse(&request.category_id)?;
             let page = if request.page_token.is_empty() {
@@ -75,7 +75,7 @@ impl ProductService for ProductApi {
         &self,
         request: Request<proto::CreateProductRequest>,
     ) -> Result<Response<proto::Product>, Status> {
-        observe("CreateProduct", async {
+        respond(async {
             let request = request.get_ref();
             let new = NewProduct {
                 category_id: CategoryId::parse(&request.category_id)?,
@@ -93,7 +93,7 @@ impl ProductService for ProductApi {
         &self,
         request: Request<proto::UpdateProductRequest>,
     ) -> Result<Response<proto::Product>, Status> {
-        observe("UpdateProduct", async {
+        respond(async {
             let request = request.into_inner();
             let product = request
                 .product
@@ -122,7 +122,7 @@ impl ProductService for ProductApi {
     }
 
     async fn delete_product(&self, request: Request<proto::DeleteProductRequest>) -> Result<Response<()>, Status> {
-        observe("DeleteProduct", async {
+        respond(async {
             let id = ProductId::parse(&request.get_ref().id)?;
             self.products.delete(id).await?;
             Ok(())

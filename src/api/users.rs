@@ -4,7 +4,7 @@ use tonic::{Request, Response, Status};
 
 use super::{
     convert::{mask_paths, preferences, user_to_proto},
-    observe,
+    respond,
 };
 use crate::{
     domain::{Email, ExpectedVersion, NewUser, UserId, UserPatch, ValidationError},
@@ -28,7 +28,7 @@ impl UserApi {
 #[tonic::async_trait]
 impl UserService for UserApi {
     async fn get_user(&self, request: Request<proto::GetUserRequest>) -> Result<Response<proto::User>, Status> {
-        observe("GetUser", async {
+        respond(async {
             let id = UserId::parse(&request.get_ref().id)?;
             Ok(user_to_proto(self.users.get(id).await?))
         })
@@ -39,7 +39,7 @@ impl UserService for UserApi {
         &self,
         request: Request<proto::BatchGetUsersRequest>,
     ) -> Result<Response<proto::BatchGetUsersResponse>, Status> {
-        observe("BatchGetUsers", async {
+        respond(async {
             let raw = &request.get_ref().ids;
             if raw.len() > MAX_BATCH {
                 return Err(ValidationError::new(
@@ -69,7 +69,7 @@ impl UserService for UserApi {
     }
 
     async fn create_user(&self, request: Request<proto::CreateUserRequest>) -> Result<Response<proto::User>, Status> {
-        observe("CreateUser", async {
+        respond(async {
             let request = request.into_inner();
             let new = NewUser {
                 email: Email::parse(&request.email)?,
@@ -81,7 +81,7 @@ impl UserService for UserApi {
     }
 
     async fn update_user(&self, request: Request<proto::UpdateUserRequest>) -> Result<Response<proto::User>, Status> {
-        observe("UpdateUser", async {
+        respond(async {
             let request = request.into_inner();
             let user = request
                 .user
@@ -104,7 +104,7 @@ impl UserService for UserApi {
     }
 
     async fn delete_user(&self, request: Request<proto::DeleteUserRequest>) -> Result<Response<()>, Status> {
-        observe("DeleteUser", async {
+        respond(async {
             let id = UserId::parse(&request.get_ref().id)?;
             self.users.delete(id).await?;
             Ok(())

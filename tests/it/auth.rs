@@ -117,10 +117,12 @@ async fn calls_without_a_valid_token_are_unauthenticated_and_reach_no_handler() 
     );
 
     assert_eq!(user_rows(&app).await, 0, "no refused call wrote a row");
-    let handled = app
-        .metric("readthrough_rpc_duration_seconds_count{method=\"CreateUser\",code=\"Unauthenticated\"}")
+    let inserts = app.metric(r#"readthrough_db_queries_total{query="user.insert"}"#).await;
+    assert_eq!(inserts, 0.0, "refused calls never reach the handler");
+    let counted = app
+        .metric(r#"readthrough_rpc_duration_seconds_count{service="readthrough.v1.UserService",method="CreateUser",code="UNAUTHENTICATED"}"#)
         .await;
-    assert_eq!(handled, 0.0, "refused calls never reach the handler");
+    assert_eq!(counted, 4.0, "the RPC metrics count every refused call");
     let refused = app
         .metric("readthrough_auth_refused_total{reason=\"invalid_token\"}")
         .await;

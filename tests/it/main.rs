@@ -24,5 +24,6 @@ mod products;
 mod replicas;
 mod roles;
 mod stampede;
+mod telemetry;
 mod tls;
 mod users;

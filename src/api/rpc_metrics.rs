@@ -1,0 +1,269 @@
+//! RPC metrics, from one tower layer in front of everything a listener
+//! serves: `readthrough_rpc_duration_seconds{service,method,code}`, from a
+//! request's arrival to the end of its response (trailers included), with
+//! the gRPC code by its canonical name (`NOT_FOUND`). So health checks,
+//! reflection and calls the edge turns away (authentication, admission) are
+//! counted too, and no handler has to remember to.
+//!
+//! The code of a handled call arrives in the response's trailers; a call
+//! refused before a handler has it in its headers (a trailers-only
+//! response). A response dropped before its end (the client went away)
+//! counts as `CANCELLED`.
+
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    pin::Pin,
+    sync::OnceLock,
+    task::{Context, Poll, ready},
+    time::Instant,
+};
+
+use futures_util::future::BoxFuture;
+use http::HeaderMap;
+use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
+use metrics::Histogram;
+use prost::Message;
+use tonic::{Code, Status, body::Body};
+use tower::{Layer, Service};
+use tracing::Instrument;
+
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RpcMetricsLayer;
+
+impl<S> Layer<S> for RpcMetricsLayer {
+    type Service = RpcMetrics<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RpcMetrics { inner }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RpcMetrics<S> {
+    inner: S,
+}
+
+impl<S> Service<http::Request<Body>> for RpcMetrics<S>
+where
+    S: Service<http::Request<Body>, Response = http::Response<Body>>,
+    S::Future: Send + 'static,
+{
+    type Response = http::Response<Body>;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<Body>) -> Self::Future {
+        let started = Instant::now();
+        let (service, method) = method_of(request.uri().path());
+        // At debug level: at info, a span per call costs more than a cache hit's own work.
+        let span = tracing::debug_span!("rpc", service, method);
+        let response = self.inner.call(request).instrument(span);
+        Box::pin(async move {
+            let response = response.await?;
+            let (parts, body) = response.into_parts();
+            let timed = Timed {
+                inner: body,
+                call: Some(Call {
+                    service,
+                    method,
+                    started,
+                    code: code_in(&parts.headers),
+                }),
+            };
+            Ok(http::Response::from_parts(parts, Body::new(timed)))
+        })
+    }
+}
+
+/// A response body that records its call when it ends or is dropped.
+struct Timed {
+    inner: Body,
+    /// `None` once recorded.
+    call: Option<Call>,
+}
+
+struct Call {
+    service: &'static str,
+    method: &'static str,
+    started: Instant,
+    /// The status code, once the headers or trailers told it.
+    code: Option<Code>,
+}
+
+impl Timed {
+    fn record(&mut self, ended: bool) {
+        if let Some(call) = self.call.take() {
+            // Ended without a status: a broken response. Dropped before its end: cancelled.
+            let code = call.code.unwrap_or(if ended { Code::Unknown } else { Code::Cancelled });
+            duration(call.service, call.method, code).record(call.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl HttpBody for Timed {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let (Some(trailers), Some(call)) = (frame.trailers_ref(), self.call.as_mut()) {
+                    call.code = code_in(trailers).or(call.code);
+                }
+            }
+            Some(Err(status)) => {
+                if let Some(call) = self.call.as_mut() {
+                    call.code = Some(status.code());
+                }
+            }
+            None => self.record(true),
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        let ended = self.inner.is_end_stream();
+        self.record(ended);
+    }
+}
+
+/// The `grpc-status` in headers or trailers, when there is one.
+fn code_in(headers: &HeaderMap) -> Option<Code> {
+    let status = headers.get("grpc-status")?.to_str().ok()?.parse::<i32>().ok()?;
+    Some(Code::from_i32(status))
+}
+
+/// The service and method of a request path (`/package.Service/Method`),
+/// when it is an RPC some listener serves; `("unknown", "unknown")` for any
+/// other path, so that clients cannot mint label values.
+fn method_of(path: &str) -> (&'static str, &'static str) {
+    static METHODS: OnceLock<HashMap<String, (&'static str, &'static str)>> = OnceLock::new();
+    METHODS
+        .get_or_init(served_methods)
+        .get(path)
+        .copied()
+        .unwrap_or(("unknown", "unknown"))
+}
+
+/// Every RPC of the API, health and reflection, by path, from their
+/// descriptor sets. Built once; the names live as long as the process.
+fn served_methods() -> HashMap<String, (&'static str, &'static str)> {
+    let sets = [
+        crate::proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+    ];
+    let mut methods = HashMap::new();
+    for set in sets {
+        let set = prost_types::FileDescriptorSet::decode(set).expect("the embedded descriptor sets are valid");
+        for file in &set.file {
+            for service in &file.service {
+                let service_name: &'static str = format!("{}.{}", file.package(), service.name()).leak();
+                for method in &service.method {
+                    let method_name: &'static str = method.name().to_string().leak();
+                    methods.insert(format!("/{service_name}/{method_name}"), (service_name, method_name));
+                }
+            }
+        }
+    }
+    methods
+}
+
+/// The latency histogram of a call, looked up by name once per thread rather
+/// than on every call.
+fn duration(service: &'static str, method: &'static str, code: Code) -> Histogram {
+    thread_local! {
+        static HANDLES: RefCell<HashMap<(&'static str, &'static str, Code), Histogram>> = RefCell::new(HashMap::new());
+    }
+    HANDLES.with_borrow_mut(|handles| {
+        handles
+            .entry((service, method, code))
+            .or_insert_with(|| {
+                metrics::histogram!(
+                    "readthrough_rpc_duration_seconds",
+                    "service" => service,
+                    "method" => method,
+                    "code" => code_name(code),
+                )
+            })
+            .clone()
+    })
+}
+
+/// A gRPC code's canonical name, as the gRPC specification spells it.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_served_rpc_has_its_own_labels_and_other_paths_share_one() {
+        assert_eq!(
+            method_of("/readthrough.v1.UserService/GetUser"),
+            ("readthrough.v1.UserService", "GetUser")
+        );
+        assert_eq!(
+            method_of("/grpc.health.v1.Health/Check"),
+            ("grpc.health.v1.Health", "Check")
+        );
+        assert_eq!(
+            method_of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            ("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo")
+        );
+        assert_eq!(method_of("/readthrough.v1.UserService/Nope"), ("unknown", "unknown"));
+        assert_eq!(method_of("/../../etc/passwd"), ("unknown", "unknown"));
+        // 14 of the API, Check and Watch, and reflection's one method in two versions.
+        assert_eq!(served_methods().len(), 14 + 2 + 2);
+    }
+
+    #[test]
+    fn codes_go_by_their_canonical_names() {
+        assert_eq!(code_name(Code::NotFound), "NOT_FOUND");
+        assert_eq!(code_name(Code::Ok), "OK");
+        assert_eq!(code_in(&HeaderMap::new()), None);
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "5".parse().unwrap());
+        assert_eq!(code_in(&trailers), Some(Code::NotFound));
+    }
+}

@@ -1,0 +1,51 @@
+//! What an operator sees of the service: RPC metrics for every call a
+//! listener answers, by service, method and canonical gRPC code.
+
+use readthrough::proto::{GetUserRequest, user_service_client::UserServiceClient};
+use tonic::Code;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use crate::helpers::spawn_app;
+
+fn rpc_count(service: &str, method: &str, code: &str) -> String {
+    format!(r#"readthrough_rpc_duration_seconds_count{{service="{service}",method="{method}",code="{code}"}}"#)
+}
+
+#[tokio::test]
+async fn every_call_is_counted_by_service_method_and_canonical_code() {
+    let mut app = spawn_app().await;
+    let user = app.create_user("counted@example.com").await;
+    app.get_user(&user.id).await;
+    let missing = GetUserRequest {
+        id: uuid::Uuid::new_v4().to_string(),
+    };
+    let status = app.users.get_user(missing.clone()).await.unwrap_err();
+    assert_eq!(status.code(), Code::NotFound);
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", app.grpc_port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut health = HealthClient::new(channel);
+    health.check(HealthCheckRequest::default()).await.unwrap();
+    // The admin listener serves no user calls: refused before any handler.
+    let mut on_admin = UserServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
+        .await
+        .unwrap();
+    assert_eq!(
+        on_admin.get_user(missing).await.unwrap_err().code(),
+        Code::Unimplemented
+    );
+
+    let users = "readthrough.v1.UserService";
+    let counts = app
+        .metrics(&[
+            &rpc_count(users, "CreateUser", "OK"),
+            &rpc_count(users, "GetUser", "OK"),
+            &rpc_count(users, "GetUser", "NOT_FOUND"),
+            &rpc_count("grpc.health.v1.Health", "Check", "OK"),
+            &rpc_count(users, "GetUser", "UNIMPLEMENTED"),
+        ])
+        .await;
+    assert_eq!(counts, [1.0, 1.0, 1.0, 1.0, 1.0]);
+}
