@@ -7,8 +7,8 @@
 //!
 //! The code of a handled call arrives in the response's trailers; a call
 //! refused before a handler has it in its headers (a trailers-only
-//! response). A response dropped before its end (the client went away)
-//! counts as `CANCELLED`.
+//! response). A call dropped before its status was read (the client reset
+//! the stream, or went away) counts as `CANCELLED`.
 
 use std::{
     cell::RefCell,
@@ -64,44 +64,53 @@ where
         let span = tracing::debug_span!("rpc", service, method);
         let response = self.inner.call(request).instrument(span);
         Box::pin(async move {
+            // Recorded as CANCELLED if this future is dropped first.
+            let mut call = Call {
+                service,
+                method,
+                started,
+                code: None,
+                recorded: false,
+            };
             let response = response.await?;
             let (parts, body) = response.into_parts();
-            let timed = Timed {
-                inner: body,
-                call: Some(Call {
-                    service,
-                    method,
-                    started,
-                    code: code_in(&parts.headers),
-                }),
-            };
+            call.code = code_in(&parts.headers);
+            let timed = Timed { inner: body, call };
             Ok(http::Response::from_parts(parts, Body::new(timed)))
         })
     }
 }
 
-/// A response body that records its call when it ends or is dropped.
+/// A response body that records its call when it ends, or as CANCELLED
+/// when it is dropped before its status was read (the client went away).
 struct Timed {
     inner: Body,
-    /// `None` once recorded.
-    call: Option<Call>,
+    call: Call,
 }
 
+/// One call, recorded once: when it ends or, failing that, when dropped.
 struct Call {
     service: &'static str,
     method: &'static str,
     started: Instant,
     /// The status code, once the headers or trailers told it.
     code: Option<Code>,
+    recorded: bool,
 }
 
-impl Timed {
-    fn record(&mut self, ended: bool) {
-        if let Some(call) = self.call.take() {
-            // Ended without a status: a broken response. Dropped before its end: cancelled.
-            let code = call.code.unwrap_or(if ended { Code::Unknown } else { Code::Cancelled });
-            duration(call.service, call.method, code).record(call.started.elapsed().as_secs_f64());
+impl Call {
+    fn record(&mut self, otherwise: Code) {
+        if !self.recorded {
+            self.recorded = true;
+            let code = self.code.unwrap_or(otherwise);
+            duration(self.service, self.method, code).record(self.started.elapsed().as_secs_f64());
         }
+    }
+}
+
+impl Drop for Call {
+    fn drop(&mut self) {
+        self.record(Code::Cancelled);
     }
 }
 
@@ -116,16 +125,13 @@ impl HttpBody for Timed {
         let frame = ready!(Pin::new(&mut self.inner).poll_frame(cx));
         match &frame {
             Some(Ok(frame)) => {
-                if let (Some(trailers), Some(call)) = (frame.trailers_ref(), self.call.as_mut()) {
-                    call.code = code_in(trailers).or(call.code);
+                if let Some(code) = frame.trailers_ref().and_then(code_in) {
+                    self.call.code = Some(code);
                 }
             }
-            Some(Err(status)) => {
-                if let Some(call) = self.call.as_mut() {
-                    call.code = Some(status.code());
-                }
-            }
-            None => self.record(true),
+            Some(Err(status)) => self.call.code = Some(status.code()),
+            // The end, with no status: a broken response.
+            None => self.call.record(Code::Unknown),
         }
         Poll::Ready(frame)
     }
@@ -136,13 +142,6 @@ impl HttpBody for Timed {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-impl Drop for Timed {
-    fn drop(&mut self) {
-        let ended = self.inner.is_end_stream();
-        self.record(ended);
     }
 }
 

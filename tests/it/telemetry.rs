@@ -1,11 +1,16 @@
 //! What an operator sees of the service: RPC metrics for every call a
 //! listener answers, by service, method and canonical gRPC code.
 
-use readthrough::proto::{GetUserRequest, user_service_client::UserServiceClient};
+use std::{sync::Arc, time::Duration};
+
+use readthrough::{
+    cache::Hooks,
+    proto::{GetUserRequest, user_service_client::UserServiceClient},
+};
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::helpers::spawn_app;
+use crate::helpers::{eventually, spawn_app, spawn_app_with_hooks};
 
 fn rpc_count(service: &str, method: &str, code: &str) -> String {
     format!(r#"readthrough_rpc_duration_seconds_count{{service="{service}",method="{method}",code="{code}"}}"#)
@@ -48,4 +53,25 @@ async fn every_call_is_counted_by_service_method_and_canonical_code() {
         ])
         .await;
     assert_eq!(counts, [1.0, 1.0, 1.0, 1.0, 1.0]);
+}
+
+#[tokio::test]
+async fn a_call_its_client_gives_up_on_counts_as_cancelled() {
+    // Every fill takes a second: the call is still running when its client stops waiting.
+    let hooks = Hooks {
+        before_fill: Some(Arc::new(|_key: &str| {
+            Box::pin(tokio::time::sleep(Duration::from_secs(1)))
+        })),
+        ..Hooks::default()
+    };
+    let mut app = spawn_app_with_hooks(hooks, |_| {}).await;
+    let user = app.create_user("impatient@example.com").await;
+    app.outbox_drained().await;
+    // Dropped after 100 ms, without a deadline the server would act on: the stream is reset.
+    let call = app.users.get_user(GetUserRequest { id: user.id });
+    assert!(tokio::time::timeout(Duration::from_millis(100), call).await.is_err());
+
+    let sample = rpc_count("readthrough.v1.UserService", "GetUser", "CANCELLED");
+    let counted = eventually(Duration::from_secs(3), || async { app.metric(&sample).await == 1.0 }).await;
+    assert!(counted, "the abandoned call is counted as CANCELLED");
 }
