@@ -142,6 +142,10 @@ impl Application {
                 let services = services.clone();
                 async move { cache.receive_events(|feed| services.on_event(&feed)).await }
             }),
+            tokio::spawn({
+                let services = services.clone();
+                async move { services.report_gauges().await }
+            }),
         ];
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;

@@ -1,6 +1,8 @@
 //! Logs (`tracing`, filtered by `RUST_LOG`) and Prometheus metrics.
 
 use std::{
+    cell::RefCell,
+    collections::HashMap,
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
@@ -11,6 +13,7 @@ use std::{
 use http_body_util::Full;
 use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
+use metrics::Histogram;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio::{net::TcpListener, sync::Semaphore};
 
@@ -35,15 +38,32 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// A histogram with one label, looked up once per thread rather than on
+/// every call (a lookup in the registry hashes the key and takes a lock).
+/// `label` is the same for every use of a `name`.
+pub fn histogram(name: &'static str, label: &'static str, value: &'static str) -> Histogram {
+    thread_local! {
+        static HANDLES: RefCell<HashMap<(&'static str, &'static str), Histogram>> = RefCell::new(HashMap::new());
+    }
+    HANDLES.with_borrow_mut(|handles| {
+        handles
+            .entry((name, value))
+            .or_insert_with(|| metrics::histogram!(name, label => value))
+            .clone()
+    })
+}
+
 /// The process-wide metrics recorder, installed on first use.
 pub fn metrics_handle() -> &'static PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE.get_or_init(|| {
-        PrometheusBuilder::new()
+        let handle = PrometheusBuilder::new()
             .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), LATENCY_BUCKETS)
             .expect("latency buckets are not empty")
             .install_recorder()
-            .expect("no other metrics recorder is installed")
+            .expect("no other metrics recorder is installed");
+        metrics::gauge!("readthrough_build_info", "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+        handle
     })
 }
 

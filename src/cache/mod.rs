@@ -316,6 +316,11 @@ impl Cache {
         &self.keys
     }
 
+    /// How many of the shared Redis connections are up.
+    pub fn connections_up(&self) -> usize {
+        self.redis.connected()
+    }
+
     /// Looks up each id. `None` when the cache is off or Redis did not answer:
     /// then the caller reads PostgreSQL and fills nothing. Undecodable entries
     /// are deleted and reported as misses, so the fill repairs them.

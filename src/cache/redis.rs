@@ -753,7 +753,11 @@ impl RedisClient {
                 return skipped(operation);
             }
         }
-        let failure = match tokio::time::timeout(self.timeout, call).await {
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(self.timeout, call).await;
+        crate::telemetry::histogram("readthrough_redis_duration_seconds", "operation", operation)
+            .record(started.elapsed().as_secs_f64());
+        let failure = match outcome {
             Ok(Ok(value)) => {
                 self.breaker.succeeded();
                 return Some(value);

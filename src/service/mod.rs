@@ -25,6 +25,9 @@ use crate::{
     store::{self, StoreError, outbox, replicas::Replicas},
 };
 
+/// How often the gauges of pools and the outbox are set.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
 /// Both services over one database pool and one cache.
 #[derive(Clone)]
 pub struct Services {
@@ -101,6 +104,26 @@ impl Services {
             replicas,
             _followers: Arc::new([AbortOnDrop(epochs.abort_handle()), AbortOnDrop(probe.abort_handle())]),
         })
+    }
+
+    /// Sets the gauges of what the dependencies hold, every `GAUGE_INTERVAL`,
+    /// until the task is dropped: the database pool's connections in use and
+    /// idle, the Redis connections up, and the outbox backlog.
+    pub async fn report_gauges(&self) {
+        let mut every = tokio::time::interval(GAUGE_INTERVAL);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            every.tick().await;
+            let (size, idle) = (self.pool.size(), self.pool.num_idle() as u32);
+            metrics::gauge!("readthrough_db_pool_connections", "state" => "in_use")
+                .set(size.saturating_sub(idle) as f64);
+            metrics::gauge!("readthrough_db_pool_connections", "state" => "idle").set(idle as f64);
+            metrics::gauge!("readthrough_redis_connections_up").set(self.cache.connections_up() as f64);
+            if let Ok((rows, oldest_seconds)) = store::outbox_backlog(&self.pool).await {
+                metrics::gauge!("readthrough_outbox_backlog_rows").set(rows as f64);
+                metrics::gauge!("readthrough_outbox_oldest_seconds").set(oldest_seconds);
+            }
+        }
     }
 
     /// Acts on what the invalidation event subscription delivers: near caches

@@ -8,7 +8,10 @@ pub mod products;
 pub mod replicas;
 pub mod users;
 
-use std::{str::FromStr, time::Duration};
+use std::{
+    str::FromStr,
+    time::{Duration, Instant},
+};
 
 use sqlx::{
     PgPool,
@@ -121,8 +124,40 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn count(query: &'static str) {
+/// Counts a query under its stable name and, when dropped (at the end of
+/// the function that runs it, waiting for a connection included), records
+/// how long it took.
+#[must_use = "the query is timed until this is dropped"]
+struct Timed {
+    query: &'static str,
+    started: Instant,
+}
+
+fn timed(query: &'static str) -> Timed {
     metrics::counter!("readthrough_db_queries_total", "query" => query).increment(1);
+    Timed {
+        query,
+        started: Instant::now(),
+    }
+}
+
+impl Drop for Timed {
+    fn drop(&mut self) {
+        crate::telemetry::histogram("readthrough_db_duration_seconds", "query", self.query)
+            .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// Rows waiting in the outbox (counted up to 100 000) and the
+/// age of the oldest, in seconds: how far the relay is behind.
+pub async fn outbox_backlog(pool: &PgPool) -> Result<(i64, f64), StoreError> {
+    let (rows, oldest): (i64, Option<f64>) = sqlx::query_as(
+        "SELECT count(*), extract(epoch FROM clock_timestamp() - min(created_at))::float8 \
+         FROM (SELECT created_at FROM cache_outbox ORDER BY id LIMIT 100000) AS waiting",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((rows, oldest.unwrap_or(0.0)))
 }
 
 /// Checks a locked row's version against a write's precondition (`None`: unconditional).

@@ -5,7 +5,7 @@
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{StoreError, count};
+use super::{StoreError, timed};
 
 /// The channel the triggers notify after each change.
 pub const CHANNEL: &str = "cache_outbox";
@@ -42,7 +42,7 @@ pub async fn recorded(tx: &mut Transaction<'_, Postgres>) -> Result<Vec<OutboxRo
 
 /// Deletes rows whose invalidation the writer carried out itself.
 pub async fn confirm(pool: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
-    count("outbox.confirm");
+    let _timed = timed("outbox.confirm");
     sqlx::query("DELETE FROM cache_outbox WHERE id = ANY($1)")
         .bind(ids)
         .execute(pool)
@@ -57,7 +57,7 @@ pub async fn claim(
     limit: i64,
     min_age: std::time::Duration,
 ) -> Result<Vec<OutboxRow>, StoreError> {
-    count("outbox.claim");
+    let _timed = timed("outbox.claim");
     let rows = sqlx::query_as::<_, OutboxRow>(
         "SELECT id, entity, entity_id, categories, event FROM cache_outbox \
          WHERE created_at < clock_timestamp() - $2 * interval '1 millisecond' \
@@ -72,7 +72,7 @@ pub async fn claim(
 
 /// Deletes processed rows (in the transaction that claimed them).
 pub async fn remove(tx: &mut Transaction<'_, Postgres>, ids: &[i64]) -> Result<(), StoreError> {
-    count("outbox.remove");
+    let _timed = timed("outbox.remove");
     sqlx::query("DELETE FROM cache_outbox WHERE id = ANY($1)")
         .bind(ids)
         .execute(&mut **tx)

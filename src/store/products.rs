@@ -3,12 +3,12 @@
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{StoreError, check_version, commit, count, outbox::Written};
+use super::{StoreError, check_version, commit, outbox::Written, timed};
 use crate::domain::{CategoryId, NewProduct, Product, ProductId, ProductPatch};
 
 /// Loads the products with these ids in one query; absent ids are simply not returned.
 pub async fn get_many(pool: &PgPool, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
-    count("product.get_many");
+    let _timed = timed("product.get_many");
     let ids: Vec<Uuid> = ids.iter().map(ProductId::as_uuid).collect();
     let products = sqlx::query_as::<_, Product>("SELECT * FROM products WHERE id = ANY($1)")
         .bind(ids)
@@ -18,7 +18,7 @@ pub async fn get_many(pool: &PgPool, ids: &[ProductId]) -> Result<Vec<Product>, 
 }
 
 pub async fn insert(pool: &PgPool, new: &NewProduct) -> Result<Written<Product>, StoreError> {
-    count("product.insert");
+    let _timed = timed("product.insert");
     let mut tx = pool.begin().await?;
     let product = sqlx::query_as::<_, Product>(
         "INSERT INTO products (id, category_id, name, description, price_cents, currency) \
@@ -37,7 +37,7 @@ pub async fn insert(pool: &PgPool, new: &NewProduct) -> Result<Written<Product>,
 
 /// Applies `patch` if the version precondition holds; the row is locked while checked.
 pub async fn update(pool: &PgPool, patch: &ProductPatch) -> Result<Written<Product>, StoreError> {
-    count("product.update");
+    let _timed = timed("product.update");
     let mut tx = pool.begin().await?;
     lock_checked(&mut tx, patch.id, patch.expected_version.get()).await?;
     let product = sqlx::query_as::<_, Product>(
@@ -58,7 +58,7 @@ pub async fn update(pool: &PgPool, patch: &ProductPatch) -> Result<Written<Produ
 }
 
 pub async fn delete(pool: &PgPool, id: ProductId) -> Result<Written<()>, StoreError> {
-    count("product.delete");
+    let _timed = timed("product.delete");
     let mut tx = pool.begin().await?;
     let deleted = sqlx::query("DELETE FROM products WHERE id = $1")
         .bind(id.as_uuid())
@@ -74,7 +74,7 @@ pub async fn delete(pool: &PgPool, id: ProductId) -> Result<Written<()>, StoreEr
 /// it has, from one statement and so one snapshot: a product deleted while
 /// the list loads is gone from both or from neither.
 pub async fn list_head(pool: &PgPool, category: &CategoryId, limit: u64) -> Result<(Vec<ProductId>, u64), StoreError> {
-    count("product.list_head");
+    let _timed = timed("product.list_head");
     let rows: Vec<(Uuid, i64)> = sqlx::query_as(
         "SELECT id, (SELECT count(*) FROM products WHERE category_id = $1) \
          FROM products WHERE category_id = $1 ORDER BY name, id LIMIT $2",
@@ -108,7 +108,7 @@ pub async fn list_range(
     from: RangeStart<'_>,
     limit: u64,
 ) -> Result<Vec<(ProductId, String)>, StoreError> {
-    count("product.list_range");
+    let _timed = timed("product.list_range");
     let (sql, name, id) = match from {
         RangeStart::At(name, id) => (
             "SELECT id, name FROM products WHERE category_id = $1 AND (name, id) >= ($2, $3) \
@@ -145,7 +145,7 @@ pub async fn list_directory(
     category: &CategoryId,
     every: u64,
 ) -> Result<Vec<(String, ProductId)>, StoreError> {
-    count("product.list_directory");
+    let _timed = timed("product.list_directory");
     let rows: Vec<(String, Uuid)> = sqlx::query_as(
         "SELECT name, id FROM ( \
            SELECT name, id, row_number() OVER (ORDER BY name, id) - 1 AS position \
@@ -170,7 +170,7 @@ pub async fn list_at_offset(
     offset: u64,
     limit: u64,
 ) -> Result<Vec<ProductId>, StoreError> {
-    count("product.list_offset");
+    let _timed = timed("product.list_offset");
     let ids: Vec<Uuid> =
         sqlx::query_scalar("SELECT id FROM products WHERE category_id = $1 ORDER BY name, id OFFSET $2 LIMIT $3")
             .bind(category.as_str())
@@ -182,7 +182,7 @@ pub async fn list_at_offset(
 }
 
 pub async fn count_in_category(pool: &PgPool, category: &CategoryId) -> Result<u64, StoreError> {
-    count("product.count_in_category");
+    let _timed = timed("product.count_in_category");
     let total: i64 = sqlx::query_scalar("SELECT count(*) FROM products WHERE category_id = $1")
         .bind(category.as_str())
         .fetch_one(pool)
@@ -192,7 +192,7 @@ pub async fn count_in_category(pool: &PgPool, category: &CategoryId) -> Result<u
 
 /// The ids of the `limit` most recently modified products (for warming the cache).
 pub async fn recent_ids(pool: &PgPool, limit: i64) -> Result<Vec<ProductId>, StoreError> {
-    count("product.recent_ids");
+    let _timed = timed("product.recent_ids");
     let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM products ORDER BY updated_at DESC LIMIT $1")
         .bind(limit)
         .fetch_all(pool)

@@ -3,12 +3,12 @@
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use super::{StoreError, check_version, commit, count, outbox::Written};
+use super::{StoreError, check_version, commit, outbox::Written, timed};
 use crate::domain::{NewUser, User, UserId, UserPatch};
 
 /// Loads the users with these ids in one query; absent ids are simply not returned.
 pub async fn get_many(pool: &PgPool, ids: &[UserId]) -> Result<Vec<User>, StoreError> {
-    count("user.get_many");
+    let _timed = timed("user.get_many");
     let ids: Vec<Uuid> = ids.iter().map(UserId::as_uuid).collect();
     let users = sqlx::query_as::<_, User>("SELECT * FROM users WHERE id = ANY($1)")
         .bind(ids)
@@ -18,7 +18,7 @@ pub async fn get_many(pool: &PgPool, ids: &[UserId]) -> Result<Vec<User>, StoreE
 }
 
 pub async fn insert(pool: &PgPool, new: &NewUser) -> Result<Written<User>, StoreError> {
-    count("user.insert");
+    let _timed = timed("user.insert");
     let mut tx = pool.begin().await?;
     let user = sqlx::query_as::<_, User>("INSERT INTO users (id, email, preferences) VALUES ($1, $2, $3) RETURNING *")
         .bind(Uuid::new_v4())
@@ -32,7 +32,7 @@ pub async fn insert(pool: &PgPool, new: &NewUser) -> Result<Written<User>, Store
 
 /// Applies `patch` if the version precondition holds; the row is locked while checked.
 pub async fn update(pool: &PgPool, patch: &UserPatch) -> Result<Written<User>, StoreError> {
-    count("user.update");
+    let _timed = timed("user.update");
     let mut tx = pool.begin().await?;
     lock_checked(&mut tx, patch.id, patch.expected_version.get()).await?;
     let user = sqlx::query_as::<_, User>(
@@ -49,7 +49,7 @@ pub async fn update(pool: &PgPool, patch: &UserPatch) -> Result<Written<User>, S
 }
 
 pub async fn delete(pool: &PgPool, id: UserId) -> Result<Written<()>, StoreError> {
-    count("user.delete");
+    let _timed = timed("user.delete");
     let mut tx = pool.begin().await?;
     let deleted = sqlx::query("DELETE FROM users WHERE id = $1")
         .bind(id.as_uuid())
@@ -63,7 +63,7 @@ pub async fn delete(pool: &PgPool, id: UserId) -> Result<Written<()>, StoreError
 
 /// The ids of the `limit` most recently modified users (for warming the cache).
 pub async fn recent_ids(pool: &PgPool, limit: i64) -> Result<Vec<UserId>, StoreError> {
-    count("user.recent_ids");
+    let _timed = timed("user.recent_ids");
     let ids: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM users ORDER BY last_modified DESC LIMIT $1")
         .bind(limit)
         .fetch_all(pool)

@@ -160,6 +160,11 @@ impl TestApp {
         self.metrics(&[sample]).await[0]
     }
 
+    /// The whole `/metrics` page.
+    pub async fn metrics_text(&self) -> String {
+        scrape(self.metrics_port).await
+    }
+
     /// Several samples (see `metric`) from one scrape, so they are consistent with each other.
     pub async fn metrics(&self, samples: &[&str]) -> Vec<f64> {
         let text = scrape(self.metrics_port).await;

@@ -75,3 +75,46 @@ async fn a_call_its_client_gives_up_on_counts_as_cancelled() {
     let counted = eventually(Duration::from_secs(3), || async { app.metric(&sample).await == 1.0 }).await;
     assert!(counted, "the abandoned call is counted as CANCELLED");
 }
+
+#[tokio::test]
+async fn redis_and_postgres_latency_the_pools_the_outbox_and_the_build_are_exported() {
+    let mut app = spawn_app().await;
+    let user = app.create_user("measured@example.com").await;
+    app.get_user(&user.id).await;
+    app.get_user(&user.id).await;
+    app.outbox_drained().await;
+
+    let [redis_gets, inserts] = app
+        .metrics(&[
+            r#"readthrough_redis_duration_seconds_count{operation="get"}"#,
+            r#"readthrough_db_duration_seconds_count{query="user.insert"}"#,
+        ])
+        .await[..]
+    else {
+        unreachable!("two samples")
+    };
+    assert!(redis_gets >= 2.0, "each read's GET is timed: {redis_gets}");
+    assert_eq!(inserts, 1.0, "the insert is timed");
+    let version = format!(r#"readthrough_build_info{{version="{}"}} 1"#, env!("CARGO_PKG_VERSION"));
+    let gauges = [
+        version.as_str(),
+        r#"readthrough_db_pool_connections{state="idle"}"#,
+        r#"readthrough_db_pool_connections{state="in_use"}"#,
+        "readthrough_redis_connections_up 2",
+        "readthrough_outbox_backlog_rows 0",
+        "readthrough_outbox_oldest_seconds 0",
+    ];
+    // The gauges are set every second.
+    let exported = eventually(Duration::from_secs(3), || async {
+        let text = app.metrics_text().await;
+        gauges
+            .iter()
+            .all(|gauge| text.lines().any(|line| line.starts_with(gauge)))
+    })
+    .await;
+    assert!(
+        exported,
+        "every gauge is exported: {gauges:?}\n{}",
+        app.metrics_text().await
+    );
+}
