@@ -149,6 +149,7 @@ impl Application {
         ];
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
+        let watch = tokio::spawn(watch_dependencies(services.clone(), health.clone()));
 
         let metrics = tokio::spawn(telemetry::serve_metrics(self.metrics_listener));
         let (stop_accepting, stopped) = tokio::sync::watch::channel(false);
@@ -200,6 +201,7 @@ impl Application {
             result = &mut servers => result,
             () = shutdown => {
                 tracing::info!("shutting down: NOT_SERVING, finishing in-flight requests");
+                watch.abort();
                 set_health(&health, ServingStatus::NotServing).await;
                 let _ = stop_accepting.send(true);
                 let grace = Duration::from_secs(self.config.shutdown_grace_secs);
@@ -322,6 +324,49 @@ fn check_exposure(config: &ServeConfig, authenticated: bool) -> anyhow::Result<(
          INSECURE_ALLOW_UNAUTHENTICATED=true",
         exposed.join(" and ")
     )
+}
+
+/// How often the dependencies are checked for health.
+const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Checks PostgreSQL and the cache every `HEALTH_INTERVAL`: each one's state
+/// is the gauge `readthrough_dependency_up{dependency}`, and a change is
+/// logged. Health turns NOT_SERVING only when neither can answer: with
+/// PostgreSQL down, cached reads are still served; with Redis down, every
+/// read goes to PostgreSQL. A load balancer that took an instance out for
+/// either would take out every instance at once, for an outage they share.
+async fn watch_dependencies(services: Services, health: HealthReporter) {
+    let mut every = tokio::time::interval(HEALTH_INTERVAL);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last: Option<(bool, bool)> = None;
+    loop {
+        every.tick().await;
+        let now = (store::answers(&services.pool).await, services.cache.can_serve());
+        let (postgres, cache) = now;
+        metrics::gauge!("readthrough_dependency_up", "dependency" => "postgres").set(f64::from(u8::from(postgres)));
+        metrics::gauge!("readthrough_dependency_up", "dependency" => "redis").set(f64::from(u8::from(cache)));
+        if last == Some(now) {
+            continue;
+        }
+        let serving = postgres || cache;
+        match (postgres, cache) {
+            (true, true) => tracing::info!("PostgreSQL and the cache both answer"),
+            (true, false) => tracing::warn!("degraded: the cache cannot serve; PostgreSQL answers every read"),
+            (false, true) => tracing::warn!("degraded: PostgreSQL does not answer; only cached reads succeed"),
+            (false, false) => tracing::error!("neither PostgreSQL nor the cache answers: NOT_SERVING"),
+        }
+        // SERVING was set at start.
+        let was_serving = last.is_none_or(|(postgres, cache)| postgres || cache);
+        if serving != was_serving {
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            set_health(&health, status).await;
+        }
+        last = Some(now);
+    }
 }
 
 /// Sets the overall status ("") and each service's status.

@@ -316,6 +316,13 @@ impl Cache {
         &self.keys
     }
 
+    /// Whether reads can be answered from Redis now: the cache is on, a
+    /// connection is up, the breaker lets commands through, and the key
+    /// epochs are known.
+    pub fn can_serve(&self) -> bool {
+        self.enabled && self.redis.connected() > 0 && self.redis.breaker_closed() && self.epochs_trusted()
+    }
+
     /// How many of the shared Redis connections are up.
     pub fn connections_up(&self) -> usize {
         self.redis.connected()

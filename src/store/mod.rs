@@ -111,6 +111,11 @@ fn pool_options(config: &Config, url: &SecretUrl) -> Result<(PgPoolOptions, PgCo
     Ok((pool, options))
 }
 
+/// Whether PostgreSQL answers a query (within the pool's acquire timeout).
+pub async fn answers(pool: &PgPool) -> bool {
+    sqlx::query("SELECT 1").execute(pool).await.is_ok()
+}
+
 /// Creates the database if it does not exist, then applies pending migrations.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let url = config.database_url.expose();

@@ -8,9 +8,15 @@ use readthrough::{
     proto::{GetUserRequest, user_service_client::UserServiceClient},
 };
 use tonic::Code;
-use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+use tonic_health::{
+    ServingStatus,
+    pb::{HealthCheckRequest, health_client::HealthClient},
+};
 
-use crate::helpers::{eventually, spawn_app, spawn_app_with_hooks};
+use crate::{
+    helpers::{OwnRedis, eventually, spawn_app, spawn_app_with, spawn_app_with_hooks},
+    own_postgres::OwnPostgres,
+};
 
 fn rpc_count(service: &str, method: &str, code: &str) -> String {
     format!(r#"readthrough_rpc_duration_seconds_count{{service="{service}",method="{method}",code="{code}"}}"#)
@@ -117,4 +123,59 @@ async fn redis_and_postgres_latency_the_pools_the_outbox_and_the_build_are_expor
         "every gauge is exported: {gauges:?}\n{}",
         app.metrics_text().await
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_turns_not_serving_only_when_neither_postgres_nor_the_cache_answers() {
+    let postgres = OwnPostgres::init(&[], &[]).await;
+    let mut redis = OwnRedis::start().await;
+    let (database_url, redis_url) = (postgres.url("readthrough"), redis.url.clone());
+    let app = spawn_app_with(|config| {
+        config.config.database_url = database_url.parse().unwrap();
+        config.config.redis_url = redis_url.parse().unwrap();
+    })
+    .await;
+    let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", app.grpc_port))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let health = HealthClient::new(channel);
+    let becomes = |status: ServingStatus, postgres_up: f64, redis_up: f64| {
+        let (app, health) = (&app, health.clone());
+        async move {
+            let reached = eventually(Duration::from_secs(10), || {
+                let mut health = health.clone();
+                async move {
+                    let now = health
+                        .check(HealthCheckRequest::default())
+                        .await
+                        .unwrap()
+                        .into_inner()
+                        .status;
+                    let up = app
+                        .metrics(&[
+                            r#"readthrough_dependency_up{dependency="postgres"}"#,
+                            r#"readthrough_dependency_up{dependency="redis"}"#,
+                        ])
+                        .await;
+                    now == status as i32 && up == [postgres_up, redis_up]
+                }
+            })
+            .await;
+            assert!(
+                reached,
+                "health {status:?} with postgres {postgres_up}, redis {redis_up}"
+            );
+        }
+    };
+    becomes(ServingStatus::Serving, 1.0, 1.0).await;
+    postgres.stop().await;
+    becomes(ServingStatus::Serving, 0.0, 1.0).await;
+    redis.kill();
+    becomes(ServingStatus::NotServing, 0.0, 0.0).await;
+    redis.start_again().await;
+    becomes(ServingStatus::Serving, 0.0, 1.0).await;
+    postgres.start().await;
+    becomes(ServingStatus::Serving, 1.0, 1.0).await;
 }
