@@ -40,13 +40,13 @@ const BUILD_INPUTS: &[&str] = &[
     ".cargo",
 ];
 
-fn read_project_file(name: &str) -> String {
+pub fn read_project_file(name: &str) -> String {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(name);
     fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
 }
 
 /// docker-compose.yml, with its YAML merges (`<<: *anchor`) applied as compose applies them.
-fn compose() -> Value {
+pub fn compose() -> Value {
     let mut compose: Value = serde_yaml::from_str(&read_project_file("docker-compose.yml"))
         .unwrap_or_else(|e| panic!("docker-compose.yml is not valid YAML: {e}"));
     compose

@@ -9,6 +9,7 @@ mod cli;
 mod cluster;
 mod concurrency;
 mod consistency;
+mod dashboard;
 mod deployment;
 mod epochs;
 mod fail_open;
