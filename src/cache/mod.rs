@@ -8,11 +8,27 @@
 //! makes one caller across all instances the filler of a missing key, and a
 //! write deletes it together with the entry, so a fill of data read before the
 //! write is refused (the stale-set race of plain cache-aside).
+//!
+//! Where things are:
+//! - `entries.rs`: reading entries (hit, miss, corrupt), refresh ahead, fills;
+//! - `leases.rs`: fill leases: taking, keeping alive, waiting for a fill;
+//! - `lists.rs`: category lists as sorted sets, and their pages;
+//! - `invalidation.rs`: what a write deletes, write markers, admin deletes;
+//! - `events.rs`: invalidation events, published and received;
+//! - `epochs.rs`: key epochs (retiring a kind, failovers);
+//! - `keys.rs`: key names; `codec.rs`: value encoding; `near.rs`: the
+//!   in-process near cache;
+//! - `redis.rs`: fail-open Redis commands (one Redis or a cluster), with
+//!   the Lua scripts in `scripts/`; `connections.rs`: the shared
+//!   connections; `breaker.rs`: the circuit breaker.
 
 mod breaker;
 pub mod codec;
 mod connections;
+mod entries;
 mod epochs;
+mod events;
+mod invalidation;
 pub mod keys;
 mod leases;
 mod lists;
@@ -28,35 +44,23 @@ use std::{
 
 use metrics::Counter;
 use rand::Rng;
-use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use serde::{Serialize, de::DeserializeOwned};
 
 use crate::{
     config::Config,
     domain::{CategoryId, Product, ProductId, User, UserId},
-    store::replicas::{self, Lsn},
+    store::replicas,
     telemetry::Throttle,
 };
 pub use connections::Handle as RedisConnection;
+pub use entries::{Cached, Entry};
 pub use epochs::{Bump, EPOCH_TRUST};
+pub use events::{Event, EventFeed};
+pub use invalidation::{INVALIDATION_SAMPLE, KeyGroup, WriteMarks};
 pub use keys::Keys;
 pub use leases::{Claim, KeptLeases, Lease, Waited};
 pub use lists::{CachedMeta, ListMeta, ListRead};
 pub use redis::RedisClient;
-use redis::{Delivery, GuardedFill};
-
-/// How often an invalidation is tried before it is given up (and logged).
-const INVALIDATION_ATTEMPTS: u32 = 3;
-const INVALIDATION_BACKOFF: Duration = Duration::from_millis(20);
-/// How many of the keys a group invalidation deleted it names in its answer.
-pub const INVALIDATION_SAMPLE: usize = 100;
-/// Refresh ahead (XFetch) treats a load as taking at least this long, so that a hot
-/// key is refreshed some tens of milliseconds before it expires, not at the last instant.
-const REFRESH_MIN_DELTA_MS: f64 = 50.0;
-/// At most one log line per interval about rows that cannot be cached.
-const UNCACHEABLE_LOG_INTERVAL: Duration = Duration::from_secs(60);
-/// At most one log line per interval about invalidations left to the relay:
-/// while Redis is down every write and every relay round has one.
-const INVALIDATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// What the cache holds, as the `entity` label of metrics names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -174,65 +178,6 @@ pub struct Hooks {
     pub unguarded_fills: bool,
 }
 
-/// What the event subscription delivers (see `Cache::receive_events`).
-#[derive(Debug)]
-pub enum EventFeed {
-    /// Subscribed (again): every event from now on arrives.
-    Subscribed,
-    /// The subscription dropped: events may be missed until `Subscribed`.
-    Lost,
-    Event(Event),
-}
-
-/// What is stored under an entity's key.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Entry<E> {
-    /// `None` caches "no such id" (negative caching).
-    pub value: Option<E>,
-    /// How long the database read took, in ms (XFetch's delta).
-    pub load_ms: u32,
-    /// When the entry expires, in ms since the Unix epoch (XFetch's expiry).
-    pub expires_at_ms: u64,
-}
-
-/// One key's state in the cache.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Cached<E> {
-    Miss,
-    /// `value` is `None` when the cache knows the id does not exist.
-    Hit {
-        value: Option<E>,
-        refresh: bool,
-    },
-}
-
-/// Keys deleted together by one DEL: an entry and its lease, or a list's keys.
-/// They share a hash tag (one Redis Cluster slot), and one command deletes
-/// them at once, so no fill can land between the deletion of an entry and
-/// that of its lease.
-pub type KeyGroup = Vec<String>;
-
-/// A write's WAL position, to record under the written entities' markers
-/// (see `store::replicas`).
-#[derive(Debug, Clone, Copy)]
-pub struct WriteMarks<'a> {
-    /// `Keys::write_marker` of each written entity.
-    pub keys: &'a [String],
-    pub position: Lsn,
-}
-
-/// An invalidation, as published to every instance on `<namespace>:v1:events`
-/// (JSON, so that other services can read it too).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Event {
-    /// e.g. `user.updated`, `product.price.changed`, `product.moved`.
-    pub event: String,
-    pub id: uuid::Uuid,
-    /// Product categories whose lists changed.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub categories: Vec<String>,
-}
-
 pub struct Cache {
     redis: Arc<RedisClient>,
     keys: Keys,
@@ -282,18 +227,6 @@ impl Cache {
         &self.outcomes[kind as usize]
     }
 
-    /// Lookups the near cache answered (see `cache::near`).
-    pub fn count_near_hits<E: Cacheable>(&self, hits: u64) {
-        if hits > 0 {
-            self.outcomes(E::KIND).near_hits.increment(hits);
-        }
-    }
-
-    /// A fill refused because its lease (or list generation) was gone: a write came first.
-    fn count_refused(&self, kind: Kind) {
-        metrics::counter!("readthrough_cache_fills_refused_total", "entity" => kind.label()).increment(1);
-    }
-
     /// Leave for a read that found Redis unavailable to go to PostgreSQL, or
     /// `None` when `DATABASE_FALLBACK_LIMIT` such reads are running already:
     /// then the caller is turned away (UNAVAILABLE), so that a Redis outage
@@ -328,287 +261,9 @@ impl Cache {
         self.redis.connected()
     }
 
-    /// Looks up each id. `None` when the cache is off or Redis did not answer:
-    /// then the caller reads PostgreSQL and fills nothing. Undecodable entries
-    /// are deleted and reported as misses, so the fill repairs them.
-    pub async fn get_many<E: Cacheable>(&self, ids: &[E::Id]) -> Option<Vec<Cached<E>>> {
-        if !self.enabled {
-            return None;
-        }
-        let keys: Vec<String> = ids.iter().map(|&id| self.keys.entry(E::KIND, id)).collect();
-        let Some(raw) = self.redis.get_many(&keys).await.filter(|_| self.epochs_trusted()) else {
-            self.outcomes(E::KIND).misses.increment(ids.len() as u64);
-            return None;
-        };
-        let now = now_ms();
-        let mut corrupt = Vec::new();
-        let found: Vec<Cached<E>> = ids
-            .iter()
-            .zip(raw)
-            .zip(&keys)
-            .map(
-                |((&id, bytes), key)| match bytes.map(|b| self.decode_entry::<E>(&b, id)) {
-                    None => Cached::Miss,
-                    Some(Some(entry)) => Cached::Hit {
-                        refresh: entry.value.is_some() && self.refresh_due(&entry, now),
-                        value: entry.value,
-                    },
-                    Some(None) => {
-                        corrupt.push(key.clone());
-                        Cached::Miss
-                    }
-                },
-            )
-            .collect();
-        if !corrupt.is_empty() {
-            tracing::warn!(keys = ?corrupt, "discarding corrupt cache entries");
-            metrics::counter!("readthrough_cache_corrupt_total", "entity" => E::KIND.label())
-                .increment(corrupt.len() as u64);
-            self.redis.delete(&corrupt).await;
-        }
-        let hits = found.iter().filter(|c| matches!(c, Cached::Hit { .. })).count() as u64;
-        let outcomes = self.outcomes(E::KIND);
-        outcomes.hits.increment(hits);
-        if hits < ids.len() as u64 {
-            outcomes.misses.increment(ids.len() as u64 - hits);
-        }
-        Some(found)
-    }
-
-    fn decode_entry<E: Cacheable>(&self, bytes: &[u8], id: E::Id) -> Option<Entry<E>> {
-        let entry = codec::decode::<Entry<E>>(bytes).ok()?;
-        entry
-            .value
-            .as_ref()
-            .is_none_or(|value| value.is_valid_for(id))
-            .then_some(entry)
-    }
-
-    /// XFetch: refresh early with a probability that rises as expiry nears and
-    /// with how long the value takes to load, so one caller of a hot key
-    /// refreshes it before it expires instead of all of them missing together.
-    fn refresh_due<E>(&self, entry: &Entry<E>, now_ms: u64) -> bool {
-        if !self.refresh_ahead {
-            return false;
-        }
-        let delta = f64::from(entry.load_ms).max(REFRESH_MIN_DELTA_MS);
-        let draw: f64 = rand::rng().random_range(f64::EPSILON..1.0);
-        now_ms as f64 - delta * draw.ln() >= entry.expires_at_ms as f64
-    }
-
-    /// Stores what PostgreSQL returned for leased ids (`None`: no such id), each
-    /// only if its lease is still held. `load_time` is how long the read took.
-    /// True when every value was stored.
-    pub async fn fill<E: Cacheable>(&self, fills: &[(E::Id, Option<&E>, &Lease)], load_time: Duration) -> bool {
-        if fills.is_empty() {
-            return true;
-        }
-        let keys: Vec<String> = fills.iter().map(|(id, _, _)| self.keys.entry(E::KIND, *id)).collect();
-        if let Some(hook) = &self.hooks.before_fill {
-            hook(&keys[0]).await;
-        }
-        let now = now_ms();
-        let load_ms = load_time.as_millis().min(u128::from(u32::MAX)) as u32;
-        let mut guarded = Vec::with_capacity(fills.len());
-        let mut invalid = Vec::new();
-        for ((id, value, lease), key) in fills.iter().zip(&keys) {
-            if lease.key != self.keys.lease(key) {
-                // Taken in an epoch retired since: what it guards is never read again.
-                self.count_refused(E::KIND);
-                continue;
-            }
-            if value.is_some_and(|value| !value.is_valid_for(*id)) {
-                invalid.push(*lease);
-                continue;
-            }
-            let ttl = match value {
-                Some(_) => E::ttl(&self.ttls),
-                None => self.ttls.negative,
-            };
-            let ttl_secs = jittered_secs(ttl);
-            let entry = Entry {
-                value: *value,
-                load_ms,
-                expires_at_ms: now + ttl_secs * 1000,
-            };
-            match codec::encode(&entry, self.compress_threshold) {
-                Ok(bytes) => guarded.push(GuardedFill {
-                    key,
-                    lease_key: &lease.key,
-                    token: &lease.token,
-                    value: bytes,
-                    ttl_secs,
-                }),
-                Err(error) => tracing::error!(%error, entity = E::KIND.label(), "cannot encode value for the cache"),
-            }
-        }
-        if !invalid.is_empty() {
-            self.refuse_invalid(E::KIND, &invalid).await;
-        }
-        if self.hooks.unguarded_fills {
-            let plain: Vec<(String, Vec<u8>, u64)> = guarded
-                .into_iter()
-                .map(|f| (f.key.to_string(), f.value, f.ttl_secs))
-                .collect();
-            return self.redis.set_many(&plain).await.is_some();
-        }
-        let Some(stored) = self.redis.fill_guarded(&guarded).await else {
-            return false;
-        };
-        let refused = stored.iter().filter(|s| !**s).count();
-        for _ in 0..refused {
-            self.count_refused(E::KIND);
-        }
-        refused == 0 && stored.len() == fills.len()
-    }
-
-    /// A row the cache would judge corrupt on its way out (written by hand,
-    /// past what validation allows) is served but never stored: stored, it
-    /// would be read, discarded and filled again on every read.
-    async fn refuse_invalid(&self, kind: Kind, leases: &[&Lease]) {
-        metrics::counter!("readthrough_cache_uncacheable_total", "entity" => kind.label())
-            .increment(leases.len() as u64);
-        if let Some(held_back) = self.uncacheable_log.pass(UNCACHEABLE_LOG_INTERVAL) {
-            tracing::warn!(
-                entity = kind.label(),
-                held_back,
-                "a row fails validation; serving it uncached (fix it in the database)"
-            );
-        }
-        self.release(leases).await;
-    }
-
-    /// The keys to delete when an entity changes: its fill leases, then its
-    /// entries, in each epoch an instance may be reading (see `cache::epochs`).
-    pub fn entity_keys<E: Cacheable>(&self, id: E::Id) -> KeyGroup {
-        self.keys.entry_group(E::KIND, id)
-    }
-
-    /// Where writes of this entity record their WAL position (see `store::replicas`).
-    pub fn write_marker<E: Cacheable>(&self, id: E::Id) -> String {
-        self.keys.write_marker(E::KIND, id)
-    }
-
-    /// The newest write position marked for any of `ids` (`Some(None)`: no
-    /// marker), or `None` when the cache is off or Redis did not answer: then
-    /// nothing is known, and only the primary may be read.
-    pub async fn newest_write<E: Cacheable>(&self, ids: &[E::Id]) -> Option<Option<Lsn>> {
-        if !self.enabled {
-            return None;
-        }
-        let keys: Vec<String> = ids.iter().map(|&id| self.write_marker::<E>(id)).collect();
-        let markers = self.redis.get_many(&keys).await?;
-        // A marker that does not parse is treated as one no replica has reached.
-        Some(
-            markers
-                .iter()
-                .flatten()
-                .map(|marker| Lsn::from_marker(marker).unwrap_or(Lsn::UNREACHABLE))
-                .max(),
-        )
-    }
-
     /// Whether values read from Redis may be used now (see `cache::epochs`).
     fn epochs_trusted(&self) -> bool {
         self.keys.epochs_known().trusted()
-    }
-
-    /// Records `marks` (when replicas are read), deletes each group of keys
-    /// with one command and publishes `events`, all in one round trip,
-    /// retrying a few times; returns whether Redis confirmed it. A marker is
-    /// set before the keys it guards are deleted, so a miss that finds them
-    /// gone finds it. Events are delivered at least once.
-    pub async fn invalidate(&self, groups: &[KeyGroup], marks: Option<WriteMarks<'_>>, events: &[Event]) -> bool {
-        if let (Some(hook), Some(first)) = (&self.hooks.before_invalidate, groups.first().and_then(|g| g.last())) {
-            hook(first).await;
-        }
-        let messages: Vec<Vec<u8>> = events.iter().filter_map(|e| serde_json::to_vec(e).ok()).collect();
-        for attempt in 1..=INVALIDATION_ATTEMPTS {
-            // Done only if the epochs it deleted in were still trusted when Redis confirmed it.
-            if self
-                .redis
-                .delete_and_publish(groups, marks, self.write_marker_ttl, &self.keys.events(), &messages)
-                .await
-                .is_some()
-                && self.epochs_trusted()
-            {
-                for event in events {
-                    metrics::counter!("readthrough_events_published_total", "event" => event_label(&event.event))
-                        .increment(1);
-                }
-                return true;
-            }
-            // With the breaker open a retry would be skipped too: leave it to the relay now.
-            if attempt < INVALIDATION_ATTEMPTS && self.redis.breaker_closed() {
-                tokio::time::sleep(INVALIDATION_BACKOFF * attempt).await;
-            } else {
-                break;
-            }
-        }
-        metrics::counter!("readthrough_invalidation_failures_total").increment(1);
-        if let Some(held_back) = self.invalidation_log.pass(INVALIDATION_LOG_INTERVAL) {
-            tracing::warn!(
-                keys = groups.len(),
-                held_back,
-                "invalidation failed; the outbox relay will retry it"
-            );
-        }
-        false
-    }
-
-    /// Operator invalidation of known keys: the ones of `keys` that exist,
-    /// deleted unless `dry_run`. `None` when Redis did not answer. Works with
-    /// the cache disabled too: entries left in Redis are still worth deleting.
-    pub async fn invalidate_keys(&self, keys: &[String], dry_run: bool) -> Option<Vec<String>> {
-        let present = if dry_run {
-            self.redis.exists_each(keys).await?
-        } else {
-            self.redis.unlink_each(keys).await?
-        };
-        Some(
-            keys.iter()
-                .zip(present)
-                .filter(|(_, present)| *present)
-                .map(|(key, _)| key.clone())
-                .collect(),
-        )
-    }
-
-    /// How many keys `kinds` hold at their current epochs (what bumping them
-    /// retires), found with SCAN in batches, and the first
-    /// `INVALIDATION_SAMPLE` of them. `None` when Redis stopped answering.
-    pub async fn count_keys(&self, kinds: &[Kind]) -> Option<(u64, Vec<String>)> {
-        let mut count = 0u64;
-        let mut sample = Vec::new();
-        for &kind in kinds {
-            self.redis
-                .scan_matching(&self.keys.pattern_for(kind), |batch| {
-                    count += batch.len() as u64;
-                    let room = INVALIDATION_SAMPLE.saturating_sub(sample.len());
-                    sample.extend(batch.into_iter().take(room));
-                })
-                .await?;
-        }
-        Some((count, sample))
-    }
-
-    /// Receives every instance's invalidation events, forever, counting them;
-    /// also says when the subscription is up and when it dropped.
-    pub async fn receive_events(&self, mut on: impl FnMut(EventFeed)) {
-        self.redis
-            .subscribe(&self.keys.events(), |delivery| match delivery {
-                Delivery::Subscribed => on(EventFeed::Subscribed),
-                Delivery::Lost => on(EventFeed::Lost),
-                Delivery::Message(payload) => match serde_json::from_slice::<Event>(payload) {
-                    Ok(event) => {
-                        metrics::counter!("readthrough_events_received_total", "event" => event_label(&event.event))
-                            .increment(1);
-                        on(EventFeed::Event(event));
-                    }
-                    Err(error) => tracing::warn!(%error, "ignoring a malformed invalidation event"),
-                },
-            })
-            .await;
     }
 
     /// Opens the Redis connections (see `RedisClient::open_connections`).
@@ -619,30 +274,6 @@ impl Cache {
             self.learn_epochs().await;
         }
     }
-}
-
-/// The event names the triggers record (see the migrations).
-const EVENT_NAMES: &[&str] = &[
-    "user.created",
-    "user.updated",
-    "user.deleted",
-    "user.truncated",
-    "product.created",
-    "product.updated",
-    "product.price.changed",
-    "product.moved",
-    "product.deleted",
-    "product.truncated",
-];
-
-/// The `event` label of an event metric: a known name, or `other`, so that
-/// whatever else is published on the shared channel cannot add series.
-fn event_label(name: &str) -> &'static str {
-    EVENT_NAMES
-        .iter()
-        .find(|known| **known == name)
-        .copied()
-        .unwrap_or("other")
 }
 
 fn now_ms() -> u64 {
@@ -660,13 +291,6 @@ fn jittered_secs(ttl: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn event_labels_are_known_names_or_other() {
-        assert_eq!(event_label("product.price.changed"), "product.price.changed");
-        assert_eq!(event_label("user.truncated"), "user.truncated");
-        assert_eq!(event_label("x".repeat(100).as_str()), "other");
-    }
 
     #[test]
     fn jitter_stays_within_ten_percent() {

@@ -38,66 +38,22 @@ const SCAN_COUNT: u64 = 1000;
 /// releases the lease. A write deletes the lease together with the entry, so a
 /// reader that loaded the row before the write cannot cache the old version.
 /// KEYS: entry, lease. ARGV: token, value, ttl seconds.
-const GUARDED_SET: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
-redis.call('DEL', KEYS[2])
-return 1
-";
+const GUARDED_SET: &str = include_str!("scripts/guarded_set.lua");
 
 /// Writes a category list's head: its first ids (score = position), its
 /// metadata, and drops any directory, while the caller holds the list's lease.
 /// KEYS: ids, meta, dir, lease. ARGV: token, meta, ttl seconds, then the ids in order.
-const GUARDED_LIST_HEAD: &str = r"
-if redis.call('GET', KEYS[4]) ~= ARGV[1] then return 0 end
-redis.call('DEL', KEYS[1], KEYS[3])
-local first, last = 4, #ARGV
-for chunk = first, last, 500 do
-  local args = {}
-  for i = chunk, math.min(chunk + 499, last) do
-    args[#args + 1] = i - first
-    args[#args + 1] = ARGV[i]
-  end
-  redis.call('ZADD', KEYS[1], unpack(args))
-end
-if last >= first then redis.call('EXPIRE', KEYS[1], ARGV[3]) end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('DEL', KEYS[4])
-return 1
-";
+const GUARDED_LIST_HEAD: &str = include_str!("scripts/guarded_list_head.lua");
 
 /// Adds ids to a category list at positions from `first`, only while its
 /// metadata is still exactly what the caller read (the same generation). The
 /// ids key takes the metadata's remaining time to live if it has none of its own.
 /// KEYS: ids, meta. ARGV: meta, first position, then the ids in order.
-const GUARDED_LIST_CHUNK: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local first, last = 3, #ARGV
-local base = tonumber(ARGV[2])
-for chunk = first, last, 500 do
-  local args = {}
-  for i = chunk, math.min(chunk + 499, last) do
-    args[#args + 1] = base + i - first
-    args[#args + 1] = ARGV[i]
-  end
-  redis.call('ZADD', KEYS[1], unpack(args))
-end
-if redis.call('PTTL', KEYS[1]) < 0 then
-  local ttl = redis.call('PTTL', KEYS[2])
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) else redis.call('DEL', KEYS[1]) end
-end
-return 1
-";
+const GUARDED_LIST_CHUNK: &str = include_str!("scripts/guarded_list_chunk.lua");
 
 /// Sets a value only while another key holds exactly the expected bytes, with
 /// that key's remaining time to live. KEYS: target, guard. ARGV: expected, value.
-const GUARDED_SET_BESIDE: &str = r"
-if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
-local ttl = redis.call('PTTL', KEYS[2])
-if ttl <= 0 then return 0 end
-redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
-return 1
-";
+const GUARDED_SET_BESIDE: &str = include_str!("scripts/guarded_set_beside.lua");
 
 /// Moves each kind named to a new epoch, one above both its current epoch
 /// and the floor given for it (the highest the caller has seen: a failover
@@ -108,60 +64,25 @@ return 1
 /// spacing ms, reason ('' for none), then each kind and its floor.
 /// Returns {0, user, product, list} when bumped (or the reason was acted
 /// on), {ms to wait} when too soon.
-const BUMP_EPOCHS: &str = r"
-local function epochs()
-  local current = redis.call('HMGET', KEYS[1], 'user', 'product', 'list')
-  for i = 1, 3 do current[i] = tonumber(current[i] or '0') end
-  return {0, current[1], current[2], current[3]}
-end
-if ARGV[2] ~= '' and redis.call('HEXISTS', KEYS[1], ARGV[2]) == 1 then return epochs() end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local last = tonumber(redis.call('HGET', KEYS[1], 'bumped_at_ms') or '0')
-local spacing = tonumber(ARGV[1])
-if now - last < spacing then return {math.max(1, spacing - (now - last))} end
-redis.call('HSET', KEYS[1], 'bumped_at_ms', now)
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], ARGV[2], now) end
-for i = 3, #ARGV, 2 do
-  local current = tonumber(redis.call('HGET', KEYS[1], ARGV[i]) or '0')
-  redis.call('HSET', KEYS[1], ARGV[i], math.max(current, tonumber(ARGV[i + 1])) + 1)
-end
-return epochs()
-";
+const BUMP_EPOCHS: &str = include_str!("scripts/bump_epochs.lua");
 
 /// Records a write's WAL position in its marker unless the marker holds a
 /// later one already (the relay may carry out an older write after a newer
 /// one's writer did). Positions are fixed-width hex, so they compare as
 /// strings. KEYS: marker. ARGV: position, ttl ms.
-const MARK_WRITE: &str = r"
-local current = redis.call('GET', KEYS[1])
-if current and current >= ARGV[1] then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-return 1
-";
+const MARK_WRITE: &str = include_str!("scripts/mark_write.lua");
 
 /// Deletes a lease only if it is still the caller's. KEYS: lease. ARGV: token.
-const RELEASE: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
-return 0
-";
+const RELEASE: &str = include_str!("scripts/release.lua");
 
 /// Reads a key or, when it is missing, takes its lease, in one step: no fill
 /// can land between a miss and the lease taken after it (which would load
 /// the value a second time). KEYS: key, lease. ARGV: token, ms.
 /// Returns {1, value}, {2} when leased, {0} when another holds the lease.
-const GET_OR_LEASE: &str = r"
-local value = redis.call('GET', KEYS[1])
-if value then return {1, value} end
-if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2} end
-return {0}
-";
+const GET_OR_LEASE: &str = include_str!("scripts/get_or_lease.lua");
 
 /// Extends a lease only if it is still the caller's. KEYS: lease. ARGV: token, ms.
-const EXTEND: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
-return 0
-";
+const EXTEND: &str = include_str!("scripts/extend.lua");
 
 /// What a subscription delivers.
 pub enum Delivery<'a> {

@@ -1,0 +1,144 @@
+//! Invalidation: the keys a write deletes, the write markers for replica
+//! reads, the deletes and events of a write in one round trip, and the
+//! operator's invalidation of known keys and counts of a kind's keys.
+
+use std::time::Duration;
+
+use super::{Cache, Cacheable, Event, Kind, events::event_label};
+use crate::store::replicas::Lsn;
+
+/// How often an invalidation is tried before it is given up (and logged).
+const INVALIDATION_ATTEMPTS: u32 = 3;
+const INVALIDATION_BACKOFF: Duration = Duration::from_millis(20);
+/// How many of the keys a group invalidation deleted it names in its answer.
+pub const INVALIDATION_SAMPLE: usize = 100;
+
+/// At most one log line per interval about invalidations left to the relay:
+/// while Redis is down every write and every relay round has one.
+const INVALIDATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Keys deleted together by one DEL: an entry and its lease, or a list's keys.
+/// They share a hash tag (one Redis Cluster slot), and one command deletes
+/// them at once, so no fill can land between the deletion of an entry and
+/// that of its lease.
+pub type KeyGroup = Vec<String>;
+
+/// A write's WAL position, to record under the written entities' markers
+/// (see `store::replicas`).
+#[derive(Debug, Clone, Copy)]
+pub struct WriteMarks<'a> {
+    /// `Keys::write_marker` of each written entity.
+    pub keys: &'a [String],
+    pub position: Lsn,
+}
+
+impl Cache {
+    /// The keys to delete when an entity changes: its fill leases, then its
+    /// entries, in each epoch an instance may be reading (see `cache::epochs`).
+    pub fn entity_keys<E: Cacheable>(&self, id: E::Id) -> KeyGroup {
+        self.keys.entry_group(E::KIND, id)
+    }
+
+    /// Where writes of this entity record their WAL position (see `store::replicas`).
+    pub fn write_marker<E: Cacheable>(&self, id: E::Id) -> String {
+        self.keys.write_marker(E::KIND, id)
+    }
+
+    /// The newest write position marked for any of `ids` (`Some(None)`: no
+    /// marker), or `None` when the cache is off or Redis did not answer: then
+    /// nothing is known, and only the primary may be read.
+    pub async fn newest_write<E: Cacheable>(&self, ids: &[E::Id]) -> Option<Option<Lsn>> {
+        if !self.enabled {
+            return None;
+        }
+        let keys: Vec<String> = ids.iter().map(|&id| self.write_marker::<E>(id)).collect();
+        let markers = self.redis.get_many(&keys).await?;
+        // A marker that does not parse is treated as one no replica has reached.
+        Some(
+            markers
+                .iter()
+                .flatten()
+                .map(|marker| Lsn::from_marker(marker).unwrap_or(Lsn::UNREACHABLE))
+                .max(),
+        )
+    }
+
+    /// Records `marks` (when replicas are read), deletes each group of keys
+    /// with one command and publishes `events`, all in one round trip,
+    /// retrying a few times; returns whether Redis confirmed it. A marker is
+    /// set before the keys it guards are deleted, so a miss that finds them
+    /// gone finds it. Events are delivered at least once.
+    pub async fn invalidate(&self, groups: &[KeyGroup], marks: Option<WriteMarks<'_>>, events: &[Event]) -> bool {
+        if let (Some(hook), Some(first)) = (&self.hooks.before_invalidate, groups.first().and_then(|g| g.last())) {
+            hook(first).await;
+        }
+        let messages: Vec<Vec<u8>> = events.iter().filter_map(|e| serde_json::to_vec(e).ok()).collect();
+        for attempt in 1..=INVALIDATION_ATTEMPTS {
+            // Done only if the epochs it deleted in were still trusted when Redis confirmed it.
+            if self
+                .redis
+                .delete_and_publish(groups, marks, self.write_marker_ttl, &self.keys.events(), &messages)
+                .await
+                .is_some()
+                && self.epochs_trusted()
+            {
+                for event in events {
+                    metrics::counter!("readthrough_events_published_total", "event" => event_label(&event.event))
+                        .increment(1);
+                }
+                return true;
+            }
+            // With the breaker open a retry would be skipped too: leave it to the relay now.
+            if attempt < INVALIDATION_ATTEMPTS && self.redis.breaker_closed() {
+                tokio::time::sleep(INVALIDATION_BACKOFF * attempt).await;
+            } else {
+                break;
+            }
+        }
+        metrics::counter!("readthrough_invalidation_failures_total").increment(1);
+        if let Some(held_back) = self.invalidation_log.pass(INVALIDATION_LOG_INTERVAL) {
+            tracing::warn!(
+                keys = groups.len(),
+                held_back,
+                "invalidation failed; the outbox relay will retry it"
+            );
+        }
+        false
+    }
+
+    /// Operator invalidation of known keys: the ones of `keys` that exist,
+    /// deleted unless `dry_run`. `None` when Redis did not answer. Works with
+    /// the cache disabled too: entries left in Redis are still worth deleting.
+    pub async fn invalidate_keys(&self, keys: &[String], dry_run: bool) -> Option<Vec<String>> {
+        let present = if dry_run {
+            self.redis.exists_each(keys).await?
+        } else {
+            self.redis.unlink_each(keys).await?
+        };
+        Some(
+            keys.iter()
+                .zip(present)
+                .filter(|(_, present)| *present)
+                .map(|(key, _)| key.clone())
+                .collect(),
+        )
+    }
+
+    /// How many keys `kinds` hold at their current epochs (what bumping them
+    /// retires), found with SCAN in batches, and the first
+    /// `INVALIDATION_SAMPLE` of them. `None` when Redis stopped answering.
+    pub async fn count_keys(&self, kinds: &[Kind]) -> Option<(u64, Vec<String>)> {
+        let mut count = 0u64;
+        let mut sample = Vec::new();
+        for &kind in kinds {
+            self.redis
+                .scan_matching(&self.keys.pattern_for(kind), |batch| {
+                    count += batch.len() as u64;
+                    let room = INVALIDATION_SAMPLE.saturating_sub(sample.len());
+                    sample.extend(batch.into_iter().take(room));
+                })
+                .await?;
+        }
+        Some((count, sample))
+    }
+}
