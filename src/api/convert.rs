@@ -104,12 +104,64 @@ fn json_to_value(value: serde_json::Value) -> Value {
 /// How much of an unknown update-mask path an error message repeats.
 const MASK_PATH_SHOWN: usize = 64;
 
-/// The paths of an update mask, checked against the fields a resource lets callers change.
-/// `*` means all of them (AIP-134); an empty mask is an error.
-pub fn mask_paths<'a>(
-    mask: Option<&'a FieldMask>,
-    updatable: &[&'static str],
-) -> Result<Vec<&'a str>, ValidationError> {
+/// A field an update mask may name: each resource's updatable fields, as an
+/// enum, so that applying a mask is a `match` with an arm per field.
+pub trait MaskField: Copy + PartialEq + 'static {
+    /// Every updatable field, in the order `*` applies them.
+    const ALL: &'static [Self];
+    /// The field's name in the API (the mask path).
+    fn path(self) -> &'static str;
+}
+
+/// The fields an update of a user may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UserField {
+    Email,
+    Preferences,
+}
+
+impl MaskField for UserField {
+    const ALL: &'static [Self] = &[Self::Email, Self::Preferences];
+    fn path(self) -> &'static str {
+        match self {
+            Self::Email => "email",
+            Self::Preferences => "preferences",
+        }
+    }
+}
+
+/// The fields an update of a product may change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProductField {
+    CategoryId,
+    Name,
+    Description,
+    PriceCents,
+    Currency,
+}
+
+impl MaskField for ProductField {
+    const ALL: &'static [Self] = &[
+        Self::CategoryId,
+        Self::Name,
+        Self::Description,
+        Self::PriceCents,
+        Self::Currency,
+    ];
+    fn path(self) -> &'static str {
+        match self {
+            Self::CategoryId => "category_id",
+            Self::Name => "name",
+            Self::Description => "description",
+            Self::PriceCents => "price_cents",
+            Self::Currency => "currency",
+        }
+    }
+}
+
+/// The fields an update mask names, checked against those a resource lets
+/// callers change. `*` means all of them (AIP-134); an empty mask is an error.
+pub fn mask_fields<F: MaskField>(mask: Option<&FieldMask>) -> Result<Vec<F>, ValidationError> {
     let paths: Vec<&str> = mask
         .map(|m| m.paths.iter().map(String::as_str).collect())
         .unwrap_or_default();
@@ -117,21 +169,30 @@ pub fn mask_paths<'a>(
         return Err(ValidationError::new("update_mask", "must name at least one field"));
     }
     if paths == ["*"] {
-        return Ok(updatable.to_vec());
+        return Ok(F::ALL.to_vec());
     }
-    if let Some(unknown) = paths.iter().find(|p| !updatable.contains(p)) {
-        // Quoted back in part only: a 60 KiB path should not come back whole.
-        let shown: String = unknown.chars().take(MASK_PATH_SHOWN).collect();
-        let cut = if shown.len() < unknown.len() { "…" } else { "" };
-        return Err(ValidationError::new(
-            "update_mask",
-            format!(
-                "cannot update {shown:?}{cut}; updatable fields are {}",
-                updatable.join(", ")
-            ),
-        ));
-    }
-    Ok(paths)
+    paths
+        .iter()
+        .map(|path| {
+            F::ALL
+                .iter()
+                .copied()
+                .find(|field| field.path() == *path)
+                .ok_or_else(|| {
+                    // Quoted back in part only: a 60 KiB path should not come back whole.
+                    let shown: String = path.chars().take(MASK_PATH_SHOWN).collect();
+                    let cut = if shown.len() < path.len() { "…" } else { "" };
+                    let updatable: Vec<&str> = F::ALL.iter().map(|field| field.path()).collect();
+                    ValidationError::new(
+                        "update_mask",
+                        format!(
+                            "cannot update {shown:?}{cut}; updatable fields are {}",
+                            updatable.join(", ")
+                        ),
+                    )
+                })
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -165,24 +226,27 @@ mod tests {
             paths: paths.iter().map(|p| p.to_string()).collect(),
         };
         assert_eq!(
-            mask_paths(Some(&mask(&["email"])), &["email", "preferences"]).unwrap(),
-            ["email"]
+            mask_fields::<UserField>(Some(&mask(&["email"]))).unwrap(),
+            [UserField::Email]
         );
         assert_eq!(
-            mask_paths(Some(&mask(&["*"])), &["email", "preferences"]).unwrap(),
-            ["email", "preferences"]
+            mask_fields::<UserField>(Some(&mask(&["*"]))).unwrap(),
+            [UserField::Email, UserField::Preferences]
         );
         assert_eq!(
-            mask_paths(Some(&mask(&["version"])), &["email"]).unwrap_err().field,
+            mask_fields::<ProductField>(Some(&mask(&["price_cents", "name"]))).unwrap(),
+            [ProductField::PriceCents, ProductField::Name]
+        );
+        let unknown = mask_fields::<UserField>(Some(&mask(&["version"]))).unwrap_err();
+        assert_eq!(unknown.field, "update_mask");
+        assert!(unknown.message.contains("email, preferences"), "{}", unknown.message);
+        assert_eq!(
+            mask_fields::<UserField>(Some(&mask(&[]))).unwrap_err().field,
             "update_mask"
         );
-        assert_eq!(
-            mask_paths(Some(&mask(&[])), &["email"]).unwrap_err().field,
-            "update_mask"
-        );
-        assert_eq!(mask_paths(None, &["email"]).unwrap_err().field, "update_mask");
+        assert_eq!(mask_fields::<UserField>(None).unwrap_err().field, "update_mask");
         let long = "x".repeat(10_000);
-        let message = mask_paths(Some(&mask(&[long.as_str()])), &["email"])
+        let message = mask_fields::<UserField>(Some(&mask(&[long.as_str()])))
             .unwrap_err()
             .message;
         assert!(message.len() < 200, "{message}");

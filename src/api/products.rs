@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    convert::{mask_paths, product_to_proto},
+    convert::{ProductField, mask_fields, product_to_proto},
     page_token::PageTokens,
     respond,
 };
@@ -15,8 +15,6 @@ use crate::{
     proto::{self, product_service_server::ProductService},
     service::Products,
 };
-
-const UPDATABLE: &[&str] = &["category_id", "name", "description", "price_cents", "currency"];
 
 pub struct ProductApi {
     products: Products,
@@ -107,13 +105,13 @@ impl ProductService for ProductApi {
                 currency: None,
                 expected_version: ExpectedVersion::parse(request.expected_version)?,
             };
-            for path in mask_paths(request.update_mask.as_ref(), UPDATABLE)? {
-                match path {
-                    "category_id" => patch.category_id = Some(CategoryId::parse(&product.category_id)?),
-                    "name" => patch.name = Some(ProductName::parse(&product.name)?),
-                    "description" => patch.description = Some(Description::parse(&product.description)?),
-                    "price_cents" => patch.price_cents = Some(PriceCents::parse(product.price_cents)?),
-                    _ => patch.currency = Some(Currency::parse(&product.currency)?),
+            for field in mask_fields(request.update_mask.as_ref())? {
+                match field {
+                    ProductField::CategoryId => patch.category_id = Some(CategoryId::parse(&product.category_id)?),
+                    ProductField::Name => patch.name = Some(ProductName::parse(&product.name)?),
+                    ProductField::Description => patch.description = Some(Description::parse(&product.description)?),
+                    ProductField::PriceCents => patch.price_cents = Some(PriceCents::parse(product.price_cents)?),
+                    ProductField::Currency => patch.currency = Some(Currency::parse(&product.currency)?),
                 }
             }
             Ok(product_to_proto(self.products.update(patch).await?))

@@ -3,7 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{
-    convert::{mask_paths, preferences, user_to_proto},
+    convert::{UserField, mask_fields, preferences, user_to_proto},
     respond,
 };
 use crate::{
@@ -92,10 +92,10 @@ impl UserService for UserApi {
                 preferences: None,
                 expected_version: ExpectedVersion::parse(request.expected_version)?,
             };
-            for path in mask_paths(request.update_mask.as_ref(), &["email", "preferences"])? {
-                match path {
-                    "email" => patch.email = Some(Email::parse(&user.email)?),
-                    _ => patch.preferences = Some(preferences(user.preferences.clone())?),
+            for field in mask_fields(request.update_mask.as_ref())? {
+                match field {
+                    UserField::Email => patch.email = Some(Email::parse(&user.email)?),
+                    UserField::Preferences => patch.preferences = Some(preferences(user.preferences.clone())?),
                 }
             }
             Ok(user_to_proto(self.users.update(patch).await?))

@@ -141,12 +141,13 @@ impl Services {
             }
             EventFeed::Event(event) => {
                 let truncated = event.event.ends_with(".truncated");
-                match (event.event.split('.').next(), truncated) {
-                    (Some("user"), false) => self.users.forget(event.id),
-                    (Some("product"), false) => self.products.forget(event.id),
-                    (Some("user"), true) => self.users.forget_all(),
-                    (Some("product"), true) => self.products.forget_all(),
-                    _ => {}
+                match (event.event.split('.').next().and_then(Kind::parse), truncated) {
+                    (Some(Kind::User), false) => self.users.forget(event.id),
+                    (Some(Kind::Product), false) => self.products.forget(event.id),
+                    (Some(Kind::User), true) => self.users.forget_all(),
+                    (Some(Kind::Product), true) => self.products.forget_all(),
+                    // Another service's event on the shared channel: nothing cached here.
+                    (Some(Kind::List) | None, _) => {}
                 }
             }
         }
