@@ -411,11 +411,6 @@ async fn updates_need_a_valid_mask_and_version() {
     let status = app.products.update_product(missing).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
 
-    let unchanged = app
-        .users
-        .get_user(GetUserRequest { id: user.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let unchanged = app.get_user(&user.id).await;
     assert_eq!((unchanged.email.as_str(), unchanged.version), ("m@example.com", 1));
 }

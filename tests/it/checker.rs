@@ -24,14 +24,14 @@ use readthrough::{
     domain::{CategoryId, Product, ProductId, User, UserId},
     proto::{
         self, CreateProductRequest, CreateUserRequest, DeleteUserRequest, GetProductRequest, GetUserRequest,
-        InvalidateAllRequest, ListProductsRequest, UpdateProductRequest, UpdateUserRequest,
+        InvalidateAllRequest, ListProductsRequest, UpdateProductRequest,
         cache_admin_service_client::CacheAdminServiceClient, product_service_client::ProductServiceClient,
         user_service_client::UserServiceClient,
     },
 };
 use tonic::{Code, transport::Channel};
 
-use super::helpers::{TestApp, redis, spawn_app_with_hooks};
+use super::helpers::{TestApp, redis, rename_user, spawn_app_with_hooks};
 
 pub struct Settings {
     pub clients: usize,
@@ -257,17 +257,7 @@ impl Step {
             }
             Step::UpdateUser(id) => {
                 let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
-                let request = UpdateUserRequest {
-                    user: Some(proto::User {
-                        id: id.clone(),
-                        email,
-                        ..Default::default()
-                    }),
-                    update_mask: Some(FieldMask {
-                        paths: vec!["email".into()],
-                    }),
-                    expected_version: 0,
-                };
+                let request = rename_user(&id, &email);
                 if let Some(version) = found(users.update_user(request).await.map(|r| r.into_inner().version)) {
                     record_ack(history, id, version);
                 }

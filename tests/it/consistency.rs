@@ -241,15 +241,7 @@ async fn a_reader_dropped_by_its_deadline_gives_its_lease_back() {
     let released = app.eventually_exists(&lease, false, Duration::from_secs(1)).await;
     assert!(released, "the lease (10 s) was given back when its reader went away");
     let started = Instant::now();
-    assert_eq!(
-        app.users
-            .get_user(GetUserRequest { id: user.id.clone() })
-            .await
-            .unwrap()
-            .into_inner()
-            .version,
-        1
-    );
+    assert_eq!(app.get_user(&user.id).await.version, 1);
     assert!(
         started.elapsed() < Duration::from_secs(1),
         "the next reader did not wait out the lease"

@@ -7,7 +7,7 @@ use std::time::Duration;
 use readthrough::{
     cache::Kind,
     domain::UserId,
-    proto::{GetUserRequest, InvalidateAllRequest, cache_admin_service_client::CacheAdminServiceClient},
+    proto::{InvalidateAllRequest, cache_admin_service_client::CacheAdminServiceClient},
 };
 
 use crate::helpers::{OwnRedis, eventually, free_port, redis, spawn_app, spawn_app_with};
@@ -38,12 +38,7 @@ async fn an_instance_that_cannot_read_the_key_epochs_uses_nothing_it_reads_from_
     let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("epochless@example.com").await;
     for _ in 0..3 {
-        let read = app
-            .users
-            .get_user(GetUserRequest { id: user.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let read = app.get_user(&user.id).await;
         assert_eq!(read, user, "answered from PostgreSQL");
     }
     let [hits, get_errors, skipped, epoch_errors] = app

@@ -7,7 +7,7 @@ use readthrough::proto::{
 };
 use tonic::Code;
 
-use crate::helpers::{OwnRedis, free_port, spawn_app_with};
+use crate::helpers::{OwnRedis, free_port, rename_user, spawn_app_with};
 
 #[tokio::test]
 async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
@@ -23,35 +23,18 @@ async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
         .await
         .unwrap()
         .into_inner();
-    let read = app
-        .users
-        .get_user(GetUserRequest { id: user.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let read = app.get_user(&user.id).await;
     assert_eq!(read, user);
     let updated = app
         .users
         .update_user(UpdateUserRequest {
-            user: Some(proto::User {
-                id: user.id.clone(),
-                email: "still@example.com".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["email".into()],
-            }),
             expected_version: 1,
+            ..rename_user(&user.id, "still@example.com")
         })
         .await
         .unwrap()
         .into_inner();
-    let reread = app
-        .users
-        .get_user(GetUserRequest { id: user.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let reread = app.get_user(&user.id).await;
     assert_eq!(reread, updated);
     let batch = app
         .users
@@ -157,27 +140,12 @@ async fn reads_keep_working_when_redis_dies_mid_run() {
     redis_server.kill();
 
     for _ in 0..20 {
-        let read = app
-            .users
-            .get_user(GetUserRequest { id: user.id.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let read = app.get_user(&user.id).await;
         assert_eq!(read.email, "survivor@example.com");
     }
     let updated = app
         .users
-        .update_user(UpdateUserRequest {
-            user: Some(proto::User {
-                id: user.id.clone(),
-                email: "after@example.com".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["email".into()],
-            }),
-            expected_version: 0,
-        })
+        .update_user(rename_user(&user.id, "after@example.com"))
         .await
         .unwrap()
         .into_inner();

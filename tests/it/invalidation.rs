@@ -7,10 +7,10 @@ use prost_types::FieldMask;
 use readthrough::{
     cache::Event,
     domain::{ProductId, UserId},
-    proto::{self, CreateProductRequest, CreateUserRequest, GetUserRequest, UpdateProductRequest, UpdateUserRequest},
+    proto::{self, CreateProductRequest, CreateUserRequest, GetUserRequest, UpdateProductRequest},
 };
 
-use crate::helpers::{RedisProxy, Sandbox, eventually, redis, spawn_app, spawn_app_with};
+use crate::helpers::{RedisProxy, Sandbox, eventually, redis, rename_user, spawn_app, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {
@@ -36,17 +36,7 @@ async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {
     proxy.cut();
     let updated = app
         .users
-        .update_user(UpdateUserRequest {
-            user: Some(proto::User {
-                id: user.id.clone(),
-                email: "after@example.com".into(),
-                ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["email".into()],
-            }),
-            expected_version: 0,
-        })
+        .update_user(rename_user(&user.id, "after@example.com"))
         .await
         .unwrap()
         .into_inner();

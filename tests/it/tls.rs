@@ -305,12 +305,7 @@ async fn the_app_reaches_postgres_over_verified_tls() {
     let mut app = spawn_app_with(|config| config.config.database_url = url.parse().unwrap()).await;
 
     let user = app.create_user("over-tls@example.com").await;
-    let read = app
-        .users
-        .get_user(GetUserRequest { id: user.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+    let read = app.get_user(&user.id).await;
     assert_eq!(read, user);
     // The test's own pool uses the same URL: the session is encrypted.
     let ssl: bool = sqlx::query_scalar("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
