@@ -8,7 +8,10 @@
 //! The code of a handled call arrives in the response's trailers; a call
 //! refused before a handler has it in its headers (a trailers-only
 //! response). A call dropped before its status was read (the client reset
-//! the stream, or went away) counts as `CANCELLED`.
+//! the stream, or went away) counts as `CANCELLED`. (A request whose body
+//! the client abandons before tonic has read it gets tonic's own answer,
+//! `UNKNOWN`, which the client never sees: load generators cause a few of
+//! each when they stop.)
 
 use std::{
     cell::RefCell,
