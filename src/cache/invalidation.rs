@@ -32,6 +32,18 @@ pub struct WriteMarks<'a> {
     pub position: Lsn,
 }
 
+/// The newest write marked for the ids a miss loads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NewestWrite {
+    /// The cache is off or Redis did not answer: nothing is known, so only
+    /// the primary may be read.
+    Unknown,
+    /// No marker: no write to them within the markers' lifetime.
+    Unmarked,
+    /// A replica must have replayed this far.
+    At(Lsn),
+}
+
 impl Cache {
     /// The keys to delete when an entity changes: its fill leases, then its
     /// entries, in each epoch an instance may be reading (see `cache::epochs`).
@@ -44,23 +56,22 @@ impl Cache {
         self.keys.write_marker(E::KIND, id)
     }
 
-    /// The newest write position marked for any of `ids` (`Some(None)`: no
-    /// marker), or `None` when the cache is off or Redis did not answer: then
-    /// nothing is known, and only the primary may be read.
-    pub async fn newest_write<E: Cacheable>(&self, ids: &[E::Id]) -> Option<Option<Lsn>> {
+    /// The newest write marked for any of `ids` (see `store::replicas`).
+    pub async fn newest_write<E: Cacheable>(&self, ids: &[E::Id]) -> NewestWrite {
         if !self.enabled {
-            return None;
+            return NewestWrite::Unknown;
         }
         let keys: Vec<String> = ids.iter().map(|&id| self.write_marker::<E>(id)).collect();
-        let markers = self.redis.get_many(&keys).await?;
+        let Some(markers) = self.redis.get_many(&keys).await else {
+            return NewestWrite::Unknown;
+        };
         // A marker that does not parse is treated as one no replica has reached.
-        Some(
-            markers
-                .iter()
-                .flatten()
-                .map(|marker| Lsn::from_marker(marker).unwrap_or(Lsn::UNREACHABLE))
-                .max(),
-        )
+        markers
+            .iter()
+            .flatten()
+            .map(|marker| Lsn::from_marker(marker).unwrap_or(Lsn::UNREACHABLE))
+            .max()
+            .map_or(NewestWrite::Unmarked, NewestWrite::At)
     }
 
     /// Records `marks` (when replicas are read), deletes each group of keys

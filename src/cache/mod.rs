@@ -56,7 +56,7 @@ pub use connections::Handle as RedisConnection;
 pub use entries::{Cached, Entry};
 pub use epochs::{Bump, EPOCH_TRUST};
 pub use events::{Event, EventFeed};
-pub use invalidation::{INVALIDATION_SAMPLE, KeyGroup, WriteMarks};
+pub use invalidation::{INVALIDATION_SAMPLE, KeyGroup, NewestWrite, WriteMarks};
 pub use keys::Keys;
 pub use leases::{Claim, KeptLeases, Lease, Waited};
 pub use lists::{CachedMeta, ListMeta, ListRead};

@@ -17,7 +17,7 @@ use sqlx::PgPool;
 
 use super::{
     ServiceError,
-    single_flight::{FLIGHT_ATTEMPTS, Fresh, SingleFlight},
+    single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, Outcome, SingleFlight},
 };
 use crate::{
     cache::{Cache, CachedMeta, Claim, Lease, ListRead, Waited},
@@ -65,11 +65,11 @@ pub struct Lists {
     pool: PgPool,
     cache: Arc<Cache>,
     /// Cold pages of one category share one head load.
-    heads: SingleFlight<CategoryId, Option<HeadLoad>>,
+    heads: SingleFlight<CategoryId, Outcome<HeadLoad>>,
     /// Keyed by category and generation: a result is valid for as long as its
     /// generation is cached, whenever it was read.
-    directories: SingleFlight<(CategoryId, u64), Option<Directory>>,
-    chunks: SingleFlight<(CategoryId, u64, u64), Option<Chunk>>,
+    directories: SingleFlight<(CategoryId, u64), Outcome<Directory>>,
+    chunks: SingleFlight<(CategoryId, u64, u64), Outcome<Chunk>>,
     /// How many ids one fill loads at most: the head, and the cap on a chunk.
     max_ids: u64,
     /// Ids per chunk past the head.
@@ -258,12 +258,12 @@ impl Lists {
         for _ in 0..FLIGHT_ATTEMPTS {
             let load = async { Fresh::shared(self.load_head_once(category).await) };
             match self.heads.run(category.clone(), arrived, load).await {
-                Some(Some(head)) => return Ok(head),
+                Joined::Got(Outcome::Loaded(head)) => return Ok(head),
                 // The shared load failed: load alone below, to report our own error.
-                Some(None) => break,
+                Joined::Got(Outcome::Failed) => break,
                 // The shared load predates this caller: its fill is usually
                 // there now; if not, the next flight serves this caller.
-                None => {
+                Joined::Missed => {
                     if let ListRead::Hit { .. } | ListRead::Partial { .. } = self.cache.read_list(category, 0, 1).await
                     {
                         return Ok(HeadLoad::FilledElsewhere);
@@ -349,14 +349,15 @@ impl Lists {
                         .await;
                 }
                 Fresh {
-                    value: ids,
+                    value: ids.map_or(Outcome::Failed, Outcome::Loaded),
                     as_of: Instant::now(),
                 }
             };
             let key = (category.clone(), meta.meta.generation, chunk);
-            let ids = match self.chunks.run(key, Instant::now(), load).await.flatten() {
-                Some(ids) => ids,
-                None => {
+            let ids = match self.chunks.run(key, Instant::now(), load).await {
+                Joined::Got(Outcome::Loaded(ids)) => ids,
+                // Failed or cancelled: this caller reads the range itself.
+                Joined::Got(Outcome::Failed) | Joined::Missed => {
                     let rows =
                         products::list_range(&self.pool, category, RangeStart::At(name, *id), meta.meta.chunk).await?;
                     Arc::new(rows.into_iter().map(|(id, _)| id).collect())
@@ -382,14 +383,14 @@ impl Lists {
                 self.cache.put_list_directory(category, meta, starts).await;
             }
             Fresh {
-                value: starts,
+                value: starts.map_or(Outcome::Failed, Outcome::Loaded),
                 as_of: Instant::now(),
             }
         };
         let key = (category.clone(), meta.meta.generation);
-        match self.directories.run(key, Instant::now(), load).await.flatten() {
-            Some(starts) => Ok(starts),
-            None => Ok(Arc::new(
+        match self.directories.run(key, Instant::now(), load).await {
+            Joined::Got(Outcome::Loaded(starts)) => Ok(starts),
+            Joined::Got(Outcome::Failed) | Joined::Missed => Ok(Arc::new(
                 products::list_directory(&self.pool, category, meta.meta.chunk).await?,
             )),
         }

@@ -13,10 +13,10 @@ use sqlx::PgPool;
 
 use super::{
     Database,
-    single_flight::{FLIGHT_ATTEMPTS, Fresh, SingleFlight},
+    single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, Outcome, SingleFlight},
 };
 use crate::{
-    cache::{Cache, Cacheable, Cached, Claim, Lease, Waited, near::NearCache},
+    cache::{Cache, Cacheable, Cached, Claim, Lease, NewestWrite, Waited, near::NearCache},
     domain::{Product, User},
     store::{self, StoreError},
 };
@@ -42,8 +42,7 @@ impl Loadable for Product {
 pub struct ReadThrough<E: Loadable> {
     database: Database,
     cache: Arc<Cache>,
-    /// `None` tells waiters the leader failed, so they try themselves.
-    flights: SingleFlight<E::Id, Option<Option<E>>>,
+    flights: SingleFlight<E::Id, Outcome<Option<E>>>,
     /// In front of Redis when configured (see `cache::near`).
     near: Option<NearCache<E::Id, Option<E>>>,
 }
@@ -192,8 +191,8 @@ impl<E: Loadable> ReadThrough<E> {
                 Fresh::shared(loaded.map_err(|error| *error_slot = Some(error)))
             };
             match self.flights.run(id, arrived, load).await {
-                Some(Some(value)) => return Ok(value),
-                Some(None) => match own_error.take() {
+                Joined::Got(Outcome::Loaded(value)) => return Ok(value),
+                Joined::Got(Outcome::Failed) => match own_error.take() {
                     // Our own load failed: report it. Loading again would double
                     // what a failing database costs (a statement timeout, a pool
                     // that cannot connect) before the caller hears of it.
@@ -203,14 +202,14 @@ impl<E: Loadable> ReadThrough<E> {
                 },
                 // The shared result predates this caller: the fill it made is
                 // usually there now; if not, the next flight serves this caller.
-                None if cache_usable => {
+                Joined::Missed if cache_usable => {
                     if let Some(Cached::Hit { value, .. }) =
                         self.cache.get_many::<E>(&[id]).await.and_then(|mut c| c.pop())
                     {
                         return Ok(value);
                     }
                 }
-                None => {}
+                Joined::Missed => {}
             }
         }
         Ok(self.load_and_fill(&[id], &[]).await.map(single)?.value)
@@ -273,10 +272,16 @@ impl<E: Loadable> ReadThrough<E> {
     /// left out, and the primary answers instead.
     async fn load(&self, ids: &[E::Id]) -> Result<Vec<E>, StoreError> {
         let replicas = &self.database.replicas;
-        if replicas.any_usable()
-            && let Some(newest_write) = self.cache.newest_write::<E>(ids).await
-            && let Some(replica) = replicas.for_read(newest_write)
-        {
+        let replica = if replicas.any_usable() {
+            match self.cache.newest_write::<E>(ids).await {
+                NewestWrite::Unknown => None,
+                NewestWrite::Unmarked => replicas.for_read(None),
+                NewestWrite::At(position) => replicas.for_read(Some(position)),
+            }
+        } else {
+            None
+        };
+        if let Some(replica) = replica {
             match E::load(&replica.pool, ids).await {
                 Ok(rows) => {
                     count_read("replica");

@@ -25,21 +25,36 @@ pub struct Fresh<V> {
     pub as_of: Instant,
 }
 
-impl<V> Fresh<Option<V>> {
-    /// A load's outcome as a flight shares it: `None` when it failed (each
-    /// waiter then reads for itself, to report its own error).
+/// A load's outcome as a flight shares it.
+#[derive(Debug, Clone)]
+pub enum Outcome<V> {
+    Loaded(V),
+    /// The load failed: each waiter then reads for itself, to report its own error.
+    Failed,
+}
+
+impl<V> Fresh<Outcome<V>> {
     pub fn shared<E>(loaded: Result<Fresh<V>, E>) -> Self {
         match loaded {
             Ok(fresh) => Fresh {
-                value: Some(fresh.value),
+                value: Outcome::Loaded(fresh.value),
                 as_of: fresh.as_of,
             },
             Err(_) => Fresh {
-                value: None,
+                value: Outcome::Failed,
                 as_of: Instant::now(),
             },
         }
     }
+}
+
+/// What a caller of `SingleFlight::run` gets.
+#[derive(Debug, PartialEq)]
+pub enum Joined<V> {
+    /// The flight's result, current for this caller.
+    Got(V),
+    /// The flight was cancelled, or its result predates this caller's arrival.
+    Missed,
 }
 
 pub struct SingleFlight<K, V> {
@@ -54,12 +69,12 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
     }
 
     /// Runs `work` unless a call for `key` is already running, in which case
-    /// its result is awaited and shared. `None` when that call was cancelled or
+    /// its result is awaited and shared. `Missed` when that call was cancelled or
     /// its result is older than `joined`, when the caller arrived: the caller
     /// then looks again itself, or runs again with the same `joined`. A call
     /// running by then began after the caller arrived, so its result serves
     /// the caller: one burst of callers costs at most two executions.
-    pub async fn run(&self, key: K, joined: Instant, work: impl Future<Output = Fresh<V>>) -> Option<V> {
+    pub async fn run(&self, key: K, joined: Instant, work: impl Future<Output = Fresh<V>>) -> Joined<V> {
         let waiting = {
             let mut calls = self.lock();
             match calls.get(&key) {
@@ -72,8 +87,8 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         };
         match waiting {
             Some(mut result) => match result.recv().await {
-                Ok(shared) if shared.as_of >= joined => Some(shared.value),
-                _ => None,
+                Ok(shared) if shared.as_of >= joined => Joined::Got(shared.value),
+                _ => Joined::Missed,
             },
             None => {
                 let leader = Leader {
@@ -83,7 +98,7 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
                 let result = work.await;
                 let value = result.value.clone();
                 leader.finish(result);
-                Some(value)
+                Joined::Got(value)
             }
         }
     }
@@ -150,7 +165,7 @@ mod tests {
             })
             .collect();
         for call in calls {
-            assert_eq!(call.await.unwrap(), Some(100));
+            assert_eq!(call.await.unwrap(), Joined::Got(100));
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(flight.lock().is_empty(), "finished calls are forgotten");
@@ -183,8 +198,8 @@ mod tests {
                 }
             })
             .await;
-        assert_eq!(follower, None, "the follower must look again");
-        assert_eq!(leader.await.unwrap(), Some("read before the follower came"));
+        assert_eq!(follower, Joined::Missed, "the follower must look again");
+        assert_eq!(leader.await.unwrap(), Joined::Got("read before the follower came"));
     }
 
     #[tokio::test]
@@ -214,7 +229,7 @@ mod tests {
         };
         tokio::time::sleep(Duration::from_millis(10)).await;
         leader.abort();
-        assert_eq!(waiter.await.unwrap(), None);
+        assert_eq!(waiter.await.unwrap(), Joined::Missed);
     }
 
     #[tokio::test]
@@ -233,7 +248,7 @@ mod tests {
                         as_of: started,
                     }
                 };
-                if let Some(value) = flight.run("key", joined, work).await {
+                if let Joined::Got(value) = flight.run("key", joined, work).await {
                     return value;
                 }
             }
