@@ -29,13 +29,18 @@ const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a metrics connection stays open.
 const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Logs to stderr, `info` unless `RUST_LOG` says otherwise. Safe to call twice.
+/// Logs to stderr, `info` unless `RUST_LOG` says otherwise; with
+/// `LOG_FORMAT=json`, one JSON object per line (for log collectors), with
+/// the fields of the span it happened in. Safe to call twice.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let _ = tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match std::env::var("LOG_FORMAT").as_deref() {
+        Ok("json") => logs.json().with_current_span(true).with_span_list(false).try_init(),
+        _ => logs.try_init(),
+    };
 }
 
 /// A histogram with one label, looked up once per thread rather than on

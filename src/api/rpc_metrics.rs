@@ -106,7 +106,15 @@ impl Call {
         if !self.recorded {
             self.recorded = true;
             let code = self.code.unwrap_or(otherwise);
-            duration(self.service, self.method, code).record(self.started.elapsed().as_secs_f64());
+            let elapsed = self.started.elapsed();
+            duration(self.service, self.method, code).record(elapsed.as_secs_f64());
+            tracing::debug!(
+                service = self.service,
+                method = self.method,
+                code = code_name(code),
+                latency_ms = elapsed.as_secs_f64() * 1000.0,
+                "rpc"
+            );
         }
     }
 }

@@ -18,9 +18,15 @@ struct Server {
 
 impl Server {
     fn start(sandbox: &Sandbox) -> Self {
+        Self::start_logging(sandbox, &[], Stdio::null())
+    }
+
+    /// `start`, with extra environment variables and somewhere for its logs (stderr).
+    fn start_logging(sandbox: &Sandbox, env: &[(&str, &str)], logs: Stdio) -> Self {
         let (grpc_port, metrics_port) = (free_port(), free_port());
         let child = Command::new(env!("CARGO_BIN_EXE_readthrough"))
             .arg("serve")
+            .envs(env.iter().copied())
             .env("DATABASE_URL", &sandbox.database_url)
             .env("REDIS_URL", &sandbox.redis_url)
             .env("CACHE_NAMESPACE", &sandbox.namespace)
@@ -28,7 +34,7 @@ impl Server {
             .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
             .env("ADMIN_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(logs)
             .spawn()
             .expect("the readthrough binary starts");
         let server = Self {
@@ -164,4 +170,41 @@ fn the_health_subcommand_says_whether_an_instance_serves() {
 
     let nobody = health(&format!("http://127.0.0.1:{}", free_port()));
     assert!(!nobody.status.success(), "nothing listens there: {nobody:?}");
+}
+
+#[test]
+fn json_logs_are_one_object_a_line_and_debug_logs_one_line_per_rpc() {
+    let sandbox = Sandbox::new();
+    let logs = tempfile::NamedTempFile::new().unwrap();
+    let mut server = Server::start_logging(
+        &sandbox,
+        &[("LOG_FORMAT", "json"), ("RUST_LOG", "info,readthrough=debug")],
+        Stdio::from(logs.reopen().unwrap()),
+    );
+    let missing = server.grpcurl(&[
+        "-d",
+        r#"{"id": "123e4567-e89b-12d3-a456-426614174000"}"#,
+        "readthrough.v1.UserService/GetUser",
+    ]);
+    assert!(!missing.status.success(), "no such user");
+    server.child.kill().unwrap();
+    server.child.wait().unwrap();
+
+    let text = std::fs::read_to_string(logs.path()).unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}")))
+        .collect();
+    assert!(
+        lines.iter().any(|line| line["fields"]["message"] == "serving"),
+        "{text}"
+    );
+    let rpc = lines
+        .iter()
+        .find(|line| line["fields"]["method"] == "GetUser")
+        .unwrap_or_else(|| panic!("a line for the GetUser call: {text}"));
+    assert_eq!(rpc["level"], "DEBUG");
+    assert_eq!(rpc["fields"]["service"], "readthrough.v1.UserService");
+    assert_eq!(rpc["fields"]["code"], "NOT_FOUND");
+    assert!(rpc["fields"]["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{rpc}");
 }

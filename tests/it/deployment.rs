@@ -20,8 +20,8 @@ use readthrough::{
 };
 use serde_yaml::Value;
 
-/// Variables read outside clap: `RUST_LOG` by the logging setup (`EnvFilter`).
-const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG"];
+/// Variables read outside clap, by the logging setup: `RUST_LOG` (`EnvFilter`) and `LOG_FORMAT`.
+const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG", "LOG_FORMAT"];
 
 /// What compose must pass for the service to reach its databases and be reachable.
 const REQUIRED_VARIABLES: &[&str] = &["DATABASE_URL", "REDIS_URL", "GRPC_ADDR", "ADMIN_ADDR", "METRICS_ADDR"];
