@@ -140,6 +140,14 @@ impl Epochs {
     }
 }
 
+/// Why the follower retires every kind.
+enum Retirement {
+    /// The epochs in Redis went back (a lost bump, a Redis restarted empty).
+    BumpsLost,
+    /// A new master serves slots; the reason the bump script records.
+    Failover(String),
+}
+
 /// What a bump of epochs did.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Bump {
@@ -170,7 +178,7 @@ impl Cache {
         let known = self.keys.epochs_known();
         let mut owners: Option<Vec<String>> = None;
         // Why every kind must be retired, until it is.
-        let mut retire: Option<String> = None;
+        let mut retire: Option<Retirement> = None;
         loop {
             let mut lost = false;
             if let Some(changed) = self.read_epochs(&mut lost).await {
@@ -178,7 +186,7 @@ impl Cache {
             }
             if lost && retire.is_none() {
                 tracing::warn!("the key epochs went back (a failover or a restart lost bumps): retiring every key");
-                retire = Some(String::new());
+                retire = Some(Retirement::BumpsLost);
             }
             if let Some(now) = self.redis.slot_owners().await {
                 let promoted = owners
@@ -187,12 +195,17 @@ impl Cache {
                 if let Some(promoted) = promoted {
                     tracing::warn!(master = %promoted, "a new master serves slots (a failover): retiring every key");
                     known.held.store(true, Ordering::Release);
-                    retire = Some(format!("failover:{promoted}"));
+                    retire = Some(Retirement::Failover(format!("failover:{promoted}")));
                 }
                 owners = Some(now);
             }
-            if let Some(reason) = &retire {
-                let reason = Some(reason.as_str()).filter(|reason| !reason.is_empty());
+            if let Some(retirement) = &retire {
+                let reason = match retirement {
+                    // Any bump above the epochs seen makes up for lost ones.
+                    Retirement::BumpsLost => None,
+                    // Acted on once, however many instances notice it.
+                    Retirement::Failover(reason) => Some(reason.as_str()),
+                };
                 if let Some(Bump::Done(_)) = self.bump(&Kind::ALL, reason).await {
                     Kind::ALL.into_iter().for_each(&mut on_change);
                     known.held.store(false, Ordering::Release);

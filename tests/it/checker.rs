@@ -50,6 +50,23 @@ pub struct Settings {
     pub database: Option<(String, Vec<String>)>,
 }
 
+impl Settings {
+    /// The small run the tests make: 8 clients for 3 s over 10 users and 12
+    /// products, on the test Redis and a database of the test's own.
+    pub fn small() -> Self {
+        Self {
+            clients: 8,
+            duration: Duration::from_secs(3),
+            users: 10,
+            products: 12,
+            max_delay: Duration::from_millis(5),
+            retire_all: false,
+            redis_cluster_urls: Vec::new(),
+            database: None,
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 pub struct Report {
     pub operations: u64,

@@ -35,17 +35,7 @@ const LIST_LOADS: &str = r#"readthrough_db_queries_total{query="product.list_hea
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_reads_and_writes_on_two_instances_stay_consistent() {
-    let report = checker::run(Settings {
-        clients: 8,
-        duration: Duration::from_secs(3),
-        users: 10,
-        products: 12,
-        max_delay: Duration::from_millis(5),
-        retire_all: false,
-        redis_cluster_urls: Vec::new(),
-        database: None,
-    })
-    .await;
+    let report = checker::run(Settings::small()).await;
     assert_consistent(&report);
 }
 
@@ -53,14 +43,8 @@ async fn concurrent_reads_and_writes_on_two_instances_stay_consistent() {
 async fn concurrent_reads_and_writes_on_two_instances_stay_consistent_on_a_cluster() {
     let cluster = OwnCluster::start().await;
     let report = checker::run(Settings {
-        clients: 8,
-        duration: Duration::from_secs(3),
-        users: 10,
-        products: 12,
-        max_delay: Duration::from_millis(5),
-        retire_all: false,
         redis_cluster_urls: cluster.urls.clone(),
-        database: None,
+        ..Settings::small()
     })
     .await;
     assert_consistent(&report);
@@ -69,14 +53,9 @@ async fn concurrent_reads_and_writes_on_two_instances_stay_consistent_on_a_clust
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_and_writes_stay_consistent_while_invalidate_all_moves_the_key_epochs() {
     let report = checker::run(Settings {
-        clients: 8,
         duration: Duration::from_secs(5),
-        users: 10,
-        products: 12,
-        max_delay: Duration::from_millis(5),
         retire_all: true,
-        redis_cluster_urls: Vec::new(),
-        database: None,
+        ..Settings::small()
     })
     .await;
     assert!(report.epoch_bumps >= 2, "the epochs moved: {report:?}");

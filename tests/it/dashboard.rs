@@ -7,7 +7,7 @@ use std::{collections::BTreeSet, fs, path::PathBuf};
 
 use serde_json::Value;
 
-use crate::deployment::{compose, read_project_file};
+use crate::deployment::{compose, mounts, read_project_file};
 
 /// Every `*.rs` file under `dir`, recursively.
 fn rust_files(dir: PathBuf) -> Vec<PathBuf> {
@@ -120,21 +120,7 @@ fn every_metric_the_dashboard_queries_is_one_the_service_exports() {
 fn compose_runs_prometheus_on_every_instance_and_grafana_with_the_dashboard() {
     let compose = compose();
     let services = &compose["services"];
-    let mounts = |service: &str| -> Vec<(String, String)> {
-        services[service]["volumes"]
-            .as_sequence()
-            .unwrap_or_else(|| panic!("{service} mounts nothing"))
-            .iter()
-            .filter_map(|volume| {
-                let mut parts = volume.as_str()?.split(':');
-                Some((
-                    parts.next()?.trim_start_matches("./").to_string(),
-                    parts.next()?.to_string(),
-                ))
-            })
-            .collect()
-    };
-    let prometheus_config = mounts("prometheus")
+    let prometheus_config = mounts(&services["prometheus"])
         .into_iter()
         .find(|(_, target)| target == "/etc/prometheus/prometheus.yml")
         .map(|(source, _)| read_project_file(&source))
@@ -150,7 +136,7 @@ fn compose_runs_prometheus_on_every_instance_and_grafana_with_the_dashboard() {
         );
     }
 
-    let grafana = mounts("grafana");
+    let grafana = mounts(&services["grafana"]);
     let dashboards_dir = grafana
         .iter()
         .find(|(source, _)| source == "deploy/grafana/dashboards")

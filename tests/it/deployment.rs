@@ -406,6 +406,24 @@ fn the_scale_profile_runs_two_instances_on_a_redis_cluster_and_a_postgres_replic
     assert_eq!(ports[0], ports[1], "both instances serve on the same container ports");
 }
 
+/// A service's bind mounts as (source relative to the repository, target).
+pub fn mounts(service: &Value) -> Vec<(String, String)> {
+    service
+        .get("volumes")
+        .and_then(Value::as_sequence)
+        .into_iter()
+        .flatten()
+        .filter_map(scalar)
+        .filter_map(|volume| {
+            let mut parts = volume.split(':');
+            Some((
+                parts.next()?.trim_start_matches("./").to_string(),
+                parts.next()?.to_string(),
+            ))
+        })
+        .collect()
+}
+
 /// The script a service runs: the file under ./deploy mounted where its entrypoint runs it.
 fn service_script(service: &Value, name: &str) -> String {
     let entrypoint = command_words_of(service.get("entrypoint"), name);
@@ -413,17 +431,9 @@ fn service_script(service: &Value, name: &str) -> String {
         .iter()
         .find(|word| word.ends_with(".sh"))
         .unwrap_or_else(|| panic!("{name}'s entrypoint runs no script: {entrypoint:?}"));
-    let source = service
-        .get("volumes")
-        .and_then(Value::as_sequence)
+    let source = mounts(service)
         .into_iter()
-        .flatten()
-        .filter_map(scalar)
-        .find_map(|volume| {
-            let mut parts = volume.split(':');
-            let (source, target) = (parts.next()?, parts.next()?);
-            (target == script).then(|| source.trim_start_matches("./").to_string())
-        })
+        .find_map(|(source, target)| (&target == script).then_some(source))
         .unwrap_or_else(|| panic!("{name} does not mount {script}"));
     read_project_file(&source)
 }
@@ -490,20 +500,9 @@ fn compose_migrates_in_a_step_of_its_own_and_serves_as_a_role_that_is_not_a_supe
     assert_ne!(user, "postgres", "the service does not connect as the superuser");
 
     // The postgres image runs the mounted script when its data directory is new.
-    let postgres = service(&compose, "postgres");
-    let script = postgres
-        .get("volumes")
-        .and_then(Value::as_sequence)
+    let script = mounts(service(&compose, "postgres"))
         .into_iter()
-        .flatten()
-        .filter_map(scalar)
-        .find_map(|volume| {
-            let mut parts = volume.split(':');
-            let (source, target) = (parts.next()?, parts.next()?);
-            target
-                .starts_with("/docker-entrypoint-initdb.d/")
-                .then(|| source.trim_start_matches("./").to_string())
-        })
+        .find_map(|(source, target)| target.starts_with("/docker-entrypoint-initdb.d/").then_some(source))
         .expect("postgres mounts an init script");
     let sql = read_project_file(&script);
     assert!(

@@ -114,12 +114,8 @@ async fn the_consistency_checker_finds_nothing_stale_with_a_lagging_replica() {
     let report = checker::run(Settings {
         clients: 16,
         duration: Duration::from_secs(4),
-        users: 10,
-        products: 12,
-        max_delay: Duration::from_millis(5),
-        retire_all: false,
-        redis_cluster_urls: Vec::new(),
         database: Some((topology.database_url(), topology.read_urls())),
+        ..Settings::small()
     })
     .await;
     assert_consistent(&report);
