@@ -14,39 +14,74 @@ use crate::helpers::{Sandbox, free_port};
 struct Server {
     child: Child,
     address: String,
+    /// The server's stderr: JSON log lines.
+    logs: tempfile::NamedTempFile,
 }
 
 impl Server {
     fn start(sandbox: &Sandbox) -> Self {
-        Self::start_logging(sandbox, &[], Stdio::null())
+        Self::start_with_env(sandbox, &[])
     }
 
-    /// `start`, with extra environment variables and somewhere for its logs (stderr).
-    fn start_logging(sandbox: &Sandbox, env: &[(&str, &str)], logs: Stdio) -> Self {
-        let (grpc_port, metrics_port) = (free_port(), free_port());
+    /// `start`, with extra environment variables. The server binds port 0 and
+    /// its "serving" log line says which port it got, so no other test can
+    /// take the port between choosing and binding it.
+    fn start_with_env(sandbox: &Sandbox, env: &[(&str, &str)]) -> Self {
+        let logs = tempfile::NamedTempFile::new().unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_readthrough"))
             .arg("serve")
+            .env("LOG_FORMAT", "json")
             .envs(env.iter().copied())
             .env("DATABASE_URL", &sandbox.database_url)
             .env("REDIS_URL", &sandbox.redis_url)
             .env("CACHE_NAMESPACE", &sandbox.namespace)
-            .env("GRPC_ADDR", format!("127.0.0.1:{grpc_port}"))
-            .env("METRICS_ADDR", format!("127.0.0.1:{metrics_port}"))
+            .env("GRPC_ADDR", "127.0.0.1:0")
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .env("ADMIN_ADDR", "127.0.0.1:0")
             .stdout(Stdio::null())
-            .stderr(logs)
+            .stderr(logs.reopen().unwrap())
             .spawn()
             .expect("the readthrough binary starts");
-        let server = Self {
+        let mut server = Self {
             child,
-            address: format!("127.0.0.1:{grpc_port}"),
+            address: String::new(),
+            logs,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !server.grpcurl(&["grpc.health.v1.Health/Check"]).status.success() {
-            assert!(Instant::now() < deadline, "the server became healthy within 30 s");
-            thread::sleep(Duration::from_millis(100));
-        }
+        let port = loop {
+            let serving = server
+                .log_lines()
+                .into_iter()
+                .find(|line| line["fields"]["message"] == "serving");
+            if let Some(port) = serving.and_then(|line| line["fields"]["grpc_port"].as_u64()) {
+                break port;
+            }
+            if let Some(status) = server.child.try_wait().unwrap() {
+                panic!("the server exited ({status}): {}", server.logs_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the server was serving within 30 s: {}",
+                server.logs_text()
+            );
+            thread::sleep(Duration::from_millis(50));
+        };
+        server.address = format!("127.0.0.1:{port}");
         server
+    }
+
+    fn logs_text(&self) -> String {
+        std::fs::read_to_string(self.logs.path()).unwrap()
+    }
+
+    /// Every complete log line so far, each a JSON object.
+    fn log_lines(&self) -> Vec<serde_json::Value> {
+        let text = self.logs_text();
+        let complete = text.rsplit_once('\n').map_or("", |(lines, _)| lines);
+        complete
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}")))
+            .collect()
     }
 
     /// Runs `grpcurl -plaintext [args before the method] ADDRESS METHOD`.
@@ -175,12 +210,7 @@ fn the_health_subcommand_says_whether_an_instance_serves() {
 #[test]
 fn json_logs_are_one_object_a_line_and_debug_logs_one_line_per_rpc() {
     let sandbox = Sandbox::new();
-    let logs = tempfile::NamedTempFile::new().unwrap();
-    let mut server = Server::start_logging(
-        &sandbox,
-        &[("LOG_FORMAT", "json"), ("RUST_LOG", "info,readthrough=debug")],
-        Stdio::from(logs.reopen().unwrap()),
-    );
+    let mut server = Server::start_with_env(&sandbox, &[("RUST_LOG", "info,readthrough=debug")]);
     let missing = server.grpcurl(&[
         "-d",
         r#"{"id": "123e4567-e89b-12d3-a456-426614174000"}"#,
@@ -190,11 +220,8 @@ fn json_logs_are_one_object_a_line_and_debug_logs_one_line_per_rpc() {
     server.child.kill().unwrap();
     server.child.wait().unwrap();
 
-    let text = std::fs::read_to_string(logs.path()).unwrap();
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("not a JSON object ({e}): {line}")))
-        .collect();
+    let text = server.logs_text();
+    let lines = server.log_lines();
     assert!(
         lines.iter().any(|line| line["fields"]["message"] == "serving"),
         "{text}"
@@ -208,3 +235,4 @@ fn json_logs_are_one_object_a_line_and_debug_logs_one_line_per_rpc() {
     assert_eq!(rpc["fields"]["code"], "NOT_FOUND");
     assert!(rpc["fields"]["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{rpc}");
 }
+
