@@ -19,7 +19,7 @@ use tower::layer::util::{Identity, Stack};
 
 use crate::{
     api::{AdmissionLayer, AuthLayer, Authenticator, CacheAdminApi, PageTokens, ProductApi, RpcMetricsLayer, UserApi},
-    cache::{Hooks, Keys},
+    cache::{Cache, Keys},
     config::ServeConfig,
     proto::{
         cache_admin_service_server::CacheAdminServiceServer, product_service_server::ProductServiceServer,
@@ -62,13 +62,14 @@ impl Application {
     /// Migrates (unless told not to), connects, and binds the listeners.
     /// Redis is not contacted: the service starts and serves while Redis is down.
     pub async fn build(config: ServeConfig) -> anyhow::Result<Self> {
-        Self::build_with_hooks(config, Hooks::default()).await
+        Self::build_with_cache(config, |cache| cache).await
     }
 
-    /// `build`, with test hooks in the cache layer.
-    pub async fn build_with_hooks(config: ServeConfig, hooks: Hooks) -> anyhow::Result<Self> {
+    /// `build`, with the cache adjusted by `adjust` (as the tests add hooks).
+    pub async fn build_with_cache(config: ServeConfig, adjust: impl FnOnce(Cache) -> Cache) -> anyhow::Result<Self> {
         // First: the cache registers its metric handles when it is created.
         telemetry::metrics_handle();
+        let cache = adjust(Cache::new(&config.config)?);
         let auth =
             AuthLayer::new(Authenticator::from_config(&config.auth).context("loading the authentication settings")?);
         check_exposure(&config, auth.enabled())?;
@@ -81,7 +82,7 @@ impl Application {
         if config.migrate_on_start {
             store::migrate(&config.config).await.context("migrating the database")?;
         }
-        let services = Services::connect(&config.config, hooks)
+        let services = Services::connect_with(&config.config, cache)
             .await
             .context("connecting to PostgreSQL")?;
         let grpc_listener = TcpListener::bind(config.grpc_addr)

@@ -100,7 +100,7 @@ async fn run() -> anyhow::Result<()> {
             categories,
         } => {
             store::migrate(&config).await?;
-            let services = Services::connect(&config, Default::default()).await?;
+            let services = Services::connect(&config).await?;
             let started = std::time::Instant::now();
             let report = ops::seed(
                 &services,
@@ -119,7 +119,7 @@ async fn run() -> anyhow::Result<()> {
             recent_users,
             recent_products,
         } => {
-            let services = Services::connect(&config, Default::default()).await?;
+            let services = Services::connect(&config).await?;
             let options = WarmOptions {
                 categories,
                 recent_users,

@@ -125,9 +125,8 @@ impl Cache {
             return true;
         }
         let keys: Vec<String> = fills.iter().map(|(id, _, _)| self.keys.entry(E::KIND, *id)).collect();
-        if let Some(hook) = &self.hooks.before_fill {
-            hook(&keys[0]).await;
-        }
+        #[cfg(feature = "test-hooks")]
+        self.before_fill(&keys[0]).await;
         let now = now_ms();
         let load_ms = load_time.as_millis().min(u128::from(u32::MAX)) as u32;
         let mut guarded = Vec::with_capacity(fills.len());
@@ -166,7 +165,8 @@ impl Cache {
         if !invalid.is_empty() {
             self.refuse_invalid(E::KIND, &invalid).await;
         }
-        if self.hooks.unguarded_fills {
+        #[cfg(feature = "test-hooks")]
+        if self.unguarded_fills() {
             let plain: Vec<(String, Vec<u8>, u64)> = guarded
                 .into_iter()
                 .map(|f| (f.key.to_string(), f.value, f.ttl_secs))

@@ -171,9 +171,8 @@ impl Cache {
         lease: &Lease,
     ) -> Option<CachedMeta> {
         let ids_key = self.keys.list_ids(category);
-        if let Some(hook) = &self.hooks.before_fill {
-            hook(&ids_key).await;
-        }
+        #[cfg(feature = "test-hooks")]
+        self.before_fill(&ids_key).await;
         if lease.key != self.keys.lease(&ids_key) {
             // Taken in an epoch retired since: what it guards is never read again.
             self.count_refused(Kind::List);
@@ -238,9 +237,8 @@ impl Cache {
     /// Caches ids at positions from `first`, if `meta` still describes the cached list.
     pub async fn put_list_chunk(&self, category: &CategoryId, meta: &CachedMeta, first: u64, ids: &[ProductId]) {
         let ids_key = self.keys.list_ids(category);
-        if let Some(hook) = &self.hooks.before_fill {
-            hook(&ids_key).await;
-        }
+        #[cfg(feature = "test-hooks")]
+        self.before_fill(&ids_key).await;
         let ids: Vec<String> = ids.iter().map(ProductId::to_string).collect();
         let keys = [ids_key.as_str(), &self.keys.list_meta(category)];
         if self.redis.write_list_chunk(keys, &meta.bytes, first, &ids).await == Some(false) {

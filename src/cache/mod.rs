@@ -20,7 +20,8 @@
 //!   in-process near cache;
 //! - `redis.rs`: fail-open Redis commands (one Redis or a cluster), with
 //!   the Lua scripts in `scripts/`; `connections.rs`: the shared
-//!   connections; `breaker.rs`: the circuit breaker.
+//!   connections; `breaker.rs`: the circuit breaker;
+//! - `hooks.rs`: pause points for tests (feature `test-hooks` only).
 
 mod breaker;
 pub mod codec;
@@ -28,6 +29,8 @@ mod connections;
 mod entries;
 mod epochs;
 mod events;
+#[cfg(feature = "test-hooks")]
+pub mod hooks;
 mod invalidation;
 pub mod keys;
 mod leases;
@@ -36,8 +39,6 @@ pub mod near;
 mod redis;
 
 use std::{
-    future::Future,
-    pin::Pin,
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
@@ -56,6 +57,8 @@ pub use connections::Handle as RedisConnection;
 pub use entries::{Cached, Entry};
 pub use epochs::{Bump, EPOCH_TRUST};
 pub use events::{Event, EventFeed};
+#[cfg(feature = "test-hooks")]
+pub use hooks::{Hook, Hooks};
 pub use invalidation::{INVALIDATION_SAMPLE, KeyGroup, NewestWrite, WriteMarks};
 pub use keys::Keys;
 pub use leases::{Claim, KeptLeases, Lease, Waited};
@@ -163,21 +166,6 @@ pub struct Ttls {
     pub negative: Duration,
 }
 
-/// A hook awaited at a point of the cache's work, given the key concerned.
-pub type Hook = Arc<dyn Fn(&str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
-
-/// Points where tests pause or delay the cache, and the switch that shows what
-/// leases prevent. Production uses `Hooks::default()`.
-#[derive(Clone, Default)]
-pub struct Hooks {
-    /// Awaited after a fill's database read and before the fill is written.
-    pub before_fill: Option<Hook>,
-    /// Awaited before a write's invalidation.
-    pub before_invalidate: Option<Hook>,
-    /// Fills ignore leases: only for the test that shows the stale-set race.
-    pub unguarded_fills: bool,
-}
-
 pub struct Cache {
     redis: Arc<RedisClient>,
     keys: Keys,
@@ -187,6 +175,7 @@ pub struct Cache {
     compress_threshold: usize,
     enabled: bool,
     refresh_ahead: bool,
+    #[cfg(feature = "test-hooks")]
     hooks: Hooks,
     /// Indexed by `Kind`.
     outcomes: [Outcomes; 3],
@@ -200,7 +189,7 @@ pub struct Cache {
 pub struct Fallback(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
 
 impl Cache {
-    pub fn new(config: &Config, hooks: Hooks) -> anyhow::Result<Self> {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
         Ok(Self {
             redis: Arc::new(RedisClient::new(config)?),
             keys: Keys::new(&config.cache_namespace),
@@ -215,7 +204,8 @@ impl Cache {
             compress_threshold: config.compress_threshold_bytes,
             enabled: config.cache_enabled,
             refresh_ahead: config.refresh_ahead,
-            hooks,
+            #[cfg(feature = "test-hooks")]
+            hooks: Hooks::default(),
             outcomes: Kind::ALL.map(Outcomes::of),
             uncacheable_log: Throttle::default(),
             invalidation_log: Throttle::default(),

@@ -19,7 +19,7 @@ pub use products::{ProductPage, Products};
 pub use users::Users;
 
 use crate::{
-    cache::{Cache, EventFeed, Hooks, Kind, near::NearCache},
+    cache::{Cache, EventFeed, Kind, near::NearCache},
     config::Config,
     domain::ValidationError,
     store::{self, StoreError, outbox, replicas::Replicas},
@@ -62,10 +62,15 @@ impl Services {
     /// connections are retried in the background). Every command that uses
     /// the cache (serve, seed, warm) follows the key epochs from here on:
     /// without them it could use no value read and confirm no invalidation.
-    pub async fn connect(config: &Config, hooks: Hooks) -> anyhow::Result<Self> {
+    pub async fn connect(config: &Config) -> anyhow::Result<Self> {
+        Self::connect_with(config, Cache::new(config)?).await
+    }
+
+    /// `connect`, with the cache given (as the tests give one with hooks).
+    pub async fn connect_with(config: &Config, cache: Cache) -> anyhow::Result<Self> {
         let pool = store::connect(config).await?;
         let replicas = Arc::new(Replicas::new(config, pool.clone())?);
-        let cache = Arc::new(Cache::new(config, hooks)?);
+        let cache = Arc::new(cache);
         cache.open_connections().await;
         let database = Database {
             pool: pool.clone(),

@@ -186,7 +186,7 @@ pub async fn carry_out(cache: &Cache, planned: &Invalidations, position: Option<
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{cache::Hooks, config::Config};
+    use crate::config::Config;
 
     fn row(id: i64, entity: &str, entity_id: u128, categories: &[&str], event: &str) -> OutboxRow {
         OutboxRow {
@@ -201,7 +201,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_becomes_distinct_key_groups_and_one_event_per_entity() {
         // Creating a cache connects nothing.
-        let cache = Cache::new(&Config::from_env(), Hooks::default()).unwrap();
+        let cache = Cache::new(&Config::from_env()).unwrap();
         let rows = [
             row(1, "user", 7, &[], "user.created"),
             row(2, "user", 7, &[], "user.updated"),
@@ -261,7 +261,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_truncate_retires_its_kinds_and_an_unknown_entity_is_ignored() {
-        let cache = Cache::new(&Config::from_env(), Hooks::default()).unwrap();
+        let cache = Cache::new(&Config::from_env()).unwrap();
         let rows = [
             row(1, "product", 0, &[], "product.truncated"),
             row(2, "order", 5, &[], "order.created"),

@@ -286,7 +286,7 @@ async fn start(
     config.metrics_addr = "127.0.0.1:0".parse().unwrap();
     config.admin_addr = "127.0.0.1:0".parse().unwrap();
     customize(&mut config);
-    let app = Application::build_with_hooks(config.clone(), hooks)
+    let app = Application::build_with_cache(config.clone(), |cache| cache.with_hooks(hooks))
         .await
         .expect("app builds");
     let (grpc_port, admin_port, metrics_port) = (app.grpc_port(), app.admin_port(), app.metrics_port());

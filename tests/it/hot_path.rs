@@ -222,7 +222,7 @@ async fn seed_invalidates_what_it_inserts_itself_and_leaves_the_relay_nothing() 
         Code::NotFound
     );
 
-    let services = Services::connect(&app.config.config, Hooks::default()).await.unwrap();
+    let services = Services::connect(&app.config.config).await.unwrap();
     // A real seed runs for longer than a read of the key epochs is trusted:
     // its invalidations count only because it keeps reading them.
     tokio::time::sleep(readthrough::cache::EPOCH_TRUST * 2).await;
