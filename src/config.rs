@@ -335,6 +335,33 @@ pub struct AuthConfig {
     pub insecure_allow_unauthenticated: bool,
 }
 
+/// Logs and traces: for every subcommand.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TelemetryConfig {
+    /// `text` for people, `json` for log collectors: one object per line,
+    /// with the fields of the span it happened in (the trace id among them).
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+
+    /// OTLP/gRPC endpoint of an OpenTelemetry collector (`http://host:4317`):
+    /// set, spans of every RPC and of its Redis and PostgreSQL calls are
+    /// exported there, under the caller's W3C `traceparent` when it sent one.
+    /// The SDK's own `OTEL_*` variables (sampler, batch sizes) apply too.
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
+    pub otlp_endpoint: Option<String>,
+
+    /// `service.name` of the exported spans.
+    #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "readthrough", global = true)]
+    pub service_name: String,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
 fn parse_namespace(raw: &str) -> Result<String, String> {
     let ok = !raw.is_empty()
         && raw.len() <= 64

@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use readthrough::{
     app::{self, Application},
-    config::{Config, ServeConfig},
+    config::{Config, ServeConfig, TelemetryConfig},
     domain::CategoryId,
     ops::{self, SeedOptions, WarmOptions},
     service::Services,
@@ -23,6 +23,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    telemetry: TelemetryConfig,
 }
 
 #[derive(Subcommand)]
@@ -77,9 +79,16 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn run() -> anyhow::Result<()> {
-    telemetry::init_logging();
+    let cli = Cli::parse();
+    let tracing = telemetry::init(&cli.telemetry)?;
     tls::install_crypto_provider();
-    match Cli::parse().command {
+    let outcome = run_command(cli.command).await;
+    tracing.shutdown().await;
+    outcome
+}
+
+async fn run_command(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Serve(config) => {
             tracing::info!(?config, "starting");
             let app = Application::build(*config).await?;

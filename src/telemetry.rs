@@ -1,4 +1,7 @@
-//! Logs (`tracing`, filtered by `RUST_LOG`) and Prometheus metrics.
+//! Logs (`tracing`, filtered by `RUST_LOG`), traces (OpenTelemetry, see
+//! `traces`) and Prometheus metrics.
+
+pub mod traces;
 
 use std::{
     cell::RefCell,
@@ -15,7 +18,12 @@ use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::ser
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::Histogram;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use opentelemetry::trace::TracerProvider as _;
 use tokio::{net::TcpListener, sync::Semaphore};
+use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt};
+
+pub use self::traces::Tracing;
+use crate::config::{LogFormat, TelemetryConfig};
 
 /// Latency buckets in seconds: from a cache hit (sub-millisecond) to a slow database read.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -29,18 +37,41 @@ const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The longest a metrics connection stays open.
 const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// Logs to stderr, `info` unless `RUST_LOG` says otherwise; with
-/// `LOG_FORMAT=json`, one JSON object per line (for log collectors), with
-/// the fields of the span it happened in. Safe to call twice.
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let logs = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = match std::env::var("LOG_FORMAT").as_deref() {
-        Ok("json") => logs.json().with_current_span(true).with_span_list(false).try_init(),
-        _ => logs.try_init(),
+/// Logs to stderr, `info` unless `RUST_LOG` says otherwise, as text or JSON
+/// lines (`LOG_FORMAT`); and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is set,
+/// spans to an OpenTelemetry collector (see `traces`). Call it inside the
+/// Tokio runtime, which exports the spans; a second call changes nothing.
+pub fn init(config: &TelemetryConfig) -> anyhow::Result<Tracing> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let logs = fmt::layer().with_writer(std::io::stderr);
+    let logs = match config.log_format {
+        LogFormat::Json => logs
+            .json()
+            .with_current_span(true)
+            .with_span_list(false)
+            .with_filter(filter)
+            .boxed(),
+        LogFormat::Text => logs.with_filter(filter).boxed(),
     };
+    let (spans, provider) = match &config.otlp_endpoint {
+        Some(endpoint) => {
+            let provider = traces::provider(endpoint, &config.service_name)?;
+            let tracer = provider.tracer("readthrough");
+            // Spans only (events stay in the logs), this crate's only, at
+            // every level: whatever RUST_LOG says about the logs.
+            let ours = filter_fn(|meta| meta.is_span() && meta.target().starts_with("readthrough"));
+            let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(ours);
+            (Some(layer), Some(provider))
+        }
+        None => (None, None),
+    };
+    let installed = tracing_subscriber::registry().with(logs).with(spans).try_init().is_ok();
+    if installed && provider.is_some() {
+        traces::EXPORTING.store(true, Ordering::Relaxed);
+    }
+    Ok(Tracing {
+        provider: provider.filter(|_| installed),
+    })
 }
 
 /// A histogram with one label, looked up once per thread rather than on

@@ -12,6 +12,10 @@
 //! the client abandons before tonic has read it gets tonic's own answer,
 //! `UNKNOWN`, which the client never sees: load generators cause a few of
 //! each when they stop.)
+//!
+//! The layer also opens each call's span (see `telemetry::traces`): the
+//! caller's `traceparent` is its parent, and it stays open until the
+//! response's last frame, so a trace shows the whole call.
 
 use std::{
     cell::RefCell,
@@ -26,11 +30,32 @@ use futures_util::future::BoxFuture;
 use http::HeaderMap;
 use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
 use metrics::Histogram;
+use opentelemetry::trace::TraceId;
 use prost::Message;
 use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use crate::telemetry::traces;
+
+/// The span of one RPC, at `$level`, with the OpenTelemetry attributes of
+/// a gRPC server call; the code and trace id are recorded later.
+macro_rules! rpc_span {
+    ($level:expr, $service:expr, $method:expr) => {
+        tracing::span!(
+            $level,
+            "rpc",
+            otel.name = format!("{}/{}", $service, $method),
+            otel.kind = "server",
+            otel.status_code = tracing::field::Empty,
+            rpc.system = "grpc",
+            rpc.service = $service,
+            rpc.method = $method,
+            rpc.grpc.status_code = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
+        )
+    };
+}
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RpcMetricsLayer;
 
@@ -63,9 +88,19 @@ where
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let started = Instant::now();
         let (service, method) = method_of(request.uri().path());
-        // At debug level: at info, a span per call costs more than a cache hit's own work.
-        let span = tracing::debug_span!("rpc", service, method);
-        let response = self.inner.call(request).instrument(span);
+        let parent = traces::remote_parent(request.headers());
+        // At debug level unless the call is traced: at info, a span per call
+        // costs more than a cache hit's own work.
+        let span = if parent.is_some() || traces::exporting() {
+            rpc_span!(tracing::Level::INFO, service, method)
+        } else {
+            rpc_span!(tracing::Level::DEBUG, service, method)
+        };
+        let trace_id = traces::join(&span, parent);
+        if let Some(trace_id) = trace_id {
+            span.record("trace_id", tracing::field::display(trace_id));
+        }
+        let response = self.inner.call(request).instrument(span.clone());
         Box::pin(async move {
             // Recorded as CANCELLED if this future is dropped first.
             let mut call = Call {
@@ -74,6 +109,8 @@ where
                 started,
                 code: None,
                 recorded: false,
+                span,
+                trace_id,
             };
             let response = response.await?;
             let (parts, body) = response.into_parts();
@@ -99,6 +136,9 @@ struct Call {
     /// The status code, once the headers or trailers told it.
     code: Option<Code>,
     recorded: bool,
+    /// Open until the call ends, so a trace shows the whole call.
+    span: tracing::Span,
+    trace_id: Option<TraceId>,
 }
 
 impl Call {
@@ -108,11 +148,16 @@ impl Call {
             let code = self.code.unwrap_or(otherwise);
             let elapsed = self.started.elapsed();
             duration(self.service, self.method, code).record(elapsed.as_secs_f64());
+            self.span.record("rpc.grpc.status_code", code as i64);
+            if server_fault(code) {
+                self.span.record("otel.status_code", "ERROR");
+            }
             tracing::debug!(
                 service = self.service,
                 method = self.method,
                 code = code_name(code),
                 latency_ms = elapsed.as_secs_f64() * 1000.0,
+                trace_id = self.trace_id.map(tracing::field::display),
                 "rpc"
             );
         }
@@ -154,6 +199,20 @@ impl HttpBody for Timed {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Whether `code` says the server failed, not the caller (OpenTelemetry's
+/// rule for the status of gRPC server spans).
+fn server_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unknown
+            | Code::DeadlineExceeded
+            | Code::Unimplemented
+            | Code::Internal
+            | Code::Unavailable
+            | Code::DataLoss
+    )
 }
 
 /// The `grpc-status` in headers or trailers, when there is one.

@@ -20,6 +20,7 @@ use deadpool_redis::redis::{
     self, ErrorKind, RetryMethod,
     cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot},
 };
+use tracing::Instrument;
 
 use super::{
     Bump, Kind, WriteMarks,
@@ -675,7 +676,13 @@ impl RedisClient {
             }
         }
         let started = std::time::Instant::now();
-        let outcome = tokio::time::timeout(self.timeout, call).await;
+        let span = tracing::debug_span!(
+            "redis",
+            otel.kind = "client",
+            db.system = "redis",
+            db.operation = operation
+        );
+        let outcome = tokio::time::timeout(self.timeout, call).instrument(span).await;
         crate::telemetry::histogram("readthrough_redis_duration_seconds", "operation", operation)
             .record(started.elapsed().as_secs_f64());
         let failure = match outcome {

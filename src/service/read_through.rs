@@ -10,6 +10,7 @@
 use std::{collections::HashMap, future::Future, sync::Arc, time::Instant};
 
 use sqlx::PgPool;
+use tracing::{Instrument, Span};
 
 use super::{
     Database,
@@ -59,29 +60,51 @@ impl<E: Loadable> ReadThrough<E> {
 
     /// The entity for each id, in order; `None` where no such entity exists.
     pub async fn get_many(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
+        // The cache outcome, for traces: `cache.outcome` is hit, miss, or
+        // unavailable (Redis did not answer, or the cache is off); a miss
+        // may add `cache.lease_wait` (another caller was loading it) and
+        // `cache.fill` (stored, or refused: a write took the lease first, or
+        // Redis did not answer).
+        let span = tracing::debug_span!(
+            "cache.read",
+            entity = E::KIND.label(),
+            ids = ids.len(),
+            cache.outcome = tracing::field::Empty,
+            cache.lease_wait = tracing::field::Empty,
+            cache.fill = tracing::field::Empty,
+        );
+        self.get_many_near(ids).instrument(span).await
+    }
+
+    async fn get_many_near(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
         let Some(near) = &self.near else {
             return self.get_many_shared(ids).await;
         };
         let epoch = near.epoch();
-        let mut found: Vec<Option<Option<E>>> = ids.iter().map(|id| near.get(id)).collect();
-        let missing: Vec<E::Id> = ids
-            .iter()
-            .zip(&found)
-            .filter(|(_, near_hit)| near_hit.is_none())
-            .map(|(id, _)| *id)
-            .collect();
-        self.cache.count_near_hits::<E>((ids.len() - missing.len()) as u64);
-        if !missing.is_empty() {
-            let mut loaded = self.get_many_shared(&missing).await?.into_iter();
-            for (slot, id) in found.iter_mut().zip(ids) {
-                if slot.is_none() {
-                    let value = loaded.next().flatten();
-                    near.insert(*id, value.clone(), epoch);
-                    *slot = Some(value);
+        let mut found = Vec::with_capacity(ids.len());
+        // Where in `ids` the near cache knew nothing (it may know "no such id").
+        let mut unknown = Vec::new();
+        for (position, id) in ids.iter().enumerate() {
+            match near.get(id) {
+                Some(known) => found.push(known),
+                None => {
+                    found.push(None);
+                    unknown.push(position);
                 }
             }
         }
-        Ok(found.into_iter().map(Option::flatten).collect())
+        self.cache.count_near_hits::<E>((ids.len() - unknown.len()) as u64);
+        if unknown.is_empty() {
+            note("cache.outcome", "near_hit");
+            return Ok(found);
+        }
+        let missing: Vec<E::Id> = unknown.iter().map(|&position| ids[position]).collect();
+        let loaded = self.get_many_shared(&missing).await?;
+        for (position, value) in unknown.into_iter().zip(loaded) {
+            near.insert(ids[position], value.clone(), epoch);
+            found[position] = value;
+        }
+        Ok(found)
     }
 
     /// Drops what `rows` name from the near cache: after a write's
@@ -118,6 +141,7 @@ impl<E: Loadable> ReadThrough<E> {
         let Some(cached) = self.cache.get_many::<E>(ids).await else {
             // Cache off or Redis unavailable: PostgreSQL answers (within the
             // fallback limit), nothing is filled.
+            note("cache.outcome", "unavailable");
             let _fallback = self.cache.fallback().ok_or(StoreError::FallbackLimit)?;
             return Box::pin(self.read_uncached(ids)).await;
         };
@@ -137,6 +161,8 @@ impl<E: Loadable> ReadThrough<E> {
                 }
             }
         }
+        let outcome = if missing.is_empty() { "hit" } else { "miss" };
+        note("cache.outcome", outcome);
         if missing.is_empty() {
             return Ok(found);
         }
@@ -225,6 +251,7 @@ impl<E: Loadable> ReadThrough<E> {
             None => None,
             Some(Claim::Busy) => {
                 metrics::counter!("readthrough_cache_lease_waits_total", "entity" => E::KIND.label()).increment(1);
+                note("cache.lease_wait", true);
                 match self.cache.wait_for_fill::<E>(id).await {
                     Waited::Filled(value, as_of) => return Ok(Fresh { value, as_of }),
                     Waited::Leased(lease) => Some(lease),
@@ -262,6 +289,9 @@ impl<E: Loadable> ReadThrough<E> {
         let fill_sent = Instant::now();
         let stored = self.cache.fill(&fills, load_time).await;
         kept.settle();
+        if !fills.is_empty() {
+            note("cache.fill", if stored { "stored" } else { "refused" });
+        }
         let all_filled = stored && !fills.is_empty() && fills.len() == ids.len();
         let as_of = if all_filled { fill_sent } else { started };
         Ok(Fresh { value: values, as_of })
@@ -307,6 +337,14 @@ impl<E: Loadable> ReadThrough<E> {
                 let _ = this.load_and_fill(&[id], &[Some(lease)]).await;
             }
         });
+    }
+}
+
+/// Records a cache outcome on the current `cache.read` span. The level
+/// check keeps a hit from looking up a span no one records.
+fn note(field: &str, value: impl tracing::Value) {
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        Span::current().record(field, value);
     }
 }
 

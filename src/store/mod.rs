@@ -131,11 +131,13 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
 
 /// Counts a query under its stable name and, when dropped (at the end of
 /// the function that runs it, waiting for a connection included), records
-/// how long it took.
+/// how long it took; in a trace, it is the query's span.
 #[must_use = "the query is timed until this is dropped"]
 struct Timed {
     query: &'static str,
     started: Instant,
+    /// The query's span in a trace: it closes when this is dropped.
+    _span: tracing::Span,
 }
 
 fn timed(query: &'static str) -> Timed {
@@ -143,6 +145,12 @@ fn timed(query: &'static str) -> Timed {
     Timed {
         query,
         started: Instant::now(),
+        _span: tracing::debug_span!(
+            "postgres",
+            otel.kind = "client",
+            db.system = "postgresql",
+            db.operation = query
+        ),
     }
 }
 

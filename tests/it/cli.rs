@@ -5,8 +5,18 @@
 
 use std::{
     process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex},
     thread,
     time::{Duration, Instant},
+};
+
+use opentelemetry_proto::tonic::{
+    collector::trace::v1::{
+        ExportTraceServiceRequest, ExportTraceServiceResponse,
+        trace_service_server::{TraceService, TraceServiceServer},
+    },
+    common::v1::any_value,
+    trace::v1::{Span as OtlpSpan, span::SpanKind},
 };
 
 use crate::helpers::{Sandbox, free_port};
@@ -236,3 +246,159 @@ fn json_logs_are_one_object_a_line_and_debug_logs_one_line_per_rpc() {
     assert!(rpc["fields"]["latency_ms"].as_f64().is_some_and(|ms| ms > 0.0), "{rpc}");
 }
 
+/// A stand-in OpenTelemetry collector: keeps every span exported to it.
+#[derive(Clone, Default)]
+struct Collector {
+    spans: Arc<Mutex<Vec<OtlpSpan>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let spans = request
+            .into_inner()
+            .resource_spans
+            .into_iter()
+            .flat_map(|resource| resource.scope_spans)
+            .flat_map(|scope| scope.spans);
+        self.spans.lock().unwrap().extend(spans);
+        Ok(tonic::Response::new(ExportTraceServiceResponse::default()))
+    }
+}
+
+impl Collector {
+    /// Serves OTLP/gRPC on a port of its own, on `runtime`; returns its endpoint.
+    fn start(&self, runtime: &tokio::runtime::Runtime) -> String {
+        let incoming = runtime
+            .block_on(async { tonic::transport::server::TcpIncoming::bind("127.0.0.1:0".parse().unwrap()) })
+            .unwrap();
+        let endpoint = format!("http://{}", incoming.local_addr().unwrap());
+        let service = TraceServiceServer::new(self.clone());
+        runtime.spawn(
+            tonic::transport::Server::builder()
+                .add_service(service)
+                .serve_with_incoming(incoming),
+        );
+        endpoint
+    }
+
+    /// The spans of `trace_id` (hex), once `wanted` of them are in.
+    fn trace(&self, trace_id: &str, wanted: impl Fn(&[OtlpSpan]) -> bool) -> Vec<OtlpSpan> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let spans: Vec<OtlpSpan> = self
+                .spans
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|span| hex(&span.trace_id) == trace_id)
+                .cloned()
+                .collect();
+            if wanted(&spans) {
+                return spans;
+            }
+            assert!(Instant::now() < deadline, "trace {trace_id} within 15 s: {spans:#?}");
+            thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+fn named<'a>(spans: &'a [OtlpSpan], name: &str) -> Vec<&'a OtlpSpan> {
+    spans.iter().filter(|span| span.name == name).collect()
+}
+
+/// A span's attribute, as text whatever its type.
+fn attribute(span: &OtlpSpan, key: &str) -> Option<String> {
+    let value = span
+        .attributes
+        .iter()
+        .find(|kv| kv.key == key)?
+        .value
+        .as_ref()?
+        .value
+        .as_ref()?;
+    Some(match value {
+        any_value::Value::StringValue(text) => text.clone(),
+        any_value::Value::IntValue(number) => number.to_string(),
+        any_value::Value::BoolValue(flag) => flag.to_string(),
+        other => format!("{other:?}"),
+    })
+}
+
+#[test]
+fn a_call_with_a_traceparent_is_exported_under_that_trace_with_its_cache_and_database_spans() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let collector = Collector::default();
+    let endpoint = collector.start(&runtime);
+    let sandbox = Sandbox::new();
+    let server = Server::start_with_env(
+        &sandbox,
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint),
+            ("OTEL_BSP_SCHEDULE_DELAY", "50"),
+            ("RUST_LOG", "info,readthrough=debug"),
+        ],
+    );
+    let user = server.json(
+        r#"{"email": "traced@example.com"}"#,
+        "readthrough.v1.UserService/CreateUser",
+    );
+    let get = format!(r#"{{"id": {}}}"#, user["id"]);
+    let (miss_trace, hit_trace, caller_span) = (
+        "4bf92f3577b34da6a3ce929d0e0e4736",
+        "0af7651916cd43dd8448eb211c80319c",
+        "00f067aa0ba902b7",
+    );
+    for trace in [miss_trace, hit_trace] {
+        let traceparent = format!("traceparent: 00-{trace}-{caller_span}-01");
+        server.call(&["-H", &traceparent, "-d", &get, "readthrough.v1.UserService/GetUser"]);
+    }
+
+    // The first read missed: the RPC, its cache read, Redis and PostgreSQL.
+    let spans = collector.trace(miss_trace, |spans| {
+        !named(spans, "postgres").is_empty() && !named(spans, "readthrough.v1.UserService/GetUser").is_empty()
+    });
+    let rpc = named(&spans, "readthrough.v1.UserService/GetUser")[0];
+    assert_eq!(hex(&rpc.parent_span_id), caller_span, "the caller's span is the parent");
+    assert_eq!(rpc.kind, SpanKind::Server as i32);
+    assert_eq!(attribute(rpc, "rpc.grpc.status_code").as_deref(), Some("0"));
+    let read = named(&spans, "cache.read");
+    let read = read.first().unwrap_or_else(|| panic!("a cache.read span: {spans:#?}"));
+    assert_eq!(read.parent_span_id, rpc.span_id);
+    assert_eq!(attribute(read, "cache.outcome").as_deref(), Some("miss"));
+    assert_eq!(attribute(read, "cache.fill").as_deref(), Some("stored"));
+    let query = named(&spans, "postgres")[0];
+    assert_eq!(attribute(query, "db.operation").as_deref(), Some("user.get_many"));
+    assert_eq!(query.kind, SpanKind::Client as i32);
+    assert!(
+        named(&spans, "redis")
+            .iter()
+            .all(|span| span.parent_span_id == read.span_id),
+        "Redis calls are under the cache read: {spans:#?}"
+    );
+    assert!(!named(&spans, "redis").is_empty(), "{spans:#?}");
+
+    // The second was a hit: no query.
+    let spans = collector.trace(hit_trace, |spans| !named(spans, "cache.read").is_empty());
+    assert_eq!(
+        attribute(named(&spans, "cache.read")[0], "cache.outcome").as_deref(),
+        Some("hit")
+    );
+    assert!(named(&spans, "postgres").is_empty(), "{spans:#?}");
+
+    // The log line of each call names its trace.
+    let logged: Vec<String> = server
+        .log_lines()
+        .iter()
+        .filter(|line| line["fields"]["method"] == "GetUser")
+        .map(|line| line["fields"]["trace_id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(logged, [miss_trace, hit_trace]);
+}
