@@ -48,7 +48,7 @@ async fn create_user(app: &mut TestApp, email: &str) -> String {
 /// With the default 50 ms Redis deadline, and with a deadline this machine's
 /// scheduler cannot trip while 1000 client tasks share its two cores.
 async fn stampede(redis_timeout_ms: u64) {
-    let mut first = spawn_app_with(|config| config.config.redis_timeout_ms = redis_timeout_ms).await;
+    let mut first = spawn_app_with(|config| config.config.cache.redis_timeout_ms = redis_timeout_ms).await;
     let second = first.spawn_sibling().await;
     let id = create_user(&mut first, "hot@example.com").await;
 
@@ -107,8 +107,8 @@ const LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;
 
 async fn refresh_ahead(enabled: bool) {
     let mut app = spawn_app_with(|config| {
-        config.config.user_ttl_secs = 2;
-        config.config.refresh_ahead = enabled;
+        config.config.cache.user_ttl_secs = 2;
+        config.config.cache.refresh_ahead = enabled;
     })
     .await;
     let id = create_user(&mut app, "steady@example.com").await;

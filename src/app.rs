@@ -75,25 +75,27 @@ impl Application {
         check_exposure(&config, auth.enabled())?;
         tls::install_crypto_provider();
         let tls = tls::server_config(
-            config.tls_cert_file.as_deref(),
-            config.tls_key_file.as_deref(),
-            config.tls_client_ca_file.as_deref(),
+            config.server.tls_cert_file.as_deref(),
+            config.server.tls_key_file.as_deref(),
+            config.server.tls_client_ca_file.as_deref(),
         )?;
-        if config.migrate_on_start {
-            store::migrate(&config.config).await.context("migrating the database")?;
+        if config.server.migrate_on_start {
+            store::migrate(&config.config.database)
+                .await
+                .context("migrating the database")?;
         }
         let services = Services::connect_with(&config.config, cache)
             .await
             .context("connecting to PostgreSQL")?;
-        let grpc_listener = TcpListener::bind(config.grpc_addr)
+        let grpc_listener = TcpListener::bind(config.server.grpc_addr)
             .await
-            .with_context(|| format!("binding GRPC_ADDR {}", config.grpc_addr))?;
-        let admin_listener = TcpListener::bind(config.admin_addr)
+            .with_context(|| format!("binding GRPC_ADDR {}", config.server.grpc_addr))?;
+        let admin_listener = TcpListener::bind(config.server.admin_addr)
             .await
-            .with_context(|| format!("binding ADMIN_ADDR {}", config.admin_addr))?;
-        let metrics_listener = TcpListener::bind(config.metrics_addr)
+            .with_context(|| format!("binding ADMIN_ADDR {}", config.server.admin_addr))?;
+        let metrics_listener = TcpListener::bind(config.server.metrics_addr)
             .await
-            .with_context(|| format!("binding METRICS_ADDR {}", config.metrics_addr))?;
+            .with_context(|| format!("binding METRICS_ADDR {}", config.server.metrics_addr))?;
         Ok(Self {
             config,
             grpc_listener,
@@ -163,11 +165,11 @@ impl Application {
         let edge = Edge {
             auth: self.auth,
             admission: AdmissionLayer::new(
-                self.config.admission_limit,
-                Duration::from_millis(self.config.request_queue_timeout_ms),
-                Duration::from_millis(self.config.request_timeout_ms),
+                self.config.server.admission_limit,
+                Duration::from_millis(self.config.server.request_queue_timeout_ms),
+                Duration::from_millis(self.config.server.request_timeout_ms),
             ),
-            reflection: self.config.reflection_enabled,
+            reflection: self.config.server.reflection_enabled,
             tls: self.tls,
         };
         let api = edge
@@ -179,7 +181,7 @@ impl Application {
             .add_service(
                 ProductServiceServer::new(ProductApi::new(
                     products,
-                    PageTokens::new(self.config.page_token_secret.expose().as_bytes()),
+                    PageTokens::new(self.config.server.page_token_secret.expose().as_bytes()),
                 ))
                 .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
@@ -205,7 +207,7 @@ impl Application {
                 watch.abort();
                 set_health(&health, ServingStatus::NotServing).await;
                 let _ = stop_accepting.send(true);
-                let grace = Duration::from_secs(self.config.shutdown_grace_secs);
+                let grace = Duration::from_secs(self.config.server.shutdown_grace_secs);
                 match tokio::time::timeout(grace, &mut servers).await {
                     Ok(result) => result,
                     Err(_) => {
@@ -294,13 +296,16 @@ fn incoming(listener: TcpListener) -> TcpIncoming {
 /// Without authentication anyone who reaches a port can read, write and flush
 /// the cache: refuse to listen beyond loopback unless the operator insists.
 fn check_exposure(config: &ServeConfig, authenticated: bool) -> anyhow::Result<()> {
-    let exposed: Vec<String> = [("GRPC_ADDR", config.grpc_addr), ("ADMIN_ADDR", config.admin_addr)]
-        .into_iter()
-        .filter(|(_, addr)| !addr.ip().is_loopback())
-        .map(|(name, addr)| format!("{name}={addr}"))
-        .collect();
+    let exposed: Vec<String> = [
+        ("GRPC_ADDR", config.server.grpc_addr),
+        ("ADMIN_ADDR", config.server.admin_addr),
+    ]
+    .into_iter()
+    .filter(|(_, addr)| !addr.ip().is_loopback())
+    .map(|(name, addr)| format!("{name}={addr}"))
+    .collect();
     if authenticated {
-        if !exposed.is_empty() && config.tls_cert_file.is_none() {
+        if !exposed.is_empty() && config.server.tls_cert_file.is_none() {
             tracing::warn!(
                 exposed = exposed.join(", "),
                 "bearer tokens cross the network in plaintext: set TLS_CERT_FILE and TLS_KEY_FILE, or terminate TLS in front"

@@ -6,6 +6,7 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::{ArgAction, Parser};
+use sqlx::postgres::PgConnectOptions;
 
 /// A connection URL whose password never reaches a log.
 #[derive(Clone, PartialEq, Eq)]
@@ -14,19 +15,6 @@ pub struct SecretUrl(String);
 impl SecretUrl {
     pub fn expose(&self) -> &str {
         &self.0
-    }
-
-    /// The same server with another database (the URL's path), e.g. a test's own.
-    pub fn with_database(&self, database: &str) -> Self {
-        let (without_query, query) = self
-            .0
-            .split_once('?')
-            .map_or((self.0.as_str(), None), |(u, q)| (u, Some(q)));
-        let base = without_query.rsplit_once('/').map_or(without_query, |(base, _)| base);
-        match query {
-            Some(query) => Self(format!("{base}/{database}?{query}")),
-            None => Self(format!("{base}/{database}")),
-        }
     }
 }
 
@@ -72,48 +60,104 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// Where the data lives and how the cache behaves: shared by every subcommand.
+/// Where the data lives and how the cache behaves: what `seed`, `warm` and
+/// `serve` share.
 #[derive(Debug, Clone, Parser)]
 pub struct Config {
+    #[command(flatten)]
+    pub database: DatabaseConfig,
+    #[command(flatten)]
+    pub replicas: ReplicaConfig,
+    #[command(flatten)]
+    pub cache: CacheConfig,
+}
+
+impl Config {
+    /// Defaults and environment only, no flags: what tests and benchmarks start from.
+    pub fn from_env() -> Self {
+        Self::parse_from(["readthrough"])
+    }
+}
+
+/// PostgreSQL: the server, the database, and the pools' limits.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Database")]
+pub struct DatabaseConfig {
     /// PostgreSQL connection URL.
     #[arg(
-        long,
+        long = "database-url",
         env = "DATABASE_URL",
         default_value = "postgres://postgres:postgres@127.0.0.1:5432/readthrough?sslmode=disable"
     )]
-    pub database_url: SecretUrl,
+    pub url: SecretUrl,
 
+    /// The database to use on that server, in place of the one the URL names.
+    #[arg(long = "database-name", env = "DATABASE_NAME")]
+    pub name: Option<String>,
+
+    /// Most PostgreSQL connections this instance opens (to the primary, and to each replica).
+    #[arg(
+        long = "database-max-connections",
+        env = "DATABASE_MAX_CONNECTIONS",
+        default_value_t = 16
+    )]
+    pub max_connections: u32,
+
+    /// Longest a single SQL statement may run (PostgreSQL's `statement_timeout`), in milliseconds.
+    #[arg(long = "database-statement-timeout-ms", env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub statement_timeout_ms: u64,
+
+    /// Longest a query waits for a PostgreSQL connection, in milliseconds,
+    /// including reconnecting: past it the call is UNAVAILABLE, so a database
+    /// that is down costs a request this long, not a hang.
+    #[arg(long = "database-acquire-timeout-ms", env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub acquire_timeout_ms: u64,
+}
+
+impl DatabaseConfig {
+    /// Connection options for the primary.
+    pub fn connect_options(&self) -> Result<PgConnectOptions, sqlx::Error> {
+        self.options_for(&self.url)
+    }
+
+    /// Connection options for `url` (the primary or a replica), with the
+    /// database `name` when it is set.
+    pub fn options_for(&self, url: &SecretUrl) -> Result<PgConnectOptions, sqlx::Error> {
+        let options = PgConnectOptions::from_str(url.expose())?;
+        Ok(match &self.name {
+            Some(name) => options.database(name),
+            None => options,
+        })
+    }
+}
+
+/// PostgreSQL read replicas, which cache misses may read.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Read replicas")]
+pub struct ReplicaConfig {
     /// Read replicas of `DATABASE_URL`, comma-separated: cache misses of users
     /// and products read from one that has replayed the last write to what
     /// they read (see `store::replicas`). Every instance sharing a cache must
     /// set it alike: writes record the marker that makes replica reads safe
     /// only where it is set.
-    #[arg(long, env = "DATABASE_READ_URLS", value_delimiter = ',')]
-    pub database_read_urls: Vec<SecretUrl>,
+    #[arg(long = "database-read-urls", env = "DATABASE_READ_URLS", value_delimiter = ',')]
+    pub read_urls: Vec<SecretUrl>,
 
     /// A replica further behind the primary than this, in milliseconds, is
     /// not read from (write markers live twice as long).
-    #[arg(long, env = "DATABASE_REPLICA_MAX_LAG_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub database_replica_max_lag_ms: u64,
+    #[arg(long = "database-replica-max-lag-ms", env = "DATABASE_REPLICA_MAX_LAG_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub replica_max_lag_ms: u64,
+}
 
-    /// Most PostgreSQL connections this instance opens (to the primary, and to each replica).
-    #[arg(long, env = "DATABASE_MAX_CONNECTIONS", default_value_t = 16)]
-    pub database_max_connections: u32,
-
-    /// Longest a single SQL statement may run (PostgreSQL's `statement_timeout`), in milliseconds.
-    #[arg(long, env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub database_statement_timeout_ms: u64,
-
+/// Redis, what is cached in it and for how long, and what happens when it
+/// does not answer.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Cache")]
+pub struct CacheConfig {
     /// Reads that may go to PostgreSQL at once because Redis did not answer;
     /// more are answered UNAVAILABLE at once, so an outage cannot exhaust the pool.
-    #[arg(long, env = "DATABASE_FALLBACK_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
-    pub database_fallback_limit: u32,
-
-    /// Longest a query waits for a PostgreSQL connection, in milliseconds,
-    /// including reconnecting: past it the call is UNAVAILABLE, so a database
-    /// that is down costs a request this long, not a hang.
-    #[arg(long, env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub database_acquire_timeout_ms: u64,
+    #[arg(long = "database-fallback-limit", env = "DATABASE_FALLBACK_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub fallback_limit: u32,
 
     /// Redis connection URL: `redis://` or `rediss://` (TLS), with `user:password@` for an ACL user.
     #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
@@ -150,12 +194,12 @@ pub struct Config {
     pub redis_breaker_cooldown_ms: u64,
 
     /// First part of every cache key (`<namespace>:v1:user:<id>`); letters, digits, '_', '-', '.'.
-    #[arg(long, env = "CACHE_NAMESPACE", default_value = "rt", value_parser = parse_namespace)]
-    pub cache_namespace: String,
+    #[arg(long = "cache-namespace", env = "CACHE_NAMESPACE", default_value = "rt", value_parser = parse_namespace)]
+    pub namespace: String,
 
     /// Turns the cache off: every read goes to PostgreSQL (for comparison and emergencies).
-    #[arg(long, env = "CACHE_ENABLED", default_value_t = true, action = ArgAction::Set)]
-    pub cache_enabled: bool,
+    #[arg(long = "cache-enabled", env = "CACHE_ENABLED", default_value_t = true, action = ArgAction::Set)]
+    pub enabled: bool,
 
     /// Time to live of a cached user, in seconds (±10 % jitter).
     #[arg(long, env = "USER_TTL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
@@ -175,8 +219,8 @@ pub struct Config {
 
     /// Fill lease: how long other callers wait for the caller filling a missing key
     /// before they read PostgreSQL themselves, in milliseconds.
-    #[arg(long, env = "CACHE_LEASE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
-    pub cache_lease_ms: u64,
+    #[arg(long = "cache-lease-ms", env = "CACHE_LEASE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
+    pub lease_ms: u64,
 
     /// Refresh hot entries shortly before they expire (XFetch), so expiry does not stall readers.
     #[arg(long, env = "REFRESH_AHEAD", default_value_t = true, action = ArgAction::Set)]
@@ -209,23 +253,35 @@ pub struct Config {
     pub list_chunk_ids: u32,
 }
 
-impl Config {
+impl CacheConfig {
     pub fn redis_timeout(&self) -> Duration {
         Duration::from_millis(self.redis_timeout_ms)
     }
-
-    /// Defaults and environment only, no flags: what tests and benchmarks start from.
-    pub fn from_env() -> Self {
-        Self::parse_from(["readthrough"])
-    }
 }
 
-/// What `serve` needs beyond `Config`.
+/// What `serve` needs: the data settings, its listeners, and who may call.
 #[derive(Debug, Clone, Parser)]
 pub struct ServeConfig {
     #[command(flatten)]
     pub config: Config,
 
+    #[command(flatten)]
+    pub server: ServerConfig,
+
+    #[command(flatten)]
+    pub auth: AuthConfig,
+}
+
+impl ServeConfig {
+    pub fn from_env() -> Self {
+        Self::parse_from(["readthrough"])
+    }
+}
+
+/// The gRPC, admin and metrics listeners, and the limits at the edge.
+#[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Server")]
+pub struct ServerConfig {
     /// Address the gRPC server listens on. Loopback by default: without
     /// authentication the service refuses any other address (see `AuthConfig`).
     #[arg(long, env = "GRPC_ADDR", default_value = "127.0.0.1:50051")]
@@ -236,9 +292,6 @@ pub struct ServeConfig {
     /// to operators.
     #[arg(long, env = "ADMIN_ADDR", default_value = "127.0.0.1:50052")]
     pub admin_addr: SocketAddr,
-
-    #[command(flatten)]
-    pub auth: AuthConfig,
 
     /// Serve gRPC server reflection (what grpcurl uses to learn the API).
     #[arg(long, env = "REFLECTION_ENABLED", default_value_t = true, action = ArgAction::Set)]
@@ -297,16 +350,11 @@ pub struct ServeConfig {
     pub shutdown_grace_secs: u64,
 }
 
-impl ServeConfig {
-    pub fn from_env() -> Self {
-        Self::parse_from(["readthrough"])
-    }
-}
-
 /// Who may call: bearer tokens, static or JWT (see `api::auth`). With none
 /// of them set every call is allowed, and so the service listens on loopback
 /// addresses only, unless `INSECURE_ALLOW_UNAUTHENTICATED` says otherwise.
 #[derive(Debug, Clone, Default, clap::Args)]
+#[command(next_help_heading = "Authentication")]
 pub struct AuthConfig {
     /// File of static tokens: one per line, `<sha256 hex of the token> <roles>`,
     /// roles comma-separated from read, write, admin.
@@ -337,6 +385,7 @@ pub struct AuthConfig {
 
 /// Logs and traces: for every subcommand.
 #[derive(Debug, Clone, clap::Args)]
+#[command(next_help_heading = "Telemetry")]
 pub struct TelemetryConfig {
     /// `text` for people, `json` for log collectors: one object per line,
     /// with the fields of the span it happened in (the trace id among them).
@@ -394,14 +443,14 @@ mod tests {
     }
 
     #[test]
-    fn with_database_replaces_only_the_path() {
-        let url = SecretUrl("postgres://u:p@db:5432/app?sslmode=disable".to_string());
-        assert_eq!(
-            url.with_database("t1").expose(),
-            "postgres://u:p@db:5432/t1?sslmode=disable"
-        );
-        let plain = SecretUrl("postgres://db/app".to_string());
-        assert_eq!(plain.with_database("t2").expose(), "postgres://db/t2");
+    fn the_database_name_replaces_the_one_in_the_url() {
+        let mut config = Config::from_env().database;
+        config.url = "postgres://u:p@db:5433/app?sslmode=disable".parse().unwrap();
+        assert_eq!(config.connect_options().unwrap().get_database(), Some("app"));
+        config.name = Some("t1".to_string());
+        let options = config.connect_options().unwrap();
+        assert_eq!(options.get_database(), Some("t1"));
+        assert_eq!((options.get_host(), options.get_port()), ("db", 5433));
     }
 
     #[test]

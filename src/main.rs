@@ -3,7 +3,7 @@
 use clap::{Parser, Subcommand};
 use readthrough::{
     app::{self, Application},
-    config::{Config, ServeConfig, TelemetryConfig},
+    config::{Config, DatabaseConfig, ServeConfig, TelemetryConfig},
     domain::CategoryId,
     ops::{self, SeedOptions, WarmOptions},
     service::Services,
@@ -32,7 +32,7 @@ enum Command {
     /// Serve gRPC (and Prometheus metrics) until SIGINT or SIGTERM.
     Serve(Box<ServeConfig>),
     /// Create the database if needed and apply pending migrations.
-    Migrate(Config),
+    Migrate(DatabaseConfig),
     /// Load demo users and products (rows that exist already are kept).
     Seed {
         #[command(flatten)]
@@ -98,8 +98,8 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             ops::health::check(&url, &tls, std::time::Duration::from_secs(timeout_secs)).await?;
             println!("SERVING");
         }
-        Command::Migrate(config) => {
-            store::migrate(&config).await?;
+        Command::Migrate(database) => {
+            store::migrate(&database).await?;
             tracing::info!("migrations applied");
         }
         Command::Seed {
@@ -108,7 +108,7 @@ async fn run_command(command: Command) -> anyhow::Result<()> {
             products,
             categories,
         } => {
-            store::migrate(&config).await?;
+            store::migrate(&config.database).await?;
             let services = Services::connect(&config).await?;
             let started = std::time::Instant::now();
             let report = ops::seed(

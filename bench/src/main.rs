@@ -32,7 +32,7 @@ use anyhow::Context;
 use deadpool_redis::redis;
 use rand::seq::IndexedRandom;
 use readthrough::{
-    config::SecretUrl,
+    config::DatabaseConfig,
     ops::{demo_product_id, demo_user_id},
     proto::{
         self, GetUserRequest, ListProductsRequest, UpdateProductRequest, product_service_client::ProductServiceClient,
@@ -65,7 +65,8 @@ struct Settings {
     rounds: usize,
     users: u32,
     products: u32,
-    database_url: SecretUrl,
+    /// The benchmark's own database.
+    database: DatabaseConfig,
     redis_url: String,
     output: PathBuf,
     profile: bool,
@@ -91,8 +92,11 @@ impl Settings {
             rounds: number("BENCH_ROUNDS", 3)? as usize,
             users: 10_000,
             products: number("BENCH_PRODUCTS", 1_000_000)? as u32,
-            database_url: config.database_url.with_database(DATABASE),
-            redis_url: config.redis_url.expose().to_string(),
+            database: DatabaseConfig {
+                name: Some(DATABASE.to_string()),
+                ..config.database
+            },
+            redis_url: config.cache.redis_url.expose().to_string(),
             output: std::env::var("BENCH_OUTPUT").map_or_else(|_| PathBuf::from("docs/benchmarks.md"), PathBuf::from),
             profile: number("BENCH_PROFILE", 1)? == 1,
             scenarios: std::env::var("BENCH_SCENARIOS")
@@ -111,7 +115,8 @@ impl Settings {
     /// The environment of every readthrough process of the run.
     fn env(&self, extra: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut env = vec![
-            ("DATABASE_URL".to_string(), self.database_url.expose().to_string()),
+            ("DATABASE_URL".to_string(), self.database.url.expose().to_string()),
+            ("DATABASE_NAME".to_string(), DATABASE.to_string()),
             ("REDIS_URL".to_string(), self.redis_url.clone()),
             ("CACHE_NAMESPACE".to_string(), NAMESPACE.to_string()),
         ];
@@ -240,7 +245,7 @@ async fn outbox_writes(settings: &Settings, report: &mut Report) -> anyhow::Resu
     };
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
-        .connect(settings.database_url.expose())
+        .connect_with(settings.database.connect_options()?)
         .await?;
     sqlx::query("DELETE FROM cache_outbox").execute(&pool).await?;
     let id = UserId::parse(&demo_user_id(0).to_string())?;
@@ -369,8 +374,8 @@ impl Calls {
 }
 
 async fn fresh_database(settings: &Settings) -> anyhow::Result<()> {
-    let admin = settings.database_url.with_database("postgres");
-    let mut conn = PgConnection::connect(admin.expose()).await?;
+    let admin = settings.database.connect_options()?.database("postgres");
+    let mut conn = PgConnection::connect_with(&admin).await?;
     conn.execute(sqlx::AssertSqlSafe(format!(
         "DROP DATABASE IF EXISTS \"{DATABASE}\" WITH (FORCE)"
     )))
@@ -379,14 +384,14 @@ async fn fresh_database(settings: &Settings) -> anyhow::Result<()> {
 }
 
 async fn settle_database(settings: &Settings) -> anyhow::Result<()> {
-    let mut conn = PgConnection::connect(settings.database_url.expose()).await?;
+    let mut conn = PgConnection::connect_with(&settings.database.connect_options()?).await?;
     conn.execute("VACUUM ANALYZE").await?;
     conn.execute("CHECKPOINT").await?;
     Ok(())
 }
 
 async fn outbox_rows(settings: &Settings) -> anyhow::Result<i64> {
-    let mut conn = PgConnection::connect(settings.database_url.expose()).await?;
+    let mut conn = PgConnection::connect_with(&settings.database.connect_options()?).await?;
     Ok(sqlx::query_scalar("SELECT count(*) FROM cache_outbox")
         .fetch_one(&mut conn)
         .await?)

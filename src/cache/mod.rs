@@ -191,25 +191,25 @@ pub struct Fallback(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit
 impl Cache {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
         Ok(Self {
-            redis: Arc::new(RedisClient::new(config)?),
-            keys: Keys::new(&config.cache_namespace),
+            redis: Arc::new(RedisClient::new(&config.cache)?),
+            keys: Keys::new(&config.cache.namespace),
             ttls: Ttls {
-                user: Duration::from_secs(config.user_ttl_secs),
-                product: Duration::from_secs(config.product_ttl_secs),
-                list: Duration::from_secs(config.list_ttl_secs),
-                negative: Duration::from_secs(config.negative_ttl_secs),
+                user: Duration::from_secs(config.cache.user_ttl_secs),
+                product: Duration::from_secs(config.cache.product_ttl_secs),
+                list: Duration::from_secs(config.cache.list_ttl_secs),
+                negative: Duration::from_secs(config.cache.negative_ttl_secs),
             },
-            lease_ttl: Duration::from_millis(config.cache_lease_ms),
-            write_marker_ttl: replicas::marker_ttl(config),
-            compress_threshold: config.compress_threshold_bytes,
-            enabled: config.cache_enabled,
-            refresh_ahead: config.refresh_ahead,
+            lease_ttl: Duration::from_millis(config.cache.lease_ms),
+            write_marker_ttl: replicas::marker_ttl(&config.replicas),
+            compress_threshold: config.cache.compress_threshold_bytes,
+            enabled: config.cache.enabled,
+            refresh_ahead: config.cache.refresh_ahead,
             #[cfg(feature = "test-hooks")]
             hooks: Hooks::default(),
             outcomes: Kind::ALL.map(Outcomes::of),
             uncacheable_log: Throttle::default(),
             invalidation_log: Throttle::default(),
-            fallbacks: Arc::new(tokio::sync::Semaphore::new(config.database_fallback_limit as usize)),
+            fallbacks: Arc::new(tokio::sync::Semaphore::new(config.cache.fallback_limit as usize)),
         })
     }
 

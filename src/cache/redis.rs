@@ -27,7 +27,7 @@ use super::{
     breaker::{Admission, Breaker, Probe},
     connections::{self, Connections, Handle, Target},
 };
-use crate::{config::Config, telemetry::Throttle};
+use crate::{config::CacheConfig, telemetry::Throttle};
 
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the event subscription checks that its connection still answers.
@@ -136,7 +136,7 @@ pub struct RedisClient {
 
 impl RedisClient {
     /// Sets up the connections without connecting, so the service starts while Redis is down.
-    pub fn new(config: &Config) -> anyhow::Result<Self> {
+    pub fn new(config: &CacheConfig) -> anyhow::Result<Self> {
         let tls_ca = config.redis_tls_ca_file.as_deref();
         let nodes = if config.redis_cluster_urls.is_empty() {
             vec![connections::connection_info(config.redis_url.expose(), tls_ca)?]

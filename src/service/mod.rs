@@ -68,8 +68,8 @@ impl Services {
 
     /// `connect`, with the cache given (as the tests give one with hooks).
     pub async fn connect_with(config: &Config, cache: Cache) -> anyhow::Result<Self> {
-        let pool = store::connect(config).await?;
-        let replicas = Arc::new(Replicas::new(config, pool.clone())?);
+        let pool = store::connect(&config.database).await?;
+        let replicas = Arc::new(Replicas::new(&config.database, &config.replicas, pool.clone())?);
         let cache = Arc::new(cache);
         cache.open_connections().await;
         let database = Database {
@@ -81,8 +81,8 @@ impl Services {
             database,
             cache.clone(),
             near_cache(config),
-            config.list_cache_max_ids,
-            config.list_chunk_ids,
+            config.cache.list_cache_max_ids,
+            config.cache.list_chunk_ids,
         );
         let epochs = tokio::spawn({
             let (cache, users, products) = (cache.clone(), users.clone(), products.clone());
@@ -165,10 +165,10 @@ where
     K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    config.near_cache_enabled.then(|| {
+    config.cache.near_cache_enabled.then(|| {
         NearCache::new(
-            config.near_cache_capacity,
-            Duration::from_millis(config.near_cache_ttl_ms),
+            config.cache.near_cache_capacity,
+            Duration::from_millis(config.cache.near_cache_ttl_ms),
         )
     })
 }

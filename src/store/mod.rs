@@ -8,19 +8,15 @@ pub mod products;
 pub mod replicas;
 pub mod users;
 
-use std::{
-    str::FromStr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use sqlx::{
-    PgPool,
-    migrate::MigrateDatabase,
+    Connection, PgConnection, PgPool,
     postgres::{PgConnectOptions, PgPoolOptions, Postgres},
 };
 
 use crate::{
-    config::{Config, SecretUrl},
+    config::{DatabaseConfig, SecretUrl},
     domain::ValidationError,
 };
 
@@ -51,10 +47,7 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        let sqlstate = error
-            .as_database_error()
-            .and_then(|e| e.code())
-            .map(|code| code.into_owned());
+        let sqlstate = sqlstate(&error);
         match (error, sqlstate.as_deref()) {
             (sqlx::Error::RowNotFound, _) => Self::NotFound,
             (
@@ -76,6 +69,11 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// The SQLSTATE of an error PostgreSQL reported.
+fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    error.as_database_error()?.code().map(|code| code.into_owned())
+}
+
 /// The database's own message, without the driver's prefix.
 fn database_message(error: &sqlx::Error) -> String {
     error
@@ -91,23 +89,24 @@ fn database_message(error: &sqlx::Error) -> String {
 /// keeps reconnecting to a server that refuses connections until then, so
 /// while PostgreSQL is down a call fails after that long (UNAVAILABLE), and
 /// once it is back the next acquire connects again.
-pub async fn connect(config: &Config) -> Result<PgPool, sqlx::Error> {
-    let (pool, options) = pool_options(config, &config.database_url)?;
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, sqlx::Error> {
+    let (pool, options) = pool_options(config, &config.url)?;
     pool.connect_with(options).await
 }
 
 /// A pool like `connect`'s for a read replica, which connects when first used.
-fn connect_to(config: &Config, url: &SecretUrl) -> Result<PgPool, sqlx::Error> {
+fn connect_to(config: &DatabaseConfig, url: &SecretUrl) -> Result<PgPool, sqlx::Error> {
     let (pool, options) = pool_options(config, url)?;
     Ok(pool.connect_lazy_with(options))
 }
 
-fn pool_options(config: &Config, url: &SecretUrl) -> Result<(PgPoolOptions, PgConnectOptions), sqlx::Error> {
-    let options = PgConnectOptions::from_str(url.expose())?
-        .options([("statement_timeout", config.database_statement_timeout_ms.to_string())]);
+fn pool_options(config: &DatabaseConfig, url: &SecretUrl) -> Result<(PgPoolOptions, PgConnectOptions), sqlx::Error> {
+    let options = config
+        .options_for(url)?
+        .options([("statement_timeout", config.statement_timeout_ms.to_string())]);
     let pool = PgPoolOptions::new()
-        .max_connections(config.database_max_connections)
-        .acquire_timeout(Duration::from_millis(config.database_acquire_timeout_ms));
+        .max_connections(config.max_connections)
+        .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms));
     Ok((pool, options))
 }
 
@@ -117,12 +116,28 @@ pub async fn answers(pool: &PgPool) -> bool {
 }
 
 /// Creates the database if it does not exist, then applies pending migrations.
-pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let url = config.database_url.expose();
-    if !Postgres::database_exists(url).await? {
-        Postgres::create_database(url).await?;
-        tracing::info!("created the database");
+pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<()> {
+    let options = config.connect_options()?;
+    // Unnamed, it is the user's (PostgreSQL's default).
+    let name = options.get_database().unwrap_or(options.get_username()).to_string();
+    // The server's maintenance database, to look for (and create) ours.
+    let mut server = PgConnection::connect_with(&options.clone().database("postgres")).await?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut server)
+        .await?;
+    if !exists {
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        // An identifier cannot be a bind parameter; `quoted` escapes it.
+        let create = sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}"));
+        match sqlx::raw_sql(create).execute(&mut server).await {
+            Ok(_) => tracing::info!(database = name, "created the database"),
+            // duplicate_database: another instance created it meanwhile.
+            Err(error) if sqlstate(&error).as_deref() == Some("42P04") => {}
+            Err(error) => return Err(error.into()),
+        }
     }
+    server.close().await?;
     let pool = connect(config).await?;
     MIGRATOR.run(&pool).await?;
     pool.close().await;

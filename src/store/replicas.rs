@@ -30,13 +30,13 @@ use std::{
 use sqlx::PgPool;
 
 use super::{StoreError, connect_to};
-use crate::config::{Config, SecretUrl};
+use crate::config::{DatabaseConfig, ReplicaConfig, SecretUrl};
 
 const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long a write's marker must live (see the module comment).
-pub fn marker_ttl(config: &Config) -> Duration {
-    Duration::from_millis(config.database_replica_max_lag_ms) * 2
+pub fn marker_ttl(config: &ReplicaConfig) -> Duration {
+    Duration::from_millis(config.replica_max_lag_ms) * 2
 }
 
 /// A position in PostgreSQL's write-ahead log, as a byte offset.
@@ -92,17 +92,17 @@ struct Seen {
 impl Replicas {
     /// Pools for each replica. Connections open lazily: a replica that is
     /// down at start is simply left out until the probe reaches it.
-    pub fn new(config: &Config, primary: PgPool) -> Result<Self, sqlx::Error> {
+    pub fn new(database: &DatabaseConfig, config: &ReplicaConfig, primary: PgPool) -> Result<Self, sqlx::Error> {
         let replicas = config
-            .database_read_urls
+            .read_urls
             .iter()
             .enumerate()
-            .map(|(index, url)| Replica::new(config, url, index))
+            .map(|(index, url)| Replica::new(database, url, index))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             primary,
             replicas,
-            max_lag: Duration::from_millis(config.database_replica_max_lag_ms),
+            max_lag: Duration::from_millis(config.replica_max_lag_ms),
             primary_positions: Mutex::default(),
             next: AtomicUsize::new(0),
         })
@@ -202,7 +202,7 @@ impl Replicas {
 }
 
 impl Replica {
-    fn new(config: &Config, url: &SecretUrl, index: usize) -> Result<Self, sqlx::Error> {
+    fn new(config: &DatabaseConfig, url: &SecretUrl, index: usize) -> Result<Self, sqlx::Error> {
         Ok(Self {
             pool: connect_to(config, url)?,
             label: index.to_string(),

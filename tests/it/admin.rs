@@ -361,7 +361,7 @@ async fn one_invalidate_all_runs_at_a_time_per_instance() {
 
 #[tokio::test]
 async fn invalidate_all_stops_at_the_server_deadline_and_frees_the_next_run() {
-    let app = spawn_app_with(|config| config.request_timeout_ms = 20).await;
+    let app = spawn_app_with(|config| config.server.request_timeout_ms = 20).await;
     fill_namespace(&app, 200_000).await;
     let mut client = admin(&app).await;
     let status = client.invalidate_all(dry_run_of_everything()).await.unwrap_err();
@@ -428,7 +428,7 @@ async fn bad_input_is_invalid_argument() {
 async fn redis_down_is_unavailable_not_success() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let mut admin = admin(&app).await;
     proxy.cut();
 

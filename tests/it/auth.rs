@@ -233,7 +233,7 @@ async fn health_and_reflection_need_no_token_and_reflection_can_be_switched_off(
     let tokens = tokens_file();
     let closed = spawn_app_with(|config| {
         config.auth.auth_tokens_file = Some(tokens);
-        config.reflection_enabled = false;
+        config.server.reflection_enabled = false;
     })
     .await;
     let status = list_services(closed.grpc_port).await.unwrap_err();
@@ -346,11 +346,11 @@ async fn es256_jwts_are_checked_with_the_public_key_file() {
 async fn without_authentication_only_loopback_addresses_are_served() {
     let sandbox = Sandbox::new();
     let mut config = ServeConfig::from_env();
-    config.config.database_url = sandbox.database_url.parse().unwrap();
-    config.config.cache_namespace = sandbox.namespace.clone();
-    config.metrics_addr = "127.0.0.1:0".parse().unwrap();
-    config.admin_addr = "127.0.0.1:0".parse().unwrap();
-    config.grpc_addr = "0.0.0.0:0".parse().unwrap();
+    config.config.database.name = Some(sandbox.database_name.clone());
+    config.config.cache.namespace = sandbox.namespace.clone();
+    config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.grpc_addr = "0.0.0.0:0".parse().unwrap();
     let error = Application::build(config.clone())
         .await
         .err()
@@ -361,8 +361,8 @@ async fn without_authentication_only_loopback_addresses_are_served() {
         "{message}"
     );
 
-    config.grpc_addr = "127.0.0.1:0".parse().unwrap();
-    config.admin_addr = "0.0.0.0:0".parse().unwrap();
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_addr = "0.0.0.0:0".parse().unwrap();
     let error = Application::build(config.clone())
         .await
         .err()
@@ -370,7 +370,7 @@ async fn without_authentication_only_loopback_addresses_are_served() {
     assert!(format!("{error:#}").contains("ADMIN_ADDR=0.0.0.0:0"), "{error:#}");
 
     let mut app = spawn_app_with(|config| {
-        config.grpc_addr = "0.0.0.0:0".parse().unwrap();
+        config.server.grpc_addr = "0.0.0.0:0".parse().unwrap();
         config.auth.insecure_allow_unauthenticated = true;
     })
     .await;
@@ -378,7 +378,7 @@ async fn without_authentication_only_loopback_addresses_are_served() {
 
     let tokens = tokens_file();
     let mut app = spawn_app_with(|config| {
-        config.grpc_addr = "0.0.0.0:0".parse().unwrap();
+        config.server.grpc_addr = "0.0.0.0:0".parse().unwrap();
         config.auth.auth_tokens_file = Some(tokens);
     })
     .await;

@@ -31,7 +31,7 @@ use readthrough::{
 };
 use tonic::{Code, transport::Channel};
 
-use super::helpers::{TestApp, redis, rename_user, spawn_app_with_hooks};
+use super::helpers::{TestApp, redis, rename_user, spawn_app_with_hooks, use_database};
 
 pub struct Settings {
     pub clients: usize,
@@ -123,10 +123,10 @@ pub async fn run(settings: Settings) -> Report {
         .map(|url| url.parse().unwrap())
         .collect();
     let mut first = spawn_app_with_hooks(hooks(), |config| {
-        config.config.redis_cluster_urls = cluster_urls;
+        config.config.cache.redis_cluster_urls = cluster_urls;
         if let Some((primary, replicas)) = &settings.database {
-            config.config.database_url = primary.parse().unwrap();
-            config.config.database_read_urls = replicas.iter().map(|url| url.parse().unwrap()).collect();
+            use_database(config, primary);
+            config.config.replicas.read_urls = replicas.iter().map(|url| url.parse().unwrap()).collect();
         }
     })
     .await;

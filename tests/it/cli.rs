@@ -42,9 +42,7 @@ impl Server {
             .arg("serve")
             .env("LOG_FORMAT", "json")
             .envs(env.iter().copied())
-            .env("DATABASE_URL", &sandbox.database_url)
-            .env("REDIS_URL", &sandbox.redis_url)
-            .env("CACHE_NAMESPACE", &sandbox.namespace)
+            .envs(sandbox.env())
             .env("GRPC_ADDR", "127.0.0.1:0")
             .env("METRICS_ADDR", "127.0.0.1:0")
             .env("ADMIN_ADDR", "127.0.0.1:0")
@@ -178,6 +176,49 @@ fn grpcurl_lists_describes_and_calls_the_service() {
     let rejected = server.grpcurl(&["-d", r#"{"id": "nope"}"#, "readthrough.v1.UserService/GetUser"]);
     assert!(!rejected.status.success());
     assert!(String::from_utf8_lossy(&rejected.stderr).contains("InvalidArgument"));
+}
+
+#[test]
+fn each_subcommand_takes_only_the_settings_it_uses() {
+    let help = |command: &str| {
+        let output = Command::new(env!("CARGO_BIN_EXE_readthrough"))
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let migrate = help("migrate");
+    assert!(
+        migrate.contains("DATABASE_URL") && migrate.contains("LOG_FORMAT"),
+        "{migrate}"
+    );
+    for other in [
+        "DATABASE_READ_URLS",
+        "REDIS_URL",
+        "CACHE_NAMESPACE",
+        "GRPC_ADDR",
+        "AUTH_TOKENS_FILE",
+    ] {
+        assert!(!migrate.contains(other), "migrate does not use {other}:\n{migrate}");
+    }
+    let seed = help("seed");
+    assert!(
+        seed.contains("REDIS_URL") && seed.contains("DATABASE_READ_URLS"),
+        "{seed}"
+    );
+    assert!(!seed.contains("GRPC_ADDR"), "{seed}");
+    let serve = help("serve");
+    for heading in [
+        "Database:",
+        "Read replicas:",
+        "Cache:",
+        "Server:",
+        "Authentication:",
+        "Telemetry:",
+    ] {
+        assert!(serve.contains(heading), "serve --help has a {heading} group:\n{serve}");
+    }
 }
 
 #[test]

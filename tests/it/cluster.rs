@@ -29,7 +29,7 @@ use crate::{
 
 async fn on_cluster(cluster: &OwnCluster) -> TestApp {
     let urls: Vec<_> = cluster.urls.iter().map(|url| url.parse().unwrap()).collect();
-    spawn_app_with(move |config| config.config.redis_cluster_urls = urls).await
+    spawn_app_with(move |config| config.config.cache.redis_cluster_urls = urls).await
 }
 
 async fn get_user(app: &mut TestApp, id: &str) -> readthrough::proto::User {

@@ -137,7 +137,7 @@ async fn every_invalidation_deletes_the_lease_no_later_than_the_entry() {
     // between (Redis does not run a pipeline's commands as one).
     let own = OwnRedis::start().await;
     let url = own.url.clone();
-    let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("lease@example.com").await;
     let mut monitor = Monitor::start(&own.url).await;
     let marker_client = redis::Client::open(own.url.as_str()).unwrap();
@@ -200,7 +200,7 @@ async fn a_reader_dropped_by_its_deadline_gives_its_lease_back() {
         })),
         ..Hooks::default()
     };
-    let mut app = spawn_app_with_hooks(hooks, |config| config.config.cache_lease_ms = 10_000).await;
+    let mut app = spawn_app_with_hooks(hooks, |config| config.config.cache.lease_ms = 10_000).await;
     let user = app.create_user("deadline@example.com").await;
     let lease = app.keys.lease(&app.keys.user(UserId::parse(&user.id).unwrap()));
 
@@ -250,8 +250,8 @@ async fn slow_pair(part: &'static str) -> (TestApp, TestApp) {
     // Hundreds of client tasks and two servers share two cores: a 50 ms Redis deadline
     // would measure the scheduler (the h2load test in stampede.rs keeps the default).
     let first = spawn_app_with_hooks(slow(), |config| {
-        config.config.cache_lease_ms = lease.as_millis() as u64;
-        config.config.redis_timeout_ms = 1000;
+        config.config.cache.lease_ms = lease.as_millis() as u64;
+        config.config.cache.redis_timeout_ms = 1000;
     })
     .await;
     let second = first.spawn_sibling_with_hooks(slow()).await;
@@ -407,7 +407,7 @@ async fn a_truncate_by_hand_drops_every_cached_entry_of_the_table() {
 async fn a_stalled_event_subscription_is_noticed_and_replaced() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let channel = app.keys.events();
     let received = r#"readthrough_events_received_total{event="user.updated"}"#;
     let event = format!(r#"{{"event":"user.updated","id":"{}"}}"#, uuid::Uuid::new_v4());

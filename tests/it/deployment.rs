@@ -608,8 +608,12 @@ fn compose_environment_values_are_accepted_by_the_service() {
         }
         match ServeConfig::try_parse_from(&argv) {
             Ok(config) if name != "readthrough" => {
-                assert_eq!(config.config.redis_cluster_urls.len(), 3, "{name} has three seed nodes");
-                assert_eq!(config.config.database_read_urls.len(), 1, "{name} has one replica");
+                assert_eq!(
+                    config.config.cache.redis_cluster_urls.len(),
+                    3,
+                    "{name} has three seed nodes"
+                );
+                assert_eq!(config.config.replicas.read_urls.len(), 1, "{name} has one replica");
             }
             Ok(_) => {}
             Err(e) => panic!("{name} would reject its compose environment ({argv:?}):\n{e}"),

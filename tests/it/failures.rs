@@ -158,7 +158,7 @@ fn first_window_above(
 async fn redis_stopped_for_3_s_under_read_load_fails_no_read_and_hits_return_within_2_s() {
     let mut redis_server = OwnRedis::start().await;
     let url = redis_server.url.clone();
-    let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let ids = warm_users(&mut app, 50).await;
 
     let load = Load::start(&app, &ids);
@@ -206,16 +206,16 @@ async fn a_black_holed_redis_costs_a_request_at_most_one_deadline_and_then_none(
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| {
-        config.config.redis_url = url.parse().unwrap();
-        config.config.redis_timeout_ms = DEADLINE.as_millis() as u64;
+        config.config.cache.redis_url = url.parse().unwrap();
+        config.config.cache.redis_timeout_ms = DEADLINE.as_millis() as u64;
     })
     .await;
     // The same database and requests, read without Redis: what the breaker should come close to.
     let cache_off = app
-        .spawn_sibling_with(|config| config.config.cache_enabled = false)
+        .spawn_sibling_with(|config| config.config.cache.enabled = false)
         .await;
     let ids = warm_users(&mut app, 50).await;
-    let failures = f64::from(app.config.config.redis_breaker_failures);
+    let failures = f64::from(app.config.config.cache.redis_breaker_failures);
 
     proxy.black_hole();
     let load = Load::start(&app, &ids);
@@ -279,10 +279,10 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| {
-        config.config.redis_url = url.parse().unwrap();
-        config.config.redis_timeout_ms = DEADLINE.as_millis() as u64;
-        config.config.redis_breaker_failures = 3;
-        config.config.redis_breaker_cooldown_ms = COOLDOWN.as_millis() as u64;
+        config.config.cache.redis_url = url.parse().unwrap();
+        config.config.cache.redis_timeout_ms = DEADLINE.as_millis() as u64;
+        config.config.cache.redis_breaker_failures = 3;
+        config.config.cache.redis_breaker_cooldown_ms = COOLDOWN.as_millis() as u64;
     })
     .await;
     let user = app.create_user("cycle@example.com").await;
@@ -380,7 +380,7 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
 async fn an_update_made_while_the_breaker_is_open_is_invalidated_once_redis_returns() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("before@example.com").await;
     let get = GetUserRequest { id: user.id.clone() };
     app.users.get_user(get.clone()).await.unwrap();
@@ -388,7 +388,7 @@ async fn an_update_made_while_the_breaker_is_open_is_invalidated_once_redis_retu
     assert!(app.exists(&key).await, "version 1 is cached");
 
     proxy.cut();
-    for _ in 0..app.config.config.redis_breaker_failures {
+    for _ in 0..app.config.config.cache.redis_breaker_failures {
         app.users.get_user(get.clone()).await.unwrap();
     }
     assert_eq!(app.metric(BREAKER_STATE).await, OPEN);

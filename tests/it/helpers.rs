@@ -27,7 +27,7 @@ use readthrough::{
     },
 };
 use serde::de::DeserializeOwned;
-use sqlx::{Connection, Executor, PgConnection, PgPool};
+use sqlx::{Connection, Executor, PgConnection, PgPool, postgres::PgConnectOptions};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::oneshot,
@@ -68,9 +68,15 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut ServeConfig)) -> TestApp
 pub async fn spawn_app_with_hooks(hooks: Hooks, customize: impl FnOnce(&mut ServeConfig)) -> TestApp {
     let sandbox = Arc::new(Sandbox::new());
     let mut config = ServeConfig::from_env();
-    config.config.database_url = sandbox.database_url.parse().unwrap();
-    config.config.cache_namespace = sandbox.namespace.clone();
+    config.config.database.name = Some(sandbox.database_name.clone());
+    config.config.cache.namespace = sandbox.namespace.clone();
     start(config, customize, sandbox, hooks).await
+}
+
+/// Points an app at the database `url` names, instead of its test's own.
+pub fn use_database(config: &mut ServeConfig, url: &str) {
+    config.config.database.url = url.parse().unwrap();
+    config.config.database.name = None;
 }
 
 impl TestApp {
@@ -137,11 +143,11 @@ impl TestApp {
     /// Every key of this app's namespace (on a cluster: of every node that
     /// answers, once).
     pub async fn namespace_keys(&mut self) -> Vec<String> {
-        if self.config.config.redis_cluster_urls.is_empty() {
+        if self.config.config.cache.redis_cluster_urls.is_empty() {
             return scan_namespace(&mut self.redis, &self.sandbox.namespace).await;
         }
         let mut keys = Vec::new();
-        for url in &self.config.config.redis_cluster_urls {
+        for url in &self.config.config.cache.redis_cluster_urls {
             let client = redis::Client::open(url.expose()).unwrap();
             // A node a test killed is skipped: its replica holds its keys.
             if let Ok(mut node) = client.get_multiplexed_async_connection().await {
@@ -282,9 +288,9 @@ async fn start(
     sandbox: Arc<Sandbox>,
     hooks: Hooks,
 ) -> TestApp {
-    config.grpc_addr = "127.0.0.1:0".parse().unwrap();
-    config.metrics_addr = "127.0.0.1:0".parse().unwrap();
-    config.admin_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.admin_addr = "127.0.0.1:0".parse().unwrap();
     customize(&mut config);
     let app = Application::build_with_cache(config.clone(), |cache| cache.with_hooks(hooks))
         .await
@@ -298,12 +304,12 @@ async fn start(
     let endpoint = Channel::from_shared(format!("http://127.0.0.1:{grpc_port}")).unwrap();
     // An app serving TLS never answers this plaintext channel: its tests
     // connect through `TestApp::tls_channel` instead.
-    let channel = if config.tls_cert_file.is_some() {
+    let channel = if config.server.tls_cert_file.is_some() {
         endpoint.connect_lazy()
     } else {
         endpoint.connect().await.expect("connects to the app")
     };
-    let redis = if config.config.redis_cluster_urls.is_empty() {
+    let redis = if config.config.cache.redis_cluster_urls.is_empty() {
         let client = redis::Client::open(sandbox.redis_url.as_str()).unwrap();
         RedisConnection::Single(
             client
@@ -314,6 +320,7 @@ async fn start(
     } else {
         let urls: Vec<&str> = config
             .config
+            .cache
             .redis_cluster_urls
             .iter()
             .map(|url| url.expose())
@@ -324,7 +331,9 @@ async fn start(
     TestApp {
         users: UserServiceClient::new(channel.clone()),
         products: ProductServiceClient::new(channel),
-        db: PgPool::connect(config.config.database_url.expose()).await.unwrap(),
+        db: PgPool::connect_with(config.config.database.connect_options().unwrap())
+            .await
+            .unwrap(),
         redis,
         keys,
         config,
@@ -403,36 +412,56 @@ async fn scan_namespace(conn: &mut impl redis::aio::ConnectionLike, namespace: &
     }
 }
 
-/// A database name and a Redis key namespace of a test's own, removed on drop
+/// A database and a Redis key namespace of a test's own, removed on drop
 /// (the database is created by the app, as `serve` and `migrate` do).
 pub struct Sandbox {
-    /// DATABASE_URL naming the test's database.
+    /// The server's URL (`DATABASE_URL`)...
     pub database_url: String,
+    /// ...and the test's database on it (`DATABASE_NAME`).
+    pub database_name: String,
     pub namespace: String,
     pub redis_url: String,
-    admin_url: String,
-    database: String,
+    server: PgConnectOptions,
 }
 
 impl Sandbox {
     pub fn new() -> Self {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let config = ServeConfig::from_env().config;
-        let database = format!("rt_test_{suffix}");
         Self {
-            database_url: config.database_url.with_database(&database).expose().to_string(),
+            server: config.database.connect_options().unwrap(),
+            database_url: config.database.url.expose().to_string(),
+            database_name: format!("rt_test_{suffix}"),
             namespace: format!("rt-test-{suffix}"),
-            redis_url: config.redis_url.expose().to_string(),
-            admin_url: config.database_url.with_database("postgres").expose().to_string(),
-            database,
+            redis_url: config.cache.redis_url.expose().to_string(),
         }
+    }
+
+    /// The test's database.
+    pub fn connect_options(&self) -> PgConnectOptions {
+        self.server.clone().database(&self.database_name)
+    }
+
+    /// The server's maintenance database, to create and drop others.
+    pub fn admin_options(&self) -> PgConnectOptions {
+        self.server.clone().database("postgres")
+    }
+
+    /// The environment of a `readthrough` process using this sandbox.
+    pub fn env(&self) -> [(&'static str, &str); 4] {
+        [
+            ("DATABASE_URL", &self.database_url),
+            ("DATABASE_NAME", &self.database_name),
+            ("REDIS_URL", &self.redis_url),
+            ("CACHE_NAMESPACE", &self.namespace),
+        ]
     }
 }
 
 impl Drop for Sandbox {
     fn drop(&mut self) {
-        let (admin_url, redis_url) = (self.admin_url.clone(), self.redis_url.clone());
-        let (database, namespace) = (self.database.clone(), self.namespace.clone());
+        let (admin, redis_url) = (self.admin_options(), self.redis_url.clone());
+        let (database, namespace) = (self.database_name.clone(), self.namespace.clone());
         // Drop may run inside or outside a runtime: clean up on a thread with its own.
         let cleanup = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -440,7 +469,7 @@ impl Drop for Sandbox {
                 .build()
                 .unwrap();
             runtime.block_on(async {
-                if let Ok(mut conn) = PgConnection::connect(&admin_url).await {
+                if let Ok(mut conn) = PgConnection::connect_with(&admin).await {
                     let drop = format!("DROP DATABASE IF EXISTS \"{database}\" WITH (FORCE)");
                     let _ = conn.execute(sqlx::AssertSqlSafe(drop)).await;
                 }

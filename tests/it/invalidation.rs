@@ -16,7 +16,7 @@ use crate::helpers::{RedisProxy, Sandbox, eventually, redis, rename_user, spawn_
 async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let user = app
         .users
         .create_user(CreateUserRequest {
@@ -128,7 +128,7 @@ async fn every_write_is_published_as_an_event_to_every_instance() {
     let client = redis::Client::open(Sandbox::new().redis_url.as_str()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub
-        .subscribe(format!("{}:v1:events", app.config.config.cache_namespace))
+        .subscribe(format!("{}:v1:events", app.config.config.cache.namespace))
         .await
         .unwrap();
 
@@ -208,7 +208,7 @@ async fn the_relay_publishes_one_event_per_entity_for_a_burst_of_changes() {
     let client = redis::Client::open(Sandbox::new().redis_url.as_str()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub
-        .subscribe(format!("{}:v1:events", app.config.config.cache_namespace))
+        .subscribe(format!("{}:v1:events", app.config.config.cache.namespace))
         .await
         .unwrap();
 

@@ -75,9 +75,9 @@ async fn a_request_over_64_kib_is_refused_before_it_is_decoded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_past_its_timeout_is_unavailable_and_changes_nothing() {
-    let mut app = spawn_app_with(|config| config.config.database_statement_timeout_ms = 200).await;
+    let mut app = spawn_app_with(|config| config.config.database.statement_timeout_ms = 200).await;
     let user = app.create_user("locked@example.com").await;
-    let mut holder = PgConnection::connect(app.config.config.database_url.expose())
+    let mut holder = PgConnection::connect_with(&app.config.config.database.connect_options().unwrap())
         .await
         .unwrap();
     let mut lock = holder.begin().await.unwrap();
@@ -112,7 +112,7 @@ async fn a_request_past_the_server_deadline_is_deadline_exceeded() {
         })),
         ..Hooks::default()
     };
-    let mut app = spawn_app_with_hooks(hooks, |config| config.request_timeout_ms = 300).await;
+    let mut app = spawn_app_with_hooks(hooks, |config| config.server.request_timeout_ms = 300).await;
     let user = app.create_user("slow@example.com").await;
     let started = std::time::Instant::now();
     let status = app.users.get_user(GetUserRequest { id: user.id }).await.unwrap_err();
@@ -150,11 +150,11 @@ async fn database_errors_say_whether_to_fix_the_input_retry_or_wait() {
     ] {
         sqlx::query(statement).execute(&app.db).await.unwrap();
     }
-    let url = app.config.config.database_url.expose().to_string();
+    let options = app.config.config.database.connect_options().unwrap();
     let lock_in_order = |first: i32, second: i32| {
-        let url = url.clone();
+        let options = options.clone();
         async move {
-            let mut conn = PgConnection::connect(&url).await.unwrap();
+            let mut conn = PgConnection::connect_with(&options).await.unwrap();
             let mut tx = conn.begin().await.unwrap();
             sqlx::query("SELECT 1 FROM locks WHERE id = $1 FOR UPDATE")
                 .bind(first)
@@ -181,8 +181,8 @@ async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| {
-        config.config.redis_url = url.parse().unwrap();
-        config.config.database_fallback_limit = 2;
+        config.config.cache.redis_url = url.parse().unwrap();
+        config.config.cache.fallback_limit = 2;
     })
     .await;
     let mut ids = Vec::new();
@@ -192,7 +192,7 @@ async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_
     proxy.cut();
     // Reads of users block behind this lock until it is released: the first
     // two fallbacks stay busy while the others arrive.
-    let mut holder = PgConnection::connect(app.config.config.database_url.expose())
+    let mut holder = PgConnection::connect_with(&app.config.config.database.connect_options().unwrap())
         .await
         .unwrap();
     let mut lock = holder.begin().await.unwrap();

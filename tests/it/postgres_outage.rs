@@ -11,7 +11,7 @@ use readthrough::{
 use tonic::{Code, transport::Channel};
 
 use crate::{
-    helpers::{eventually, rename_user, spawn_app_with},
+    helpers::{eventually, rename_user, spawn_app_with, use_database},
     own_postgres::OwnPostgres,
 };
 
@@ -24,7 +24,7 @@ const RECOVERY_LIMIT: Duration = Duration::from_secs(10);
 async fn while_postgres_is_down_cached_reads_succeed_and_the_rest_fails_fast_until_it_is_back() {
     let postgres = OwnPostgres::init(&[], &[]).await;
     let url = postgres.url("readthrough");
-    let mut app = spawn_app_with(|config| config.config.database_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| use_database(config, &url)).await;
     let mut warm = Vec::new();
     for i in 0..20 {
         warm.push(app.create_user(&format!("warm-{i}@example.com")).await.id);

@@ -243,8 +243,8 @@ async fn cached_list_len(app: &mut TestApp, category: &CategoryId) -> i64 {
 #[tokio::test]
 async fn a_huge_category_caches_its_head_then_the_chunks_deep_pages_need() {
     let mut app = spawn_app_with(|config| {
-        config.config.list_cache_max_ids = 100;
-        config.config.list_chunk_ids = 50;
+        config.config.cache.list_cache_max_ids = 100;
+        config.config.cache.list_chunk_ids = 50;
     })
     .await;
     let category = CategoryId::parse("bulk").unwrap();
@@ -282,8 +282,8 @@ async fn a_huge_category_caches_its_head_then_the_chunks_deep_pages_need() {
 #[tokio::test]
 async fn a_cold_deep_page_is_one_range_scan_never_an_offset() {
     let mut app = spawn_app_with(|config| {
-        config.config.list_cache_max_ids = 100;
-        config.config.list_chunk_ids = 50;
+        config.config.cache.list_cache_max_ids = 100;
+        config.config.cache.list_chunk_ids = 50;
     })
     .await;
     let expected = insert_products(&app, "deep", 1_000).await;
@@ -325,8 +325,8 @@ async fn a_cold_deep_page_is_one_range_scan_never_an_offset() {
 #[tokio::test]
 async fn page_tokens_walk_every_product_exactly_once() {
     let mut app = spawn_app_with(|config| {
-        config.config.list_cache_max_ids = 100;
-        config.config.list_chunk_ids = 20;
+        config.config.cache.list_cache_max_ids = 100;
+        config.config.cache.list_chunk_ids = 20;
     })
     .await;
     let expected = insert_products(&app, "walk", 230).await;

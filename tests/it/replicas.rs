@@ -11,7 +11,7 @@ use sqlx::PgPool;
 use crate::{
     checker::{self, Settings},
     consistency::assert_consistent,
-    helpers::{TestApp, eventually, rename_user, spawn_app_with},
+    helpers::{TestApp, eventually, rename_user, spawn_app_with, use_database},
     own_postgres::OwnPostgres,
 };
 
@@ -45,8 +45,8 @@ impl Topology {
     async fn spawn_app(&self) -> TestApp {
         let (database_url, read_urls) = (self.database_url(), self.read_urls());
         let app = spawn_app_with(|config| {
-            config.config.database_url = database_url.parse().unwrap();
-            config.config.database_read_urls = read_urls.iter().map(|url| url.parse().unwrap()).collect();
+            use_database(config, &database_url);
+            config.config.replicas.read_urls = read_urls.iter().map(|url| url.parse().unwrap()).collect();
         })
         .await;
         let replica_read = eventually(Duration::from_secs(20), || async {

@@ -2,56 +2,46 @@
 //! and serves, as compose runs it (deploy/postgres-init.sql).
 
 use readthrough::proto::{GetUserRequest, ListProductsRequest};
-use sqlx::{Connection, Executor, PgConnection};
+use sqlx::{Connection, Executor, PgConnection, postgres::PgConnectOptions};
 
-use crate::helpers::{Sandbox, rename_user, spawn_app_with};
+use crate::helpers::{Sandbox, rename_user, spawn_app_with, use_database};
 
 /// A role like compose's `readthrough` and a database it owns; dropped on Drop.
 struct OwnedDatabase {
-    admin_url: String,
+    admin: PgConnectOptions,
     name: String,
 }
 
 impl OwnedDatabase {
     async fn create(sandbox: &Sandbox) -> Self {
-        // The server of the test's database, through its `postgres` database.
-        let server = sandbox.database_url.split('?').next().unwrap();
-        let admin_url = format!("{}/postgres", server.rsplit_once('/').unwrap().0);
+        let admin = sandbox.admin_options();
         let name = format!("rt_owner_{}", uuid::Uuid::new_v4().simple());
-        let mut admin = PgConnection::connect(&admin_url).await.unwrap();
-        admin
-            .execute(sqlx::AssertSqlSafe(format!(
-                "CREATE ROLE {name} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"
-            )))
+        let mut conn = PgConnection::connect_with(&admin).await.unwrap();
+        conn.execute(sqlx::AssertSqlSafe(format!(
+            "CREATE ROLE {name} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE"
+        )))
+        .await
+        .unwrap();
+        conn.execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} OWNER {name}")))
             .await
             .unwrap();
-        admin
-            .execute(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} OWNER {name}")))
-            .await
-            .unwrap();
-        Self { admin_url, name }
+        Self { admin, name }
     }
 
     /// The database, as its owner (the machine's PostgreSQL trusts local connections).
     fn url(&self) -> String {
-        let base = self
-            .admin_url
-            .rsplit_once('/')
-            .map_or(self.admin_url.as_str(), |(base, _)| base);
-        let host = base
-            .rsplit_once('@')
-            .map_or(base.trim_start_matches("postgres://"), |(_, host)| host);
-        format!("postgres://{}@{host}/{}", self.name, self.name)
+        let (host, port) = (self.admin.get_host(), self.admin.get_port());
+        format!("postgres://{}@{host}:{port}/{}", self.name, self.name)
     }
 }
 
 impl Drop for OwnedDatabase {
     fn drop(&mut self) {
-        let (admin_url, name) = (self.admin_url.clone(), self.name.clone());
+        let (admin, name) = (self.admin.clone(), self.name.clone());
         // Drop runs inside the test's runtime: clean up on a thread of its own.
         let _ = std::thread::spawn(move || {
             tokio::runtime::Runtime::new().unwrap().block_on(async {
-                if let Ok(mut admin) = PgConnection::connect(&admin_url).await {
+                if let Ok(mut admin) = PgConnection::connect_with(&admin).await {
                     let _ = admin
                         .execute(sqlx::AssertSqlSafe(format!(
                             "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
@@ -72,7 +62,7 @@ async fn a_role_that_owns_its_database_but_is_no_superuser_migrates_and_serves()
     let sandbox = Sandbox::new();
     let owned = OwnedDatabase::create(&sandbox).await;
     let url = owned.url();
-    let mut app = spawn_app_with(|config| config.config.database_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| use_database(config, &url)).await;
 
     let superuser: bool = sqlx::query_scalar("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
         .fetch_one(&app.db)

@@ -26,9 +26,7 @@ impl Instance {
             let port = free_port();
             let mut child = Command::new(env!("CARGO_BIN_EXE_readthrough"))
                 .arg("serve")
-                .env("DATABASE_URL", &sandbox.database_url)
-                .env("REDIS_URL", &sandbox.redis_url)
-                .env("CACHE_NAMESPACE", &sandbox.namespace)
+                .envs(sandbox.env())
                 .env("GRPC_ADDR", format!("127.0.0.1:{port}"))
                 .env("METRICS_ADDR", format!("127.0.0.1:{}", free_port()))
                 .env("ADMIN_ADDR", "127.0.0.1:0")
@@ -90,7 +88,7 @@ async fn a_burst_of_1000_calls_on_a_cold_key_through_two_processes_reads_the_row
         let instances = [Instance::start(&sandbox).await, Instance::start(&sandbox).await];
         let db = PgPoolOptions::new()
             .max_connections(1)
-            .connect(&sandbox.database_url)
+            .connect_with(sandbox.connect_options())
             .await
             .unwrap();
         let id = uuid::Uuid::new_v4();

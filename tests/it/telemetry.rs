@@ -14,7 +14,7 @@ use tonic_health::{
 };
 
 use crate::{
-    helpers::{OwnRedis, eventually, spawn_app, spawn_app_with, spawn_app_with_hooks},
+    helpers::{OwnRedis, eventually, spawn_app, spawn_app_with, spawn_app_with_hooks, use_database},
     own_postgres::OwnPostgres,
 };
 
@@ -131,8 +131,8 @@ async fn health_turns_not_serving_only_when_neither_postgres_nor_the_cache_answe
     let mut redis = OwnRedis::start().await;
     let (database_url, redis_url) = (postgres.url("readthrough"), redis.url.clone());
     let app = spawn_app_with(|config| {
-        config.config.database_url = database_url.parse().unwrap();
-        config.config.redis_url = redis_url.parse().unwrap();
+        use_database(config, &database_url);
+        config.config.cache.redis_url = redis_url.parse().unwrap();
     })
     .await;
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", app.grpc_port))

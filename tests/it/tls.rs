@@ -20,7 +20,7 @@ use readthrough::{
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::{
-    helpers::{OwnRedis, TestApp, free_port, redis, spawn_app_with},
+    helpers::{OwnRedis, TestApp, free_port, redis, spawn_app_with, use_database},
     own_postgres::OwnPostgres,
 };
 
@@ -93,8 +93,8 @@ impl Pki {
 
     /// Settings for an app whose gRPC listener serves this PKI's server certificate.
     fn serve_tls(&self, config: &mut ServeConfig) {
-        config.tls_cert_file = Some(self.server_cert.clone());
-        config.tls_key_file = Some(self.server_key.clone());
+        config.server.tls_cert_file = Some(self.server_cert.clone());
+        config.server.tls_key_file = Some(self.server_key.clone());
     }
 }
 
@@ -203,7 +203,7 @@ async fn with_a_client_ca_only_clients_with_a_certificate_it_signed_are_served()
     let pki = Pki::new();
     let app = spawn_app_with(|config| {
         pki.serve_tls(config);
-        config.tls_client_ca_file = Some(pki.ca.clone());
+        config.server.tls_client_ca_file = Some(pki.ca.clone());
     })
     .await;
 
@@ -233,7 +233,7 @@ async fn the_health_command_checks_a_tls_listener() {
     let pki = Pki::new();
     let app = spawn_app_with(|config| {
         pki.serve_tls(config);
-        config.tls_client_ca_file = Some(pki.ca.clone());
+        config.server.tls_client_ca_file = Some(pki.ca.clone());
     })
     .await;
     let url = format!("https://127.0.0.1:{}", app.grpc_port);
@@ -268,14 +268,14 @@ async fn the_health_command_checks_a_tls_listener() {
 async fn tls_settings_that_cannot_work_fail_the_start() {
     let pki = Pki::new();
     let mut config = ServeConfig::from_env();
-    config.grpc_addr = "127.0.0.1:0".parse().unwrap();
-    config.metrics_addr = "127.0.0.1:0".parse().unwrap();
-    config.migrate_on_start = false;
-    config.tls_cert_file = Some(pki.server_cert.clone());
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.migrate_on_start = false;
+    config.server.tls_cert_file = Some(pki.server_cert.clone());
     let error = Application::build(config.clone()).await.err().expect("the start fails");
     assert!(format!("{error:#}").contains("TLS_KEY_FILE"), "{error:#}");
 
-    config.tls_key_file = Some(pki.file("not-a-key.pem", "no key here"));
+    config.server.tls_key_file = Some(pki.file("not-a-key.pem", "no key here"));
     let error = Application::build(config).await.err().expect("the start fails");
     assert!(format!("{error:#}").contains("TLS_KEY_FILE"), "{error:#}");
 }
@@ -302,7 +302,7 @@ async fn the_app_reaches_postgres_over_verified_tls() {
         postgres.url("readthrough"),
         pki.ca.display()
     );
-    let mut app = spawn_app_with(|config| config.config.database_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| use_database(config, &url)).await;
 
     let user = app.create_user("over-tls@example.com").await;
     let read = app.get_user(&user.id).await;
@@ -321,9 +321,9 @@ async fn postgres_with_a_certificate_from_another_ca_fails_the_start() {
     let postgres = tls_only_postgres(&pki).await;
     let other_ca = pki.file("other-ca.pem", &pki.other_ca_pem);
     let mut config = ServeConfig::from_env();
-    config.grpc_addr = "127.0.0.1:0".parse().unwrap();
-    config.metrics_addr = "127.0.0.1:0".parse().unwrap();
-    config.config.database_url = format!(
+    config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
+    config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
+    config.config.database.url = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
         postgres.url("readthrough"),
         other_ca.display()
@@ -414,8 +414,8 @@ async fn the_cache_works_through_redis_over_tls_with_a_private_ca() {
     .await;
     let url = format!("rediss://127.0.0.1:{port}");
     let mut app = spawn_app_with(|config| {
-        config.config.redis_url = url.parse().unwrap();
-        config.config.redis_tls_ca_file = Some(pki.ca.clone());
+        config.config.cache.redis_url = url.parse().unwrap();
+        config.config.cache.redis_tls_ca_file = Some(pki.ca.clone());
     })
     .await;
 
@@ -452,7 +452,7 @@ async fn the_cache_works_through_redis_as_an_acl_user() {
     )
     .await;
     let url = format!("redis://readthrough:s3cret@127.0.0.1:{port}");
-    let mut app = spawn_app_with(|config| config.config.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
 
     let anonymous = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let refused = async {
