@@ -42,11 +42,7 @@ pub struct Services {
 }
 
 /// The primary, for writes, and the replicas that may serve cache misses.
-#[derive(Clone)]
-pub struct Database {
-    pub pool: PgPool,
-    pub replicas: Arc<Replicas>,
-}
+pub type Database = Arc<Replicas>;
 
 /// Stops a background task when dropped.
 struct AbortOnDrop(tokio::task::AbortHandle);
@@ -69,16 +65,12 @@ impl Services {
     /// `connect`, with the cache given (as the tests give one with hooks).
     pub async fn connect_with(config: &Config, cache: Cache) -> anyhow::Result<Self> {
         let pool = store::connect(&config.database).await?;
-        let replicas = Arc::new(Replicas::new(&config.database, &config.replicas, pool.clone())?);
+        let replicas: Database = Arc::new(Replicas::new(&config.database, &config.replicas, pool.clone())?);
         let cache = Arc::new(cache);
         cache.open_connections().await;
-        let database = Database {
-            pool: pool.clone(),
-            replicas: replicas.clone(),
-        };
-        let users = Users::new(database.clone(), cache.clone(), near_cache(config));
+        let users = Users::new(replicas.clone(), cache.clone(), near_cache(config));
         let products = Products::new(
-            database,
+            replicas.clone(),
             cache.clone(),
             near_cache(config),
             config.cache.list_cache_max_ids,
@@ -223,11 +215,11 @@ async fn invalidate_written<T>(
     written: outbox::Written<T>,
     forget: impl FnOnce(&[outbox::OutboxRow]),
 ) -> T {
-    let position = database.replicas.write_position().await;
+    let position = database.write_position().await;
     let confirmed = relay::carry_out(cache, &relay::invalidations(cache, &written.outbox), position).await;
     forget(&written.outbox);
     if confirmed && !written.outbox.is_empty() {
-        let pool = database.pool.clone();
+        let pool = database.primary().clone();
         let ids: Vec<i64> = written.outbox.iter().map(|row| row.id).collect();
         tokio::spawn(async move {
             if let Err(error) = outbox::confirm(&pool, &ids).await {

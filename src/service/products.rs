@@ -42,7 +42,7 @@ impl Products {
         Self {
             reads: ReadThrough::new(database.clone(), cache.clone(), near),
             lists: Arc::new(Lists::new(
-                database.pool.clone(),
+                database.primary().clone(),
                 cache.clone(),
                 list_cache_max_ids,
                 list_chunk_ids,
@@ -112,11 +112,11 @@ impl Products {
 
     /// The ids of the `limit` most recently modified products.
     pub async fn recent_ids(&self, limit: u32) -> Result<Vec<ProductId>, ServiceError> {
-        Ok(products::recent_ids(&self.database.pool, i64::from(limit)).await?)
+        Ok(products::recent_ids(self.database.primary(), i64::from(limit)).await?)
     }
 
     pub async fn create(&self, new: NewProduct) -> Result<Product, ServiceError> {
-        let written = products::insert(&self.database.pool, &new).await?;
+        let written = products::insert(self.database.primary(), &new).await?;
         Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
@@ -125,14 +125,14 @@ impl Products {
     /// entry is invalidated and its list stays cached.
     pub async fn update(&self, patch: ProductPatch) -> Result<Product, ServiceError> {
         let id = patch.id;
-        let written = products::update(&self.database.pool, &patch)
+        let written = products::update(self.database.primary(), &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
         Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     pub async fn delete(&self, id: ProductId) -> Result<(), ServiceError> {
-        let written = products::delete(&self.database.pool, id)
+        let written = products::delete(self.database.primary(), id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
         invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await;

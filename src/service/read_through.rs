@@ -301,7 +301,7 @@ impl<E: Loadable> ReadThrough<E> {
     /// `store::replicas`), or else from the primary. A replica that fails is
     /// left out, and the primary answers instead.
     async fn load(&self, ids: &[E::Id]) -> Result<Vec<E>, StoreError> {
-        let replicas = &self.database.replicas;
+        let replicas = &self.database;
         let replica = if replicas.any_usable() {
             match self.cache.newest_write::<E>(ids).await {
                 NewestWrite::Unknown => None,
@@ -324,7 +324,7 @@ impl<E: Loadable> ReadThrough<E> {
             }
         }
         count_read("primary");
-        E::load(&self.database.pool, ids).await
+        E::load(self.database.primary(), ids).await
     }
 
     /// Refresh ahead: reload a hot entry in the background before it expires.

@@ -60,24 +60,24 @@ impl Users {
 
     /// The ids of the `limit` most recently modified users.
     pub async fn recent_ids(&self, limit: u32) -> Result<Vec<UserId>, ServiceError> {
-        Ok(users::recent_ids(&self.database.pool, i64::from(limit)).await?)
+        Ok(users::recent_ids(self.database.primary(), i64::from(limit)).await?)
     }
 
     pub async fn create(&self, new: NewUser) -> Result<User, ServiceError> {
-        let written = users::insert(&self.database.pool, &new).await?;
+        let written = users::insert(self.database.primary(), &new).await?;
         Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     pub async fn update(&self, patch: UserPatch) -> Result<User, ServiceError> {
         let id = patch.id;
-        let written = users::update(&self.database.pool, &patch)
+        let written = users::update(self.database.primary(), &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
         Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
     }
 
     pub async fn delete(&self, id: UserId) -> Result<(), ServiceError> {
-        let written = users::delete(&self.database.pool, id)
+        let written = users::delete(self.database.primary(), id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
         invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await;

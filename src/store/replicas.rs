@@ -108,6 +108,11 @@ impl Replicas {
         })
     }
 
+    /// The primary: for writes, and for reads no replica may serve.
+    pub fn primary(&self) -> &PgPool {
+        &self.primary
+    }
+
     /// Whether writes must record markers: replicas are configured.
     pub fn configured(&self) -> bool {
         !self.replicas.is_empty()
