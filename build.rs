@@ -1,4 +1,6 @@
-//! Generates the gRPC code and the descriptor set that server reflection serves.
+//! Generates the gRPC code and the descriptor set that server reflection
+//! serves, from the protos of the client crate (`client/proto`), the one copy
+//! of the contract.
 
 use std::{env, path::PathBuf};
 
@@ -14,11 +16,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("readthrough_descriptor.bin"))
         .compile_protos(
             &[
-                PathBuf::from("proto/readthrough/v1/users.proto"),
-                PathBuf::from("proto/readthrough/v1/products.proto"),
-                PathBuf::from("proto/readthrough/v1/admin.proto"),
+                PathBuf::from("client/proto/readthrough/v1/users.proto"),
+                PathBuf::from("client/proto/readthrough/v1/products.proto"),
+                PathBuf::from("client/proto/readthrough/v1/admin.proto"),
             ],
-            &[PathBuf::from("proto"), protoc_bin_vendored::include_path()?],
+            &[PathBuf::from("client/proto"), protoc_bin_vendored::include_path()?],
         )?;
     Ok(())
 }

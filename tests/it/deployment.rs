@@ -27,12 +27,13 @@ const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG", "LOG_FORMAT"];
 const REQUIRED_VARIABLES: &[&str] = &["DATABASE_URL", "REDIS_URL", "GRPC_ADDR", "ADMIN_ADDR", "METRICS_ADDR"];
 
 /// What `cargo build` needs from the build context (Cargo.toml declares a
-/// `[[bench]]` and the `bench` workspace member, so both must be there too).
+/// `[[bench]]` and the `bench` and `client` workspace members, so they must be
+/// there too; `client` holds the protos).
 const BUILD_INPUTS: &[&str] = &[
     "Cargo.toml",
     "Cargo.lock",
     "build.rs",
-    "proto",
+    "client",
     "migrations",
     "src",
     "benches",
