@@ -1,6 +1,7 @@
-//! Generates the gRPC code and the descriptor set that server reflection
+//! Generates the gRPC servers and the descriptor set that server reflection
 //! serves, from the protos of the client crate (`client/proto`), the one copy
-//! of the contract.
+//! of the contract. Clients (the tests' and the benchmark's too) use
+//! `readthrough-client`'s stubs, so no client code is generated here.
 
 use std::{env, path::PathBuf};
 
@@ -13,6 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Malformed requests are INVALID_ARGUMENT, not prost's INTERNAL.
         .codec_path("crate::api::codec::StrictCodec")
+        .build_client(false)
         .file_descriptor_set_path(out_dir.join("readthrough_descriptor.bin"))
         .compile_protos(
             &[
