@@ -17,7 +17,8 @@ WORKDIR /app
 COPY Cargo.toml Cargo.lock build.rs ./
 # Build flags (tokio's unstable runtime options; see src/app.rs).
 COPY .cargo ./.cargo
-COPY proto ./proto
+# The protos live in the client crate, a workspace member the server's build.rs compiles them from.
+COPY client ./client
 COPY migrations ./migrations
 COPY src ./src
 # Cargo.toml declares a [[bench]] and the bench/ workspace member, so their

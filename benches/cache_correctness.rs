@@ -22,11 +22,8 @@ mod helpers;
 
 use std::time::{Duration, Instant};
 
-use helpers::{TestApp, spawn_app_with};
-use readthrough::{
-    domain::UserId,
-    proto::{CreateUserRequest, GetUserRequest},
-};
+use helpers::spawn_app_with;
+use readthrough::domain::UserId;
 
 #[tokio::main]
 async fn main() {
@@ -37,20 +34,12 @@ async fn main() {
     consistency().await;
 }
 
-async fn create_user(app: &mut TestApp, email: &str) -> String {
-    let request = CreateUserRequest {
-        email: email.into(),
-        preferences: None,
-    };
-    app.users.create_user(request).await.unwrap().into_inner().id
-}
-
 /// With the default 50 ms Redis deadline, and with a deadline this machine's
 /// scheduler cannot trip while 1000 client tasks share its two cores.
 async fn stampede(redis_timeout_ms: u64) {
-    let mut first = spawn_app_with(|config| config.config.cache.redis_timeout_ms = redis_timeout_ms).await;
+    let first = spawn_app_with(|config| config.config.cache.redis_timeout_ms = redis_timeout_ms).await;
     let second = first.spawn_sibling().await;
-    let id = create_user(&mut first, "hot@example.com").await;
+    let id = first.create_user("hot@example.com").await.id;
 
     let user_id = UserId::parse(&id).unwrap();
     let mut reads = Vec::new();
@@ -67,15 +56,15 @@ async fn stampede(redis_timeout_ms: u64) {
     let loads_before = first.metric(LOADS).await;
     let calls: Vec<_> = (0..1000)
         .map(|n| {
-            let mut client = if n % 2 == 0 {
-                first.users.clone()
+            let client = if n % 2 == 0 {
+                first.client.clone()
             } else {
-                second.users.clone()
+                second.client.clone()
             };
             let id = id.clone();
             tokio::spawn(async move {
                 let started = Instant::now();
-                client.get_user(GetUserRequest { id }).await.unwrap();
+                client.get_user(&id).await.unwrap();
                 started.elapsed()
             })
         })
@@ -106,22 +95,22 @@ async fn stampede(redis_timeout_ms: u64) {
 const LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;
 
 async fn refresh_ahead(enabled: bool) {
-    let mut app = spawn_app_with(|config| {
+    let app = spawn_app_with(|config| {
         config.config.cache.user_ttl_secs = 2;
         config.config.cache.refresh_ahead = enabled;
     })
     .await;
-    let id = create_user(&mut app, "steady@example.com").await;
+    let id = app.create_user("steady@example.com").await.id;
     let (loads_before, misses_before) = (app.metric(LOADS).await, app.metric(MISSES).await);
     let deadline = Instant::now() + Duration::from_secs(7);
     let readers: Vec<_> = (0..8)
         .map(|_| {
-            let (mut client, id) = (app.users.clone(), id.clone());
+            let (client, id) = (app.client.clone(), id.clone());
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 while Instant::now() < deadline {
                     let started = Instant::now();
-                    client.get_user(GetUserRequest { id: id.clone() }).await.unwrap();
+                    client.get_user(&id).await.unwrap();
                     latencies.push(started.elapsed());
                 }
                 latencies

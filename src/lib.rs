@@ -28,7 +28,8 @@ pub mod store;
 pub mod telemetry;
 pub mod tls;
 
-/// Code generated from `proto/readthrough/v1/*.proto`.
+/// The servers' code, generated from `client/proto/readthrough/v1/*.proto`
+/// (clients: the `readthrough-client` crate).
 pub mod proto {
     tonic::include_proto!("readthrough.v1");
 

@@ -11,7 +11,7 @@ use std::{
 
 use prost_types::{Struct, Value, value::Kind};
 use rand::{Rng, seq::IndexedRandom};
-use readthrough::proto::{
+use readthrough_client::proto::{
     GetUserRequest, ListProductsRequest, UpdateUserRequest, User, product_service_client::ProductServiceClient,
     user_service_client::UserServiceClient,
 };
@@ -123,6 +123,17 @@ fn next_call(workload: &Workload) -> Call {
 
 /// An UpdateUser that sets `preferences` to `{"bench": n}`.
 pub fn new_preferences(id: String, n: u32) -> UpdateUserRequest {
+    UpdateUserRequest {
+        user: Some(with_preferences(id, n)),
+        update_mask: Some(prost_types::FieldMask {
+            paths: vec!["preferences".into()],
+        }),
+        expected_version: 0,
+    }
+}
+
+/// A user with only an id and `preferences` `{"bench": n}`: the change `new_preferences` sends.
+pub fn with_preferences(id: String, n: u32) -> User {
     let preferences = Struct {
         fields: [(
             "bench".to_string(),
@@ -132,15 +143,9 @@ pub fn new_preferences(id: String, n: u32) -> UpdateUserRequest {
         )]
         .into(),
     };
-    UpdateUserRequest {
-        user: Some(User {
-            id,
-            preferences: Some(preferences),
-            ..Default::default()
-        }),
-        update_mask: Some(prost_types::FieldMask {
-            paths: vec!["preferences".into()],
-        }),
-        expected_version: 0,
+    User {
+        id,
+        preferences: Some(preferences),
+        ..Default::default()
     }
 }

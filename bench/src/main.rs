@@ -34,10 +34,10 @@ use rand::seq::IndexedRandom;
 use readthrough::{
     config::DatabaseConfig,
     ops::{demo_product_id, demo_user_id},
-    proto::{
-        self, GetUserRequest, ListProductsRequest, UpdateProductRequest, product_service_client::ProductServiceClient,
-        user_service_client::UserServiceClient,
-    },
+};
+use readthrough_client::{
+    Client, Page,
+    proto::{self, GetUserRequest, ListProductsRequest},
 };
 use sqlx::{Connection, Executor, PgConnection};
 
@@ -613,15 +613,8 @@ async fn price_updates(
     redis_stats: &mut RedisStats,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Channel::from_shared(service.url())?.connect().await?;
-    let page = ProductServiceClient::new(channel.clone())
-        .list_products(ListProductsRequest {
-            category_id: CATEGORY.to_string(),
-            page_size: PAGE_SIZE,
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let client = Client::connect(service.url()).await?;
+    let page = client.list_products(CATEGORY, Page::Number(0), PAGE_SIZE).await?;
     let on_page: Arc<Vec<String>> = Arc::new(page.products.into_iter().map(|p| p.id).collect());
     let in_category: Arc<Vec<String>> = Arc::new(
         (0..settings.products)
@@ -634,7 +627,7 @@ async fn price_updates(
     for _ in 0..settings.rounds {
         quiet.push(measure_h2load(service, &calls.page_zero, Load::STANDARD, settings.run, redis_stats).await?);
         for (ids, (runs, writes, latencies)) in [&in_category, &on_page].into_iter().zip(written.iter_mut()) {
-            let writer = tokio::spawn(update_prices(channel.clone(), ids.clone(), settings.run));
+            let writer = tokio::spawn(update_prices(client.clone(), ids.clone(), settings.run));
             runs.push(measure_h2load(service, &calls.page_zero, Load::STANDARD, settings.run, redis_stats).await?);
             let (made, took) = writer.await??;
             *writes += made;
@@ -676,7 +669,7 @@ async fn price_updates(
 /// for `run` whether or not earlier ones have finished (as independent
 /// writers would); how many were made, and their latencies.
 async fn update_prices(
-    channel: tonic::transport::Channel,
+    client: Client,
     ids: Arc<Vec<String>>,
     run: Duration,
 ) -> anyhow::Result<(u64, stats::Latencies)> {
@@ -686,21 +679,18 @@ async fn update_prices(
     let mut updates = Vec::new();
     while Instant::now() < deadline {
         tick.tick().await;
-        let mut client = ProductServiceClient::new(channel.clone());
-        let request = UpdateProductRequest {
-            product: Some(proto::Product {
-                id: ids.choose(&mut rand::rng()).cloned().unwrap_or_default(),
-                price_cents: rand::random_range(1..100_000),
-                ..Default::default()
-            }),
-            update_mask: Some(prost_types::FieldMask {
-                paths: vec!["price_cents".into()],
-            }),
-            expected_version: 0,
+        let client = client.clone();
+        let product = proto::Product {
+            id: ids.choose(&mut rand::rng()).cloned().unwrap_or_default(),
+            price_cents: rand::random_range(1..100_000),
+            ..Default::default()
         };
         updates.push(tokio::spawn(async move {
             let began = Instant::now();
-            client.update_product(request).await.map(|_| began.elapsed())
+            client
+                .update_product(product, &["price_cents"], 0)
+                .await
+                .map(|_| began.elapsed())
         }));
     }
     let mut took = Vec::with_capacity(updates.len());
@@ -780,8 +770,7 @@ async fn near_cache(
         0.85,
     ));
 
-    let writer = UserServiceClient::new(tonic::transport::Channel::from_shared(a.url())?.connect().await?);
-    let reader = UserServiceClient::new(tonic::transport::Channel::from_shared(b.url())?.connect().await?);
+    let (writer, reader) = (Client::connect(a.url()).await?, Client::connect(b.url()).await?);
     let lags = invalidation_lags(writer, reader, &ids[..200.min(ids.len())]).await?;
     report.near_cache_lag(&lags);
     report.target(Target::at_most(
@@ -795,23 +784,16 @@ async fn near_cache(
 /// For each id: read it on the reader (now in its near cache), update it on
 /// the writer, then read it on the reader until the new version shows; the
 /// time from the update's acknowledgement to that read.
-async fn invalidation_lags(
-    mut writer: UserServiceClient<tonic::transport::Channel>,
-    mut reader: UserServiceClient<tonic::transport::Channel>,
-    ids: &[String],
-) -> anyhow::Result<stats::Latencies> {
+async fn invalidation_lags(writer: Client, reader: Client, ids: &[String]) -> anyhow::Result<stats::Latencies> {
     let mut lags = Vec::with_capacity(ids.len());
     for (n, id) in ids.iter().enumerate() {
-        let get = GetUserRequest { id: id.clone() };
-        reader.get_user(get.clone()).await?;
-        reader.get_user(get.clone()).await?;
-        let updated = writer
-            .update_user(load::new_preferences(id.clone(), n as u32))
-            .await?
-            .into_inner();
+        reader.get_user(id).await?;
+        reader.get_user(id).await?;
+        let change = load::with_preferences(id.clone(), n as u32);
+        let updated = writer.update_user(change, &["preferences"], 0).await?;
         let acknowledged = Instant::now();
         loop {
-            let seen = reader.get_user(get.clone()).await?.into_inner();
+            let seen = reader.get_user(id).await?;
             if seen.version >= updated.version {
                 break;
             }

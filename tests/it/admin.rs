@@ -1,22 +1,10 @@
 //! CacheAdminService: operator invalidation of one entry or one category list
 //! (deleted), or of a whole kind (a new key epoch), checked through Redis directly.
 
-use readthrough::{
-    domain::{CategoryId, ProductId, UserId},
-    proto::{
-        GetProductRequest, GetUserRequest, InvalidateAllRequest, InvalidateCategoryRequest, InvalidateProductRequest,
-        InvalidateUserRequest, ListProductsRequest, cache_admin_service_client::CacheAdminServiceClient,
-    },
-};
-use tonic::{Code, transport::Channel};
+use readthrough::domain::{CategoryId, ProductId, UserId};
+use tonic::Code;
 
 use crate::helpers::{RedisProxy, Sandbox, TestApp, spawn_app, spawn_app_with};
-
-async fn admin(app: &TestApp) -> CacheAdminServiceClient<Channel> {
-    CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
-        .await
-        .expect("connects to the app")
-}
 
 /// This app's cached keys whose entity part is `entity` (e.g. `product`).
 async fn keys_of(app: &mut TestApp, entity: &str) -> Vec<String> {
@@ -34,19 +22,14 @@ async fn keys_of(app: &mut TestApp, entity: &str) -> Vec<String> {
 #[tokio::test]
 async fn invalidate_user_dry_run_reports_and_the_real_run_deletes() {
     let mut app = spawn_app().await;
-    let mut admin = admin(&app).await;
+    let admin = app.admin().await;
     let user = app.create_user("ada@example.com").await;
     app.outbox_drained().await;
-    let get = GetUserRequest { id: user.id.clone() };
-    app.users.get_user(get.clone()).await.unwrap();
+    app.get_user(&user.id).await;
     let key = app.keys.user(UserId::parse(&user.id).unwrap());
     assert!(app.exists(&key).await, "the read filled the cache");
 
-    let request = InvalidateUserRequest {
-        id: user.id.clone(),
-        dry_run: true,
-    };
-    let dry = admin.invalidate_user(request.clone()).await.unwrap().into_inner();
+    let dry = admin.invalidate_user(&user.id, true).await.unwrap();
     assert_eq!(
         dry.keys,
         vec![key.clone()],
@@ -56,21 +39,14 @@ async fn invalidate_user_dry_run_reports_and_the_real_run_deletes() {
     assert!(dry.dry_run);
     assert!(app.exists(&key).await, "a dry run deletes nothing");
 
-    let real = admin
-        .invalidate_user(InvalidateUserRequest {
-            dry_run: false,
-            ..request.clone()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let real = admin.invalidate_user(&user.id, false).await.unwrap();
     assert_eq!((real.keys, real.count, real.dry_run), (vec![key.clone()], 1, false));
     assert!(!app.exists(&key).await, "the entry is gone");
 
-    let again = admin.invalidate_user(request).await.unwrap().into_inner();
+    let again = admin.invalidate_user(&user.id, true).await.unwrap();
     assert_eq!((again.keys.len(), again.count), (0, 0), "nothing left to invalidate");
 
-    let read = app.users.get_user(get).await.unwrap().into_inner();
+    let read = app.get_user(&user.id).await;
     assert_eq!(read, user);
     assert!(app.exists(&key).await, "the next read refilled the cache");
 }
@@ -78,24 +54,14 @@ async fn invalidate_user_dry_run_reports_and_the_real_run_deletes() {
 #[tokio::test]
 async fn invalidate_product_deletes_its_entry() {
     let mut app = spawn_app().await;
-    let mut admin = admin(&app).await;
+    let admin = app.admin().await;
     let product = app.create_product("tools", "Hammer").await;
     app.outbox_drained().await;
-    app.products
-        .get_product(GetProductRequest { id: product.id.clone() })
-        .await
-        .unwrap();
+    app.client.get_product(&product.id).await.unwrap();
     let key = app.keys.product(ProductId::parse(&product.id).unwrap());
     assert!(app.exists(&key).await);
 
-    let response = admin
-        .invalidate_product(InvalidateProductRequest {
-            id: product.id.clone(),
-            dry_run: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let response = admin.invalidate_product(&product.id, false).await.unwrap();
     assert_eq!((response.keys, response.count), (vec![key.clone()], 1));
     assert!(!app.exists(&key).await);
 }
@@ -103,24 +69,14 @@ async fn invalidate_product_deletes_its_entry() {
 #[tokio::test]
 async fn invalidate_category_deletes_both_list_keys() {
     let mut app = spawn_app().await;
-    let mut admin = admin(&app).await;
+    let admin = app.admin().await;
     for name in ["Anvil", "Bellows", "Chisel"] {
         app.create_product("smithing", name).await;
     }
     app.create_product("garden", "Rake").await;
     app.outbox_drained().await;
     for category in ["smithing", "garden"] {
-        let page = app
-            .products
-            .list_products(ListProductsRequest {
-                category_id: category.to_string(),
-                page: 0,
-                page_size: 10,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let page = app.list_page(category, 0, 10).await;
         assert!(page.total_count >= 1);
     }
     let smithing = CategoryId::parse("smithing").unwrap();
@@ -130,14 +86,7 @@ async fn invalidate_category_deletes_both_list_keys() {
         "the list is cached"
     );
 
-    let response = admin
-        .invalidate_category(InvalidateCategoryRequest {
-            category_id: "smithing".to_string(),
-            dry_run: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let response = admin.invalidate_category("smithing", false).await.unwrap();
     let mut deleted = response.keys.clone();
     deleted.sort();
     let mut expected = vec![ids_key.clone(), meta_key.clone()];
@@ -170,18 +119,13 @@ async fn change_email_unseen(app: &TestApp, id: &str, email: &str) {
 }
 
 async fn email_of(app: &mut TestApp, id: &str) -> String {
-    app.users
-        .get_user(GetUserRequest { id: id.to_string() })
-        .await
-        .unwrap()
-        .into_inner()
-        .email
+    app.get_user(id).await.email
 }
 
 #[tokio::test]
 async fn invalidate_all_products_retires_them_and_leaves_users() {
     let mut app = spawn_app().await;
-    let mut admin = admin(&app).await;
+    let admin = app.admin().await;
     let mut products = Vec::new();
     for name in ["Lamp", "Desk", "Chair", "Shelf", "Rug"] {
         products.push(app.create_product("furniture", name).await);
@@ -192,10 +136,7 @@ async fn invalidate_all_products_retires_them_and_leaves_users() {
     ];
     app.outbox_drained().await;
     for product in &products {
-        app.products
-            .get_product(GetProductRequest { id: product.id.clone() })
-            .await
-            .unwrap();
+        app.client.get_product(&product.id).await.unwrap();
     }
     for user in &users {
         email_of(&mut app, &user.id).await;
@@ -204,11 +145,7 @@ async fn invalidate_all_products_retires_them_and_leaves_users() {
     let user_keys = keys_of(&mut app, "user").await;
     assert_eq!((product_keys.len(), user_keys.len()), (5, 2), "all were cached");
 
-    let request = InvalidateAllRequest {
-        entity: "product".to_string(),
-        dry_run: true,
-    };
-    let dry = admin.invalidate_all(request.clone()).await.unwrap().into_inner();
+    let dry = admin.invalidate_all("product", true).await.unwrap();
     assert_eq!(dry.count, product_keys.len() as i64);
     let mut sample = dry.keys.clone();
     sample.sort();
@@ -219,14 +156,7 @@ async fn invalidate_all_products_retires_them_and_leaves_users() {
         "a dry run retires nothing"
     );
 
-    let real = admin
-        .invalidate_all(InvalidateAllRequest {
-            dry_run: false,
-            ..request
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let real = admin.invalidate_all("product", false).await.unwrap();
     assert_eq!((real.count, real.dry_run), (0, false));
     assert_eq!(
         (real.epochs["product"], real.epochs["user"], real.epochs["list"]),
@@ -234,12 +164,7 @@ async fn invalidate_all_products_retires_them_and_leaves_users() {
         "only the products' epoch moved"
     );
     let hits = app.metric(r#"readthrough_cache_hits_total{entity="product"}"#).await;
-    app.products
-        .get_product(GetProductRequest {
-            id: products[0].id.clone(),
-        })
-        .await
-        .unwrap();
+    app.client.get_product(&products[0].id).await.unwrap();
     assert_eq!(
         app.metric(r#"readthrough_cache_hits_total{entity="product"}"#).await,
         hits,
@@ -262,7 +187,7 @@ async fn invalidate_all_products_retires_them_and_leaves_users() {
 
 #[tokio::test]
 async fn invalidate_all_reaches_every_instance_before_it_answers() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     let mut other = app.spawn_sibling().await;
     let user = app.create_user("before@example.com").await;
     app.outbox_drained().await;
@@ -274,14 +199,7 @@ async fn invalidate_all_reaches_every_instance_before_it_answers() {
         "the cache still holds the old row"
     );
 
-    admin(&app)
-        .await
-        .invalidate_all(InvalidateAllRequest {
-            entity: "user".to_string(),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
+    app.admin().await.invalidate_all("user", false).await.unwrap();
     assert_eq!(
         email_of(&mut other, &user.id).await,
         "after@example.com",
@@ -292,23 +210,15 @@ async fn invalidate_all_reaches_every_instance_before_it_answers() {
 #[tokio::test]
 async fn a_dry_run_samples_at_most_100_keys_but_counts_all() {
     let mut app = spawn_app().await;
-    let mut admin = admin(&app).await;
+    let admin = app.admin().await;
     fill_namespace(&app, 250).await;
-    let dry = admin
-        .invalidate_all(dry_run_of_everything())
-        .await
-        .unwrap()
-        .into_inner();
+    let dry = admin.invalidate_all(EVERYTHING, true).await.unwrap();
     assert_eq!((dry.count, dry.keys.len()), (250, 100));
 
-    let real = admin.invalidate_all(everything()).await.unwrap().into_inner();
+    let real = admin.invalidate_all(EVERYTHING, false).await.unwrap();
     assert_eq!(real.epochs.values().copied().collect::<Vec<_>>(), [1, 1, 1]);
     assert_eq!(keys_of(&mut app, "list").await.len(), 250, "nothing is deleted…");
-    let dry = admin
-        .invalidate_all(dry_run_of_everything())
-        .await
-        .unwrap()
-        .into_inner();
+    let dry = admin.invalidate_all(EVERYTHING, true).await.unwrap();
     assert_eq!(dry.count, 0, "…but nothing is in the new epochs");
 }
 
@@ -325,27 +235,16 @@ async fn fill_namespace(app: &TestApp, count: usize) {
     }
 }
 
-fn everything() -> InvalidateAllRequest {
-    InvalidateAllRequest {
-        entity: String::new(),
-        dry_run: false,
-    }
-}
-
-fn dry_run_of_everything() -> InvalidateAllRequest {
-    InvalidateAllRequest {
-        dry_run: true,
-        ..everything()
-    }
-}
+/// `InvalidateAll`'s entity for every kind.
+const EVERYTHING: &str = "";
 
 #[tokio::test]
 async fn one_invalidate_all_runs_at_a_time_per_instance() {
     let app = spawn_app().await;
-    let client = admin(&app).await;
+    let client = app.admin().await;
     let calls = (0..4).map(|_| {
-        let mut client = client.clone();
-        async move { client.invalidate_all(everything()).await }
+        let client = client.clone();
+        async move { client.invalidate_all(EVERYTHING, false).await }
     });
     let outcomes = futures_util::future::join_all(calls).await;
     let aborted = outcomes
@@ -355,25 +254,25 @@ async fn one_invalidate_all_runs_at_a_time_per_instance() {
     let done = outcomes.iter().filter(|outcome| outcome.is_ok()).count();
     assert_eq!((aborted, done), (3, 1), "{outcomes:?}");
     // The lock is released with the call: the next one runs (after the spacing between bumps).
-    let next = admin(&app).await.invalidate_all(everything()).await.unwrap();
-    assert_eq!(next.into_inner().epochs["user"], 2);
+    let next = app.admin().await.invalidate_all(EVERYTHING, false).await.unwrap();
+    assert_eq!(next.epochs["user"], 2);
 }
 
 #[tokio::test]
 async fn invalidate_all_stops_at_the_server_deadline_and_frees_the_next_run() {
     let app = spawn_app_with(|config| config.server.request_timeout_ms = 20).await;
     fill_namespace(&app, 200_000).await;
-    let mut client = admin(&app).await;
-    let status = client.invalidate_all(dry_run_of_everything()).await.unwrap_err();
+    let client = app.admin().await;
+    let status = client.invalidate_all(EVERYTHING, true).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
-    let next = client.invalidate_all(dry_run_of_everything()).await.unwrap_err();
+    let next = client.invalidate_all(EVERYTHING, true).await.unwrap_err();
     assert_eq!(
         next.code(),
         Code::DeadlineExceeded,
         "the next run starts (and stops) instead of ABORTED"
     );
     // A real run is cut while it waits for the instances to follow; its bump stays made.
-    let status = client.invalidate_all(everything()).await.unwrap_err();
+    let status = client.invalidate_all(EVERYTHING, false).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert_eq!(app.keys.epochs_known().of(readthrough::cache::Kind::List), 1);
 }
@@ -381,44 +280,20 @@ async fn invalidate_all_stops_at_the_server_deadline_and_frees_the_next_run() {
 #[tokio::test]
 async fn bad_input_is_invalid_argument() {
     let app = spawn_app().await;
-    let mut admin = admin(&app).await;
-    let status = admin
-        .invalidate_user(InvalidateUserRequest {
-            id: "nope".to_string(),
-            dry_run: true,
-        })
-        .await
-        .unwrap_err();
+    let admin = app.admin().await;
+    let status = admin.invalidate_user("nope", true).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("id:"), "{status:?}");
 
-    let status = admin
-        .invalidate_product(InvalidateProductRequest {
-            id: String::new(),
-            dry_run: false,
-        })
-        .await
-        .unwrap_err();
+    let status = admin.invalidate_product("", false).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
 
-    let status = admin
-        .invalidate_category(InvalidateCategoryRequest {
-            category_id: "no*globs".to_string(),
-            dry_run: false,
-        })
-        .await
-        .unwrap_err();
+    let status = admin.invalidate_category("no*globs", false).await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(status.message().starts_with("category_id:"), "{status:?}");
 
     for entity in ["bogus", "users", "*"] {
-        let status = admin
-            .invalidate_all(InvalidateAllRequest {
-                entity: entity.to_string(),
-                dry_run: false,
-            })
-            .await
-            .unwrap_err();
+        let status = admin.invalidate_all(entity, false).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{entity}: {status:?}");
         assert!(status.message().starts_with("entity:"), "{status:?}");
     }
@@ -429,25 +304,16 @@ async fn redis_down_is_unavailable_not_success() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
-    let mut admin = admin(&app).await;
+    let admin = app.admin().await;
     proxy.cut();
 
     let status = admin
-        .invalidate_user(InvalidateUserRequest {
-            id: uuid::Uuid::new_v4().to_string(),
-            dry_run: false,
-        })
+        .invalidate_user(&uuid::Uuid::new_v4().to_string(), false)
         .await
         .unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(status.message(), "cache unavailable");
 
-    let status = admin
-        .invalidate_all(InvalidateAllRequest {
-            entity: String::new(),
-            dry_run: true,
-        })
-        .await
-        .unwrap_err();
+    let status = admin.invalidate_all("", true).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 }

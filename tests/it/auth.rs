@@ -12,15 +12,8 @@ use std::{
 
 use futures_util::future::join_all;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use readthrough::{
-    app::Application,
-    cache::Hooks,
-    config::ServeConfig,
-    proto::{
-        CreateUserRequest, GetUserRequest, InvalidateUserRequest, cache_admin_service_client::CacheAdminServiceClient,
-        user_service_client::UserServiceClient,
-    },
-};
+use readthrough::{app::Application, cache::Hooks, config::ServeConfig};
+use readthrough_client::proto::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient};
 use sha2::{Digest, Sha256};
 use tonic::{Code, Request, transport::Channel};
 
@@ -90,12 +83,6 @@ async fn channel(port: u16) -> Channel {
         .unwrap()
 }
 
-async fn admin_client(port: u16) -> CacheAdminServiceClient<Channel> {
-    CacheAdminServiceClient::connect(format!("http://127.0.0.1:{port}"))
-        .await
-        .unwrap()
-}
-
 #[tokio::test]
 async fn calls_without_a_valid_token_are_unauthenticated_and_reach_no_handler() {
     let mut app = spawn_with_tokens().await;
@@ -131,41 +118,32 @@ async fn calls_without_a_valid_token_are_unauthenticated_and_reach_no_handler() 
 
 #[tokio::test]
 async fn a_token_without_the_role_is_permission_denied() {
-    let mut app = spawn_with_tokens().await;
-    let status = app
-        .users
-        .create_user(with_token(create("reader@example.com"), READER))
-        .await
-        .unwrap_err();
+    let app = spawn_with_tokens().await;
+    // The typed client sends its bearer token with every call.
+    let (reader, writer) = (
+        app.client.with_token(Some(READER)).unwrap(),
+        app.client.with_token(Some(WRITER)).unwrap(),
+    );
+    let status = reader.create_user("reader@example.com", None).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied, "{status:?}");
     assert_eq!(user_rows(&app).await, 0);
 
-    let user = app
-        .users
-        .create_user(with_token(create("writer@example.com"), WRITER))
-        .await
-        .unwrap()
-        .into_inner();
+    let user = writer.create_user("writer@example.com", None).await.unwrap();
     // Roles do not imply each other: the writer cannot read, the reader can.
-    let status = app.users.get_user(with_token(get(&user.id), WRITER)).await.unwrap_err();
+    let status = writer.get_user(&user.id).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    let read = app.users.get_user(with_token(get(&user.id), READER)).await.unwrap();
-    assert_eq!(read.into_inner().email, "writer@example.com");
+    let read = reader.get_user(&user.id).await.unwrap();
+    assert_eq!(read.email, "writer@example.com");
 
-    let mut admin = admin_client(app.admin_port).await;
-    let invalidate = || InvalidateUserRequest {
-        id: user.id.clone(),
-        dry_run: true,
-    };
-    let status = admin
-        .invalidate_user(with_token(invalidate(), WRITER))
-        .await
-        .unwrap_err();
+    let admin = app.admin().await;
+    let as_writer = admin.with_token(Some(WRITER)).unwrap();
+    let status = as_writer.invalidate_user(&user.id, true).await.unwrap_err();
     assert_eq!(status.code(), Code::PermissionDenied);
-    let status = admin.invalidate_user(Request::new(invalidate())).await.unwrap_err();
+    let status = admin.invalidate_user(&user.id, true).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
-    admin
-        .invalidate_user(with_token(invalidate(), OPERATOR))
+    let as_operator = admin.with_token(Some(OPERATOR)).unwrap();
+    as_operator
+        .invalidate_user(&user.id, true)
         .await
         .expect("the admin role may invalidate");
 }
@@ -174,29 +152,18 @@ async fn a_token_without_the_role_is_permission_denied() {
 async fn cache_administration_is_served_on_its_own_listener_only() {
     let app = spawn_app_with(|_| {}).await;
     let id = uuid::Uuid::new_v4().to_string();
-    let request = || InvalidateUserRequest {
-        id: id.clone(),
-        dry_run: true,
-    };
-    let status = admin_client(app.grpc_port)
-        .await
-        .invalidate_user(request())
-        .await
-        .unwrap_err();
+    let status = app.client.invalidate_user(&id, true).await.unwrap_err();
     assert_eq!(
         status.code(),
         Code::Unimplemented,
         "the data API port serves no admin calls"
     );
-    admin_client(app.admin_port)
-        .await
-        .invalidate_user(request())
+    let admin = app.admin().await;
+    admin
+        .invalidate_user(&id, true)
         .await
         .expect("the admin port serves them");
-    let mut users = UserServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
-        .await
-        .unwrap();
-    let status = users.get_user(get(&id)).await.unwrap_err();
+    let status = admin.get_user(&id).await.unwrap_err();
     assert_eq!(status.code(), Code::Unimplemented, "the admin port serves no data API");
 }
 
@@ -369,7 +336,7 @@ async fn without_authentication_only_loopback_addresses_are_served() {
         .expect("refused to start");
     assert!(format!("{error:#}").contains("ADMIN_ADDR=0.0.0.0:0"), "{error:#}");
 
-    let mut app = spawn_app_with(|config| {
+    let app = spawn_app_with(|config| {
         config.server.grpc_addr = "0.0.0.0:0".parse().unwrap();
         config.auth.insecure_allow_unauthenticated = true;
     })

@@ -1,9 +1,8 @@
 //! Every input rule: INVALID_ARGUMENT naming the field, nothing written, nothing cached.
 
 use prost_types::{FieldMask, Struct, Value, value::Kind};
-use readthrough::proto::{
-    self, BatchGetUsersRequest, CreateProductRequest, CreateUserRequest, DeleteProductRequest, DeleteUserRequest,
-    GetProductRequest, GetUserRequest, ListProductsRequest, UpdateProductRequest, UpdateUserRequest,
+use readthrough_client::proto::{
+    self, CreateProductRequest, CreateUserRequest, ListProductsRequest, UpdateProductRequest, UpdateUserRequest,
 };
 use tonic::Code;
 
@@ -11,7 +10,8 @@ use crate::helpers::{TestApp, spawn_app};
 
 /// Asserts the call failed with INVALID_ARGUMENT and a message naming `field`.
 #[track_caller]
-fn assert_invalid<T: std::fmt::Debug>(result: Result<tonic::Response<T>, tonic::Status>, field: &str) {
+/// `result` (of the typed client or a raw stub) is INVALID_ARGUMENT naming `field`.
+fn assert_invalid<T: std::fmt::Debug>(result: Result<T, tonic::Status>, field: &str) {
     let status = result.expect_err("the call should be rejected");
     assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
     assert!(
@@ -75,47 +75,22 @@ async fn ids_must_be_uuids() {
         "rt:v1:user:*",
         "123e4567-e89b-12d3-a456-42661417400",
     ] {
-        assert_invalid(app.users.get_user(GetUserRequest { id: bad.into() }).await, "id");
-        assert_invalid(app.users.delete_user(DeleteUserRequest { id: bad.into() }).await, "id");
-        assert_invalid(
-            app.products.get_product(GetProductRequest { id: bad.into() }).await,
-            "id",
-        );
-        assert_invalid(
-            app.products
-                .delete_product(DeleteProductRequest { id: bad.into() })
-                .await,
-            "id",
-        );
-        assert_invalid(
-            app.users
-                .batch_get_users(BatchGetUsersRequest { ids: vec![bad.into()] })
-                .await,
-            "ids",
-        );
+        assert_invalid(app.client.get_user(bad).await, "id");
+        assert_invalid(app.client.delete_user(bad).await, "id");
+        assert_invalid(app.client.get_product(bad).await, "id");
+        assert_invalid(app.client.delete_product(bad).await, "id");
+        assert_invalid(app.client.batch_get_users([bad]).await, "ids");
     }
     assert_nothing_stored(&mut app).await;
 }
 
 #[tokio::test]
 async fn a_batch_of_more_than_100_ids_is_rejected() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     let ids: Vec<String> = (0..101).map(|_| uuid::Uuid::new_v4().to_string()).collect();
-    assert_invalid(
-        app.users
-            .batch_get_users(BatchGetUsersRequest { ids: ids.clone() })
-            .await,
-        "ids",
-    );
+    assert_invalid(app.client.batch_get_users(ids.clone()).await, "ids");
 
-    let hundred = app
-        .users
-        .batch_get_users(BatchGetUsersRequest {
-            ids: ids[..100].to_vec(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let hundred = app.client.batch_get_users(ids[..100].to_vec()).await.unwrap();
     assert_eq!(hundred.missing_ids.len(), 100);
 }
 
@@ -165,19 +140,19 @@ async fn invisible_and_reordering_characters_are_refused_in_emails_and_names() {
         };
         assert_invalid(app.users.create_user(request).await, "email");
         let request = product("books", &format!("Manual{hidden}"), "", 100, "EUR");
-        assert_invalid(app.products.create_product(request).await, "name");
+        assert_invalid(app.client.create_product(request).await, "name");
     }
     assert_nothing_stored(&mut app).await;
     // A joiner is part of some scripts and emoji sequences: names keep it.
     let family = product("books", "Family \u{1F468}\u{200D}\u{1F469}", "", 100, "EUR");
-    assert!(app.products.create_product(family).await.is_ok());
+    assert!(app.client.create_product(family).await.is_ok());
 }
 
 #[tokio::test]
 async fn an_unknown_update_mask_path_is_quoted_back_only_in_part() {
     let mut app = spawn_app().await;
     let user = app.create_user("mask@example.com").await;
-    let mut request = crate::helpers::rename_user(&user.id, "new@example.com");
+    let mut request = crate::helpers::rename_request(&user.id, "new@example.com");
     request.update_mask = Some(prost_types::FieldMask {
         paths: vec!["x".repeat(50_000)],
     });
@@ -261,13 +236,13 @@ async fn product_fields_are_validated() {
         (product("*", "Book", "", 1, "EUR"), "category_id"),
     ];
     for (request, field) in cases {
-        assert_invalid(app.products.create_product(request).await, field);
+        assert_invalid(app.client.create_product(request).await, field);
     }
     assert_nothing_stored(&mut app).await;
 
     let edge = product(&"c".repeat(64), &"é".repeat(200), &"d".repeat(5000), 0, "JPY");
     assert!(
-        app.products.create_product(edge).await.is_ok(),
+        app.client.create_product(edge).await.is_ok(),
         "values at the limits are accepted"
     );
 }
@@ -336,15 +311,7 @@ async fn page_tokens_must_be_ours_and_for_this_category() {
 #[tokio::test]
 async fn updates_need_a_valid_mask_and_version() {
     let mut app = spawn_app().await;
-    let user = app
-        .users
-        .create_user(CreateUserRequest {
-            email: "m@example.com".into(),
-            preferences: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let user = app.client.create_user("m@example.com", None).await.unwrap();
     let update = |paths: &[&str], expected_version: i64, email: &str| UpdateUserRequest {
         user: Some(proto::User {
             id: user.id.clone(),

@@ -16,22 +16,19 @@ use std::{
     time::{Duration, Instant},
 };
 
-use prost_types::FieldMask;
 use rand::{Rng, seq::IndexedRandom};
 use readthrough::{
     cache::{Entry, Hook, Hooks, Kind, ListMeta},
     config::SecretUrl,
     domain::{CategoryId, Product, ProductId, User, UserId},
-    proto::{
-        self, CreateProductRequest, CreateUserRequest, DeleteUserRequest, GetProductRequest, GetUserRequest,
-        InvalidateAllRequest, ListProductsRequest, UpdateProductRequest,
-        cache_admin_service_client::CacheAdminServiceClient, product_service_client::ProductServiceClient,
-        user_service_client::UserServiceClient,
-    },
 };
-use tonic::{Code, transport::Channel};
+use readthrough_client::{
+    Client, Page,
+    proto::{self, CreateProductRequest},
+};
+use tonic::Code;
 
-use super::helpers::{TestApp, redis, rename_user, spawn_app_with_hooks, use_database};
+use super::helpers::{TestApp, email_change, redis, spawn_app_with_hooks, use_database};
 
 pub struct Settings {
     pub clients: usize,
@@ -134,11 +131,7 @@ pub async fn run(settings: Settings) -> Report {
 
     let mut user_ids = Vec::new();
     for n in 0..settings.users {
-        let request = CreateUserRequest {
-            email: format!("user{n}@example.com"),
-            preferences: None,
-        };
-        user_ids.push(first.users.create_user(request).await.unwrap().into_inner().id);
+        user_ids.push(first.create_user(&format!("user{n}@example.com")).await.id);
     }
     let mut product_ids = Vec::new();
     for n in 0..settings.products {
@@ -149,15 +142,12 @@ pub async fn run(settings: Settings) -> Report {
             price_cents: 100,
             currency: "EUR".into(),
         };
-        product_ids.push(first.products.create_product(request).await.unwrap().into_inner().id);
+        product_ids.push(first.client.create_product(request).await.unwrap().id);
     }
 
     let history = Arc::new(Mutex::new(History::default()));
     let deadline = Instant::now() + settings.duration;
-    let instances = [
-        (first.users.clone(), first.products.clone()),
-        (second.users.clone(), second.products.clone()),
-    ];
+    let instances = [first.client.clone(), second.client.clone()];
     let clients: Vec<_> = (0..settings.clients)
         .map(|_| {
             let (instances, history) = (instances.clone(), history.clone());
@@ -165,28 +155,21 @@ pub async fn run(settings: Settings) -> Report {
             tokio::spawn(async move {
                 let mut counts = (0u64, 0u64);
                 while Instant::now() < deadline {
-                    let (users, products) = instances[rand::rng().random_range(0..instances.len())].clone();
+                    let client = &instances[rand::rng().random_range(0..instances.len())];
                     let step = Step::random(&user_ids, &product_ids);
-                    let is_read = step.run(users, products, &history).await;
+                    let is_read = step.run(client, &history).await;
                     if is_read { counts.0 += 1 } else { counts.1 += 1 }
                 }
                 counts
             })
         })
         .collect();
+    let admin = first.admin().await;
     let retiring = settings.retire_all.then(|| {
-        let admin_port = first.admin_port;
         tokio::spawn(async move {
-            let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{admin_port}"))
-                .await
-                .unwrap();
             let mut bumps = 0;
             while Instant::now() < deadline {
-                let everything = InvalidateAllRequest {
-                    entity: String::new(),
-                    dry_run: false,
-                };
-                admin.invalidate_all(everything).await.unwrap();
+                admin.invalidate_all("", false).await.unwrap();
                 bumps += 1;
             }
             bumps
@@ -236,37 +219,21 @@ impl Step {
     }
 
     /// Runs the step and records what the client saw; true for a read.
-    async fn run(
-        self,
-        mut users: UserServiceClient<Channel>,
-        mut products: ProductServiceClient<Channel>,
-        history: &Mutex<History>,
-    ) -> bool {
+    async fn run(self, client: &Client, history: &Mutex<History>) -> bool {
         let began = Instant::now();
         match self {
             Step::GetUser(id) => {
-                let version = found(
-                    users
-                        .get_user(GetUserRequest { id: id.clone() })
-                        .await
-                        .map(|r| r.into_inner().version),
-                );
+                let version = found(client.get_user(&id).await.map(|user| user.version));
                 record_read(history, id, began, version);
                 true
             }
             Step::GetProduct(id) => {
-                let read = products.get_product(GetProductRequest { id: id.clone() }).await;
-                record_read(history, id, began, found(read.map(|r| r.into_inner().version)));
+                let read = client.get_product(&id).await;
+                record_read(history, id, began, found(read.map(|product| product.version)));
                 true
             }
             Step::ListProducts(category) => {
-                let request = ListProductsRequest {
-                    category_id: category.into(),
-                    page: 0,
-                    page_size: 100,
-                    ..Default::default()
-                };
-                let page = products.list_products(request).await.unwrap().into_inner();
+                let page = client.list_products(category, Page::Number(0), 100).await.unwrap();
                 for product in page.products {
                     record_read(history, product.id, began, Some(product.version));
                 }
@@ -274,14 +241,14 @@ impl Step {
             }
             Step::UpdateUser(id) => {
                 let email = format!("{}@example.com", uuid::Uuid::new_v4().simple());
-                let request = rename_user(&id, &email);
-                if let Some(version) = found(users.update_user(request).await.map(|r| r.into_inner().version)) {
+                let written = client.update_user(email_change(&id, &email), &["email"], 0).await;
+                if let Some(version) = found(written.map(|user| user.version)) {
                     record_ack(history, id, version);
                 }
                 false
             }
             Step::DeleteUser(id) => {
-                if users.delete_user(DeleteUserRequest { id: id.clone() }).await.is_ok() {
+                if client.delete_user(&id).await.is_ok() {
                     record_ack(history, id, DELETED);
                 }
                 false
@@ -296,18 +263,10 @@ impl Step {
                         price_cents: rng.random_range(0..10_000),
                         ..Default::default()
                     };
-                    let path = ["category_id", "name", "price_cents"]
-                        .choose(&mut rng)
-                        .unwrap()
-                        .to_string();
+                    let path = *["category_id", "name", "price_cents"].choose(&mut rng).unwrap();
                     (product, path)
                 };
-                let request = UpdateProductRequest {
-                    product: Some(product),
-                    update_mask: Some(FieldMask { paths: vec![path] }),
-                    expected_version: 0,
-                };
-                let version = products.update_product(request).await.unwrap().into_inner().version;
+                let version = client.update_product(product, &[path], 0).await.unwrap().version;
                 record_ack(history, id, version);
                 false
             }

@@ -2,13 +2,6 @@
 //! by each test (`REDIS_CLUSTER_URLS`): the core cases of the single-Redis
 //! tests, and what only a cluster has (keys in many slots, several masters).
 
-use readthrough::{
-    cache::Kind,
-    proto::{
-        BatchGetUsersRequest, GetUserRequest, InvalidateAllRequest, cache_admin_service_client::CacheAdminServiceClient,
-    },
-};
-
 use std::{
     sync::{
         Arc,
@@ -17,14 +10,12 @@ use std::{
     time::{Duration, Instant},
 };
 
-use readthrough::{
-    domain::UserId,
-    proto::{GetProductRequest, Product, UpdateProductRequest},
-};
+use readthrough::{cache::Kind, domain::UserId};
+use readthrough_client::proto::Product;
 
 use crate::{
     checker,
-    helpers::{OwnCluster, TestApp, redis, rename_user, spawn_app_with},
+    helpers::{OwnCluster, TestApp, redis, spawn_app_with},
 };
 
 async fn on_cluster(cluster: &OwnCluster) -> TestApp {
@@ -32,24 +23,16 @@ async fn on_cluster(cluster: &OwnCluster) -> TestApp {
     spawn_app_with(move |config| config.config.cache.redis_cluster_urls = urls).await
 }
 
-async fn get_user(app: &mut TestApp, id: &str) -> readthrough::proto::User {
-    app.users
-        .get_user(GetUserRequest { id: id.to_string() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_miss_fills_a_hit_and_an_update_reaches_another_instance() {
     let cluster = OwnCluster::start().await;
-    let mut app = on_cluster(&cluster).await;
-    let mut other = app.spawn_sibling().await;
+    let app = on_cluster(&cluster).await;
+    let other = app.spawn_sibling().await;
     let user = app.create_user("clustered@example.com").await;
     app.outbox_drained().await;
 
-    assert_eq!(get_user(&mut app, &user.id).await, user);
-    assert_eq!(get_user(&mut app, &user.id).await, user);
+    assert_eq!(app.get_user(&user.id).await, user);
+    assert_eq!(app.get_user(&user.id).await, user);
     let [hits, misses] = app
         .metrics(&[
             r#"readthrough_cache_hits_total{entity="user"}"#,
@@ -65,13 +48,10 @@ async fn a_miss_fills_a_hit_and_an_update_reaches_another_instance() {
     let cached: bool = redis::cmd("EXISTS").arg(&key).query_async(&mut redis).await.unwrap();
     assert!(cached, "{key} is cached in the cluster");
 
-    assert_eq!(get_user(&mut other, &user.id).await.email, "clustered@example.com");
-    app.users
-        .update_user(rename_user(&user.id, "renamed@example.com"))
-        .await
-        .unwrap();
+    assert_eq!(other.get_user(&user.id).await.email, "clustered@example.com");
+    app.rename_user(&user.id, "renamed@example.com").await.unwrap();
     assert_eq!(
-        get_user(&mut other, &user.id).await.email,
+        other.get_user(&user.id).await.email,
         "renamed@example.com",
         "the update is read through the other instance"
     );
@@ -80,7 +60,7 @@ async fn a_miss_fills_a_hit_and_an_update_reaches_another_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_reads_across_slots_keep_the_callers_order() {
     let cluster = OwnCluster::start().await;
-    let mut app = on_cluster(&cluster).await;
+    let app = on_cluster(&cluster).await;
     let mut ids = Vec::new();
     for n in 0..24 {
         ids.push(app.create_user(&format!("batch{n}@example.com")).await.id);
@@ -97,12 +77,7 @@ async fn batch_reads_across_slots_keep_the_callers_order() {
     asked.insert(5, uuid::Uuid::new_v4().to_string());
     asked.push(ids[3].clone());
     for round in 0..2 {
-        let found = app
-            .users
-            .batch_get_users(BatchGetUsersRequest { ids: asked.clone() })
-            .await
-            .unwrap()
-            .into_inner();
+        let found = app.client.batch_get_users(asked.clone()).await.unwrap();
         let answered: Vec<String> = found.users.iter().map(|user| user.id.clone()).collect();
         let expected: Vec<String> = asked[..asked.len() - 1]
             .iter()
@@ -128,7 +103,7 @@ async fn batch_reads_across_slots_keep_the_callers_order() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_of_a_list_and_a_corrupt_entry_repaired() {
     let cluster = OwnCluster::start().await;
-    let mut app = on_cluster(&cluster).await;
+    let app = on_cluster(&cluster).await;
     let products = app.create_products("lamps", 250).await;
     app.outbox_drained().await;
     let mut expected: Vec<(String, String)> = products.iter().map(|p| (p.name.clone(), p.id.clone())).collect();
@@ -146,7 +121,7 @@ async fn pages_of_a_list_and_a_corrupt_entry_repaired() {
 
     let user = app.create_user("repaired@example.com").await;
     app.outbox_drained().await;
-    get_user(&mut app, &user.id).await;
+    app.get_user(&user.id).await;
     let key = app.keys.user(readthrough::domain::UserId::parse(&user.id).unwrap());
     let mut redis = cluster.connection().await;
     let () = redis::cmd("SET")
@@ -155,7 +130,7 @@ async fn pages_of_a_list_and_a_corrupt_entry_repaired() {
         .query_async(&mut redis)
         .await
         .unwrap();
-    assert_eq!(get_user(&mut app, &user.id).await, user, "read from PostgreSQL");
+    assert_eq!(app.get_user(&user.id).await, user, "read from PostgreSQL");
     assert_eq!(
         app.metric(r#"readthrough_cache_corrupt_total{entity="user"}"#).await,
         1.0
@@ -167,38 +142,23 @@ async fn pages_of_a_list_and_a_corrupt_entry_repaired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dry_run_counts_keys_on_every_master_and_invalidate_all_retires_them() {
     let cluster = OwnCluster::start().await;
-    let mut app = on_cluster(&cluster).await;
+    let app = on_cluster(&cluster).await;
     let mut ids = Vec::new();
     for n in 0..30 {
         ids.push(app.create_user(&format!("counted{n}@example.com")).await.id);
     }
     app.outbox_drained().await;
     for id in &ids {
-        get_user(&mut app, id).await;
+        app.get_user(id).await;
     }
-    let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
-        .await
-        .unwrap();
-    let dry = admin
-        .invalidate_all(InvalidateAllRequest {
-            entity: "user".to_string(),
-            dry_run: true,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let admin = app.admin().await;
+    let dry = admin.invalidate_all("user", true).await.unwrap();
     assert_eq!(dry.count, 30, "keys on all three masters are counted");
 
-    admin
-        .invalidate_all(InvalidateAllRequest {
-            entity: "user".to_string(),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
+    admin.invalidate_all("user", false).await.unwrap();
     assert_eq!(app.keys.epochs_known().of(Kind::User), 1);
     let hits = app.metric(r#"readthrough_cache_hits_total{entity="user"}"#).await;
-    get_user(&mut app, &ids[0]).await;
+    app.get_user(&ids[0]).await;
     assert_eq!(
         app.metric(r#"readthrough_cache_hits_total{entity="user"}"#).await,
         hits,
@@ -226,7 +186,7 @@ async fn a_master_failover_under_load_fails_no_read_and_leaves_nothing_stale() {
         .map(|p| p.id)
         .collect();
     app.outbox_drained().await;
-    get_user(&mut app, &hot.id).await;
+    app.get_user(&hot.id).await;
     let hot_key = app.keys.user(UserId::parse(&hot.id).unwrap());
     let master = cluster.master_of(&hot_key).await;
 
@@ -234,30 +194,21 @@ async fn a_master_failover_under_load_fails_no_read_and_leaves_nothing_stale() {
     let failures = Arc::new(AtomicU64::new(0));
     let mut load = Vec::new();
     for (n, instance) in [&app, &other].into_iter().enumerate() {
-        let (mut users, mut catalog) = (instance.users.clone(), instance.products.clone());
+        let client = instance.client.clone();
         let (hot, products, stop, failures) = (hot.id.clone(), products.clone(), stop.clone(), failures.clone());
         load.push(tokio::spawn(async move {
             let mut round = 0;
             while !stop.load(Ordering::Relaxed) {
                 round += 1;
                 let product = products[round % products.len()].clone();
-                let read_user = users.get_user(GetUserRequest { id: hot.clone() }).await.map(drop);
-                let read_product = catalog
-                    .get_product(GetProductRequest { id: product.clone() })
-                    .await
-                    .map(drop);
-                let rename = UpdateProductRequest {
-                    product: Some(Product {
-                        id: product,
-                        name: format!("renamed by {n} in round {round}"),
-                        ..Default::default()
-                    }),
-                    update_mask: Some(prost_types::FieldMask {
-                        paths: vec!["name".into()],
-                    }),
-                    expected_version: 0,
+                let read_user = client.get_user(&hot).await.map(drop);
+                let read_product = client.get_product(&product).await.map(drop);
+                let rename = Product {
+                    id: product,
+                    name: format!("renamed by {n} in round {round}"),
+                    ..Default::default()
                 };
-                let written = catalog.update_product(rename).await.map(drop);
+                let written = client.update_product(rename, &["name"], 0).await.map(drop);
                 for result in [read_user, read_product, written] {
                     if let Err(status) = result {
                         eprintln!("failed during the failover: {status:?}");

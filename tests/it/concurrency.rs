@@ -12,12 +12,12 @@ use std::{
 use readthrough::{
     cache::{Entry, Hook, Hooks},
     domain::{User, UserId},
-    proto::GetUserRequest,
 };
+use readthrough_client::proto::GetUserRequest;
 use tokio::sync::Notify;
 use tonic::Code;
 
-use crate::helpers::{rename_user, spawn_app_with, spawn_app_with_hooks};
+use crate::helpers::{spawn_app_with, spawn_app_with_hooks};
 
 const USER_LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;
 
@@ -26,7 +26,7 @@ async fn a_thousand_concurrent_misses_on_two_instances_load_the_row_once() {
     // 1000 client tasks and two servers share two cores here: a 50 ms Redis deadline
     // would measure the scheduler, and this test is about stampedes, not timeouts.
     // For the same reason, leases get time enough for the holder to fill.
-    let mut first = spawn_app_with(|config| {
+    let first = spawn_app_with(|config| {
         config.config.cache.redis_timeout_ms = 1000;
         config.config.cache.lease_ms = 5000;
     })
@@ -95,12 +95,7 @@ async fn stale_set_interleaving(unguarded_fills: bool) -> Option<i64> {
     let read = tokio::spawn(async move { reader.get_user(GetUserRequest { id }).await.unwrap().into_inner() });
     paused.notified().await; // the reader holds version 1, not yet cached
 
-    let written = app
-        .users
-        .update_user(rename_user(&user.id, "v2@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let written = app.rename_user(&user.id, "v2@example.com").await.unwrap();
     assert_eq!(written.version, 2);
     resume.notify_one();
     assert_eq!(read.await.unwrap().version, 1, "the reader began before the write");
@@ -148,14 +143,11 @@ async fn an_absent_id_is_cached_briefly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_key_is_refreshed_before_it_expires() {
-    let mut app = spawn_app_with(|config| config.config.cache.user_ttl_secs = 1).await;
+    let app = spawn_app_with(|config| config.config.cache.user_ttl_secs = 1).await;
     let user = app.create_user("refresh@example.com").await;
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {
-        app.users
-            .get_user(GetUserRequest { id: user.id.clone() })
-            .await
-            .unwrap();
+        app.client.get_user(&user.id).await.unwrap();
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let refreshes = app.metric(r#"readthrough_cache_refreshes_total{entity="user"}"#).await;

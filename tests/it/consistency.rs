@@ -14,18 +14,15 @@ use deadpool_redis::redis;
 use readthrough::{
     cache::{Hook, Hooks, Kind, RedisConnection},
     domain::{ProductId, UserId},
-    proto::{
-        GetProductRequest, GetUserRequest, InvalidateUserRequest, ListProductsRequest,
-        cache_admin_service_client::CacheAdminServiceClient,
-    },
 };
+use readthrough_client::proto::{GetUserRequest, ListProductsRequest};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tonic::Code;
 
 use crate::{
     checker::{self, Settings},
     helpers::{
-        OwnCluster, OwnRedis, RedisProxy, Sandbox, TestApp, eventually, rename_user, spawn_app, spawn_app_with,
+        OwnCluster, OwnRedis, RedisProxy, Sandbox, TestApp, eventually, rename_request, spawn_app, spawn_app_with,
         spawn_app_with_hooks,
     },
 };
@@ -137,22 +134,23 @@ async fn every_invalidation_deletes_the_lease_no_later_than_the_entry() {
     // between (Redis does not run a pipeline's commands as one).
     let own = OwnRedis::start().await;
     let url = own.url.clone();
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("lease@example.com").await;
     let mut monitor = Monitor::start(&own.url).await;
     let marker_client = redis::Client::open(own.url.as_str()).unwrap();
     let mut marker = marker_client.get_multiplexed_async_connection().await.unwrap();
     let mut users = app.users.clone();
-    let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
-        .await
-        .unwrap();
+    let admin = app.admin().await;
     let id = user.id.clone();
     let db = app.db.clone();
 
     let deletions = monitor
         .deletions_until("done", async {
             // The service's own write.
-            users.update_user(rename_user(&id, "write@example.com")).await.unwrap();
+            users
+                .update_user(rename_request(&id, "write@example.com"))
+                .await
+                .unwrap();
             // A change by hand, which the outbox relay invalidates.
             sqlx::query("UPDATE users SET email = 'hand@example.com', version = version + 1 WHERE id = $1::uuid")
                 .bind(&id)
@@ -161,13 +159,7 @@ async fn every_invalidation_deletes_the_lease_no_later_than_the_entry() {
                 .unwrap();
             tokio::time::sleep(Duration::from_millis(1500)).await;
             // An operator's invalidation.
-            admin
-                .invalidate_user(InvalidateUserRequest {
-                    id: id.clone(),
-                    dry_run: false,
-                })
-                .await
-                .unwrap();
+            admin.invalidate_user(&id, false).await.unwrap();
             let _: String = redis::cmd("PING").arg("done").query_async(&mut marker).await.unwrap();
         })
         .await;
@@ -200,7 +192,7 @@ async fn a_reader_dropped_by_its_deadline_gives_its_lease_back() {
         })),
         ..Hooks::default()
     };
-    let mut app = spawn_app_with_hooks(hooks, |config| config.config.cache.lease_ms = 10_000).await;
+    let app = spawn_app_with_hooks(hooks, |config| config.config.cache.lease_ms = 10_000).await;
     let user = app.create_user("deadline@example.com").await;
     let lease = app.keys.lease(&app.keys.user(UserId::parse(&user.id).unwrap()));
 
@@ -292,7 +284,7 @@ async fn a_load_slower_than_the_lease_still_fills_once_for_every_caller() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_lists_load_once_across_instances_even_when_the_load_outlasts_the_lease() {
-    let (mut first, second) = slow_pair(":list:").await;
+    let (first, second) = slow_pair(":list:").await;
     first.create_products("cold", 30).await;
     first.outbox_drained().await;
 
@@ -335,12 +327,7 @@ async fn a_row_that_fails_validation_is_served_but_never_cached() {
         .unwrap();
     app.outbox_drained().await;
     for _ in 0..3 {
-        let product = app
-            .products
-            .get_product(GetProductRequest { id: id.to_string() })
-            .await
-            .unwrap()
-            .into_inner();
+        let product = app.client.get_product(&id.to_string()).await.unwrap();
         assert_eq!(product.category_id, "Not valid");
     }
     let key = app.keys.product(ProductId::from_uuid(id));
@@ -364,14 +351,8 @@ async fn a_truncate_by_hand_drops_every_cached_entry_of_the_table() {
     let user = app.create_user("gone@example.com").await;
     let product = app.create_product("gone", "Gone").await;
     app.outbox_drained().await;
-    app.users
-        .get_user(GetUserRequest { id: user.id.clone() })
-        .await
-        .unwrap();
-    app.products
-        .get_product(GetProductRequest { id: product.id.clone() })
-        .await
-        .unwrap();
+    app.client.get_user(&user.id).await.unwrap();
+    app.client.get_product(&product.id).await.unwrap();
     assert_eq!(app.list_page("gone", 0, 10).await.products.len(), 1);
     let user_key = app.keys.user(UserId::parse(&user.id).unwrap());
     assert!(app.exists(&user_key).await, "cached before the truncate");
@@ -388,17 +369,9 @@ async fn a_truncate_by_hand_drops_every_cached_entry_of_the_table() {
         "every kind of the truncated tables has a new key epoch"
     );
     assert_ne!(app.keys.user(UserId::parse(&user.id).unwrap()), user_key);
-    let status = app
-        .users
-        .get_user(GetUserRequest { id: user.id.clone() })
-        .await
-        .unwrap_err();
+    let status = app.client.get_user(&user.id).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let status = app
-        .products
-        .get_product(GetProductRequest { id: product.id.clone() })
-        .await
-        .unwrap_err();
+    let status = app.client.get_product(&product.id).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
     assert_eq!(app.list_page("gone", 0, 10).await.products.len(), 0);
 }

@@ -21,13 +21,13 @@ use yaml_serde::Value;
 /// Read outside clap, by the log filter (`EnvFilter`).
 const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG"];
 
-/// What `cargo build` needs from the build context: the protos, the
-/// workspace's members and the `[[bench]]` the manifest declares.
+/// What `cargo build` needs from the build context: the workspace's members
+/// (`client` holds the protos) and the `[[bench]]` the manifest declares.
 const BUILD_INPUTS: &[&str] = &[
     "Cargo.toml",
     "Cargo.lock",
     "build.rs",
-    "proto",
+    "client",
     "migrations",
     "src",
     "benches",

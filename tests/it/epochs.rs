@@ -4,11 +4,7 @@
 
 use std::time::Duration;
 
-use readthrough::{
-    cache::Kind,
-    domain::UserId,
-    proto::{InvalidateAllRequest, cache_admin_service_client::CacheAdminServiceClient},
-};
+use readthrough::{cache::Kind, domain::UserId};
 
 use crate::helpers::{OwnRedis, eventually, free_port, redis, spawn_app, spawn_app_with};
 
@@ -35,7 +31,7 @@ async fn an_instance_that_cannot_read_the_key_epochs_uses_nothing_it_reads_from_
     )
     .await;
     let url = format!("redis://readthrough:s3cret@127.0.0.1:{port}");
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("epochless@example.com").await;
     for _ in 0..3 {
         let read = app.get_user(&user.id).await;
@@ -74,14 +70,8 @@ async fn an_instance_that_cannot_read_the_key_epochs_uses_nothing_it_reads_from_
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn epochs_that_went_back_are_bumped_above_the_highest_seen() {
     let mut app = spawn_app().await;
-    let mut admin = CacheAdminServiceClient::connect(format!("http://127.0.0.1:{}", app.admin_port))
-        .await
-        .unwrap();
-    let retire_users = InvalidateAllRequest {
-        entity: "user".to_string(),
-        dry_run: false,
-    };
-    let bumped = admin.invalidate_all(retire_users).await.unwrap().into_inner();
+    let admin = app.admin().await;
+    let bumped = admin.invalidate_all("user", false).await.unwrap();
     assert_eq!(bumped.epochs["user"], 1);
 
     // The bump is lost.

@@ -13,11 +13,11 @@ use std::{
 use readthrough::{
     cache::Entry,
     domain::{User, UserId},
-    proto::GetUserRequest,
 };
+use readthrough_client::proto::GetUserRequest;
 use tokio::task::JoinHandle;
 
-use crate::helpers::{OwnRedis, RedisProxy, Sandbox, TestApp, eventually, rename_user, spawn_app_with};
+use crate::helpers::{OwnRedis, RedisProxy, Sandbox, TestApp, eventually, spawn_app_with};
 
 const USER_HITS: &str = r#"readthrough_cache_hits_total{entity="user"}"#;
 const USER_MISSES: &str = r#"readthrough_cache_misses_total{entity="user"}"#;
@@ -41,7 +41,7 @@ async fn warm_users(app: &mut TestApp, count: usize) -> Vec<String> {
     let mut ids = Vec::with_capacity(count);
     for n in 0..count {
         let id = app.create_user(&format!("reader{n}@example.com")).await.id;
-        app.users.get_user(GetUserRequest { id: id.clone() }).await.unwrap();
+        app.client.get_user(&id).await.unwrap();
         ids.push(id);
     }
     ids
@@ -278,7 +278,7 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
     const COOLDOWN: Duration = Duration::from_millis(500);
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let mut app = spawn_app_with(|config| {
+    let app = spawn_app_with(|config| {
         config.config.cache.redis_url = url.parse().unwrap();
         config.config.cache.redis_timeout_ms = DEADLINE.as_millis() as u64;
         config.config.cache.redis_breaker_failures = 3;
@@ -286,16 +286,15 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
     })
     .await;
     let user = app.create_user("cycle@example.com").await;
-    let get = GetUserRequest { id: user.id.clone() };
-    app.users.get_user(get.clone()).await.unwrap(); // cached
+    app.get_user(&user.id).await; // cached
     assert_eq!(app.metric(BREAKER_STATE).await, CLOSED);
 
     // Three reads at once, each failing open after one deadline: the third failure opens it.
     proxy.black_hole();
     let reads: Vec<_> = (0..3)
         .map(|_| {
-            let (mut users, get) = (app.users.clone(), get.clone());
-            tokio::spawn(async move { users.get_user(get).await.map(|u| u.into_inner().email) })
+            let (client, id) = (app.client.clone(), user.id.clone());
+            tokio::spawn(async move { client.get_user(&id).await.map(|u| u.email) })
         })
         .collect();
     for read in reads {
@@ -310,10 +309,7 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
     // Open: reads skip Redis, without waiting for its deadline.
     for _ in 0..5 {
         let started = Instant::now();
-        assert_eq!(
-            app.users.get_user(get.clone()).await.unwrap().into_inner().email,
-            "cycle@example.com"
-        );
+        assert_eq!(app.get_user(&user.id).await.email, "cycle@example.com");
         assert!(
             started.elapsed() < DEADLINE,
             "a skipped read took {:?}",
@@ -329,10 +325,10 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
     // After the cool-down the next read half-opens it and sends the one probe,
     // which Redis does not answer either: while it waits, reads still skip.
     tokio::time::sleep(COOLDOWN + Duration::from_millis(100)).await;
-    app.users.get_user(get.clone()).await.unwrap();
+    app.get_user(&user.id).await;
     assert_eq!(app.metric(BREAKER_STATE).await, HALF_OPEN, "probing");
     for _ in 0..5 {
-        app.users.get_user(get.clone()).await.unwrap();
+        app.get_user(&user.id).await;
     }
     assert_eq!(
         app.metrics(&[TO_HALF_OPEN, GET_SKIPPED, GET_ERRORS]).await,
@@ -349,9 +345,9 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
     proxy.cut();
     proxy.restore();
     let closed = eventually(Duration::from_secs(10), || {
-        let (mut users, get, app) = (app.users.clone(), get.clone(), &app);
+        let (app, id) = (&app, &user.id);
         async move {
-            users.get_user(get).await.unwrap();
+            app.get_user(id).await;
             app.metrics(&[BREAKER_STATE, TO_CLOSED]).await == [CLOSED, 1.0]
         }
     })
@@ -360,10 +356,10 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
     // A connection the outage broke is found out by its next command (at once,
     // not by a deadline) and replaced, so allow a read or two for that.
     let hit = eventually(Duration::from_secs(5), || {
-        let (mut users, get, app) = (app.users.clone(), get.clone(), &app);
+        let (app, id) = (&app, &user.id);
         async move {
             let hits = app.metric(USER_HITS).await;
-            users.get_user(get).await.unwrap();
+            app.get_user(id).await;
             app.metric(USER_HITS).await == hits + 1.0
         }
     })
@@ -382,27 +378,21 @@ async fn an_update_made_while_the_breaker_is_open_is_invalidated_once_redis_retu
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("before@example.com").await;
-    let get = GetUserRequest { id: user.id.clone() };
-    app.users.get_user(get.clone()).await.unwrap();
+    app.get_user(&user.id).await;
     let key = app.keys.user(UserId::parse(&user.id).unwrap());
     assert!(app.exists(&key).await, "version 1 is cached");
 
     proxy.cut();
     for _ in 0..app.config.config.cache.redis_breaker_failures {
-        app.users.get_user(get.clone()).await.unwrap();
+        app.get_user(&user.id).await;
     }
     assert_eq!(app.metric(BREAKER_STATE).await, OPEN);
 
-    let updated = app
-        .users
-        .update_user(rename_user(&user.id, "after@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let updated = app.rename_user(&user.id, "after@example.com").await.unwrap();
     assert_eq!(updated.version, 2, "the write commits while the breaker is open");
     assert!(app.exists(&key).await, "the stale entry is still in Redis");
     assert!(app.metric("readthrough_invalidation_failures_total").await >= 1.0);
-    let read = app.users.get_user(get.clone()).await.unwrap().into_inner();
+    let read = app.get_user(&user.id).await;
     assert_eq!(read.email, "after@example.com", "reads skip the stale entry while open");
 
     proxy.restore();
@@ -410,7 +400,7 @@ async fn an_update_made_while_the_breaker_is_open_is_invalidated_once_redis_retu
     assert!(gone, "the relay removed the stale entry once Redis was back");
     assert_eq!(app.metric(BREAKER_STATE).await, CLOSED);
     app.outbox_drained().await;
-    let read = app.users.get_user(get.clone()).await.unwrap().into_inner();
+    let read = app.get_user(&user.id).await;
     assert_eq!(read.email, "after@example.com");
     let cached: Entry<User> = app.cached_value(&key).await.expect("filled again");
     assert_eq!(

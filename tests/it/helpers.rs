@@ -21,9 +21,12 @@ use readthrough::{
     app::Application,
     cache::{Hooks, Keys, RedisConnection, codec},
     config::ServeConfig,
+};
+use readthrough_client::{
+    Backoff, Client, Page,
     proto::{
-        self, CreateProductRequest, CreateUserRequest, ListProductsRequest, ListProductsResponse,
-        product_service_client::ProductServiceClient, user_service_client::UserServiceClient,
+        self, CreateProductRequest, ListProductsResponse, product_service_client::ProductServiceClient,
+        user_service_client::UserServiceClient,
     },
 };
 use serde::de::DeserializeOwned;
@@ -37,6 +40,12 @@ use tonic::transport::{Channel, ClientTlsConfig};
 pub use deadpool_redis::redis;
 
 pub struct TestApp {
+    /// The typed client of the data API (`readthrough-client`), as another
+    /// service would call it, but without retries (tests check the status
+    /// each call gets) and with a deadline no test reaches.
+    pub client: Client,
+    /// The raw stubs, on the client's channel, for requests the typed
+    /// client does not send (malformed, hostile, unusual).
     pub users: UserServiceClient<Channel>,
     pub products: ProductServiceClient<Channel>,
     /// Direct access to the app's database, bypassing the service.
@@ -200,14 +209,20 @@ impl TestApp {
     }
 }
 
-/// An unconditional change of a user's email.
-pub fn rename_user(id: &str, email: &str) -> proto::UpdateUserRequest {
+/// A user with only an id and an email: what a change of the email sends
+/// (with the update mask `["email"]`).
+pub fn email_change(id: &str, email: &str) -> proto::User {
+    proto::User {
+        id: id.into(),
+        email: email.into(),
+        ..Default::default()
+    }
+}
+
+/// An unconditional change of a user's email, for a raw stub (see `TestApp::rename_user`).
+pub fn rename_request(id: &str, email: &str) -> proto::UpdateUserRequest {
     proto::UpdateUserRequest {
-        user: Some(proto::User {
-            id: id.into(),
-            email: email.into(),
-            ..Default::default()
-        }),
+        user: Some(email_change(id, email)),
         update_mask: Some(prost_types::FieldMask {
             paths: vec!["email".into()],
         }),
@@ -215,22 +230,27 @@ pub fn rename_user(id: &str, email: &str) -> proto::UpdateUserRequest {
     }
 }
 
-/// Requests every test file makes, built in one place.
+/// The typed client the tests use: no retries, and a deadline no test reaches.
+pub fn test_client(builder: readthrough_client::ClientBuilder) -> readthrough_client::ClientBuilder {
+    builder.backoff(Backoff::none()).deadline(Duration::from_secs(60))
+}
+
+/// Requests every test file makes, built in one place (through the typed client).
 impl TestApp {
-    pub async fn get_user(&mut self, id: &str) -> proto::User {
-        let request = proto::GetUserRequest { id: id.to_string() };
-        self.users.get_user(request).await.unwrap().into_inner()
+    pub async fn get_user(&self, id: &str) -> proto::User {
+        self.client.get_user(id).await.unwrap()
     }
 
-    pub async fn create_user(&mut self, email: &str) -> proto::User {
-        let request = CreateUserRequest {
-            email: email.to_string(),
-            preferences: None,
-        };
-        self.users.create_user(request).await.unwrap().into_inner()
+    pub async fn create_user(&self, email: &str) -> proto::User {
+        self.client.create_user(email, None).await.unwrap()
     }
 
-    pub async fn create_product(&mut self, category: &str, name: &str) -> proto::Product {
+    /// An unconditional change of a user's email.
+    pub async fn rename_user(&self, id: &str, email: &str) -> Result<proto::User, tonic::Status> {
+        self.client.update_user(email_change(id, email), &["email"], 0).await
+    }
+
+    pub async fn create_product(&self, category: &str, name: &str) -> proto::Product {
         let request = CreateProductRequest {
             category_id: category.to_string(),
             name: name.to_string(),
@@ -238,11 +258,36 @@ impl TestApp {
             price_cents: 1999,
             currency: "EUR".to_string(),
         };
-        self.products.create_product(request).await.unwrap().into_inner()
+        self.client.create_product(request).await.unwrap()
+    }
+
+    /// A change of a product's price, unconditional when `expected_version` is 0.
+    pub async fn reprice(
+        &self,
+        id: &str,
+        price_cents: i64,
+        expected_version: i64,
+    ) -> Result<proto::Product, tonic::Status> {
+        let product = proto::Product {
+            id: id.into(),
+            price_cents,
+            ..Default::default()
+        };
+        self.client
+            .update_product(product, &["price_cents"], expected_version)
+            .await
+    }
+
+    /// A typed client of this app's cache administration listener.
+    pub async fn admin(&self) -> Client {
+        test_client(Client::builder(format!("http://127.0.0.1:{}", self.admin_port)))
+            .connect()
+            .await
+            .expect("connects to the admin listener")
     }
 
     /// Products with random names, so that list order differs from creation order.
-    pub async fn create_products(&mut self, category: &str, count: usize) -> Vec<proto::Product> {
+    pub async fn create_products(&self, category: &str, count: usize) -> Vec<proto::Product> {
         let mut created = Vec::with_capacity(count);
         for _ in 0..count {
             let name: String = rand::rng().sample_iter(&Alphanumeric).take(8).map(char::from).collect();
@@ -252,25 +297,15 @@ impl TestApp {
     }
 
     /// Page `page` (by number) of a category.
-    pub async fn list_page(&mut self, category: &str, page: i32, page_size: i32) -> ListProductsResponse {
-        let request = ListProductsRequest {
-            category_id: category.to_string(),
-            page,
-            page_size,
-            ..Default::default()
-        };
-        self.products.list_products(request).await.unwrap().into_inner()
+    pub async fn list_page(&self, category: &str, page: i32, page_size: i32) -> ListProductsResponse {
+        let page = Page::Number(page);
+        self.client.list_products(category, page, page_size).await.unwrap()
     }
 
     /// The page after `page_token`.
-    pub async fn list_after(&mut self, category: &str, page_token: &str, page_size: i32) -> ListProductsResponse {
-        let request = ListProductsRequest {
-            category_id: category.to_string(),
-            page_size,
-            page_token: page_token.to_string(),
-            ..Default::default()
-        };
-        self.products.list_products(request).await.unwrap().into_inner()
+    pub async fn list_after(&self, category: &str, page_token: &str, page_size: i32) -> ListProductsResponse {
+        let page = Page::After(page_token.to_string());
+        self.client.list_products(category, page, page_size).await.unwrap()
     }
 }
 
@@ -329,6 +364,7 @@ async fn start(
         RedisConnection::Cluster(client.get_async_connection().await.expect("the cluster is reachable"))
     };
     TestApp {
+        client: test_client(Client::builder("")).with_channel(channel.clone()).unwrap(),
         users: UserServiceClient::new(channel.clone()),
         products: ProductServiceClient::new(channel),
         db: PgPool::connect_with(config.config.database.connect_options().unwrap())

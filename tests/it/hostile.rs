@@ -4,7 +4,7 @@
 use std::{future::Future, pin::Pin};
 
 use prost_types::{Struct, Value, value::Kind};
-use readthrough::proto::{
+use readthrough_client::proto::{
     BatchGetUsersRequest, CreateProductRequest, CreateUserRequest, GetProductRequest, GetUserRequest,
     ListProductsRequest, UpdateUserRequest,
 };
@@ -13,7 +13,7 @@ use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
 };
 
-use crate::helpers::{TestApp, redis, rename_user, spawn_app};
+use crate::helpers::{TestApp, redis, rename_request, spawn_app};
 
 type Call<'a> = Pin<Box<dyn Future<Output = Result<(), Status>> + 'a>>;
 
@@ -132,7 +132,7 @@ async fn each_hostile_request_gets_its_status_and_changes_nothing() {
     let port = app.grpc_port;
     let five_mib = "x".repeat(5 * 1024 * 1024);
     let million_ids = vec![existing.id.clone(); 1_000_000];
-    let mut long_mask = rename_user(&existing.id, "changed@example.com");
+    let mut long_mask = rename_request(&existing.id, "changed@example.com");
     long_mask.update_mask = Some(prost_types::FieldMask {
         paths: vec!["p".repeat(50_000)],
     });

@@ -7,13 +7,13 @@ use std::{os::fd::BorrowedFd, sync::Arc, time::Duration};
 use readthrough::{
     cache::{Hook, Hooks},
     ops::{self, SeedOptions, demo_user_id},
-    proto::GetUserRequest,
     service::Services,
 };
+use readthrough_client::proto::GetUserRequest;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::helpers::{OwnRedis, eventually, redis, rename_user, spawn_app, spawn_app_with, spawn_app_with_hooks};
+use crate::helpers::{OwnRedis, eventually, redis, spawn_app, spawn_app_with, spawn_app_with_hooks};
 
 /// Per command, the calls `INFO commandstats` counted since the last reset.
 async fn command_calls(conn: &mut impl redis::aio::ConnectionLike) -> Vec<(String, u64)> {
@@ -30,10 +30,9 @@ async fn command_calls(conn: &mut impl redis::aio::ConnectionLike) -> Vec<(Strin
 #[tokio::test]
 async fn a_warm_get_user_costs_exactly_one_redis_get() {
     let own = OwnRedis::start().await;
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = own.url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.config.cache.redis_url = own.url.parse().unwrap()).await;
     let user = app.create_user("hot@example.com").await;
-    let get = GetUserRequest { id: user.id.clone() };
-    app.users.get_user(get.clone()).await.unwrap(); // miss, fill
+    app.get_user(&user.id).await; // miss, fill
     let mut conn = redis::Client::open(own.url.as_str())
         .unwrap()
         .get_multiplexed_async_connection()
@@ -49,7 +48,7 @@ async fn a_warm_get_user_costs_exactly_one_redis_get() {
 
     let started = std::time::Instant::now();
     for _ in 0..100 {
-        app.users.get_user(get.clone()).await.unwrap();
+        app.get_user(&user.id).await;
     }
     let elapsed = started.elapsed();
 
@@ -92,7 +91,7 @@ fn nodelay_of_sockets_on(port: u16) -> Vec<bool> {
 
 #[tokio::test]
 async fn accepted_grpc_and_metrics_sockets_have_tcp_nodelay() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     app.list_page("books", 0, 10).await; // the client connection is accepted and open
     let grpc = nodelay_of_sockets_on(app.grpc_port);
     assert!(!grpc.is_empty(), "the test client's connection is accepted");
@@ -129,7 +128,7 @@ async fn past_the_admission_limit_requests_wait_then_are_shed_but_health_answers
         before_fill: Some(hold_fills(release.clone())),
         ..Hooks::default()
     };
-    let mut app = spawn_app_with_hooks(hooks, |config| {
+    let app = spawn_app_with_hooks(hooks, |config| {
         config.server.admission_limit = 1;
         config.server.request_queue_timeout_ms = 100;
     })
@@ -137,15 +136,13 @@ async fn past_the_admission_limit_requests_wait_then_are_shed_but_health_answers
     let user = app.create_user("busy@example.com").await;
 
     // The first read misses and is held at its fill: the one permit is taken.
-    let mut first_client = app.users.clone();
-    let get = GetUserRequest { id: user.id.clone() };
     let first = tokio::spawn({
-        let get = get.clone();
-        async move { first_client.get_user(get).await }
+        let (client, id) = (app.client.clone(), user.id.clone());
+        async move { client.get_user(&id).await }
     });
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let shed = app.users.get_user(get.clone()).await.unwrap_err();
+    let shed = app.client.get_user(&user.id).await.unwrap_err();
     assert_eq!(shed.code(), Code::ResourceExhausted, "{shed:?}");
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", app.grpc_port))
         .unwrap()
@@ -159,9 +156,8 @@ async fn past_the_admission_limit_requests_wait_then_are_shed_but_health_answers
 
     // Released within the queue time, a waiting request is served.
     let second = tokio::spawn({
-        let mut client = app.users.clone();
-        let get = get.clone();
-        async move { client.get_user(get).await }
+        let (client, id) = (app.client.clone(), user.id.clone());
+        async move { client.get_user(&id).await }
     });
     tokio::time::sleep(Duration::from_millis(20)).await;
     release.notify_one();
@@ -181,16 +177,15 @@ async fn the_near_cache_serves_hot_reads_and_drops_entries_on_any_instances_writ
         config.config.cache.near_cache_enabled = true;
         config.config.cache.near_cache_ttl_ms = 600_000;
     };
-    let mut a = spawn_app_with(near).await;
-    let mut b = a.spawn_sibling_with(near).await;
+    let a = spawn_app_with(near).await;
+    let b = a.spawn_sibling_with(near).await;
     let user = a.create_user("near@example.com").await;
-    let get = GetUserRequest { id: user.id.clone() };
     let near_hits = r#"readthrough_near_cache_hits_total{entity="user"}"#;
 
-    b.users.get_user(get.clone()).await.unwrap();
+    b.get_user(&user.id).await;
     let before = b.metric(near_hits).await;
     for _ in 0..10 {
-        assert_eq!(b.users.get_user(get.clone()).await.unwrap().into_inner().version, 1);
+        assert_eq!(b.get_user(&user.id).await.version, 1);
     }
     assert_eq!(
         b.metric(near_hits).await - before,
@@ -199,25 +194,18 @@ async fn the_near_cache_serves_hot_reads_and_drops_entries_on_any_instances_writ
     );
 
     // A write on A: B drops its entry when the event arrives.
-    a.users
-        .update_user(rename_user(&user.id, "moved@example.com"))
-        .await
-        .unwrap();
+    a.rename_user(&user.id, "moved@example.com").await.unwrap();
     let b_sees_it = eventually(Duration::from_secs(2), || {
-        let mut users = b.users.clone();
-        let get = get.clone();
-        async move { users.get_user(get).await.unwrap().into_inner().version == 2 }
+        let (b, id) = (&b, &user.id);
+        async move { b.get_user(id).await.version == 2 }
     })
     .await;
     assert!(b_sees_it, "the other instance's near cache dropped the old version");
 
     // A write on B: B's own next read sees it at once.
-    b.users.get_user(get.clone()).await.unwrap();
-    b.users
-        .update_user(rename_user(&user.id, "back@example.com"))
-        .await
-        .unwrap();
-    let read = b.users.get_user(get.clone()).await.unwrap().into_inner();
+    b.get_user(&user.id).await;
+    b.rename_user(&user.id, "back@example.com").await.unwrap();
+    let read = b.get_user(&user.id).await;
     assert_eq!(read.version, 3, "read-your-write on the writing instance");
 }
 

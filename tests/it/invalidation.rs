@@ -3,43 +3,26 @@
 
 use std::time::Duration;
 
-use prost_types::FieldMask;
 use readthrough::{
     cache::Event,
     domain::{ProductId, UserId},
-    proto::{self, CreateProductRequest, CreateUserRequest, GetUserRequest, UpdateProductRequest},
 };
+use readthrough_client::proto::{CreateProductRequest, GetUserRequest};
 
-use crate::helpers::{RedisProxy, Sandbox, eventually, redis, rename_user, spawn_app, spawn_app_with};
+use crate::helpers::{RedisProxy, Sandbox, eventually, redis, spawn_app, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
-    let user = app
-        .users
-        .create_user(CreateUserRequest {
-            email: "before@example.com".into(),
-            preferences: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    app.users
-        .get_user(GetUserRequest { id: user.id.clone() })
-        .await
-        .unwrap();
+    let user = app.client.create_user("before@example.com", None).await.unwrap();
+    app.client.get_user(&user.id).await.unwrap();
     let key = app.keys.user(UserId::parse(&user.id).unwrap());
     assert!(app.exists(&key).await, "version 1 is cached");
 
     proxy.cut();
-    let updated = app
-        .users
-        .update_user(rename_user(&user.id, "after@example.com"))
-        .await
-        .unwrap()
-        .into_inner();
+    let updated = app.rename_user(&user.id, "after@example.com").await.unwrap();
     assert_eq!(updated.version, 2, "the write commits while Redis is unreachable");
     assert!(app.exists(&key).await, "the stale entry is still in Redis");
     assert!(app.metric("readthrough_invalidation_failures_total").await >= 1.0);
@@ -50,31 +33,15 @@ async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {
         gone,
         "the relay removed the stale entry within 5 s of Redis coming back"
     );
-    let read = app
-        .users
-        .get_user(GetUserRequest { id: user.id })
-        .await
-        .unwrap()
-        .into_inner();
+    let read = app.client.get_user(&user.id).await.unwrap();
     assert_eq!(read.email, "after@example.com");
 }
 
 #[tokio::test]
 async fn a_row_changed_by_hand_is_invalidated_within_a_second() {
-    let mut app = spawn_app().await;
-    let user = app
-        .users
-        .create_user(CreateUserRequest {
-            email: "hand@example.com".into(),
-            preferences: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    app.users
-        .get_user(GetUserRequest { id: user.id.clone() })
-        .await
-        .unwrap();
+    let app = spawn_app().await;
+    let user = app.client.create_user("hand@example.com", None).await.unwrap();
+    app.client.get_user(&user.id).await.unwrap();
 
     sqlx::query("UPDATE users SET email = 'psql@example.com' WHERE id = $1::uuid")
         .bind(&user.id)
@@ -133,7 +100,7 @@ async fn every_write_is_published_as_an_event_to_every_instance() {
         .unwrap();
 
     let product = app
-        .products
+        .client
         .create_product(CreateProductRequest {
             category_id: "lamps".into(),
             name: "Desk lamp".into(),
@@ -142,22 +109,8 @@ async fn every_write_is_published_as_an_event_to_every_instance() {
             currency: "EUR".into(),
         })
         .await
-        .unwrap()
-        .into_inner();
-    app.products
-        .update_product(UpdateProductRequest {
-            product: Some(proto::Product {
-                id: product.id.clone(),
-                price_cents: 2500,
-                ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["price_cents".into()],
-            }),
-            expected_version: 1,
-        })
-        .await
         .unwrap();
+    app.reprice(&product.id, 2500, 1).await.unwrap();
 
     let mut messages = pubsub.on_message();
     let mut events = Vec::new();
@@ -202,7 +155,7 @@ async fn every_write_is_published_as_an_event_to_every_instance() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_relay_publishes_one_event_per_entity_for_a_burst_of_changes() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     let user = app.create_user("burst@example.com").await;
     app.outbox_drained().await; // the create's own invalidation is done
     let client = redis::Client::open(Sandbox::new().redis_url.as_str()).unwrap();

@@ -4,15 +4,12 @@
 use std::{sync::Arc, time::Duration};
 
 use prost_types::{Struct, Value, value::Kind};
-use readthrough::{
-    cache::Hooks,
-    proto::{CreateUserRequest, GetUserRequest},
-    store::StoreError,
-};
+use readthrough::{cache::Hooks, store::StoreError};
+use readthrough_client::proto::GetUserRequest;
 use sqlx::{Connection, PgConnection};
 use tonic::Code;
 
-use crate::helpers::{RedisProxy, Sandbox, rename_user, spawn_app, spawn_app_with, spawn_app_with_hooks};
+use crate::helpers::{RedisProxy, Sandbox, spawn_app, spawn_app_with, spawn_app_with_hooks};
 
 fn preferences(key: &str, value: &str) -> Struct {
     Struct {
@@ -28,16 +25,9 @@ fn preferences(key: &str, value: &str) -> Struct {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nul_in_a_preferences_key_or_value_is_invalid_argument() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     for bad in [preferences("a\0b", "x"), preferences("theme", "da\0rk")] {
-        let status = app
-            .users
-            .create_user(CreateUserRequest {
-                email: "nul@example.com".into(),
-                preferences: Some(bad),
-            })
-            .await
-            .unwrap_err();
+        let status = app.client.create_user("nul@example.com", Some(bad)).await.unwrap_err();
         assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
         assert!(status.message().starts_with("preferences:"), "{status:?}");
     }
@@ -50,32 +40,22 @@ async fn nul_in_a_preferences_key_or_value_is_invalid_argument() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_over_64_kib_is_refused_before_it_is_decoded() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     for size in [100 * 1024, 5 * 1024 * 1024] {
-        let status = app
-            .users
-            .create_user(CreateUserRequest {
-                email: "x".repeat(size),
-                preferences: None,
-            })
-            .await
-            .unwrap_err();
+        let status = app.client.create_user(&"x".repeat(size), None).await.unwrap_err();
         assert_eq!(status.code(), Code::OutOfRange, "{size} bytes: {status:?}");
     }
     // The largest valid request still fits: 16 KiB of preferences.
     let largest = preferences("blob", &"x".repeat(16 * 1024 - 20));
-    app.users
-        .create_user(CreateUserRequest {
-            email: "big@example.com".into(),
-            preferences: Some(largest),
-        })
+    app.client
+        .create_user("big@example.com", Some(largest))
         .await
         .expect("16 KiB of preferences is accepted");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_past_its_timeout_is_unavailable_and_changes_nothing() {
-    let mut app = spawn_app_with(|config| config.config.database.statement_timeout_ms = 200).await;
+    let app = spawn_app_with(|config| config.config.database.statement_timeout_ms = 200).await;
     let user = app.create_user("locked@example.com").await;
     let mut holder = PgConnection::connect_with(&app.config.config.database.connect_options().unwrap())
         .await
@@ -88,11 +68,7 @@ async fn a_statement_past_its_timeout_is_unavailable_and_changes_nothing() {
         .unwrap();
 
     let started = std::time::Instant::now();
-    let status = app
-        .users
-        .update_user(rename_user(&user.id, "waited@example.com"))
-        .await
-        .unwrap_err();
+    let status = app.rename_user(&user.id, "waited@example.com").await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
     lock.rollback().await.unwrap();
@@ -112,10 +88,10 @@ async fn a_request_past_the_server_deadline_is_deadline_exceeded() {
         })),
         ..Hooks::default()
     };
-    let mut app = spawn_app_with_hooks(hooks, |config| config.server.request_timeout_ms = 300).await;
+    let app = spawn_app_with_hooks(hooks, |config| config.server.request_timeout_ms = 300).await;
     let user = app.create_user("slow@example.com").await;
     let started = std::time::Instant::now();
-    let status = app.users.get_user(GetUserRequest { id: user.id }).await.unwrap_err();
+    let status = app.client.get_user(&user.id).await.unwrap_err();
     assert_eq!(status.code(), Code::DeadlineExceeded, "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
 }
@@ -180,7 +156,7 @@ async fn database_errors_say_whether_to_fix_the_input_retry_or_wait() {
 async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_unavailable_at_once() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let mut app = spawn_app_with(|config| {
+    let app = spawn_app_with(|config| {
         config.config.cache.redis_url = url.parse().unwrap();
         config.config.cache.fallback_limit = 2;
     })

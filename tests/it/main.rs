@@ -1,11 +1,13 @@
 //! Integration tests: the real service, started in-process on port 0, against
-//! real PostgreSQL and Redis, driven through its gRPC clients.
+//! real PostgreSQL and Redis, driven through `readthrough-client` (the typed
+//! client, or its raw stubs for requests the typed client would not send).
 
 mod admin;
 mod auth;
 mod bad_input;
 mod checker;
 mod cli;
+mod client;
 mod cluster;
 mod concurrency;
 mod consistency;

@@ -4,14 +4,11 @@
 
 use std::time::{Duration, Instant};
 
-use readthrough::{
-    domain::UserId,
-    proto::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient},
-};
-use tonic::{Code, transport::Channel};
+use readthrough::domain::UserId;
+use tonic::Code;
 
 use crate::{
-    helpers::{eventually, rename_user, spawn_app_with, use_database},
+    helpers::{email_change, eventually, spawn_app_with, use_database},
     own_postgres::OwnPostgres,
 };
 
@@ -31,9 +28,9 @@ async fn while_postgres_is_down_cached_reads_succeed_and_the_rest_fails_fast_unt
     }
     let cold = app.create_user("cold@example.com").await.id;
     app.outbox_drained().await;
-    let mut users = app.users.clone();
+    let client = app.client.clone();
     for id in &warm {
-        get_user(&mut users, id).await.expect("a warm-up read");
+        client.get_user(id).await.expect("a warm-up read");
         let key = app.keys.user(UserId::parse(id).unwrap());
         assert!(app.exists(&key).await, "{key} is cached");
     }
@@ -44,34 +41,18 @@ async fn while_postgres_is_down_cached_reads_succeed_and_the_rest_fails_fast_unt
     for _ in 0..5 {
         for id in &warm {
             let started = Instant::now();
-            get_user(&mut users, id)
+            client
+                .get_user(id)
                 .await
                 .expect("a cached user is served while PostgreSQL is down");
             slowest_hit = slowest_hit.max(started.elapsed());
         }
     }
     let never_created = uuid::Uuid::new_v4().to_string();
-    let miss = timed(get_user(&mut users, &cold)).await;
-    let absent_miss = timed(get_user(&mut users, &never_created)).await;
-    let create = timed(async {
-        users
-            .clone()
-            .create_user(CreateUserRequest {
-                email: "during-outage@example.com".into(),
-                preferences: None,
-            })
-            .await
-            .map(drop)
-    })
-    .await;
-    let update = timed(async {
-        users
-            .clone()
-            .update_user(rename_user(&warm[0], "renamed@example.com"))
-            .await
-            .map(drop)
-    })
-    .await;
+    let miss = timed(async { client.get_user(&cold).await.map(drop) }).await;
+    let absent_miss = timed(async { client.get_user(&never_created).await.map(drop) }).await;
+    let create = timed(async { client.create_user("during-outage@example.com", None).await.map(drop) }).await;
+    let update = timed(async { app.rename_user(&warm[0], "renamed@example.com").await.map(drop) }).await;
     println!("PostgreSQL down: 100 cached reads, slowest {slowest_hit:?}");
     for (what, (result, elapsed)) in [
         ("miss", &miss),
@@ -88,12 +69,11 @@ async fn while_postgres_is_down_cached_reads_succeed_and_the_rest_fails_fast_unt
     postgres.start().await;
     let restarted = Instant::now();
     let recovered = eventually(RECOVERY_LIMIT, || {
-        let mut users = users.clone();
-        let (cold, warm) = (cold.clone(), warm[0].clone());
+        let (client, cold, warm) = (client.clone(), cold.clone(), warm[0].clone());
         async move {
-            let miss = get_user(&mut users, &cold).await.is_ok();
-            let write = users.update_user(rename_user(&warm, "back@example.com")).await.is_ok();
-            miss && write
+            let miss = client.get_user(&cold).await.is_ok();
+            let write = client.update_user(email_change(&warm, "back@example.com"), &["email"], 0);
+            miss && write.await.is_ok()
         }
     })
     .await;
@@ -105,10 +85,6 @@ async fn while_postgres_is_down_cached_reads_succeed_and_the_rest_fails_fast_unt
         recovered,
         "the app serves misses and writes within {RECOVERY_LIMIT:?} of PostgreSQL's return"
     );
-}
-
-async fn get_user(users: &mut UserServiceClient<Channel>, id: &str) -> Result<(), tonic::Status> {
-    users.get_user(GetUserRequest { id: id.to_string() }).await.map(drop)
 }
 
 async fn timed<T>(call: impl Future<Output = T>) -> (T, Duration) {

@@ -1,11 +1,10 @@
 //! ProductService: cached products and paginated category lists, kept right across writes.
 
-use prost_types::FieldMask;
 use readthrough::{
     cache::{Entry, ListMeta},
     domain::{CategoryId, Product, ProductId},
-    proto::{self, CreateProductRequest, DeleteProductRequest, GetProductRequest, UpdateProductRequest},
 };
+use readthrough_client::proto::{self, CreateProductRequest};
 use tonic::Code;
 
 use crate::helpers::{TestApp, redis, spawn_app, spawn_app_with};
@@ -78,7 +77,7 @@ async fn pages_list_every_product_of_the_category_exactly_once() {
 
 #[tokio::test]
 async fn a_warm_page_does_not_reach_the_database() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     app.create_products("tools", 12).await;
     app.list_page("tools", 1, 5).await;
     let before = product_queries(&app).await;
@@ -121,21 +120,18 @@ async fn moving_a_product_updates_both_category_lists() {
 
     let moved = books.remove(3);
     let updated = app
-        .products
-        .update_product(UpdateProductRequest {
-            product: Some(proto::Product {
+        .client
+        .update_product(
+            proto::Product {
                 id: moved.id.clone(),
                 category_id: "games".to_string(),
                 ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["category_id".to_string()],
-            }),
-            expected_version: 1,
-        })
+            },
+            &["category_id"],
+            1,
+        )
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!((updated.category_id.as_str(), updated.version), ("games", 2));
     games.push(updated);
 
@@ -154,21 +150,18 @@ async fn renaming_a_product_reorders_its_list() {
 
     let last = in_list_order(tools.clone()).pop().unwrap();
     let renamed = app
-        .products
-        .update_product(UpdateProductRequest {
-            product: Some(proto::Product {
+        .client
+        .update_product(
+            proto::Product {
                 id: last.clone(),
                 name: "0 first now".to_string(),
                 ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["name".to_string()],
-            }),
-            expected_version: 0,
-        })
+            },
+            &["name"],
+            0,
+        )
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     tools.retain(|p| p.id != last);
     tools.push(renamed);
 
@@ -191,20 +184,13 @@ async fn create_and_delete_change_the_total() {
     app.create_product("toys", "Yo-yo").await;
     assert_eq!(app.list_page("toys", 0, 10).await.total_count, 4);
 
-    app.products
-        .delete_product(DeleteProductRequest { id: toys[0].id.clone() })
-        .await
-        .unwrap();
+    app.client.delete_product(&toys[0].id).await.unwrap();
     let page = app.list_page("toys", 0, 10).await;
     assert_eq!(page.total_count, 3);
     assert!(!ids(&page.products).contains(&toys[0].id));
     let product_key = app.keys.product(ProductId::parse(&toys[0].id).unwrap());
     assert!(!app.exists(&product_key).await);
-    let gone = app
-        .products
-        .get_product(GetProductRequest { id: toys[0].id.clone() })
-        .await
-        .unwrap_err();
+    let gone = app.client.get_product(&toys[0].id).await.unwrap_err();
     assert_eq!(gone.code(), Code::NotFound);
 
     let empty = app.list_page("no-such-category", 0, 10).await;
@@ -281,7 +267,7 @@ async fn a_huge_category_caches_its_head_then_the_chunks_deep_pages_need() {
 
 #[tokio::test]
 async fn a_cold_deep_page_is_one_range_scan_never_an_offset() {
-    let mut app = spawn_app_with(|config| {
+    let app = spawn_app_with(|config| {
         config.config.cache.list_cache_max_ids = 100;
         config.config.cache.list_chunk_ids = 50;
     })
@@ -341,7 +327,7 @@ async fn page_tokens_walk_every_product_exactly_once() {
 
 #[tokio::test]
 async fn a_token_after_a_change_continues_after_its_last_product() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     app.create_products("shelf", 12).await;
     let first = app.list_page("shelf", 0, 5).await;
     let last_seen = first.products.last().unwrap().clone();
@@ -379,22 +365,19 @@ async fn price_and_description_changes_leave_the_list_cached() {
 
     let target = pens.remove(2);
     let updated = app
-        .products
-        .update_product(UpdateProductRequest {
-            product: Some(proto::Product {
+        .client
+        .update_product(
+            proto::Product {
                 id: target.id.clone(),
                 price_cents: 4242,
                 description: "now cheaper".to_string(),
                 ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["price_cents".to_string(), "description".to_string()],
-            }),
-            expected_version: 0,
-        })
+            },
+            &["price_cents", "description"],
+            0,
+        )
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
     assert_eq!(updated.version, 2);
 
     let meta: ListMeta = app.cached_value(&meta_key).await.expect("the list is still cached");
@@ -414,18 +397,16 @@ async fn price_and_description_changes_leave_the_list_cached() {
     );
 
     // A rename moves the product within the list: that invalidates it.
-    app.products
-        .update_product(UpdateProductRequest {
-            product: Some(proto::Product {
+    app.client
+        .update_product(
+            proto::Product {
                 id: target.id.clone(),
                 name: "0 renamed".to_string(),
                 ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["name".to_string()],
-            }),
-            expected_version: 0,
-        })
+            },
+            &["name"],
+            0,
+        )
         .await
         .unwrap();
     assert!(!app.exists(&meta_key).await, "a rename drops the list");
@@ -466,7 +447,7 @@ async fn damaged_list_entries_are_rebuilt() {
 async fn large_values_are_stored_compressed() {
     let mut app = spawn_app().await;
     let created = app
-        .products
+        .client
         .create_product(CreateProductRequest {
             category_id: "books".to_string(),
             name: "Long read".to_string(),
@@ -475,14 +456,8 @@ async fn large_values_are_stored_compressed() {
             currency: "GBP".to_string(),
         })
         .await
-        .unwrap()
-        .into_inner();
-    let read = app
-        .products
-        .get_product(GetProductRequest { id: created.id.clone() })
-        .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
+    let read = app.client.get_product(&created.id).await.unwrap();
     assert_eq!(read, created);
 
     let key = app.keys.product(ProductId::parse(&created.id).unwrap());

@@ -5,13 +5,14 @@
 
 use std::time::{Duration, Instant};
 
-use readthrough::{domain::UserId, proto};
+use readthrough::domain::UserId;
+use readthrough_client::proto;
 use sqlx::PgPool;
 
 use crate::{
     checker::{self, Settings},
     consistency::assert_consistent,
-    helpers::{TestApp, eventually, rename_user, spawn_app_with, use_database},
+    helpers::{TestApp, eventually, spawn_app_with, use_database},
     own_postgres::OwnPostgres,
 };
 
@@ -66,7 +67,7 @@ impl Topology {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_right_after_a_write_through_another_instance_is_never_the_replicas_old_row() {
     let topology = Topology::start().await;
-    let mut app = topology.spawn_app().await;
+    let app = topology.spawn_app().await;
     let mut other = app.spawn_sibling().await;
     let user = app.create_user("before@example.com").await;
     let id = UserId::parse(&user.id).unwrap();
@@ -75,12 +76,7 @@ async fn a_read_right_after_a_write_through_another_instance_is_never_the_replic
     let primary_before = other.metric(PRIMARY_READS).await;
     for round in 1..=10 {
         let email = format!("round-{round}@example.com");
-        let written = app
-            .users
-            .update_user(rename_user(&user.id, &email))
-            .await
-            .unwrap()
-            .into_inner();
+        let written = app.rename_user(&user.id, &email).await.unwrap();
         let started = Instant::now();
         let read = other.get_user(&user.id).await;
         assert_eq!(
@@ -124,7 +120,7 @@ async fn the_consistency_checker_finds_nothing_stale_with_a_lagging_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn most_misses_of_a_read_heavy_load_are_served_by_the_replica() {
     let topology = Topology::start().await;
-    let mut app = topology.spawn_app().await;
+    let app = topology.spawn_app().await;
     let mut ids = Vec::new();
     for n in 0..200 {
         ids.push(app.create_user(&format!("reader-{n}@example.com")).await.id);
@@ -138,7 +134,7 @@ async fn most_misses_of_a_read_heavy_load_are_served_by_the_replica() {
         app.get_user(id).await;
         if n % 10 == 0 {
             let email = format!("renamed-{n}@example.com");
-            app.users.update_user(rename_user(id, &email)).await.unwrap();
+            app.rename_user(id, &email).await.unwrap();
             assert_eq!(app.get_user(id).await.email, email, "the write is read back");
         }
     }
@@ -181,7 +177,7 @@ async fn most_misses_of_a_read_heavy_load_are_served_by_the_replica() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_replica_is_down_misses_read_the_primary() {
     let topology = Topology::start().await;
-    let mut app = topology.spawn_app().await;
+    let app = topology.spawn_app().await;
     let mut ids = Vec::new();
     for n in 0..20 {
         ids.push(app.create_user(&format!("fallback-{n}@example.com")).await.id);

@@ -1,10 +1,10 @@
 //! The service needs no superuser: a role that owns its database migrates it
 //! and serves, as compose runs it (deploy/postgres-init.sql).
 
-use readthrough::proto::{GetUserRequest, ListProductsRequest};
+use readthrough_client::proto::ListProductsRequest;
 use sqlx::{Connection, Executor, PgConnection, postgres::PgConnectOptions};
 
-use crate::helpers::{Sandbox, rename_user, spawn_app_with, use_database};
+use crate::helpers::{Sandbox, spawn_app_with, use_database};
 
 /// A role like compose's `readthrough` and a database it owns; dropped on Drop.
 struct OwnedDatabase {
@@ -71,16 +71,10 @@ async fn a_role_that_owns_its_database_but_is_no_superuser_migrates_and_serves()
     assert!(!superuser, "the test connects as the owner, not a superuser");
 
     let user = app.create_user("owner@example.com").await;
-    app.users
-        .update_user(rename_user(&user.id, "renamed@example.com"))
+    app.rename_user(&user.id, "renamed@example.com")
         .await
         .expect("writes, with their outbox triggers, work as the owner");
-    let read = app
-        .users
-        .get_user(GetUserRequest { id: user.id })
-        .await
-        .unwrap()
-        .into_inner();
+    let read = app.client.get_user(&user.id).await.unwrap();
     assert_eq!(read.email, "renamed@example.com");
     app.create_products("owned", 3).await;
     let page = app

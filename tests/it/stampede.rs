@@ -8,7 +8,7 @@ use std::{
     time::Duration,
 };
 
-use readthrough::proto::{GetUserRequest, user_service_client::UserServiceClient};
+use readthrough_client::proto::{GetUserRequest, user_service_client::UserServiceClient};
 use sqlx::{PgPool, postgres::PgPoolOptions};
 
 use crate::helpers::{Sandbox, eventually, free_port};

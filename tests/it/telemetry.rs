@@ -3,10 +3,8 @@
 
 use std::{sync::Arc, time::Duration};
 
-use readthrough::{
-    cache::Hooks,
-    proto::{GetUserRequest, user_service_client::UserServiceClient},
-};
+use readthrough::cache::Hooks;
+use readthrough_client::proto::{GetUserRequest, user_service_client::UserServiceClient};
 use tonic::Code;
 use tonic_health::{
     ServingStatus,
@@ -70,11 +68,11 @@ async fn a_call_its_client_gives_up_on_counts_as_cancelled() {
         })),
         ..Hooks::default()
     };
-    let mut app = spawn_app_with_hooks(hooks, |_| {}).await;
+    let app = spawn_app_with_hooks(hooks, |_| {}).await;
     let user = app.create_user("impatient@example.com").await;
     app.outbox_drained().await;
     // Dropped after 100 ms, without a deadline the server would act on: the stream is reset.
-    let call = app.users.get_user(GetUserRequest { id: user.id });
+    let call = app.client.get_user(&user.id);
     assert!(tokio::time::timeout(Duration::from_millis(100), call).await.is_err());
 
     let sample = rpc_count("readthrough.v1.UserService", "GetUser", "CANCELLED");
@@ -84,7 +82,7 @@ async fn a_call_its_client_gives_up_on_counts_as_cancelled() {
 
 #[tokio::test]
 async fn redis_and_postgres_latency_the_pools_the_outbox_and_the_build_are_exported() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     let user = app.create_user("measured@example.com").await;
     app.get_user(&user.id).await;
     app.get_user(&user.id).await;

@@ -15,8 +15,8 @@ use readthrough::{
     app::Application,
     config::ServeConfig,
     ops::health::{self, HealthTls},
-    proto::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient},
 };
+use readthrough_client::proto::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::{
@@ -302,7 +302,7 @@ async fn the_app_reaches_postgres_over_verified_tls() {
         postgres.url("readthrough"),
         pki.ca.display()
     );
-    let mut app = spawn_app_with(|config| use_database(config, &url)).await;
+    let app = spawn_app_with(|config| use_database(config, &url)).await;
 
     let user = app.create_user("over-tls@example.com").await;
     let read = app.get_user(&user.id).await;
@@ -362,10 +362,7 @@ async fn cache_works_through(app: &mut TestApp, redis: &mut (impl redis::aio::Co
         .create_user(&format!("{}@cache.example.com", uuid::Uuid::new_v4().simple()))
         .await;
     for _ in 0..2 {
-        app.users
-            .get_user(GetUserRequest { id: user.id.clone() })
-            .await
-            .unwrap();
+        app.client.get_user(&user.id).await.unwrap();
     }
     assert_eq!(
         app.metric(r#"readthrough_cache_misses_total{entity="user"}"#).await,

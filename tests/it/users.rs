@@ -1,14 +1,14 @@
 //! UserService: cache-aside reads and write-then-invalidate, seen through Redis and metrics.
 
-use prost_types::{FieldMask, Struct, Value, value::Kind};
+use prost_types::{Struct, Value, value::Kind};
 use readthrough::{
     cache::Entry,
     domain::{User, UserId},
-    proto::{BatchGetUsersRequest, CreateUserRequest, DeleteUserRequest, GetUserRequest, UpdateUserRequest},
 };
+use readthrough_client::proto;
 use tonic::Code;
 
-use crate::helpers::{TestApp, redis, spawn_app};
+use crate::helpers::{TestApp, email_change, redis, spawn_app};
 
 fn preferences(theme: &str) -> Struct {
     Struct {
@@ -22,22 +22,13 @@ fn preferences(theme: &str) -> Struct {
     }
 }
 
-async fn create_user(app: &mut TestApp, email: &str) -> readthrough::proto::User {
-    app.users
-        .create_user(CreateUserRequest {
-            email: email.to_string(),
-            preferences: Some(preferences("dark")),
-        })
-        .await
-        .unwrap()
-        .into_inner()
+async fn create_user(app: &TestApp, email: &str) -> proto::User {
+    let preferences = Some(preferences("dark"));
+    app.client.create_user(email, preferences).await.unwrap()
 }
 
-async fn get_user(app: &mut TestApp, id: &str) -> Result<readthrough::proto::User, tonic::Status> {
-    app.users
-        .get_user(GetUserRequest { id: id.to_string() })
-        .await
-        .map(|r| r.into_inner())
+async fn get_user(app: &TestApp, id: &str) -> Result<proto::User, tonic::Status> {
+    app.client.get_user(id).await
 }
 
 fn key(app: &TestApp, id: &str) -> String {
@@ -47,9 +38,9 @@ fn key(app: &TestApp, id: &str) -> String {
 #[tokio::test]
 async fn second_read_is_a_cache_hit() {
     let mut app = spawn_app().await;
-    let created = create_user(&mut app, "ada@example.com").await;
+    let created = create_user(&app, "ada@example.com").await;
 
-    let first = get_user(&mut app, &created.id).await.unwrap();
+    let first = get_user(&app, &created.id).await.unwrap();
     assert!(
         app.exists(&key(&app, &created.id)).await,
         "the first read fills the cache"
@@ -61,7 +52,7 @@ async fn second_read_is_a_cache_hit() {
         1.0
     );
 
-    let second = get_user(&mut app, &created.id).await.unwrap();
+    let second = get_user(&app, &created.id).await.unwrap();
     assert_eq!(second, first);
     assert_eq!(app.metric(r#"readthrough_cache_hits_total{entity="user"}"#).await, 1.0);
     assert_eq!(
@@ -74,29 +65,16 @@ async fn second_read_is_a_cache_hit() {
 
 #[tokio::test]
 async fn update_through_one_instance_is_read_through_another() {
-    let mut writer = spawn_app().await;
-    let mut reader = writer.spawn_sibling().await;
-    let created = create_user(&mut writer, "grace@example.com").await;
-    let before = get_user(&mut reader, &created.id).await.unwrap();
+    let writer = spawn_app().await;
+    let reader = writer.spawn_sibling().await;
+    let created = create_user(&writer, "grace@example.com").await;
+    let before = get_user(&reader, &created.id).await.unwrap();
     assert_eq!(before.email, "grace@example.com");
 
-    writer
-        .users
-        .update_user(UpdateUserRequest {
-            user: Some(readthrough::proto::User {
-                id: created.id.clone(),
-                email: "grace.hopper@example.com".to_string(),
-                ..Default::default()
-            }),
-            update_mask: Some(FieldMask {
-                paths: vec!["email".to_string()],
-            }),
-            expected_version: 1,
-        })
-        .await
-        .unwrap();
+    let renamed = email_change(&created.id, "grace.hopper@example.com");
+    writer.client.update_user(renamed, &["email"], 1).await.unwrap();
 
-    let after = get_user(&mut reader, &created.id).await.unwrap();
+    let after = get_user(&reader, &created.id).await.unwrap();
     assert_eq!(after.email, "grace.hopper@example.com");
     assert_eq!(after.version, 2);
     assert_eq!(
@@ -108,32 +86,25 @@ async fn update_through_one_instance_is_read_through_another() {
 #[tokio::test]
 async fn deleted_user_is_not_found_and_its_key_is_gone() {
     let mut app = spawn_app().await;
-    let created = create_user(&mut app, "linus@example.com").await;
-    get_user(&mut app, &created.id).await.unwrap();
+    let created = create_user(&app, "linus@example.com").await;
+    get_user(&app, &created.id).await.unwrap();
     let key = key(&app, &created.id);
     assert!(app.exists(&key).await);
 
-    app.users
-        .delete_user(DeleteUserRequest { id: created.id.clone() })
-        .await
-        .unwrap();
+    app.client.delete_user(&created.id).await.unwrap();
 
     assert!(!app.exists(&key).await, "delete invalidates before it returns");
-    let status = get_user(&mut app, &created.id).await.unwrap_err();
+    let status = get_user(&app, &created.id).await.unwrap_err();
     assert_eq!(status.code(), Code::NotFound);
-    let again = app
-        .users
-        .delete_user(DeleteUserRequest { id: created.id })
-        .await
-        .unwrap_err();
+    let again = app.client.delete_user(&created.id).await.unwrap_err();
     assert_eq!(again.code(), Code::NotFound);
 }
 
 #[tokio::test]
 async fn garbage_in_a_cached_user_is_a_miss_and_is_repaired() {
     let mut app = spawn_app().await;
-    let created = create_user(&mut app, "barbara@example.com").await;
-    let expected = get_user(&mut app, &created.id).await.unwrap();
+    let created = create_user(&app, "barbara@example.com").await;
+    let expected = get_user(&app, &created.id).await.unwrap();
     let key = key(&app, &created.id);
 
     for garbage in [
@@ -149,7 +120,7 @@ async fn garbage_in_a_cached_user_is_a_miss_and_is_repaired() {
             .await
             .unwrap();
         assert_eq!(
-            get_user(&mut app, &created.id).await.unwrap(),
+            get_user(&app, &created.id).await.unwrap(),
             expected,
             "garbage {garbage:?}"
         );
@@ -170,9 +141,9 @@ async fn garbage_in_a_cached_user_is_a_miss_and_is_repaired() {
 #[tokio::test]
 async fn a_cached_value_of_another_user_is_not_served() {
     let mut app = spawn_app().await;
-    let alice = create_user(&mut app, "alice@example.com").await;
-    let bob = create_user(&mut app, "bob@example.com").await;
-    get_user(&mut app, &alice.id).await.unwrap();
+    let alice = create_user(&app, "alice@example.com").await;
+    let bob = create_user(&app, "bob@example.com").await;
+    get_user(&app, &alice.id).await.unwrap();
     let alice_bytes = app.cached(&key(&app, &alice.id)).await.unwrap();
     let bob_key = key(&app, &bob.id);
     let _: () = redis::cmd("SET")
@@ -182,25 +153,22 @@ async fn a_cached_value_of_another_user_is_not_served() {
         .await
         .unwrap();
 
-    assert_eq!(get_user(&mut app, &bob.id).await.unwrap().email, "bob@example.com");
+    assert_eq!(get_user(&app, &bob.id).await.unwrap().email, "bob@example.com");
 }
 
 #[tokio::test]
 async fn batch_get_returns_found_users_and_reports_missing_ids() {
     let mut app = spawn_app().await;
-    let a = create_user(&mut app, "a@example.com").await;
-    let b = create_user(&mut app, "b@example.com").await;
+    let a = create_user(&app, "a@example.com").await;
+    let b = create_user(&app, "b@example.com").await;
     let absent = uuid::Uuid::new_v4().to_string();
-    get_user(&mut app, &a.id).await.unwrap();
+    get_user(&app, &a.id).await.unwrap();
 
     let response = app
-        .users
-        .batch_get_users(BatchGetUsersRequest {
-            ids: vec![a.id.clone(), absent.clone(), b.id.clone(), a.id.clone()],
-        })
+        .client
+        .batch_get_users([&a.id, &absent, &b.id, &a.id])
         .await
-        .unwrap()
-        .into_inner();
+        .unwrap();
 
     let ids: Vec<&str> = response.users.iter().map(|u| u.id.as_str()).collect();
     assert_eq!(ids, [a.id.as_str(), b.id.as_str()], "in request order, duplicates once");
@@ -215,48 +183,25 @@ async fn batch_get_returns_found_users_and_reports_missing_ids() {
 
 #[tokio::test]
 async fn version_preconditions_and_duplicate_emails_are_enforced() {
-    let mut app = spawn_app().await;
-    let user = create_user(&mut app, "ken@example.com").await;
-    create_user(&mut app, "dennis@example.com").await;
-    let update = |email: &str, expected_version: i64| UpdateUserRequest {
-        user: Some(readthrough::proto::User {
-            id: user.id.clone(),
-            email: email.to_string(),
-            ..Default::default()
-        }),
-        update_mask: Some(FieldMask {
-            paths: vec!["email".to_string()],
-        }),
-        expected_version,
+    let app = spawn_app().await;
+    let user = create_user(&app, "ken@example.com").await;
+    create_user(&app, "dennis@example.com").await;
+    let update = |email: &str, expected_version: i64| {
+        app.client
+            .update_user(email_change(&user.id, email), &["email"], expected_version)
     };
 
-    let stale = app.users.update_user(update("ken2@example.com", 7)).await.unwrap_err();
+    let stale = update("ken2@example.com", 7).await.unwrap_err();
     assert_eq!(stale.code(), Code::Aborted);
-    let taken = app
-        .users
-        .update_user(update("DENNIS@example.com", 0))
-        .await
-        .unwrap_err();
+    let taken = update("DENNIS@example.com", 0).await.unwrap_err();
     assert_eq!(
         taken.code(),
         Code::AlreadyExists,
         "emails are unique regardless of case"
     );
-    let duplicate = app
-        .users
-        .create_user(CreateUserRequest {
-            email: "Ken@Example.com".to_string(),
-            preferences: None,
-        })
-        .await
-        .unwrap_err();
+    let duplicate = app.client.create_user("Ken@Example.com", None).await.unwrap_err();
     assert_eq!(duplicate.code(), Code::AlreadyExists);
 
-    let updated = app
-        .users
-        .update_user(update("ken2@example.com", 1))
-        .await
-        .unwrap()
-        .into_inner();
+    let updated = update("ken2@example.com", 1).await.unwrap();
     assert_eq!((updated.email.as_str(), updated.version), ("ken2@example.com", 2));
 }
