@@ -1,6 +1,7 @@
 //! Logs (`tracing`, filtered by `RUST_LOG`), traces (OpenTelemetry, see
 //! `traces`) and Prometheus metrics.
 
+mod filters;
 pub mod traces;
 
 use std::{
@@ -22,6 +23,7 @@ use opentelemetry::trace::TracerProvider as _;
 use tokio::{net::TcpListener, sync::Semaphore};
 use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
+use self::filters::AskEveryTime;
 pub use self::traces::Tracing;
 use crate::config::{LogFormat, TelemetryConfig};
 
@@ -49,9 +51,9 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Tracing> {
             .json()
             .with_current_span(true)
             .with_span_list(false)
-            .with_filter(filter)
+            .with_filter(AskEveryTime(filter))
             .boxed(),
-        LogFormat::Text => logs.with_filter(filter).boxed(),
+        LogFormat::Text => logs.with_filter(AskEveryTime(filter)).boxed(),
     };
     let (spans, provider) = match &config.otlp_endpoint {
         Some(endpoint) => {
@@ -60,7 +62,9 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Tracing> {
             // Spans only (events stay in the logs), this crate's only, at
             // every level: whatever RUST_LOG says about the logs.
             let ours = filter_fn(|meta| meta.is_span() && meta.target().starts_with("readthrough"));
-            let layer = tracing_opentelemetry::layer().with_tracer(tracer).with_filter(ours);
+            let layer = tracing_opentelemetry::layer()
+                .with_tracer(tracer)
+                .with_filter(AskEveryTime(ours));
             (Some(layer), Some(provider))
         }
         None => (None, None),

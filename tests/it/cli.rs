@@ -403,15 +403,17 @@ fn a_call_with_a_traceparent_is_exported_under_that_trace_with_its_cache_and_dat
     }
 
     // The first read missed: the RPC, its cache read, Redis and PostgreSQL.
+    // Spans are exported as they end, in batches, so wait for all three.
     let spans = collector.trace(miss_trace, |spans| {
-        !named(spans, "postgres").is_empty() && !named(spans, "readthrough.v1.UserService/GetUser").is_empty()
+        ["readthrough.v1.UserService/GetUser", "cache.read", "postgres"]
+            .iter()
+            .all(|name| !named(spans, name).is_empty())
     });
     let rpc = named(&spans, "readthrough.v1.UserService/GetUser")[0];
     assert_eq!(hex(&rpc.parent_span_id), caller_span, "the caller's span is the parent");
     assert_eq!(rpc.kind, SpanKind::Server as i32);
     assert_eq!(attribute(rpc, "rpc.grpc.status_code").as_deref(), Some("0"));
-    let read = named(&spans, "cache.read");
-    let read = read.first().unwrap_or_else(|| panic!("a cache.read span: {spans:#?}"));
+    let read = named(&spans, "cache.read")[0];
     assert_eq!(read.parent_span_id, rpc.span_id);
     assert_eq!(attribute(read, "cache.outcome").as_deref(), Some("miss"));
     assert_eq!(attribute(read, "cache.fill").as_deref(), Some("stored"));
