@@ -133,14 +133,14 @@ impl Application {
         let Services {
             users,
             products,
-            pool,
             cache,
             replicas,
             ..
         } = services.clone();
+        let pool = replicas.primary().clone();
         let admin = CacheAdminApi::new(cache.clone());
         let background = [
-            tokio::spawn(relay::run(pool.clone(), cache.clone(), replicas)),
+            tokio::spawn(relay::run(cache.clone(), replicas.clone())),
             tokio::spawn({
                 let services = services.clone();
                 async move { cache.receive_events(|feed| services.on_event(&feed)).await }
@@ -347,7 +347,7 @@ async fn watch_dependencies(services: Services, health: HealthReporter) {
     let mut last: Option<(bool, bool)> = None;
     loop {
         every.tick().await;
-        let now = (store::answers(&services.pool).await, services.cache.can_serve());
+        let now = (store::answers(services.pool()).await, services.cache.can_serve());
         let (postgres, cache) = now;
         metrics::gauge!("readthrough_dependency_up", "dependency" => "postgres").set(f64::from(u8::from(postgres)));
         metrics::gauge!("readthrough_dependency_up", "dependency" => "redis").set(f64::from(u8::from(cache)));

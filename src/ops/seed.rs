@@ -63,7 +63,7 @@ fn demo_category(n: u32) -> String {
 
 /// Inserts the demo rows that are not there yet, and invalidates what they touch.
 pub async fn seed(services: &Services, options: SeedOptions) -> Result<SeedReport, StoreError> {
-    let pool = &services.pool;
+    let pool = services.pool();
     let mut report = SeedReport {
         users_inserted: 0,
         products_inserted: 0,
@@ -137,7 +137,7 @@ pub async fn seed(services: &Services, options: SeedOptions) -> Result<SeedRepor
 /// Commits a batch, invalidates what its outbox rows name (coalesced, no
 /// events), and deletes those rows; how many rows were left to the relay.
 async fn commit_and_invalidate(services: &Services, mut tx: Transaction<'_, Postgres>) -> Result<u64, StoreError> {
-    let (pool, cache) = (&services.pool, &services.cache);
+    let (pool, cache) = (services.pool(), &services.cache);
     let rows = outbox::recorded(&mut tx).await?;
     tx.commit().await?;
     if rows.is_empty() {

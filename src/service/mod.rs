@@ -33,7 +33,6 @@ const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 pub struct Services {
     pub users: Users,
     pub products: Products,
-    pub pool: PgPool,
     pub cache: Arc<Cache>,
     pub replicas: Arc<Replicas>,
     /// Keeps the cache's key epochs and what is known of the replicas current
@@ -65,7 +64,7 @@ impl Services {
     /// `connect`, with the cache given (as the tests give one with hooks).
     pub async fn connect_with(config: &Config, cache: Cache) -> anyhow::Result<Self> {
         let pool = store::connect(&config.database).await?;
-        let replicas: Database = Arc::new(Replicas::new(&config.database, &config.replicas, pool.clone())?);
+        let replicas: Database = Arc::new(Replicas::new(&config.database, &config.replicas, pool)?);
         let cache = Arc::new(cache);
         cache.open_connections().await;
         let users = Users::new(replicas.clone(), cache.clone(), near_cache(config));
@@ -96,11 +95,15 @@ impl Services {
         Ok(Self {
             users,
             products,
-            pool,
             cache,
             replicas,
             _followers: Arc::new([AbortOnDrop(epochs.abort_handle()), AbortOnDrop(probe.abort_handle())]),
         })
+    }
+
+    /// The primary database, for writes and what must see them.
+    pub fn pool(&self) -> &PgPool {
+        self.replicas.primary()
     }
 
     /// Sets the gauges of what the dependencies hold, every `GAUGE_INTERVAL`,
@@ -111,12 +114,13 @@ impl Services {
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             every.tick().await;
-            let (size, idle) = (self.pool.size(), self.pool.num_idle() as u32);
+            let pool = self.pool();
+            let (size, idle) = (pool.size(), pool.num_idle() as u32);
             metrics::gauge!("readthrough_db_pool_connections", "state" => "in_use")
                 .set(size.saturating_sub(idle) as f64);
             metrics::gauge!("readthrough_db_pool_connections", "state" => "idle").set(idle as f64);
             metrics::gauge!("readthrough_redis_connections_up").set(self.cache.connections_up() as f64);
-            if let Ok((rows, oldest_seconds)) = store::outbox_backlog(&self.pool).await {
+            if let Ok((rows, oldest_seconds)) = store::outbox_backlog(pool).await {
                 metrics::gauge!("readthrough_outbox_backlog_rows").set(rows as f64);
                 metrics::gauge!("readthrough_outbox_oldest_seconds").set(oldest_seconds);
             }

@@ -37,14 +37,15 @@ const WRITER_GRACE: Duration = Duration::from_millis(200);
 const BATCH: i64 = 2000;
 
 /// Runs until the task is dropped.
-pub async fn run(pool: PgPool, cache: Arc<Cache>, replicas: Arc<Replicas>) {
+pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>) {
+    let pool = replicas.primary();
     let mut listener: Option<PgListener> = None;
     loop {
-        if let Err(error) = drain(&pool, &cache, &replicas).await {
+        if let Err(error) = drain(pool, &cache, &replicas).await {
             tracing::warn!(%error, "outbox relay could not read the outbox");
         }
         if listener.is_none() {
-            listener = listen(&pool).await;
+            listener = listen(pool).await;
         }
         match listener.as_mut() {
             Some(notifications) => match tokio::time::timeout(POLL_INTERVAL, notifications.recv()).await {
