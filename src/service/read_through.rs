@@ -301,12 +301,11 @@ impl<E: Loadable> ReadThrough<E> {
     /// `store::replicas`), or else from the primary. A replica that fails is
     /// left out, and the primary answers instead.
     async fn load(&self, ids: &[E::Id]) -> Result<Vec<E>, StoreError> {
-        let replicas = &self.database;
-        let replica = if replicas.any_usable() {
+        let replica = if self.database.any_usable() {
             match self.cache.newest_write::<E>(ids).await {
                 NewestWrite::Unknown => None,
-                NewestWrite::Unmarked => replicas.for_read(None),
-                NewestWrite::At(position) => replicas.for_read(Some(position)),
+                NewestWrite::Unmarked => self.database.for_read(None),
+                NewestWrite::At(position) => self.database.for_read(Some(position)),
             }
         } else {
             None
@@ -319,6 +318,8 @@ impl<E: Loadable> ReadThrough<E> {
                 }
                 Err(error) => {
                     tracing::warn!(%error, replica = replica.label(), "replica read failed; reading the primary");
+                    metrics::counter!("readthrough_db_replica_read_failures_total", "replica" => replica.label().to_owned())
+                        .increment(1);
                     replica.failed();
                 }
             }

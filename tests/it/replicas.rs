@@ -192,3 +192,51 @@ async fn while_the_replica_is_down_misses_read_the_primary() {
     let primary_reads = app.metric(PRIMARY_READS).await - primary_before;
     assert!(primary_reads >= 20.0, "the primary served every miss: {primary_reads}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misses_a_replica_fails_to_load_are_answered_by_the_primary() {
+    let topology = Topology::start().await;
+    // A role that may connect and be probed but may not read the tables: the
+    // replica looks current, and every load sent to it fails.
+    let admin = PgPool::connect(&topology.primary.url("postgres")).await.unwrap();
+    sqlx::query("CREATE ROLE no_reads LOGIN").execute(&admin).await.unwrap();
+    let read_url = topology
+        .replica
+        .url("readthrough")
+        .replacen("postgres@", "no_reads@", 1);
+    let database_url = topology.database_url();
+    let app = spawn_app_with(|config| {
+        use_database(config, &database_url);
+        config.config.replicas.read_urls = vec![read_url.parse().unwrap()];
+    })
+    .await;
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        ids.push(app.create_user(&format!("refused-{n}@example.com")).await.id);
+    }
+    const FAILURES: &str = r#"readthrough_db_replica_read_failures_total{replica="0"}"#;
+    let replica_failed = eventually(Duration::from_secs(20), || async {
+        // An id no one has: a miss with no write marker, which the replica
+        // may serve once it is within the lag bound.
+        let unknown = proto::GetUserRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+        };
+        let _ = app.users.clone().get_user(unknown).await;
+        app.metric(FAILURES).await > 0.0
+    })
+    .await;
+    assert!(replica_failed, "the replica was asked, and failed");
+
+    let primary_before = app.metric(PRIMARY_READS).await;
+    for id in &ids {
+        assert_eq!(&app.get_user(id).await.id, id, "read while the replica fails");
+    }
+    let [primary, replica] = app.metrics(&[PRIMARY_READS, REPLICA_READS]).await[..] else {
+        unreachable!()
+    };
+    assert!(
+        primary - primary_before >= 20.0,
+        "the primary answered every miss: {primary}"
+    );
+    assert_eq!(replica, 0.0, "no load succeeded on the replica");
+}
