@@ -137,10 +137,9 @@ impl Application {
             replicas,
             ..
         } = services.clone();
-        let pool = replicas.primary().clone();
         let admin = CacheAdminApi::new(cache.clone());
         let background = [
-            tokio::spawn(relay::run(cache.clone(), replicas.clone())),
+            tokio::spawn(relay::run(cache.clone(), replicas)),
             tokio::spawn({
                 let services = services.clone();
                 async move { cache.receive_events(|feed| services.on_event(&feed)).await }
@@ -221,7 +220,7 @@ impl Application {
         for task in background {
             task.abort();
         }
-        pool.close().await;
+        services.pool().close().await;
         tracing::info!("stopped");
         result
     }

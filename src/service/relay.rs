@@ -38,14 +38,13 @@ const BATCH: i64 = 2000;
 
 /// Runs until the task is dropped.
 pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>) {
-    let pool = replicas.primary();
     let mut listener: Option<PgListener> = None;
     loop {
-        if let Err(error) = drain(pool, &cache, &replicas).await {
+        if let Err(error) = drain(&cache, &replicas).await {
             tracing::warn!(%error, "outbox relay could not read the outbox");
         }
         if listener.is_none() {
-            listener = listen(pool).await;
+            listener = listen(replicas.primary()).await;
         }
         match listener.as_mut() {
             Some(notifications) => match tokio::time::timeout(POLL_INTERVAL, notifications.recv()).await {
@@ -69,10 +68,10 @@ async fn listen(pool: &PgPool) -> Option<PgListener> {
 }
 
 /// Processes rows until the outbox is empty or Redis fails; returns how many were done.
-pub async fn drain(pool: &PgPool, cache: &Cache, replicas: &Replicas) -> Result<usize, StoreError> {
+async fn drain(cache: &Cache, replicas: &Replicas) -> Result<usize, StoreError> {
     let mut done = 0;
     loop {
-        let mut tx = pool.begin().await?;
+        let mut tx = replicas.primary().begin().await?;
         let rows = outbox::claim(&mut tx, BATCH, WRITER_GRACE).await?;
         if rows.is_empty() {
             return Ok(done);

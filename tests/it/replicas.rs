@@ -41,27 +41,37 @@ impl Topology {
         vec![self.replica.url("readthrough")]
     }
 
+    /// An instance on this primary, loading misses from `read_url` when it may.
+    async fn spawn_app_reading(&self, read_url: &str) -> TestApp {
+        let database_url = self.database_url();
+        spawn_app_with(|config| {
+            use_database(config, &database_url);
+            config.config.replicas.read_urls = vec![read_url.parse().unwrap()];
+        })
+        .await
+    }
+
     /// An instance on this primary and replica, once the replica is usable:
     /// it has the database the instance created, and is within the lag bound.
     async fn spawn_app(&self) -> TestApp {
-        let (database_url, read_urls) = (self.database_url(), self.read_urls());
-        let app = spawn_app_with(|config| {
-            use_database(config, &database_url);
-            config.config.replicas.read_urls = read_urls.iter().map(|url| url.parse().unwrap()).collect();
-        })
-        .await;
-        let replica_read = eventually(Duration::from_secs(20), || async {
-            // An id no one has: a miss, with no write marker.
-            let unknown = proto::GetUserRequest {
-                id: uuid::Uuid::new_v4().to_string(),
-            };
-            let _ = app.users.clone().get_user(unknown).await;
-            app.metric(REPLICA_READS).await > 0.0
-        })
-        .await;
+        let app = self.spawn_app_reading(&self.read_urls()[0]).await;
+        let replica_read = miss_until_counted(&app, REPLICA_READS).await;
         assert!(replica_read, "the replica serves misses once it has caught up");
         app
     }
+}
+
+/// Reads ids no one has (misses with no write marker, which a usable replica
+/// may serve) until `sample` counts more than zero; whether it did in 20 s.
+async fn miss_until_counted(app: &TestApp, sample: &str) -> bool {
+    eventually(Duration::from_secs(20), || async {
+        let unknown = proto::GetUserRequest {
+            id: uuid::Uuid::new_v4().to_string(),
+        };
+        let _ = app.users.clone().get_user(unknown).await;
+        app.metric(sample).await > 0.0
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -204,27 +214,13 @@ async fn misses_a_replica_fails_to_load_are_answered_by_the_primary() {
         .replica
         .url("readthrough")
         .replacen("postgres@", "no_reads@", 1);
-    let database_url = topology.database_url();
-    let app = spawn_app_with(|config| {
-        use_database(config, &database_url);
-        config.config.replicas.read_urls = vec![read_url.parse().unwrap()];
-    })
-    .await;
+    let app = topology.spawn_app_reading(&read_url).await;
     let mut ids = Vec::new();
     for n in 0..20 {
         ids.push(app.create_user(&format!("refused-{n}@example.com")).await.id);
     }
     const FAILURES: &str = r#"readthrough_db_replica_read_failures_total{replica="0"}"#;
-    let replica_failed = eventually(Duration::from_secs(20), || async {
-        // An id no one has: a miss with no write marker, which the replica
-        // may serve once it is within the lag bound.
-        let unknown = proto::GetUserRequest {
-            id: uuid::Uuid::new_v4().to_string(),
-        };
-        let _ = app.users.clone().get_user(unknown).await;
-        app.metric(FAILURES).await > 0.0
-    })
-    .await;
+    let replica_failed = miss_until_counted(&app, FAILURES).await;
     assert!(replica_failed, "the replica was asked, and failed");
 
     let primary_before = app.metric(PRIMARY_READS).await;
