@@ -20,9 +20,18 @@
 //! ASK, and refreshes the slot map after a failover. It is made by redis-rs's
 //! `ClusterClient` directly rather than deadpool-redis's cluster pool, whose
 //! manager cannot set TCP_NODELAY, the connect timeout or a private CA.
+//! Behind Redis Sentinel (`REDIS_SENTINEL_URLS`) each new connection asks the
+//! sentinels for the current primary (and checks that it says it is one),
+//! through redis-rs's `SentinelClient`, for the same reason.
+//!
+//! Every new connection runs the `Connected` hook before any command uses
+//! it: the cache loads its scripts there and checks which server it reached
+//! (see `cache::epochs`).
 
 use std::{
+    future::Future,
     path::Path,
+    pin::Pin,
     sync::{
         Arc, RwLock,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -39,6 +48,7 @@ use deadpool_redis::{
         cluster::{ClusterClient, ClusterClientBuilder},
         cluster_async::ClusterConnection,
         io::tcp::TcpSettings,
+        sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
     },
 };
 
@@ -52,11 +62,38 @@ const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
 /// Where the cache lives.
+#[derive(Clone)]
 pub enum Target {
     Single(Box<ConnectionInfo>),
     /// Seed nodes of a Redis Cluster.
     Cluster(Vec<ConnectionInfo>),
+    /// The primary that these sentinels name `master`; `node` says how to
+    /// log in to it (the credentials of `REDIS_URL`).
+    Sentinel {
+        sentinels: Vec<ConnectionInfo>,
+        master: String,
+        node: Box<ConnectionInfo>,
+    },
 }
+
+impl Target {
+    /// A client of the sentinels, asking for the primary of `master`.
+    pub fn sentinel_client(
+        sentinels: &[ConnectionInfo],
+        master: &str,
+        node: &ConnectionInfo,
+    ) -> anyhow::Result<SentinelClient> {
+        let node = SentinelNodeConnectionInfo::default()
+            .set_redis_connection_info(node.redis_settings().clone())
+            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
+        SentinelClient::build(sentinels.to_vec(), master, Some(node), SentinelServerType::Master)
+            .map_err(|e| anyhow::anyhow!("invalid REDIS_SENTINEL_URLS: {e}"))
+    }
+}
+
+/// Run on every new connection before any command uses it; an error drops
+/// the connection, and the slot tries again.
+pub type Connected = Arc<dyn Fn(Handle) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// A connection to one Redis, or to a whole Redis Cluster.
 #[derive(Clone)]
@@ -99,6 +136,7 @@ enum Factory {
     /// Each connection is taken out of the pool at once.
     Single(Pool),
     Cluster(Box<ClusterClient>),
+    Sentinel(Box<tokio::sync::Mutex<SentinelClient>>),
 }
 
 impl Factory {
@@ -115,8 +153,26 @@ impl Factory {
                     Err(_) => Err(format!("no cluster connection within {CONNECT_TIMEOUT:?}")),
                 }
             }
+            Factory::Sentinel(client) => {
+                let connect = async { client.lock().await.get_async_connection_with_config(&settings()).await };
+                match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+                    Ok(Ok(connection)) => Ok(Handle::Single(connection)),
+                    Ok(Err(error)) => Err(error.to_string()),
+                    Err(_) => Err(format!(
+                        "no connection to the sentinels' primary within {CONNECT_TIMEOUT:?}"
+                    )),
+                }
+            }
         }
     }
+}
+
+/// No response timeout of redis-rs's own (500 ms by default): every call has
+/// its deadline already, and a second, shorter one would cut it.
+fn settings() -> AsyncConnectionConfig {
+    AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(None)
 }
 
 /// A connection handle and which slot (and which connection of that slot) it came from.
@@ -130,7 +186,9 @@ pub struct Connections {
     factory: Factory,
     slots: Box<[Slot]>,
     next: AtomicUsize,
-    breaker: Arc<Breaker>,
+    /// Told of every new connection; none for background work.
+    breaker: Option<Arc<Breaker>>,
+    connected: Connected,
 }
 
 #[derive(Default)]
@@ -152,16 +210,16 @@ struct SlotState {
 
 impl Connections {
     /// Connects nothing yet: see `connect_all`.
-    pub fn new(target: Target, count: usize, breaker: Arc<Breaker>) -> anyhow::Result<Arc<Self>> {
+    pub fn new(
+        target: Target,
+        count: usize,
+        breaker: Option<Arc<Breaker>>,
+        connected: Connected,
+    ) -> anyhow::Result<Arc<Self>> {
         let factory = match target {
             Target::Single(info) => {
-                // No response timeout of redis-rs's own (500 ms by default): every call
-                // has REDIS_TIMEOUT_MS already, and a second, shorter one would cut it.
-                let settings = AsyncConnectionConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(None);
-                let manager =
-                    Manager::new_with_config(*info, settings).map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
+                let manager = Manager::new_with_config(*info, settings())
+                    .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
                 let pool = Pool::builder(manager)
                     .max_size(count)
                     .wait_timeout(Some(CONNECT_TIMEOUT))
@@ -183,12 +241,20 @@ impl Connections {
                     .map_err(|e| anyhow::anyhow!("invalid REDIS_CLUSTER_URLS: {e}"))?;
                 Factory::Cluster(Box::new(client))
             }
+            Target::Sentinel {
+                sentinels,
+                master,
+                node,
+            } => Factory::Sentinel(Box::new(tokio::sync::Mutex::new(Target::sentinel_client(
+                &sentinels, &master, &node,
+            )?))),
         };
         Ok(Arc::new(Self {
             factory,
             slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
             next: AtomicUsize::new(0),
             breaker,
+            connected,
         }))
     }
 
@@ -248,6 +314,25 @@ impl Connections {
         self.reconnect(checked.slot);
     }
 
+    /// Replaces every connection: background work's, after a deadline
+    /// missed (the connection may be half-open, and no breaker probes it).
+    pub fn replace_all(self: &Arc<Self>) {
+        for slot in 0..self.slots.len() {
+            let generation = {
+                let state = self.slots[slot].state.read().unwrap_or_else(|p| p.into_inner());
+                match &state.connection {
+                    Some(_) => state.generation,
+                    None => continue,
+                }
+            };
+            let mut state = self.slots[slot].state.write().unwrap_or_else(|p| p.into_inner());
+            if state.generation == generation && state.connection.take().is_some() {
+                drop(state);
+                self.reconnect(slot);
+            }
+        }
+    }
+
     /// Fills `slot` in the background unless a task is already at it.
     fn reconnect(self: &Arc<Self>, slot: usize) {
         if self.slots[slot].connecting.swap(true, Ordering::AcqRel) {
@@ -257,12 +342,14 @@ impl Connections {
         tokio::spawn(async move {
             let mut delay = RECONNECT_FIRST_DELAY;
             loop {
-                match this.factory.connect().await {
+                match this.connect().await {
                     Ok(connection) => {
                         let mut state = this.slots[slot].state.write().unwrap_or_else(|p| p.into_inner());
                         state.connection = Some(connection);
                         state.generation += 1;
-                        this.breaker.reconnected();
+                        if let Some(breaker) = &this.breaker {
+                            breaker.reconnected();
+                        }
                         break;
                     }
                     Err(error) => {
@@ -276,6 +363,16 @@ impl Connections {
             this.slots[slot].tried.store(true, Ordering::Release);
             this.slots[slot].connecting.store(false, Ordering::Release);
         });
+    }
+
+    /// A new connection, once the `Connected` hook has run on it.
+    async fn connect(&self) -> Result<Handle, String> {
+        let connection = self.factory.connect().await?;
+        match tokio::time::timeout(CONNECT_TIMEOUT, (self.connected)(connection.clone())).await {
+            Ok(Ok(())) => Ok(connection),
+            Ok(Err(error)) => Err(error),
+            Err(_) => Err(format!("a new connection was not set up within {CONNECT_TIMEOUT:?}")),
+        }
     }
 
     pub fn connected(&self) -> usize {

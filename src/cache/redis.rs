@@ -5,6 +5,12 @@
 //!
 //! Failures are counted per operation and logged at most once per
 //! `LOG_INTERVAL`, so an outage does not turn into a log line per request.
+//!
+//! Two clients are made: one for requests, whose connections every request
+//! shares, behind the breaker; and one for background work (the outbox
+//! relay's batches, giving leases back), on a connection of its own and
+//! outside the breaker, so a large batch neither queues requests' commands
+//! behind it nor counts against Redis when it misses its deadline.
 
 use std::{
     collections::HashMap,
@@ -17,73 +23,24 @@ use std::{
 };
 
 use deadpool_redis::redis::{
-    self, ErrorKind, RetryMethod,
-    cluster_routing::{RoutingInfo, SingleNodeRoutingInfo, Slot},
+    self, ErrorKind, RetryMethod, ServerErrorKind,
+    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo, Slot},
 };
 use tracing::Instrument;
 
 use super::{
     Bump, Kind, WriteMarks,
     breaker::{Admission, Breaker, Probe},
-    connections::{self, Connections, Handle, Target},
+    connections::{self, Connected, Connections, Handle, Target},
+    scripts,
 };
-use crate::{config::CacheConfig, telemetry::Throttle};
+use crate::{config::CacheConfig, store::replicas::Lsn, telemetry::Throttle};
 
 const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the event subscription checks that its connection still answers.
 const SUBSCRIPTION_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// How much of the keyspace one SCAN step walks (COUNT: a hint to Redis, not a limit).
 const SCAN_COUNT: u64 = 1000;
-
-/// Stores a value only while the caller still holds the entry's fill lease, then
-/// releases the lease. A write deletes the lease together with the entry, so a
-/// reader that loaded the row before the write cannot cache the old version.
-/// KEYS: entry, lease. ARGV: token, value, ttl seconds.
-const GUARDED_SET: &str = include_str!("scripts/guarded_set.lua");
-
-/// Writes a category list's head: its first ids (score = position), its
-/// metadata, and drops any directory, while the caller holds the list's lease.
-/// KEYS: ids, meta, dir, lease. ARGV: token, meta, ttl seconds, then the ids in order.
-const GUARDED_LIST_HEAD: &str = include_str!("scripts/guarded_list_head.lua");
-
-/// Adds ids to a category list at positions from `first`, only while its
-/// metadata is still exactly what the caller read (the same generation). The
-/// ids key takes the metadata's remaining time to live if it has none of its own.
-/// KEYS: ids, meta. ARGV: meta, first position, then the ids in order.
-const GUARDED_LIST_CHUNK: &str = include_str!("scripts/guarded_list_chunk.lua");
-
-/// Sets a value only while another key holds exactly the expected bytes, with
-/// that key's remaining time to live. KEYS: target, guard. ARGV: expected, value.
-const GUARDED_SET_BESIDE: &str = include_str!("scripts/guarded_set_beside.lua");
-
-/// Moves each kind named to a new epoch, one above both its current epoch
-/// and the floor given for it (the highest the caller has seen: a failover
-/// may have lost the latest bumps), unless the last bump is less than the
-/// spacing old (measured with the Redis server's clock, the one every
-/// instance shares), or the reason, when one is given, was acted on already
-/// (every instance notices the same failover). KEYS: the epochs hash. ARGV:
-/// spacing ms, reason ('' for none), then each kind and its floor.
-/// Returns {0, user, product, list} when bumped (or the reason was acted
-/// on), {ms to wait} when too soon.
-const BUMP_EPOCHS: &str = include_str!("scripts/bump_epochs.lua");
-
-/// Records a write's WAL position in its marker unless the marker holds a
-/// later one already (the relay may carry out an older write after a newer
-/// one's writer did). Positions are fixed-width hex, so they compare as
-/// strings. KEYS: marker. ARGV: position, ttl ms.
-const MARK_WRITE: &str = include_str!("scripts/mark_write.lua");
-
-/// Deletes a lease only if it is still the caller's. KEYS: lease. ARGV: token.
-const RELEASE: &str = include_str!("scripts/release.lua");
-
-/// Reads a key or, when it is missing, takes its lease, in one step: no fill
-/// can land between a miss and the lease taken after it (which would load
-/// the value a second time). KEYS: key, lease. ARGV: token, ms.
-/// Returns {1, value}, {2} when leased, {0} when another holds the lease.
-const GET_OR_LEASE: &str = include_str!("scripts/get_or_lease.lua");
-
-/// Extends a lease only if it is still the caller's. KEYS: lease. ARGV: token, ms.
-const EXTEND: &str = include_str!("scripts/extend.lua");
 
 /// What a subscription delivers.
 pub enum Delivery<'a> {
@@ -120,57 +77,83 @@ pub struct ListPageRaw {
     pub meta: Option<Vec<u8>>,
 }
 
+/// What a client is for (see the module comment).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Requests,
+    Background,
+}
+
+/// Where pub/sub connects: it needs a connection of its own.
+enum Subscribers {
+    /// The Redis, or each seed node of a cluster (PUBLISH reaches every
+    /// node's subscribers), tried in turn.
+    Nodes(Vec<redis::Client>),
+    /// Whichever server the sentinels name primary now.
+    Sentinel(Box<tokio::sync::Mutex<redis::sentinel::SentinelClient>>),
+}
+
 pub struct RedisClient {
-    /// For pub/sub, which needs a connection of its own: the Redis, or each
-    /// seed node of a cluster (PUBLISH reaches every node's subscribers), tried
-    /// in turn.
-    subscribers: Vec<redis::Client>,
+    subscribers: Subscribers,
     next_subscriber: AtomicUsize,
     /// Whether `connections` lead to a Redis Cluster.
     cluster: bool,
     connections: Arc<Connections>,
+    /// The deadline of requests' calls; background calls set their own.
     timeout: Duration,
     errors: ErrorLog,
-    breaker: Arc<Breaker>,
+    /// Requests' calls only.
+    breaker: Option<Arc<Breaker>>,
 }
 
 impl RedisClient {
-    /// Sets up the connections without connecting, so the service starts while Redis is down.
-    pub fn new(config: &CacheConfig) -> anyhow::Result<Self> {
-        let tls_ca = config.redis_tls_ca_file.as_deref();
-        let nodes = if config.redis_cluster_urls.is_empty() {
-            vec![connections::connection_info(config.redis_url.expose(), tls_ca)?]
-        } else {
-            config
-                .redis_cluster_urls
-                .iter()
-                .map(|url| connections::connection_info(url.expose(), tls_ca))
-                .collect::<anyhow::Result<_>>()?
-        };
+    /// Sets up the connections without connecting, so the service starts
+    /// while Redis is down. `connected` runs on each new connection first.
+    pub fn new(config: &CacheConfig, purpose: Purpose, connected: Connected) -> anyhow::Result<Self> {
+        let target = target(config)?;
         // The subscription connects as the shared connections do: same TLS, same ACL user.
-        let subscribers = nodes
-            .iter()
-            .map(|info| redis::Client::open(info.clone()).map_err(|e| anyhow::anyhow!("invalid Redis URL: {e}")))
-            .collect::<anyhow::Result<_>>()?;
-        let cluster = !config.redis_cluster_urls.is_empty();
-        let target = if cluster {
-            Target::Cluster(nodes)
-        } else {
-            Target::Single(Box::new(nodes.into_iter().next().expect("one node")))
+        let subscribers = match &target {
+            Target::Single(info) => Subscribers::Nodes(vec![client(info)?]),
+            Target::Cluster(nodes) => Subscribers::Nodes(nodes.iter().map(client).collect::<anyhow::Result<_>>()?),
+            Target::Sentinel {
+                sentinels,
+                master,
+                node,
+            } => {
+                let sentinels = Target::sentinel_client(sentinels, master, node)?;
+                Subscribers::Sentinel(Box::new(tokio::sync::Mutex::new(sentinels)))
+            }
         };
-        let breaker = Arc::new(Breaker::new(
-            config.redis_breaker_failures,
-            Duration::from_millis(config.redis_breaker_cooldown_ms),
-        ));
+        let cluster = matches!(target, Target::Cluster(_));
+        let (count, breaker) = match purpose {
+            Purpose::Requests => (
+                usize::from(config.redis_connections),
+                Some(Arc::new(Breaker::new(
+                    config.redis_breaker_failures,
+                    Duration::from_millis(config.redis_breaker_cooldown_ms),
+                ))),
+            ),
+            Purpose::Background => (1, None),
+        };
         Ok(Self {
             subscribers,
             next_subscriber: AtomicUsize::new(0),
             cluster,
-            connections: Connections::new(target, usize::from(config.redis_connections), breaker.clone())?,
+            connections: Connections::new(target, count, breaker.clone(), connected)?,
             timeout: config.redis_timeout(),
             errors: ErrorLog::default(),
             breaker,
         })
+    }
+
+    /// The deadline of requests' calls (`REDIS_TIMEOUT_MS`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Whether this client talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
     }
 
     /// GET for one key, MGET for several (against a cluster, a GET per key
@@ -190,7 +173,9 @@ impl RedisClient {
             let set = redis::cmd("SET").arg(key).arg(value).arg("EX").arg(ttl_secs).clone();
             (key.as_str(), set)
         });
-        self.run_each::<redis::Value>("set", sets.collect()).await.map(drop)
+        self.run_each::<redis::Value>("set", sets.collect(), self.timeout)
+            .await
+            .map(drop)
     }
 
     /// Deletes the keys in one round trip, one DEL per key so that no command
@@ -252,9 +237,10 @@ impl RedisClient {
         Some(masters_of(&nodes))
     }
 
-    /// Each master that serves slots, as `<node id>:<config epoch>`: a
-    /// failover (or a resharding) makes a new one. `None` when not on a
-    /// cluster or the cluster did not answer.
+    /// Each master that serves slots, as `<node id>:<config epoch>`, as any
+    /// node sees it: a failover (or a resharding) makes a new one. Every node
+    /// is asked, since one may learn of a promotion later than another
+    /// (gossip). `None` when not on a cluster or no node answered.
     pub async fn slot_owners(&self) -> Option<Vec<String>> {
         if !self.cluster {
             return None;
@@ -262,7 +248,18 @@ impl RedisClient {
         let nodes: String = self
             .run("cluster_nodes", &redis::cmd("CLUSTER").arg("NODES").clone())
             .await?;
-        Some(slot_owners_of(&nodes))
+        let views = futures_util::future::join_all(nodes_of(&nodes).into_iter().map(|node| async move {
+            self.run_at::<String>("cluster_nodes", &node, redis::cmd("CLUSTER").arg("NODES").clone())
+                .await
+        }))
+        .await;
+        let mut owners: Vec<String> = std::iter::once(nodes)
+            .chain(views.into_iter().flatten())
+            .flat_map(|view| slot_owners_of(&view))
+            .collect();
+        owners.sort();
+        owners.dedup();
+        Some(owners)
     }
 
     /// Runs `cmd` on one node of the cluster, within the deadline.
@@ -272,7 +269,7 @@ impl RedisClient {
         (host, port): &(String, u16),
         cmd: redis::Cmd,
     ) -> Option<T> {
-        self.with_deadline(operation, async {
+        self.with_deadline(operation, self.timeout, async {
             let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
             let Handle::Cluster(connection) = &mut checked.connection else {
                 return Err(Failure::not_connected());
@@ -293,37 +290,37 @@ impl RedisClient {
         .await
     }
 
-    /// Every kind's epoch (by `Kind`; 0 for one never bumped).
-    pub async fn read_epochs(&self, key: &str) -> Option<[u64; 3]> {
+    /// Every kind's epoch (by `Kind`; 0 for one never bumped) and the WAL
+    /// position of the newest write a bump of it retired.
+    pub async fn read_epochs(&self, key: &str) -> Option<EpochsRead> {
         let mut cmd = redis::cmd("HMGET");
-        cmd.arg(key).arg(&Kind::ALL.map(Kind::label)[..]);
-        let epochs: Vec<Option<u64>> = self.run("epochs", &cmd).await?;
-        epochs_by_kind(&epochs)
+        cmd.arg(key)
+            .arg(&Kind::ALL.map(Kind::label)[..])
+            .arg(&Kind::ALL.map(lsn_field)[..]);
+        let fields: Vec<Option<Vec<u8>>> = self.run("epochs", &cmd).await?;
+        let (epochs, positions) = fields.split_at_checked(Kind::ALL.len())?;
+        let epochs: Vec<Option<u64>> = epochs
+            .iter()
+            .map(|field| {
+                field
+                    .as_ref()
+                    .and_then(|bytes| std::str::from_utf8(bytes).ok()?.parse().ok())
+            })
+            .collect();
+        Some(EpochsRead {
+            epochs: epochs_by_kind(&epochs)?,
+            positions: [0, 1, 2].map(|i| positions.get(i)?.as_deref().and_then(Lsn::from_marker)),
+        })
     }
 
-    /// Bumps the epochs of `kinds` unless the last bump is less than `spacing` old.
-    pub async fn bump_epochs(
-        &self,
-        key: &str,
-        spacing: Duration,
-        floors: &[(Kind, u64)],
-        reason: Option<&str>,
-    ) -> Option<Bump> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(BUMP_EPOCHS)
-            .arg(1)
-            .arg(key)
-            .arg(spacing.as_millis() as u64)
-            .arg(reason.unwrap_or(""));
-        for (kind, floor) in floors {
-            cmd.arg(kind.label()).arg(floor);
-        }
+    /// Bumps the epochs of `kinds` (see `scripts::BUMP_EPOCHS`) unless the
+    /// last bump is less than `spacing` old, recording `position` as the
+    /// newest write they retire. Sent as requests' calls are, or on
+    /// `connection` (a new one, before anything else uses it).
+    pub async fn bump_epochs(&self, bump: &EpochBump<'_>) -> Option<Bump> {
+        let cmd = bump.command();
         let reply: Vec<Option<u64>> = self.run("epochs", &cmd).await?;
-        match reply.split_first()? {
-            (Some(0), epochs) => epochs_by_kind(epochs).map(Bump::Done),
-            (Some(wait_ms), _) => Some(Bump::TooSoon(Duration::from_millis(*wait_ms))),
-            (None, _) => None,
-        }
+        bump_outcome(&reply)
     }
 
     /// The members at positions `start..=stop` (by score) and the list's
@@ -349,19 +346,14 @@ impl RedisClient {
             set.arg(key).arg(token).arg("NX").arg("PX").arg(ttl.as_millis() as u64);
             (key.as_str(), set)
         });
-        let replies: Vec<Option<String>> = self.run_each("lease", sets.collect()).await?;
+        let replies: Vec<Option<String>> = self.run_each("lease", sets.collect(), self.timeout).await?;
         Some(replies.into_iter().map(|reply| reply.is_some()).collect())
     }
 
     /// `key`'s value, or else its lease if nobody holds it (see `GET_OR_LEASE`).
     pub async fn get_or_lease(&self, key: &str, lease_key: &str, token: &str, ttl: Duration) -> Option<Lookup> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(GET_OR_LEASE)
-            .arg(2)
-            .arg(key)
-            .arg(lease_key)
-            .arg(token)
-            .arg(ttl.as_millis() as u64);
+        let mut cmd = scripts::GET_OR_LEASE.call(2);
+        cmd.arg(key).arg(lease_key).arg(token).arg(ttl.as_millis() as u64);
         let (outcome, value): (i64, Option<Vec<u8>>) =
             match self.run::<Vec<redis::Value>>("lease", &cmd).await?.as_slice() {
                 [outcome] => (redis::from_redis_value_ref(outcome).ok()?, None),
@@ -381,38 +373,39 @@ impl RedisClient {
     /// Stores each value whose lease is still held; true where it was stored.
     pub async fn fill_guarded(&self, fills: &[GuardedFill<'_>]) -> Option<Vec<bool>> {
         let fills = fills.iter().map(|fill| {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(GUARDED_SET)
-                .arg(2)
-                .arg(fill.key)
+            let mut cmd = scripts::GUARDED_SET.call(2);
+            cmd.arg(fill.key)
                 .arg(fill.lease_key)
                 .arg(fill.token)
                 .arg(&fill.value)
                 .arg(fill.ttl_secs);
             (fill.key, cmd)
         });
-        let stored: Vec<i64> = self.run_each("fill", fills.collect()).await?;
+        let stored: Vec<i64> = self.run_each("fill", fills.collect(), self.timeout).await?;
         Some(stored.into_iter().map(|s| s == 1).collect())
     }
 
-    /// Gives leases (key, token) back early, each if it is still the caller's.
-    pub async fn release_leases(&self, leases: &[(String, String)]) {
+    /// Gives leases (key, token) back early, each if it is still the
+    /// caller's; `None` when Redis did not answer.
+    pub async fn release_leases(&self, leases: &[(String, String)]) -> Option<()> {
         let releases = leases.iter().map(|(key, token)| {
-            let release = redis::cmd("EVAL").arg(RELEASE).arg(1).arg(key).arg(token).clone();
+            let release = scripts::RELEASE.call(1).arg(key).arg(token).clone();
             (key.as_str(), release)
         });
-        self.run_each::<redis::Value>("release", releases.collect()).await;
+        self.run_each::<redis::Value>("release", releases.collect(), self.timeout)
+            .await
+            .map(drop)
     }
 
     /// Sets the leases (key, token) that are still the caller's to expire `ttl`
     /// from now; true where it did.
     pub async fn extend_leases(&self, leases: &[(String, String)], ttl: Duration) -> Option<Vec<bool>> {
         let extends = leases.iter().map(|(key, token)| {
-            let mut cmd = redis::cmd("EVAL");
-            cmd.arg(EXTEND).arg(1).arg(key).arg(token).arg(ttl.as_millis() as u64);
+            let mut cmd = scripts::EXTEND.call(1);
+            cmd.arg(key).arg(token).arg(ttl.as_millis() as u64);
             (key.as_str(), cmd)
         });
-        let extended: Vec<i64> = self.run_each("extend", extends.collect()).await?;
+        let extended: Vec<i64> = self.run_each("extend", extends.collect(), self.timeout).await?;
         Some(extended.into_iter().map(|e| e == 1).collect())
     }
 
@@ -426,45 +419,34 @@ impl RedisClient {
         ids: &[String],
         ttl_secs: u64,
     ) -> Option<bool> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(GUARDED_LIST_HEAD)
-            .arg(4)
-            .arg(&keys[..])
-            .arg(token)
-            .arg(meta)
-            .arg(ttl_secs)
-            .arg(ids);
+        let mut cmd = scripts::GUARDED_LIST_HEAD.call(4);
+        cmd.arg(&keys[..]).arg(token).arg(meta).arg(ttl_secs).arg(ids);
         self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
     }
 
     /// Adds ids at positions from `first` while the metadata is `meta` (see
     /// `GUARDED_LIST_CHUNK`); `keys` are ids, meta.
     pub async fn write_list_chunk(&self, keys: [&str; 2], meta: &[u8], first: u64, ids: &[String]) -> Option<bool> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(GUARDED_LIST_CHUNK)
-            .arg(2)
-            .arg(&keys[..])
-            .arg(meta)
-            .arg(first)
-            .arg(ids);
+        let mut cmd = scripts::GUARDED_LIST_CHUNK.call(2);
+        cmd.arg(&keys[..]).arg(meta).arg(first).arg(ids);
         self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
     }
 
     /// Sets `key` to `value` while `guard` holds `expected`, expiring with it.
     pub async fn set_beside(&self, key: &str, guard: &str, expected: &[u8], value: &[u8]) -> Option<bool> {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(GUARDED_SET_BESIDE)
-            .arg(2)
-            .arg(key)
-            .arg(guard)
-            .arg(expected)
-            .arg(value);
+        let mut cmd = scripts::GUARDED_SET_BESIDE.call(2);
+        cmd.arg(key).arg(guard).arg(expected).arg(value);
         self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
     }
 
-    /// Deletes each group of keys with one DEL (a group shares a hash slot) and
-    /// publishes the messages on `channel`, in one round trip. In a cluster
-    /// any node takes a PUBLISH and passes it to every node's subscribers.
+    /// Records `marks`, deletes each group of keys with one DEL (a group
+    /// shares a hash slot) and publishes the messages on `channel`, within
+    /// `timeout`. One Redis runs them in order, in one round trip. A cluster
+    /// runs each slot's commands in order but the slots' pipelines
+    /// concurrently, so there the messages are published only once every
+    /// delete is confirmed: a receiver that reads the key on hearing of the
+    /// change must not find it still there. Any node takes a PUBLISH and
+    /// passes it to every node's subscribers.
     pub async fn delete_and_publish(
         &self,
         groups: &[Vec<String>],
@@ -472,13 +454,13 @@ impl RedisClient {
         mark_ttl: Duration,
         channel: &str,
         messages: &[Vec<u8>],
+        timeout: Duration,
     ) -> Option<()> {
         let marks = marks.into_iter().flat_map(|marks| {
             let position = marks.position.to_marker();
             marks.keys.iter().map(move |key| {
-                let mark = redis::cmd("EVAL")
-                    .arg(MARK_WRITE)
-                    .arg(1)
+                let mark = scripts::MARK_WRITE
+                    .call(1)
                     .arg(key)
                     .arg(&position)
                     .arg(mark_ttl.as_millis() as u64)
@@ -492,7 +474,15 @@ impl RedisClient {
         let publishes = messages
             .iter()
             .map(|message| (channel, redis::cmd("PUBLISH").arg(channel).arg(message).clone()));
-        self.run_each::<redis::Value>("del", marks.chain(deletes).chain(publishes).collect())
+        if !self.cluster {
+            let all = marks.chain(deletes).chain(publishes).collect();
+            return self.run_each::<redis::Value>("del", all, timeout).await.map(drop);
+        }
+        let started = tokio::time::Instant::now();
+        self.run_each::<redis::Value>("del", marks.chain(deletes).collect(), timeout)
+            .await?;
+        let left = timeout.saturating_sub(started.elapsed());
+        self.run_each::<redis::Value>("publish", publishes.collect(), left)
             .await
             .map(drop)
     }
@@ -538,9 +528,14 @@ impl RedisClient {
     /// A new subscription to `channel`, within `CONNECT_TIMEOUT`: a Redis that
     /// accepts connections but never answers would otherwise hold it forever.
     async fn open_subscription(&self, channel: &str) -> Result<redis::aio::PubSub, String> {
-        let turn = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
-        let client = &self.subscribers[turn % self.subscribers.len()];
         let subscribe = async {
+            let client = match &self.subscribers {
+                Subscribers::Nodes(nodes) => {
+                    let turn = self.next_subscriber.fetch_add(1, Ordering::Relaxed);
+                    nodes[turn % nodes.len()].clone()
+                }
+                Subscribers::Sentinel(sentinels) => sentinels.lock().await.async_get_client().await?,
+            };
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(channel).await?;
             Ok::<_, redis::RedisError>(pubsub)
@@ -570,9 +565,12 @@ impl RedisClient {
         self.connections.connected()
     }
 
-    /// Whether the circuit breaker is letting commands through (closed).
+    /// Whether the circuit breaker is letting commands through (closed);
+    /// always, for background work.
     pub fn breaker_closed(&self) -> bool {
-        self.breaker.state() == super::breaker::State::Closed
+        self.breaker
+            .as_ref()
+            .is_none_or(|breaker| breaker.state() == super::breaker::State::Closed)
     }
 
     /// `run_each` with the command `name` on each key.
@@ -590,17 +588,19 @@ impl RedisClient {
                 (key.as_str(), cmd)
             })
             .collect();
-        self.run_each(operation, commands).await
+        self.run_each(operation, commands, self.timeout).await
     }
 
-    /// Sends `commands`, each with the key that routes it, in one round trip:
-    /// one pipeline to a single Redis; to a cluster, one pipeline per hash
-    /// slot (a pipeline may not span slots), sent concurrently, each with its
-    /// own deadline. The replies come back in the order of `commands`.
+    /// Sends `commands`, each with the key that routes it, in one round trip
+    /// within `timeout`: one pipeline to a single Redis; to a cluster, one
+    /// pipeline per hash slot (a pipeline may not span slots), sent
+    /// concurrently, each with its own deadline. The replies come back in the
+    /// order of `commands`.
     async fn run_each<T: redis::FromRedisValue>(
         &self,
         operation: &'static str,
         commands: Vec<(&str, redis::Cmd)>,
+        timeout: Duration,
     ) -> Option<Vec<T>> {
         if commands.is_empty() {
             return Some(Vec::new());
@@ -611,7 +611,7 @@ impl RedisClient {
             for (_, cmd) in commands {
                 pipe.add_command(cmd);
             }
-            return self.run_pipe(operation, &pipe).await;
+            return self.run_pipe_within(operation, &pipe, timeout).await;
         }
         let mut by_slot: HashMap<Slot, (Vec<usize>, redis::Pipeline)> = HashMap::new();
         for (index, (key, cmd)) in commands.into_iter().enumerate() {
@@ -622,7 +622,7 @@ impl RedisClient {
             pipe.add_command(cmd);
         }
         let sent = by_slot.into_values().map(|(indices, pipe)| async move {
-            let replies: Vec<T> = self.run_pipe(operation, &pipe).await?;
+            let replies: Vec<T> = self.run_pipe_within(operation, &pipe, timeout).await?;
             Some(indices.into_iter().zip(replies))
         });
         let mut ordered: Vec<Option<T>> = (0..count).map(|_| None).collect();
@@ -635,21 +635,44 @@ impl RedisClient {
     }
 
     async fn run<T: redis::FromRedisValue>(&self, operation: &'static str, cmd: &redis::Cmd) -> Option<T> {
-        self.with_deadline(operation, async {
-            let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
-            cmd.query_async::<T>(&mut checked.connection)
-                .await
-                .map_err(|error| self.failed(&checked, error))
-        })
-        .await
+        self.send(operation, Request::Cmd(cmd), self.timeout).await
     }
 
     async fn run_pipe<T: redis::FromRedisValue>(&self, operation: &'static str, pipe: &redis::Pipeline) -> Option<T> {
-        self.with_deadline(operation, async {
+        self.send(operation, Request::Pipeline(pipe), self.timeout).await
+    }
+
+    async fn run_pipe_within<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        pipe: &redis::Pipeline,
+        timeout: Duration,
+    ) -> Option<T> {
+        self.send(operation, Request::Pipeline(pipe), timeout).await
+    }
+
+    /// Sends `request` on one of the connections within `timeout`. A server
+    /// that answers NOSCRIPT has lost the scripts: they are loaded again, and
+    /// the request is sent once more (its commands are safe to repeat).
+    async fn send<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        request: Request<'_>,
+        timeout: Duration,
+    ) -> Option<T> {
+        self.with_deadline(operation, timeout, async {
             let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
-            pipe.query_async::<T>(&mut checked.connection)
-                .await
-                .map_err(|error| self.failed(&checked, error))
+            let mut sent = request.send::<T>(&mut checked.connection).await;
+            if sent
+                .as_ref()
+                .is_err_and(|error| error.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
+            {
+                load_scripts(&mut checked.connection)
+                    .await
+                    .map_err(|error| self.failed(&checked, error))?;
+                sent = request.send::<T>(&mut checked.connection).await;
+            }
+            sent.map_err(|error| self.failed(&checked, error))
         })
         .await
     }
@@ -665,14 +688,17 @@ impl RedisClient {
     async fn with_deadline<T>(
         &self,
         operation: &'static str,
+        timeout: Duration,
         call: impl Future<Output = Result<T, Failure>>,
     ) -> Option<T> {
-        match self.breaker.admit() {
-            Admission::Run => {}
-            Admission::Skip => return skipped(operation),
-            Admission::Probe(probe) => {
-                self.spawn_probe(probe);
-                return skipped(operation);
+        if let Some(breaker) = &self.breaker {
+            match breaker.admit() {
+                Admission::Run => {}
+                Admission::Skip => return skipped(operation),
+                Admission::Probe(probe) => {
+                    self.spawn_probe(probe);
+                    return skipped(operation);
+                }
             }
         }
         let started = std::time::Instant::now();
@@ -682,25 +708,34 @@ impl RedisClient {
             db.system = "redis",
             db.operation = operation
         );
-        let outcome = tokio::time::timeout(self.timeout, call).instrument(span).await;
+        let outcome = tokio::time::timeout(timeout, call).instrument(span).await;
         crate::telemetry::histogram("readthrough_redis_duration_seconds", "operation", operation)
             .record(started.elapsed().as_secs_f64());
         let failure = match outcome {
             Ok(Ok(value)) => {
-                self.breaker.succeeded();
+                if let Some(breaker) = &self.breaker {
+                    breaker.succeeded();
+                }
                 return Some(value);
             }
             Ok(Err(failure)) => failure,
-            Err(_) => Failure {
-                unavailable: true,
-                message: format!("timed out after {:?}", self.timeout),
-            },
+            Err(_) => {
+                if self.breaker.is_none() {
+                    self.connections.replace_all();
+                }
+                Failure {
+                    unavailable: true,
+                    message: format!("timed out after {timeout:?}"),
+                }
+            }
         };
-        if failure.unavailable {
-            self.breaker.failed();
-        } else {
-            // Redis answered, with an error about this command alone.
-            self.breaker.succeeded();
+        if let Some(breaker) = &self.breaker {
+            if failure.unavailable {
+                breaker.failed();
+            } else {
+                // Redis answered, with an error about this command alone.
+                breaker.succeeded();
+            }
         }
         metrics::counter!("readthrough_cache_errors_total", "operation" => operation).increment(1);
         self.errors.report(operation, &failure.message);
@@ -751,22 +786,27 @@ impl Failure {
     }
 }
 
-/// Whether an error means Redis cannot serve right now (the connection is
-/// gone, or the server says it is loading, busy or down), which counts
-/// towards opening the breaker; an error about the command itself (a wrong
-/// type, a script error) does not.
 /// The (host, port) of each master that is not failing in a `CLUSTER NODES`
 /// reply (`<id> <host>:<port>@<bus port> <flags> …`).
 fn masters_of(nodes: &str) -> Vec<(String, u16)> {
+    live_nodes(nodes, |flags| flags.split(',').any(|f| f == "master"))
+}
+
+/// The (host, port) of each node not known to be failing, master or replica.
+fn nodes_of(nodes: &str) -> Vec<(String, u16)> {
+    live_nodes(nodes, |_| true)
+}
+
+fn live_nodes(nodes: &str, wanted: impl Fn(&str) -> bool) -> Vec<(String, u16)> {
     nodes
         .lines()
         .filter_map(|line| {
             let mut fields = line.split(' ');
             let address = fields.nth(1)?;
             let flags = fields.next()?;
-            let is_live_master = flags.split(',').any(|f| f == "master") && !flags.contains("fail");
+            let live = wanted(flags) && !flags.contains("fail") && !flags.contains("noaddr");
             let (host, port) = address.split('@').next()?.rsplit_once(':')?;
-            is_live_master.then(|| Some((host.to_string(), port.parse().ok()?)))?
+            live.then(|| Some((host.to_string(), port.parse().ok()?)))?
         })
         .collect()
 }
@@ -794,12 +834,151 @@ fn epochs_by_kind(epochs: &[Option<u64>]) -> Option<[u64; 3]> {
     }
 }
 
+/// Whether an error means Redis cannot serve right now (the connection is
+/// gone, or the server says it is loading, busy, down, or a replica now),
+/// which counts towards opening the breaker; an error about the command
+/// itself (a wrong type, a script error) does not.
 fn means_unavailable(error: &redis::RedisError) -> bool {
     error.is_io_error()
         || error.is_connection_dropped()
         || error.is_unrecoverable_error()
         || matches!(error.retry_method(), RetryMethod::WaitAndRetry)
         || (error.kind() == ErrorKind::Extension && error.code() == Some("BUSY"))
+        || is_read_only(error)
+}
+
+/// The server has become a replica (a failover demoted it): writes there
+/// fail, and the connection must be made again, to the new primary.
+pub fn is_read_only(error: &redis::RedisError) -> bool {
+    error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
+}
+
+/// The field of the epochs hash that holds the WAL position of the newest
+/// write a bump of `kind` retired.
+fn lsn_field(kind: Kind) -> &'static str {
+    match kind {
+        Kind::User => "user:lsn",
+        Kind::Product => "product:lsn",
+        Kind::List => "list:lsn",
+    }
+}
+
+/// The epochs as read from Redis (see `RedisClient::read_epochs`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EpochsRead {
+    /// By `Kind`.
+    pub epochs: [u64; 3],
+    /// By `Kind`: the newest write a bump retired, when replicas are read.
+    pub positions: [Option<Lsn>; 3],
+}
+
+/// A bump of epochs (see `scripts::BUMP_EPOCHS`).
+pub struct EpochBump<'a> {
+    pub key: &'a str,
+    pub spacing: Duration,
+    /// The epoch each kind must go beyond: the highest the caller knows.
+    pub floors: &'a [(Kind, u64)],
+    /// Acted on once however many callers give it; `server`: this server's identity.
+    pub reason: Option<&'a str>,
+    /// The newest write the bump retires, when replicas are read.
+    pub position: Option<Lsn>,
+}
+
+impl EpochBump<'_> {
+    fn command(&self) -> redis::Cmd {
+        let mut cmd = scripts::BUMP_EPOCHS.call(1);
+        cmd.arg(self.key)
+            .arg(self.spacing.as_millis() as u64)
+            .arg(self.reason.unwrap_or(""))
+            .arg(self.position.map(Lsn::to_marker).unwrap_or_default());
+        for (kind, floor) in self.floors {
+            cmd.arg(kind.label()).arg(floor);
+        }
+        cmd
+    }
+
+    /// Runs the bump on `connection` directly: a new connection, before any
+    /// request uses it (see `cache::epochs`).
+    pub async fn on(&self, connection: &mut Handle) -> Result<Option<Bump>, redis::RedisError> {
+        let reply: Vec<Option<u64>> = self.command().query_async(connection).await?;
+        Ok(bump_outcome(&reply))
+    }
+}
+
+fn bump_outcome(reply: &[Option<u64>]) -> Option<Bump> {
+    match reply.split_first()? {
+        (Some(0), epochs) => epochs_by_kind(epochs).map(Bump::Done),
+        (Some(wait_ms), _) => Some(Bump::TooSoon(Duration::from_millis(*wait_ms))),
+        (None, _) => None,
+    }
+}
+
+/// Loads every script (see `cache::scripts`): on a cluster, into every master.
+pub async fn load_scripts(connection: &mut Handle) -> Result<(), redis::RedisError> {
+    match connection {
+        Handle::Single(single) => {
+            let mut pipe = redis::pipe();
+            for script in scripts::all() {
+                pipe.add_command(script.load());
+            }
+            pipe.query_async::<redis::Value>(single).await.map(drop)
+        }
+        Handle::Cluster(cluster) => {
+            let everywhere =
+                RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, Some(ResponsePolicy::AllSucceeded)));
+            for script in scripts::all() {
+                cluster.route_command(script.load(), everywhere.clone()).await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+/// A command or a pipeline (see `RedisClient::send`).
+#[derive(Clone, Copy)]
+enum Request<'a> {
+    Cmd(&'a redis::Cmd),
+    Pipeline(&'a redis::Pipeline),
+}
+
+impl Request<'_> {
+    async fn send<T: redis::FromRedisValue>(self, connection: &mut Handle) -> redis::RedisResult<T> {
+        match self {
+            Request::Cmd(cmd) => cmd.query_async(connection).await,
+            Request::Pipeline(pipe) => pipe.query_async(connection).await,
+        }
+    }
+}
+
+/// Where `config` puts the cache: a cluster, a Sentinel-managed primary, or one Redis.
+fn target(config: &CacheConfig) -> anyhow::Result<Target> {
+    let tls_ca = config.redis_tls_ca_file.as_deref();
+    let info = |url: &crate::config::SecretUrl| connections::connection_info(url.expose(), tls_ca);
+    Ok(if !config.redis_cluster_urls.is_empty() {
+        Target::Cluster(
+            config
+                .redis_cluster_urls
+                .iter()
+                .map(info)
+                .collect::<anyhow::Result<_>>()?,
+        )
+    } else if !config.redis_sentinel_urls.is_empty() {
+        Target::Sentinel {
+            sentinels: config
+                .redis_sentinel_urls
+                .iter()
+                .map(info)
+                .collect::<anyhow::Result<_>>()?,
+            master: config.redis_sentinel_master.clone(),
+            node: Box::new(info(&config.redis_url)?),
+        }
+    } else {
+        Target::Single(Box::new(info(&config.redis_url)?))
+    })
+}
+
+fn client(info: &redis::ConnectionInfo) -> anyhow::Result<redis::Client> {
+    redis::Client::open(info.clone()).map_err(|e| anyhow::anyhow!("invalid Redis URL: {e}"))
 }
 
 /// A command the open breaker did not send: the caller fails open at once.
