@@ -138,8 +138,9 @@ impl Application {
             ..
         } = services.clone();
         let admin = CacheAdminApi::new(cache.clone());
+        let retire_after = Duration::from_millis(self.config.config.cache.outbox_retire_after_ms);
         let background = [
-            tokio::spawn(relay::run(cache.clone(), replicas)),
+            tokio::spawn(relay::run(cache.clone(), replicas, retire_after)),
             tokio::spawn({
                 let services = services.clone();
                 async move { cache.receive_events(|feed| services.on_event(&feed)).await }

@@ -168,6 +168,22 @@ pub struct CacheConfig {
     #[arg(long, env = "REDIS_CLUSTER_URLS", value_delimiter = ',')]
     pub redis_cluster_urls: Vec<SecretUrl>,
 
+    /// Redis Sentinels watching the primary (`redis://host:port`, comma-separated):
+    /// when set, every connection asks them where the primary named
+    /// `REDIS_SENTINEL_MASTER` is, and logs in there with the credentials of
+    /// `REDIS_URL` (whose address is not used).
+    #[arg(
+        long,
+        env = "REDIS_SENTINEL_URLS",
+        value_delimiter = ',',
+        conflicts_with = "redis_cluster_urls"
+    )]
+    pub redis_sentinel_urls: Vec<SecretUrl>,
+
+    /// The name the sentinels know the primary by.
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", default_value = "mymaster")]
+    pub redis_sentinel_master: String,
+
     /// PEM file of the CA that signed a `rediss://` server's certificate, when
     /// it is not in the system's trust store.
     #[arg(long, env = "REDIS_TLS_CA_FILE")]
@@ -247,6 +263,14 @@ pub struct CacheConfig {
     /// from its start; pages past them load (and cache) chunks of `LIST_CHUNK_IDS`.
     #[arg(long, env = "LIST_CACHE_MAX_IDS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(100..))]
     pub list_cache_max_ids: u32,
+
+    /// Outbox rows of one kind older than this, in milliseconds, with more
+    /// than the relay deletes one by one in a round (a bulk change in SQL, or
+    /// what piled up while Redis was unreachable), retire every cached key of
+    /// the kind with a new key epoch instead: the cache turns cold for that
+    /// kind, but nothing older than them is read after about a second more.
+    #[arg(long, env = "OUTBOX_RETIRE_AFTER_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub outbox_retire_after_ms: u64,
 
     /// Ids per chunk of a list past its head (at most `LIST_CACHE_MAX_IDS`).
     #[arg(long, env = "LIST_CHUNK_IDS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(10..))]

@@ -25,6 +25,18 @@ pub struct Entry<E> {
     pub expires_at_ms: u64,
 }
 
+/// How a fill under leases went.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Filled<T = ()> {
+    /// Every value was stored (and every lease consumed).
+    Stored(T),
+    /// Not all: a write took a lease first, or a value was not stored.
+    Refused,
+    /// Redis did not answer (or the breaker skipped it): the leases may
+    /// still be held, and are given back (see `KeptLeases::settle`).
+    Unanswered,
+}
+
 /// One key's state in the cache.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Cached<E> {
@@ -57,7 +69,7 @@ impl Cache {
             return None;
         }
         let keys: Vec<String> = ids.iter().map(|&id| self.keys.entry(E::KIND, id)).collect();
-        let Some(raw) = self.redis.get_many(&keys).await.filter(|_| self.epochs_trusted()) else {
+        let Some(raw) = self.redis.get_many(&keys).await.filter(|_| self.trusted(E::KIND)) else {
             self.outcomes(E::KIND).misses.increment(ids.len() as u64);
             return None;
         };
@@ -119,10 +131,9 @@ impl Cache {
 
     /// Stores what PostgreSQL returned for leased ids (`None`: no such id), each
     /// only if its lease is still held. `load_time` is how long the read took.
-    /// True when every value was stored.
-    pub async fn fill<E: Cacheable>(&self, fills: &[(E::Id, Option<&E>, &Lease)], load_time: Duration) -> bool {
+    pub async fn fill<E: Cacheable>(&self, fills: &[(E::Id, Option<&E>, &Lease)], load_time: Duration) -> Filled {
         if fills.is_empty() {
-            return true;
+            return Filled::Stored(());
         }
         let keys: Vec<String> = fills.iter().map(|(id, _, _)| self.keys.entry(E::KIND, *id)).collect();
         #[cfg(feature = "test-hooks")]
@@ -171,16 +182,23 @@ impl Cache {
                 .into_iter()
                 .map(|f| (f.key.to_string(), f.value, f.ttl_secs))
                 .collect();
-            return self.redis.set_many(&plain).await.is_some();
+            return match self.redis.set_many(&plain).await {
+                Some(()) => Filled::Stored(()),
+                None => Filled::Unanswered,
+            };
         }
         let Some(stored) = self.redis.fill_guarded(&guarded).await else {
-            return false;
+            return Filled::Unanswered;
         };
         let refused = stored.iter().filter(|s| !**s).count();
         for _ in 0..refused {
             self.count_refused(E::KIND);
         }
-        refused == 0 && stored.len() == fills.len()
+        if refused == 0 && stored.len() == fills.len() {
+            Filled::Stored(())
+        } else {
+            Filled::Refused
+        }
     }
 
     /// A row the cache would judge corrupt on its way out (written by hand,

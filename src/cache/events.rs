@@ -54,12 +54,14 @@ const EVENT_NAMES: &[&str] = &[
     "user.updated",
     "user.deleted",
     "user.truncated",
+    "user.retired",
     "product.created",
     "product.updated",
     "product.price.changed",
     "product.moved",
     "product.deleted",
     "product.truncated",
+    "product.retired",
 ];
 
 /// The `event` label of an event metric: a known name, or `other`, so that

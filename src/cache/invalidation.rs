@@ -17,6 +17,11 @@ pub const INVALIDATION_SAMPLE: usize = 100;
 /// while Redis is down every write and every relay round has one.
 const INVALIDATION_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
+/// The least deadline of a relay batch: it may wait behind requests' commands.
+const RELAY_DEADLINE: Duration = Duration::from_millis(250);
+/// What each command of a relay batch adds to its deadline.
+const RELAY_COMMAND_BUDGET: Duration = Duration::from_micros(20);
+
 /// Keys deleted together by one DEL: an entry and its lease, or a list's keys.
 /// They share a hash tag (one Redis Cluster slot), and one command deletes
 /// them at once, so no fill can land between the deletion of an entry and
@@ -56,7 +61,8 @@ impl Cache {
         self.keys.write_marker(E::KIND, id)
     }
 
-    /// The newest write marked for any of `ids` (see `store::replicas`).
+    /// The newest write marked for any of `ids` (see `store::replicas`), or
+    /// retired with their kind's last key epoch bump.
     pub async fn newest_write<E: Cacheable>(&self, ids: &[E::Id]) -> NewestWrite {
         if !self.enabled {
             return NewestWrite::Unknown;
@@ -70,6 +76,7 @@ impl Cache {
             .iter()
             .flatten()
             .map(|marker| Lsn::from_marker(marker).unwrap_or(Lsn::UNREACHABLE))
+            .chain(self.keys.epochs_known().position(E::KIND))
             .max()
             .map_or(NewestWrite::Unmarked, NewestWrite::At)
     }
@@ -84,20 +91,24 @@ impl Cache {
         if let Some(first) = groups.first().and_then(|g| g.last()) {
             self.before_invalidate(first).await;
         }
-        let messages: Vec<Vec<u8>> = events.iter().filter_map(|e| serde_json::to_vec(e).ok()).collect();
+        let messages = encode_events(events);
         for attempt in 1..=INVALIDATION_ATTEMPTS {
             // Done only if the epochs it deleted in were still trusted when Redis confirmed it.
             if self
                 .redis
-                .delete_and_publish(groups, marks, self.write_marker_ttl, &self.keys.events(), &messages)
+                .delete_and_publish(
+                    groups,
+                    marks,
+                    self.write_marker_ttl,
+                    &self.keys.events(),
+                    &messages,
+                    self.redis.timeout(),
+                )
                 .await
                 .is_some()
                 && self.epochs_trusted()
             {
-                for event in events {
-                    metrics::counter!("readthrough_events_published_total", "event" => event_label(&event.event))
-                        .increment(1);
-                }
+                count_published(events);
                 return true;
             }
             // With the breaker open a retry would be skipped too: leave it to the relay now.
@@ -116,6 +127,42 @@ impl Cache {
             );
         }
         false
+    }
+
+    /// `invalidate` for the outbox relay: once, on its own connection, outside
+    /// the breaker, within a deadline sized to the batch (`RELAY_DEADLINE`
+    /// plus `RELAY_COMMAND_BUDGET` a command); whether Redis confirmed it.
+    pub async fn invalidate_batch(&self, groups: &[KeyGroup], marks: Option<WriteMarks<'_>>, events: &[Event]) -> bool {
+        let messages = encode_events(events);
+        let commands = groups.len() + marks.map_or(0, |marks| marks.keys.len()) + messages.len();
+        let deadline = self.redis.timeout().max(RELAY_DEADLINE) + RELAY_COMMAND_BUDGET * commands as u32;
+        let done = self
+            .background
+            .delete_and_publish(
+                groups,
+                marks,
+                self.write_marker_ttl,
+                &self.keys.events(),
+                &messages,
+                deadline,
+            )
+            .await
+            .is_some()
+            && self.epochs_trusted();
+        if done {
+            count_published(events);
+        }
+        done
+    }
+
+    /// Publishes `events` alone, on the background connection (a retirement's).
+    pub async fn publish(&self, events: &[Event]) -> bool {
+        self.invalidate_batch(&[], None, events).await
+    }
+
+    /// Whether background work can reach Redis: its connection is up.
+    pub fn background_connected(&self) -> bool {
+        self.background.connected() > 0
     }
 
     /// Operator invalidation of known keys: the ones of `keys` that exist,
@@ -152,5 +199,15 @@ impl Cache {
                 .await?;
         }
         Some((count, sample))
+    }
+}
+
+fn encode_events(events: &[Event]) -> Vec<Vec<u8>> {
+    events.iter().filter_map(|e| serde_json::to_vec(e).ok()).collect()
+}
+
+fn count_published(events: &[Event]) {
+    for event in events {
+        metrics::counter!("readthrough_events_published_total", "event" => event_label(&event.event)).increment(1);
     }
 }

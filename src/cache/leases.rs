@@ -19,7 +19,7 @@ use std::{
 
 use tokio::task::AbortHandle;
 
-use super::{Cache, Cacheable, RedisClient, redis::Lookup};
+use super::{Cache, Cacheable, Filled, Kind, RedisClient, redis::Lookup};
 
 /// Polling a key another caller is filling: first interval, doubled up to the cap.
 pub(super) const WAIT_FIRST_POLL: Duration = Duration::from_millis(2);
@@ -63,12 +63,20 @@ pub struct KeptLeases {
     redis: Arc<RedisClient>,
     leases: Vec<(String, String)>,
     keep_alive: Option<AbortHandle>,
+    /// The lease time: how long giving them back is worth trying.
+    ttl: Duration,
 }
 
+/// How often giving leases back is tried again while Redis does not answer.
+const RELEASE_RETRY: Duration = Duration::from_millis(50);
+
 impl KeptLeases {
-    /// The fill ran: it consumed the leases (or found them taken by a write).
-    pub fn settle(mut self) {
-        self.leases.clear();
+    /// The fill ran: it consumed the leases (or found them taken by a
+    /// write), unless Redis did not answer it; then they are given back.
+    pub fn settle<T>(mut self, filled: &Filled<T>) {
+        if !matches!(filled, Filled::Unanswered) {
+            self.leases.clear();
+        }
     }
 }
 
@@ -80,10 +88,17 @@ impl Drop for KeptLeases {
         if self.leases.is_empty() {
             return;
         }
-        // Dropped mid-load (failed or cancelled): give the leases back.
-        let (redis, leases) = (self.redis.clone(), std::mem::take(&mut self.leases));
+        // Dropped mid-load (failed or cancelled, or its fill was skipped):
+        // give the leases back, so that others need not wait them out; while
+        // Redis does not answer, until they would have expired anyway.
+        let (redis, leases, ttl) = (self.redis.clone(), std::mem::take(&mut self.leases), self.ttl);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { redis.release_leases(&leases).await });
+            runtime.spawn(async move {
+                let give_up = tokio::time::Instant::now() + ttl;
+                while redis.release_leases(&leases).await.is_none() && tokio::time::Instant::now() < give_up {
+                    tokio::time::sleep(RELEASE_RETRY).await;
+                }
+            });
         }
     }
 }
@@ -138,19 +153,23 @@ impl Cache {
             .abort_handle()
         });
         KeptLeases {
-            redis: self.redis.clone(),
+            // Outside the breaker: a lease must go back even when requests skip Redis.
+            redis: self.background.clone(),
             leases,
             keep_alive,
+            ttl: self.lease_ttl,
         }
     }
 
-    /// Gives leases back (if they are still the caller's), so waiters need not wait them out.
+    /// Gives leases back (if they are still the caller's), so waiters need
+    /// not wait them out: outside the breaker, which may skip requests'
+    /// calls while Redis answers.
     pub(super) async fn release(&self, leases: &[&Lease]) {
         let leases: Vec<(String, String)> = leases
             .iter()
             .map(|lease| (lease.key.clone(), lease.token.clone()))
             .collect();
-        self.redis.release_leases(&leases).await;
+        self.background.release_leases(&leases).await;
     }
 
     /// The cached value of `id` or, when it is missing, its lease if nobody
@@ -159,7 +178,7 @@ impl Cache {
     pub async fn get_or_lease<E: Cacheable>(&self, id: E::Id) -> Option<Claim<Option<E>>> {
         let key = self.keys.entry(E::KIND, id);
         let lease_key = self.keys.lease(&key);
-        Some(match self.claim(&key, lease_key).await? {
+        Some(match self.claim(E::KIND, &key, lease_key).await? {
             Claim::Found(bytes) => match self.decode_entry::<E>(&bytes, id) {
                 Some(entry) => Claim::Found(entry.value),
                 None => {
@@ -174,12 +193,13 @@ impl Cache {
     }
 
     /// `key`'s raw value, or else the lease `lease_key`. A value found while
-    /// the epochs are not trusted counts as Redis not answering (`None`).
-    pub(super) async fn claim(&self, key: &str, lease_key: String) -> Option<Claim<Vec<u8>>> {
+    /// what Redis holds of `kind` is not trusted counts as Redis not
+    /// answering (`None`).
+    pub(super) async fn claim(&self, kind: Kind, key: &str, lease_key: String) -> Option<Claim<Vec<u8>>> {
         let token = uuid::Uuid::new_v4().simple().to_string();
         Some(
             match self.redis.get_or_lease(key, &lease_key, &token, self.lease_ttl).await? {
-                Lookup::Found(_) if !self.epochs_trusted() => return None,
+                Lookup::Found(_) if !self.trusted(kind) => return None,
                 Lookup::Found(bytes) => Claim::Found(bytes),
                 Lookup::Leased => Claim::Leased(Lease { key: lease_key, token }),
                 Lookup::Busy => Claim::Busy,

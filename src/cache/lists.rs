@@ -26,7 +26,7 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Cache, Claim, KeyGroup, Kind, Lease, Waited, codec, jittered_secs};
+use super::{Cache, Claim, Filled, KeyGroup, Kind, Lease, Waited, codec, jittered_secs};
 use crate::domain::{CategoryId, ProductId};
 
 /// What is stored under a list's metadata key.
@@ -90,7 +90,7 @@ impl Cache {
         let (ids_key, meta_key) = (self.keys.list_ids(category), self.keys.list_meta(category));
         let stop = start + len.max(1) - 1;
         let read = self.redis.read_list_page(&ids_key, &meta_key, start, stop).await;
-        let Some(raw) = read.filter(|_| self.epochs_trusted()) else {
+        let Some(raw) = read.filter(|_| self.trusted(Kind::List)) else {
             self.outcomes(Kind::List).misses.increment(1);
             return ListRead::Unavailable;
         };
@@ -140,11 +140,16 @@ impl Cache {
     pub async fn claim_list(&self, category: &CategoryId) -> Option<Claim<()>> {
         // The metadata is written last with the head and dropped with it.
         let lease_key = self.keys.lease(&self.keys.list_ids(category));
-        Some(match self.claim(&self.keys.list_meta(category), lease_key).await? {
-            Claim::Found(_) => Claim::Found(()),
-            Claim::Leased(lease) => Claim::Leased(lease),
-            Claim::Busy => Claim::Busy,
-        })
+        Some(
+            match self
+                .claim(Kind::List, &self.keys.list_meta(category), lease_key)
+                .await?
+            {
+                Claim::Found(_) => Claim::Found(()),
+                Claim::Leased(lease) => Claim::Leased(lease),
+                Claim::Busy => Claim::Busy,
+            },
+        )
     }
 
     /// Waits for another caller's head fill of the list (see `Cache::wait`).
@@ -169,14 +174,14 @@ impl Cache {
         total: u64,
         chunk: u64,
         lease: &Lease,
-    ) -> Option<CachedMeta> {
+    ) -> Filled<CachedMeta> {
         let ids_key = self.keys.list_ids(category);
         #[cfg(feature = "test-hooks")]
         self.before_fill(&ids_key).await;
         if lease.key != self.keys.lease(&ids_key) {
             // Taken in an epoch retired since: what it guards is never read again.
             self.count_refused(Kind::List);
-            return None;
+            return Filled::Refused;
         }
         let meta = ListMeta {
             total,
@@ -184,19 +189,20 @@ impl Cache {
             head: ids.len() as u64,
             chunk,
         };
-        let bytes = codec::encode(&meta, self.compress_threshold).ok()?;
+        let Ok(bytes) = codec::encode(&meta, self.compress_threshold) else {
+            return Filled::Refused;
+        };
         let ids: Vec<String> = ids.iter().map(ProductId::to_string).collect();
         let (meta_key, dir_key) = (self.keys.list_meta(category), self.keys.list_dir(category));
         let keys = [ids_key.as_str(), &meta_key, &dir_key, &lease.key];
         let ttl = jittered_secs(self.ttls.list);
         match self.redis.write_list_head(keys, &lease.token, &bytes, &ids, ttl).await {
-            Some(true) => Some(CachedMeta { meta, bytes }),
-            stored => {
-                if stored == Some(false) {
-                    self.count_refused(Kind::List);
-                }
-                None
+            Some(true) => Filled::Stored(CachedMeta { meta, bytes }),
+            Some(false) => {
+                self.count_refused(Kind::List);
+                Filled::Refused
             }
+            None => Filled::Unanswered,
         }
     }
 

@@ -15,11 +15,12 @@
 //! - `lists.rs`: category lists as sorted sets, and their pages;
 //! - `invalidation.rs`: what a write deletes, write markers, admin deletes;
 //! - `events.rs`: invalidation events, published and received;
-//! - `epochs.rs`: key epochs (retiring a kind, failovers);
+//! - `epochs.rs`: key epochs (retiring a kind, failovers, new servers);
+//! - `fence.rs`: writes whose invalidation is pending (Redis unreachable);
 //! - `keys.rs`: key names; `codec.rs`: value encoding; `near.rs`: the
 //!   in-process near cache;
-//! - `redis.rs`: fail-open Redis commands (one Redis or a cluster), with
-//!   the Lua scripts in `scripts/`; `connections.rs`: the shared
+//! - `redis.rs`: fail-open Redis commands (one Redis, Sentinel or a
+//!   cluster), with the Lua scripts in `scripts/`; `connections.rs`: the
 //!   connections; `breaker.rs`: the circuit breaker;
 //! - `hooks.rs`: pause points for tests (feature `test-hooks` only).
 
@@ -29,6 +30,7 @@ mod connections;
 mod entries;
 mod epochs;
 mod events;
+mod fence;
 #[cfg(feature = "test-hooks")]
 pub mod hooks;
 mod invalidation;
@@ -37,6 +39,7 @@ mod leases;
 mod lists;
 pub mod near;
 mod redis;
+mod scripts;
 
 use std::{
     sync::Arc,
@@ -54,15 +57,17 @@ use crate::{
     telemetry::Throttle,
 };
 pub use connections::Handle as RedisConnection;
-pub use entries::{Cached, Entry};
+pub use entries::{Cached, Entry, Filled};
 pub use epochs::{Bump, EPOCH_TRUST};
 pub use events::{Event, EventFeed};
+pub use fence::{FENCE_POLL, FENCE_TRUST, Fence};
 #[cfg(feature = "test-hooks")]
 pub use hooks::{Hook, Hooks};
 pub use invalidation::{INVALIDATION_SAMPLE, KeyGroup, NewestWrite, WriteMarks};
 pub use keys::Keys;
 pub use leases::{Claim, KeptLeases, Lease, Waited};
 pub use lists::{CachedMeta, ListMeta, ListRead};
+use redis::Purpose;
 pub use redis::RedisClient;
 
 /// What the cache holds, as the `entity` label of metrics names it.
@@ -167,8 +172,12 @@ pub struct Ttls {
 }
 
 pub struct Cache {
+    /// What requests use: shared connections, behind the breaker.
     redis: Arc<RedisClient>,
+    /// Background work: the relay's batches, leases given back.
+    background: Arc<RedisClient>,
     keys: Keys,
+    fence: Fence,
     ttls: Ttls,
     lease_ttl: Duration,
     write_marker_ttl: Duration,
@@ -190,9 +199,14 @@ pub struct Fallback(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit
 
 impl Cache {
     pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let keys = Keys::new(&config.cache.namespace);
+        let cluster = !config.cache.redis_cluster_urls.is_empty();
+        let client = |purpose| RedisClient::new(&config.cache, purpose, epochs::on_connect(keys.clone(), cluster));
         Ok(Self {
-            redis: Arc::new(RedisClient::new(&config.cache)?),
-            keys: Keys::new(&config.cache.namespace),
+            redis: Arc::new(client(Purpose::Requests)?),
+            background: Arc::new(client(Purpose::Background)?),
+            keys,
+            fence: Fence::default(),
             ttls: Ttls {
                 user: Duration::from_secs(config.cache.user_ttl_secs),
                 product: Duration::from_secs(config.cache.product_ttl_secs),
@@ -246,6 +260,11 @@ impl Cache {
         self.enabled && self.redis.connected() > 0 && self.redis.breaker_closed() && self.epochs_trusted()
     }
 
+    /// What this instance knows of fenced writes (see `cache::fence`).
+    pub fn fence(&self) -> &Fence {
+        &self.fence
+    }
+
     /// How many of the shared Redis connections are up.
     pub fn connections_up(&self) -> usize {
         self.redis.connected()
@@ -256,11 +275,18 @@ impl Cache {
         self.keys.epochs_known().trusted()
     }
 
+    /// Whether what Redis holds of `kind` may be used now: the epochs are
+    /// trusted and no fenced write covers the kind (see `cache::fence`).
+    fn trusted(&self, kind: Kind) -> bool {
+        self.epochs_trusted() && self.fence.trusts(kind)
+    }
+
     /// Opens the Redis connections (see `RedisClient::open_connections`).
     /// Then reads the key epochs, without which no value read is used.
     pub async fn open_connections(&self) {
         if self.enabled {
             self.redis.open_connections().await;
+            self.background.open_connections().await;
             self.learn_epochs().await;
         }
     }
