@@ -147,7 +147,7 @@ async fn commit_and_invalidate(services: &Services, mut tx: Transaction<'_, Post
         events: Vec::new(),
         ..relay::invalidations(cache, &rows)
     };
-    if !relay::carry_out(cache, &planned, services.replicas.write_position().await).await {
+    if !relay::carry_out_batch(cache, &planned, services.replicas.write_position().await).await {
         return Ok(rows.len() as u64);
     }
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();

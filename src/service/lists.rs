@@ -20,7 +20,7 @@ use super::{
     single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, Outcome, SingleFlight},
 };
 use crate::{
-    cache::{Cache, CachedMeta, Claim, Lease, ListRead, Waited},
+    cache::{Cache, CachedMeta, Claim, Filled, Lease, ListRead, Waited},
     domain::{CategoryId, Cursor, PageRequest, PageStart, ProductId},
     store::{
         StoreError,
@@ -306,11 +306,15 @@ impl Lists {
         let started = Instant::now();
         let (ids, total) = products::list_head(&self.pool, category, self.max_ids).await?;
         let fill_sent = Instant::now();
-        let meta = match &lease {
+        let filled = match &lease {
             Some(lease) => self.cache.put_list_head(category, &ids, total, self.chunk, lease).await,
-            None => None,
+            None => Filled::Refused,
         };
-        kept.settle();
+        kept.settle(&filled);
+        let meta = match filled {
+            Filled::Stored(meta) => Some(meta),
+            Filled::Refused | Filled::Unanswered => None,
+        };
         Ok(Fresh {
             as_of: if meta.is_some() { fill_sent } else { started },
             value: Head {

@@ -10,6 +10,7 @@ mod read_through;
 pub mod relay;
 mod single_flight;
 mod users;
+mod written;
 
 use std::{sync::Arc, time::Duration};
 
@@ -22,8 +23,9 @@ use crate::{
     cache::{Cache, EventFeed, Kind, near::NearCache},
     config::Config,
     domain::ValidationError,
-    store::{self, StoreError, outbox, replicas::Replicas},
+    store::{self, StoreError, replicas::Replicas},
 };
+use written::invalidate_written;
 
 /// How often the gauges of pools and the outbox are set.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
@@ -35,9 +37,9 @@ pub struct Services {
     pub products: Products,
     pub cache: Arc<Cache>,
     pub replicas: Arc<Replicas>,
-    /// Keeps the cache's key epochs and what is known of the replicas current
-    /// while any clone lives.
-    _followers: Arc<[AbortOnDrop; 2]>,
+    /// Keeps the cache's key epochs, the fence and what is known of the
+    /// replicas current while any clone lives.
+    _followers: Arc<[AbortOnDrop; 3]>,
 }
 
 /// The primary, for writes, and the replicas that may serve cache misses.
@@ -66,7 +68,6 @@ impl Services {
         let pool = store::connect(&config.database).await?;
         let replicas: Database = Arc::new(Replicas::new(&config.database, &config.replicas, pool)?);
         let cache = Arc::new(cache);
-        cache.open_connections().await;
         let users = Users::new(replicas.clone(), cache.clone(), near_cache(config));
         let products = Products::new(
             replicas.clone(),
@@ -75,18 +76,31 @@ impl Services {
             config.cache.list_cache_max_ids,
             config.cache.list_chunk_ids,
         );
-        let epochs = tokio::spawn({
-            let (cache, users, products) = (cache.clone(), users.clone(), products.clone());
-            async move {
-                // A kind's epoch moved: what the near cache holds of it was read in the old one.
-                cache
-                    .follow_epochs(|kind| match kind {
-                        Kind::User => users.forget_all(),
-                        Kind::Product => products.forget_all(),
-                        Kind::List => {}
-                    })
-                    .await;
+        // What the near cache holds of a kind may be stale once its epoch
+        // moved (it was read in the old one) or its writes were fenced.
+        let forget = {
+            let (users, products) = (users.clone(), products.clone());
+            move |kind| match kind {
+                Kind::User => users.forget_all(),
+                Kind::Product => products.forget_all(),
+                Kind::List => {}
             }
+        };
+        cache.fence().on_raise(forget.clone());
+        if config.cache.enabled {
+            follow_epochs_in(&cache, replicas.primary(), &config.cache.namespace, forget).await;
+        }
+        cache.open_connections().await;
+        let epochs = tokio::spawn({
+            let cache = cache.clone();
+            async move { cache.follow_epochs().await }
+        });
+        if config.cache.enabled {
+            written::check_fence(&cache, replicas.primary()).await;
+        }
+        let fence = tokio::spawn({
+            let (cache, replicas) = (cache.clone(), replicas.clone());
+            async move { written::follow_fence(&cache, replicas.primary()).await }
         });
         let probe = tokio::spawn({
             let replicas = replicas.clone();
@@ -97,7 +111,11 @@ impl Services {
             products,
             cache,
             replicas,
-            _followers: Arc::new([AbortOnDrop(epochs.abort_handle()), AbortOnDrop(probe.abort_handle())]),
+            _followers: Arc::new([
+                AbortOnDrop(epochs.abort_handle()),
+                AbortOnDrop(fence.abort_handle()),
+                AbortOnDrop(probe.abort_handle()),
+            ]),
         })
     }
 
@@ -141,7 +159,8 @@ impl Services {
                 self.products.listening(false);
             }
             EventFeed::Event(event) => {
-                let truncated = event.event.ends_with(".truncated");
+                // Every entity of the kind changed: a TRUNCATE, or a backlog retired.
+                let truncated = event.event.ends_with(".truncated") || event.event.ends_with(".retired");
                 match (event.event.split('.').next().and_then(Kind::parse), truncated) {
                     (Some(Kind::User), false) => self.users.forget(event.id),
                     (Some(Kind::Product), false) => self.products.forget(event.id),
@@ -153,6 +172,38 @@ impl Services {
             }
         }
     }
+}
+
+/// Starts the cache's key epochs from the highest recorded in PostgreSQL
+/// (see `store::epochs`), and records each rise there from now on, besides
+/// calling `forget` with the kind.
+async fn follow_epochs_in(
+    cache: &Arc<Cache>,
+    pool: &PgPool,
+    namespace: &str,
+    forget: impl Fn(Kind) + Send + Sync + 'static,
+) {
+    let epochs = cache.keys().epochs_known();
+    match store::epochs::highest(pool, namespace).await {
+        Ok(highest) => {
+            for (label, epoch) in highest {
+                if let Some(kind) = Kind::parse(&label) {
+                    epochs.raise(kind, epoch.max(0) as u64);
+                }
+            }
+        }
+        Err(error) => tracing::warn!(%error, "cannot read the key epochs recorded in PostgreSQL"),
+    }
+    let (keys, pool, namespace) = (cache.keys().clone(), pool.clone(), namespace.to_string());
+    epochs.on_change(move |kind| {
+        forget(kind);
+        let (pool, namespace, epoch) = (pool.clone(), namespace.clone(), keys.epochs_known().of(kind));
+        tokio::spawn(async move {
+            if let Err(error) = store::epochs::raise(&pool, &namespace, kind.label(), epoch as i64).await {
+                tracing::warn!(%error, "cannot record a key epoch in PostgreSQL");
+            }
+        });
+    });
 }
 
 /// A near cache for one entity kind, when configured.
@@ -207,29 +258,4 @@ impl From<StoreError> for ServiceError {
     fn from(error: StoreError) -> Self {
         Self::from_store(error, || "entity".to_string())
     }
-}
-
-/// After a committed write: delete the keys its outbox rows name, and publish
-/// their events, then drop them from this instance's near cache (`forget`),
-/// before the caller hears back. When Redis confirmed, the rows are done with
-/// (deleted in the background); otherwise the relay retries them.
-async fn invalidate_written<T>(
-    database: &Database,
-    cache: &Cache,
-    written: outbox::Written<T>,
-    forget: impl FnOnce(&[outbox::OutboxRow]),
-) -> T {
-    let position = database.write_position().await;
-    let confirmed = relay::carry_out(cache, &relay::invalidations(cache, &written.outbox), position).await;
-    forget(&written.outbox);
-    if confirmed && !written.outbox.is_empty() {
-        let pool = database.primary().clone();
-        let ids: Vec<i64> = written.outbox.iter().map(|row| row.id).collect();
-        tokio::spawn(async move {
-            if let Err(error) = outbox::confirm(&pool, &ids).await {
-                tracing::debug!(%error, "outbox rows left to the relay");
-            }
-        });
-    }
-    written.value
 }

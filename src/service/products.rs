@@ -117,7 +117,7 @@ impl Products {
 
     pub async fn create(&self, new: NewProduct) -> Result<Product, ServiceError> {
         let written = products::insert(self.database.primary(), &new).await?;
-        Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
+        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await
     }
 
     /// The outbox row names the old and the new category when the product's
@@ -128,15 +128,14 @@ impl Products {
         let written = products::update(self.database.primary(), &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
-        Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
+        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await
     }
 
     pub async fn delete(&self, id: ProductId) -> Result<(), ServiceError> {
         let written = products::delete(self.database.primary(), id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("product {id}")))?;
-        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await;
-        Ok(())
+        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await
     }
 }
 

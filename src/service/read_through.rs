@@ -17,7 +17,7 @@ use super::{
     single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, Outcome, SingleFlight},
 };
 use crate::{
-    cache::{Cache, Cacheable, Cached, Claim, Lease, NewestWrite, Waited, near::NearCache},
+    cache::{Cache, Cacheable, Cached, Claim, Filled, Lease, NewestWrite, Waited, near::NearCache},
     domain::{Product, User},
     store::{self, StoreError},
 };
@@ -287,8 +287,9 @@ impl<E: Loadable> ReadThrough<E> {
             .filter_map(|((&id, value), lease)| Some((id, value.as_ref(), lease.as_ref()?)))
             .collect();
         let fill_sent = Instant::now();
-        let stored = self.cache.fill(&fills, load_time).await;
-        kept.settle();
+        let filled = self.cache.fill(&fills, load_time).await;
+        kept.settle(&filled);
+        let stored = filled == Filled::Stored(());
         if !fills.is_empty() {
             note("cache.fill", if stored { "stored" } else { "refused" });
         }

@@ -5,9 +5,23 @@
 //! the writing transaction, and NOTIFY. Every instance runs this relay: woken
 //! by the notification (or every `POLL_INTERVAL`), it claims rows with
 //! `FOR UPDATE SKIP LOCKED`, deletes their keys and publishes their events in
-//! one Redis round trip, and deletes the rows only once Redis confirmed. While
-//! Redis is down the rows stay, and are retried every `POLL_INTERVAL`. A
-//! TRUNCATE names no rows: it retires its kinds' keys with a new key epoch.
+//! one Redis round trip, and deletes the rows only once Redis confirmed.
+//!
+//! The relay never gets in the way of reads: its Redis work goes over a
+//! connection of its own, outside the breaker, under a deadline sized to
+//! the batch. Batches are bounded in rows and bytes and coalesced (each key
+//! group deleted once, one event per entity). A batch that misses its
+//! deadline is not retried whole: the next claim takes half as many rows, so
+//! the backlog always shrinks while Redis answers at all; success doubles
+//! the claim again, up to `BATCH`.
+//!
+//! A backlog too large to carry out key by key in time (a bulk change in
+//! SQL; what piled up while Redis was unreachable) is retired instead: when
+//! a kind has at least `RETIRE_ROWS` rows waiting and the oldest is older
+//! than `OUTBOX_RETIRE_AFTER_MS`, its key epoch is bumped, and once no
+//! instance reads the old epoch (`EPOCH_TRUST`) every row of the kind
+//! committed before the bump is deleted at once. A TRUNCATE names no rows:
+//! it is retired the same way, whatever its size.
 
 use std::{
     collections::{BTreeSet, HashMap, hash_map::Entry},
@@ -15,11 +29,11 @@ use std::{
     time::Duration,
 };
 
-use sqlx::{PgPool, postgres::PgListener};
+use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
 use crate::{
-    cache::{Bump, Cache, Event, KeyGroup, Kind, WriteMarks},
+    cache::{Bump, Cache, EPOCH_TRUST, Event, KeyGroup, Kind, WriteMarks},
     domain::{CategoryId, Product, ProductId, User, UserId},
     store::{
         StoreError,
@@ -31,27 +45,48 @@ use crate::{
 /// The relay's lag bound when notifications are lost, and its retry interval while Redis is down.
 const POLL_INTERVAL: Duration = Duration::from_millis(500);
 /// Rows younger than this are left to the writer that recorded them, which
-/// invalidates right after its commit and then deletes its rows.
+/// invalidates right after its commit and then deletes its rows (unless it
+/// hands them over: see `outbox::HANDOVER`).
 const WRITER_GRACE: Duration = Duration::from_millis(200);
-/// Rows per claim: one query, one Redis round trip (coalesced), one delete.
+/// Most rows per claim: one query, one Redis round trip (coalesced), one delete.
 const BATCH: i64 = 2000;
+/// Most bytes of keys and events one batch sends.
+const BATCH_BYTES: usize = 1 << 20;
+/// A kind with fewer rows waiting is carried out key by key however old they are.
+const RETIRE_ROWS: i64 = 10_000;
 
 /// Runs until the task is dropped.
-pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>) {
+pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>, retire_after: Duration) {
+    let mut relay = Relay {
+        cache,
+        replicas,
+        retire_after,
+        batch: BATCH,
+    };
     let mut listener: Option<PgListener> = None;
+    let mut grace = WRITER_GRACE;
     loop {
-        if let Err(error) = drain(&cache, &replicas).await {
+        if let Err(error) = relay.drain(grace).await {
             tracing::warn!(%error, "outbox relay could not read the outbox");
         }
+        grace = WRITER_GRACE;
         if listener.is_none() {
-            listener = listen(replicas.primary()).await;
+            listener = listen(relay.replicas.primary()).await;
         }
         match listener.as_mut() {
             Some(notifications) => match tokio::time::timeout(POLL_INTERVAL, notifications.recv()).await {
-                Ok(Ok(_)) => {
-                    // Give the writer its grace; one drain then serves every notification so far.
-                    tokio::time::sleep(WRITER_GRACE).await;
-                    while notifications.next_buffered().is_some() {}
+                Ok(Ok(first)) => {
+                    let mut handed_over = first.payload() == outbox::HANDOVER;
+                    // One drain serves every notification so far.
+                    while let Some(next) = notifications.next_buffered() {
+                        handed_over |= next.payload() == outbox::HANDOVER;
+                    }
+                    if handed_over {
+                        // A writer is waiting: take its rows now.
+                        grace = Duration::ZERO;
+                    } else {
+                        tokio::time::sleep(WRITER_GRACE).await;
+                    }
                 }
                 Ok(Err(_)) => listener = None,
                 Err(_) => {}
@@ -61,33 +96,145 @@ pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>) {
     }
 }
 
-async fn listen(pool: &PgPool) -> Option<PgListener> {
+async fn listen(pool: &sqlx::PgPool) -> Option<PgListener> {
     let mut listener = PgListener::connect_with(pool).await.ok()?;
     listener.listen(outbox::CHANNEL).await.ok()?;
     Some(listener)
 }
 
-/// Processes rows until the outbox is empty or Redis fails; returns how many were done.
-async fn drain(cache: &Cache, replicas: &Replicas) -> Result<usize, StoreError> {
-    let mut done = 0;
-    loop {
-        let mut tx = replicas.primary().begin().await?;
-        let rows = outbox::claim(&mut tx, BATCH, WRITER_GRACE).await?;
-        if rows.is_empty() {
-            return Ok(done);
+struct Relay {
+    cache: Arc<Cache>,
+    replicas: Arc<Replicas>,
+    retire_after: Duration,
+    /// Rows the next claim takes (see the module comment).
+    batch: i64,
+}
+
+impl Relay {
+    /// Processes rows at least `grace` old until none are left or Redis fails.
+    async fn drain(&mut self, grace: Duration) -> Result<(), StoreError> {
+        let pool = self.replicas.primary();
+        loop {
+            let overdue = outbox::overdue(pool, self.retire_after, RETIRE_ROWS).await?;
+            if !overdue.is_empty() && !self.retire(&overdue, &[]).await? {
+                return Ok(());
+            }
+            let mut tx = pool.begin().await?;
+            let rows = outbox::claim(&mut tx, self.batch, grace).await?;
+            if rows.is_empty() {
+                return Ok(());
+            }
+            let truncated: Vec<&str> = rows
+                .iter()
+                .filter(|row| row.event.ends_with(".truncated"))
+                .map(|row| row.entity.as_str())
+                .collect();
+            if !truncated.is_empty() {
+                let events: Vec<Event> = rows
+                    .iter()
+                    .filter(|row| row.event.ends_with(".truncated"))
+                    .map(|row| Event {
+                        event: row.event.clone(),
+                        id: row.entity_id,
+                        categories: Vec::new(),
+                    })
+                    .collect();
+                let entities: Vec<String> = truncated.iter().map(|e| e.to_string()).collect();
+                drop(tx);
+                if !self.retire(&entities, &events).await? {
+                    return Ok(());
+                }
+                continue;
+            }
+            let rows = within_bytes(&self.cache, &rows);
+            // Taken after the claim: the rows' writes are committed, so at or before it.
+            let position = self.replicas.write_position().await;
+            if carry_out_batch(&self.cache, &invalidations(&self.cache, rows), position).await {
+                let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
+                outbox::remove(&mut tx, &ids).await?;
+                tx.commit().await?;
+                metrics::counter!("readthrough_outbox_relayed_total").increment(rows.len() as u64);
+                self.batch = (self.batch * 2).min(BATCH);
+                continue;
+            }
+            // The rows stay (the transaction rolls back), and the next claim takes fewer.
+            drop(tx);
+            let tried = self.batch;
+            self.batch = (tried / 2).max(1);
+            if tried == 1 || !self.cache.background_connected() {
+                // Redis unreachable (or reconnecting): try again next round.
+                return Ok(());
+            }
         }
-        // Taken after the claim: the rows' writes are committed, so at or before it.
-        let position = replicas.write_position().await;
-        if !carry_out(cache, &invalidations(cache, &rows), position).await {
-            // Redis unreachable: the rows stay (the transaction rolls back) for the next round.
-            return Ok(done);
-        }
-        let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
-        outbox::remove(&mut tx, &ids).await?;
-        tx.commit().await?;
-        done += rows.len();
-        metrics::counter!("readthrough_outbox_relayed_total").increment(rows.len() as u64);
     }
+
+    /// Retires every cached key of `entities` with a key epoch bump, then,
+    /// once no instance reads the old epoch, publishes `events` (one
+    /// `<entity>.retired` each when none are given) and deletes every row of
+    /// them committed before the bump. False when the bump could not be made
+    /// now (too soon after the last, or Redis unreachable).
+    async fn retire(&self, entities: &[String], events: &[Event]) -> Result<bool, StoreError> {
+        let pool = self.replicas.primary();
+        let finished = outbox::finished_before_now(pool).await?;
+        // Taken after the snapshot: at or after every write the bump retires.
+        let position = self.replicas.write_position().await;
+        let kinds = retired_kinds(entities);
+        match self.cache.retire_written(&kinds, position).await {
+            Some(Bump::Done(epochs)) => {
+                tracing::info!(entities = ?entities, ?epochs, "outbox backlog retired with new key epochs");
+            }
+            Some(Bump::TooSoon(_)) | None => return Ok(false),
+        }
+        tokio::time::sleep(EPOCH_TRUST).await;
+        let retired: Vec<Event> = entities
+            .iter()
+            .map(|entity| Event {
+                event: format!("{entity}.retired"),
+                id: Uuid::nil(),
+                categories: Vec::new(),
+            })
+            .collect();
+        self.cache
+            .publish(if events.is_empty() { &retired } else { events })
+            .await;
+        let entities: Vec<&str> = entities.iter().map(String::as_str).collect();
+        let removed = outbox::remove_covered(pool, &entities, &finished).await?;
+        metrics::counter!("readthrough_outbox_relayed_total").increment(removed);
+        Ok(true)
+    }
+}
+
+/// The kinds whose keys a change to `entities` may leave stale.
+pub(super) fn retired_kinds(entities: &[String]) -> Vec<Kind> {
+    Kind::ALL
+        .into_iter()
+        .filter(|kind| match kind {
+            Kind::User => entities.iter().any(|e| e == "user"),
+            Kind::Product | Kind::List => entities.iter().any(|e| e == "product"),
+        })
+        .collect()
+}
+
+/// The longest start of `rows` whose keys and events fit in `BATCH_BYTES`
+/// (at least one row).
+fn within_bytes<'a>(cache: &Cache, rows: &'a [OutboxRow]) -> &'a [OutboxRow] {
+    let mut bytes = 0;
+    let fitting = rows
+        .iter()
+        .take_while(|row| {
+            bytes += row_bytes(cache, row);
+            bytes <= BATCH_BYTES
+        })
+        .count();
+    &rows[..fitting.max(1)]
+}
+
+/// About what carrying out `row` sends: its keys (each once per epoch an
+/// instance may read) and its event.
+fn row_bytes(cache: &Cache, row: &OutboxRow) -> usize {
+    let key = cache.keys().entry(Kind::User, row.entity_id).len();
+    let per_group = 6 * (key + 8);
+    per_group * (1 + row.categories.len()) + 128 + row.categories.iter().map(String::len).sum::<usize>()
 }
 
 /// What a batch of outbox rows asks for.
@@ -99,21 +246,19 @@ pub struct Invalidations {
     pub marked: Vec<String>,
     /// One event per entity: its last row's, with the categories of all its rows.
     pub events: Vec<Event>,
-    /// Kinds every key of which is retired (a new key epoch): after a
-    /// TRUNCATE, which names no rows.
-    pub retired: Vec<Kind>,
 }
 
 /// Coalesces a batch of outbox rows into the invalidations they ask for.
+/// A TRUNCATE's row names no keys: the relay retires its kinds instead.
 pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
     let mut groups = BTreeSet::new();
     let mut marked = BTreeSet::new();
-    let mut retired = Vec::new();
     let mut events: Vec<Event> = Vec::new();
     let mut event_of: HashMap<(&str, Uuid), usize> = HashMap::new();
     for row in rows {
         let truncated = row.event.ends_with(".truncated");
         match (Kind::parse(&row.entity), truncated) {
+            (Some(Kind::User | Kind::Product), true) => continue,
             (Some(Kind::User), false) => {
                 let id = UserId::from_uuid(row.entity_id);
                 groups.insert(cache.entity_keys::<User>(id));
@@ -128,8 +273,6 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
                     groups.insert(cache.list_keys(&category));
                 }
             }
-            (Some(Kind::User), true) => retired.push(Kind::User),
-            (Some(Kind::Product), true) => retired.extend([Kind::Product, Kind::List]),
             // Lists are not rows: no trigger records them.
             (Some(Kind::List) | None, _) => {
                 tracing::warn!(
@@ -164,23 +307,31 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
         groups: groups.into_iter().collect(),
         marked: marked.into_iter().collect(),
         events,
-        retired: Kind::ALL.into_iter().filter(|kind| retired.contains(kind)).collect(),
     }
 }
 
-/// Carries out `planned`: the epoch bump first, then the write markers (at
+/// Carries out a writer's own `planned` invalidation: the write markers (at
 /// `position`, when replicas are read), key groups and events in one round
-/// trip. True when Redis confirmed all of it; a bump refused as too soon
-/// after the last one is tried again with the rows in a later round.
+/// trip on the shared connections. True when Redis confirmed all of it.
 pub async fn carry_out(cache: &Cache, planned: &Invalidations, position: Option<Lsn>) -> bool {
-    if !planned.retired.is_empty() && !matches!(cache.bump_epochs(&planned.retired).await, Some(Bump::Done(_))) {
-        return false;
-    }
-    let marks = position.map(|position| WriteMarks {
+    cache
+        .invalidate(&planned.groups, marks(planned, position), &planned.events)
+        .await
+}
+
+/// `carry_out` for a batch (the relay's, a seed's), on the background
+/// connection, within a deadline sized to it.
+pub async fn carry_out_batch(cache: &Cache, planned: &Invalidations, position: Option<Lsn>) -> bool {
+    cache
+        .invalidate_batch(&planned.groups, marks(planned, position), &planned.events)
+        .await
+}
+
+fn marks(planned: &Invalidations, position: Option<Lsn>) -> Option<WriteMarks<'_>> {
+    position.map(|position| WriteMarks {
         keys: &planned.marked,
         position,
-    });
-    cache.invalidate(&planned.groups, marks, &planned.events).await
+    })
 }
 
 #[cfg(test)]
@@ -210,13 +361,7 @@ mod tests {
             row(5, "product", 9, &["books", "games"], "product.moved"),
             row(6, "product", 10, &["books"], "product.deleted"),
         ];
-        let Invalidations {
-            groups,
-            marked,
-            events,
-            retired,
-        } = invalidations(&cache, &rows);
-        assert!(retired.is_empty());
+        let Invalidations { groups, marked, events } = invalidations(&cache, &rows);
         let mut expected_marked = vec![
             cache.write_marker::<User>(UserId::from_uuid(Uuid::from_u128(7))),
             cache.write_marker::<Product>(ProductId::from_uuid(Uuid::from_u128(9))),
@@ -260,17 +405,20 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_truncate_retires_its_kinds_and_an_unknown_entity_is_ignored() {
+    async fn a_truncate_names_no_keys_and_an_unknown_entity_is_ignored() {
         let cache = Cache::new(&Config::from_env()).unwrap();
         let rows = [
             row(1, "product", 0, &[], "product.truncated"),
             row(2, "order", 5, &[], "order.created"),
             row(3, "user", 0, &[], "user.truncated"),
         ];
-        let planned = invalidations(&cache, &rows);
-        assert_eq!(planned.retired, Kind::ALL);
-        assert!(planned.groups.is_empty(), "{:?}", planned.groups);
-        let events: Vec<&str> = planned.events.iter().map(|e| e.event.as_str()).collect();
-        assert_eq!(events, ["product.truncated", "user.truncated"]);
+        assert_eq!(invalidations(&cache, &rows), Invalidations::default());
+    }
+
+    #[test]
+    fn a_products_change_retires_products_and_lists() {
+        assert_eq!(retired_kinds(&["product".into()]), [Kind::Product, Kind::List]);
+        assert_eq!(retired_kinds(&["user".into()]), [Kind::User]);
+        assert_eq!(retired_kinds(&["user".into(), "product".into()]), Kind::ALL);
     }
 }

@@ -65,7 +65,7 @@ impl Users {
 
     pub async fn create(&self, new: NewUser) -> Result<User, ServiceError> {
         let written = users::insert(self.database.primary(), &new).await?;
-        Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
+        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await
     }
 
     pub async fn update(&self, patch: UserPatch) -> Result<User, ServiceError> {
@@ -73,14 +73,13 @@ impl Users {
         let written = users::update(self.database.primary(), &patch)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        Ok(invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await)
+        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await
     }
 
     pub async fn delete(&self, id: UserId) -> Result<(), ServiceError> {
         let written = users::delete(self.database.primary(), id)
             .await
             .map_err(|e| ServiceError::from_store(e, || format!("user {id}")))?;
-        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await;
-        Ok(())
+        invalidate_written(&self.database, &self.cache, written, |rows| self.forget_written(rows)).await
     }
 }

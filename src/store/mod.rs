@@ -3,6 +3,7 @@
 //! Every query is counted under a stable name in `readthrough_db_queries_total`,
 //! so the share of reads that reach the database is visible next to the cache's hit rate.
 
+pub mod epochs;
 pub mod outbox;
 pub mod products;
 pub mod replicas;
@@ -176,16 +177,21 @@ impl Drop for Timed {
     }
 }
 
-/// Rows waiting in the outbox (counted up to 100 000) and the
-/// age of the oldest, in seconds: how far the relay is behind.
+/// Rows waiting in the outbox, and the age of the oldest in seconds: how far
+/// the relay is behind. The rows are the span of their ids, read from the
+/// primary key's two ends, so the cost does not grow with the backlog; rows
+/// that went out of order (their writer invalidated them itself) make it an
+/// upper bound.
 pub async fn outbox_backlog(pool: &PgPool) -> Result<(i64, f64), StoreError> {
-    let (rows, oldest): (i64, Option<f64>) = sqlx::query_as(
-        "SELECT count(*), extract(epoch FROM clock_timestamp() - min(created_at))::float8 \
-         FROM (SELECT created_at FROM cache_outbox ORDER BY id LIMIT 100000) AS waiting",
+    let (rows, oldest): (Option<i64>, Option<f64>) = sqlx::query_as(
+        "SELECT (SELECT max(id) FROM cache_outbox) - oldest.id + 1, \
+                extract(epoch FROM clock_timestamp() - oldest.created_at)::float8 \
+         FROM (SELECT id, created_at FROM cache_outbox ORDER BY id LIMIT 1) AS oldest",
     )
-    .fetch_one(pool)
-    .await?;
-    Ok((rows, oldest.unwrap_or(0.0)))
+    .fetch_optional(pool)
+    .await?
+    .unwrap_or((Some(0), Some(0.0)));
+    Ok((rows.unwrap_or(0), oldest.unwrap_or(0.0)))
 }
 
 /// Checks a locked row's version against a write's precondition (`None`: unconditional).

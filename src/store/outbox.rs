@@ -2,6 +2,8 @@
 //! transaction, claimed by relays with `FOR UPDATE SKIP LOCKED` so that
 //! instances share the work without doing a row twice at once.
 
+use std::time::Duration;
+
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -9,6 +11,10 @@ use super::{StoreError, timed};
 
 /// The channel the triggers notify after each change.
 pub const CHANNEL: &str = "cache_outbox";
+
+/// The payload a writer notifies on `CHANNEL` when it could not carry out its
+/// invalidation: relays then take rows at once, without the writer's grace.
+pub const HANDOVER: &str = "handover";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
@@ -68,6 +74,116 @@ pub async fn claim(
     .fetch_all(&mut **tx)
     .await?;
     Ok(rows)
+}
+
+/// Asks every relay to take rows at once (see `HANDOVER`).
+pub async fn hand_over(pool: &PgPool) -> Result<(), StoreError> {
+    let _timed = timed("outbox.hand_over");
+    sqlx::query("SELECT pg_notify($1, $2)")
+        .bind(CHANNEL)
+        .bind(HANDOVER)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// How many of the rows `ids` are still waiting.
+pub async fn pending(pool: &PgPool, ids: &[i64]) -> Result<i64, StoreError> {
+    let _timed = timed("outbox.pending");
+    let count = sqlx::query_scalar("SELECT count(*) FROM cache_outbox WHERE id = ANY($1)")
+        .bind(ids)
+        .fetch_one(pool)
+        .await?;
+    Ok(count)
+}
+
+/// Fences the rows `ids` that are still waiting; how many it fenced.
+pub async fn fence(pool: &PgPool, ids: &[i64]) -> Result<u64, StoreError> {
+    let _timed = timed("outbox.fence");
+    let fenced = sqlx::query("UPDATE cache_outbox SET fenced_at = clock_timestamp() WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(pool)
+        .await?;
+    Ok(fenced.rows_affected())
+}
+
+/// Fences the rows `ids` if, for each of `entities`, a fence older than
+/// `standing` stands already: then every instance has known it for a while,
+/// and keeps distrusting the kind past this commit (the old fence row is
+/// locked until then, so no relay removes it in between). Whether it did.
+pub async fn join_fence(pool: &PgPool, ids: &[i64], entities: &[&str], standing: Duration) -> Result<bool, StoreError> {
+    let _timed = timed("outbox.join_fence");
+    let mut tx = pool.begin().await?;
+    for entity in entities {
+        let old: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM cache_outbox WHERE entity = $1 AND fenced_at IS NOT NULL \
+             AND fenced_at < clock_timestamp() - $2 * interval '1 millisecond' LIMIT 1 FOR SHARE",
+        )
+        .bind(entity)
+        .bind(standing.as_millis() as f64)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if old.is_none() {
+            return Ok(false);
+        }
+    }
+    sqlx::query("UPDATE cache_outbox SET fenced_at = clock_timestamp() WHERE id = ANY($1)")
+        .bind(ids)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// The entities that have fenced rows.
+pub async fn fenced(pool: &PgPool) -> Result<Vec<String>, StoreError> {
+    let _timed = timed("outbox.fenced");
+    let entities = sqlx::query_scalar("SELECT DISTINCT entity FROM cache_outbox WHERE fenced_at IS NOT NULL")
+        .fetch_all(pool)
+        .await?;
+    Ok(entities)
+}
+
+/// The entities whose oldest waiting row is older than `age` and that have
+/// at least `rows` rows waiting: backlogs to retire rather than carry out
+/// key by key. Each is two index lookups, however long the outbox.
+pub async fn overdue(pool: &PgPool, age: Duration, rows: i64) -> Result<Vec<String>, StoreError> {
+    let _timed = timed("outbox.overdue");
+    let entities = sqlx::query_scalar(
+        "SELECT entity FROM (VALUES ('user'), ('product')) AS kinds (entity) \
+         WHERE (SELECT created_at FROM cache_outbox o WHERE o.entity = kinds.entity ORDER BY id LIMIT 1) \
+               < clock_timestamp() - $1 * interval '1 millisecond' \
+           AND (SELECT count(*) FROM (SELECT 1 FROM cache_outbox o WHERE o.entity = kinds.entity LIMIT $2) AS waiting) >= $2",
+    )
+    .bind(age.as_millis() as f64)
+    .bind(rows)
+    .fetch_all(pool)
+    .await?;
+    Ok(entities)
+}
+
+/// A point after which every transaction that has finished by now is
+/// behind: rows whose transaction id is below it were committed (or rolled
+/// back) before this call.
+pub async fn finished_before_now(pool: &PgPool) -> Result<String, StoreError> {
+    let _timed = timed("outbox.snapshot");
+    let xmin = sqlx::query_scalar("SELECT pg_snapshot_xmin(pg_current_snapshot())::text")
+        .fetch_one(pool)
+        .await?;
+    Ok(xmin)
+}
+
+/// Deletes the rows of `entities` whose transactions finished before
+/// `finished` (see `finished_before_now`): a key epoch bump made after that
+/// point covers them. Returns how many.
+pub async fn remove_covered(pool: &PgPool, entities: &[&str], finished: &str) -> Result<u64, StoreError> {
+    let _timed = timed("outbox.remove_covered");
+    let removed = sqlx::query("DELETE FROM cache_outbox WHERE entity = ANY($1) AND xact_id < $2::xid8")
+        .bind(entities)
+        .bind(finished)
+        .execute(pool)
+        .await?;
+    Ok(removed.rows_affected())
 }
 
 /// Deletes processed rows (in the transaction that claimed them).

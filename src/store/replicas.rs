@@ -3,7 +3,7 @@
 //! A replica is behind the primary, so a miss that read it could put a row
 //! older than an acknowledged write into the cache. Every write therefore
 //! records, next to the keys it invalidates, a marker holding the primary's
-//! WAL position after its commit (`write_position`, kept by
+//! WAL insert position after its commit (`write_position`, kept by
 //! `Cache::invalidate`); a miss reads the markers of the ids it loads and
 //! goes to a replica only if that replica has replayed past the newest one,
 //! otherwise to the primary (the remote markers of memcache at Facebook).
@@ -241,7 +241,10 @@ impl Replica {
 /// Which WAL position to ask a server for.
 #[derive(Clone, Copy)]
 enum Position {
-    /// The primary's: how far it has written.
+    /// The primary's: how far it has inserted records into its log. Not
+    /// `pg_current_wal_lsn()`, how far it has written them out: under
+    /// `synchronous_commit = off` a commit is visible before its record is
+    /// written, so that position may lie before it.
     Written,
     /// A replica's: how far it has replayed (NULL on a server not in recovery).
     Replayed,
@@ -250,7 +253,7 @@ enum Position {
 /// A server's WAL position, as a byte offset (`None` where PostgreSQL says NULL).
 async fn wal_position(pool: &PgPool, position: Position) -> Result<Option<Lsn>, StoreError> {
     let sql = match position {
-        Position::Written => "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint",
+        Position::Written => "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint",
         Position::Replayed => "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
     };
     let offset: Option<i64> = sqlx::query_scalar(sql).fetch_one(pool).await?;
