@@ -272,3 +272,59 @@ async fn a_master_failover_under_load_fails_no_read_and_leaves_nothing_stale() {
         "nothing cached is stale after the failover"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_is_published_only_once_the_deletes_it_announces_are_done() {
+    let cluster = OwnCluster::start().await;
+    let writer = on_cluster(&cluster).await;
+    let reader = writer
+        .spawn_sibling_with(|config| config.config.cache.near_cache_enabled = true)
+        .await;
+    let channel_master = cluster.master_of(&writer.keys.events()).await;
+    // A user whose entry lives on another master than the events channel.
+    let (user, key) = loop {
+        let user = writer
+            .create_user(&format!("{}@example.com", uuid::Uuid::new_v4()))
+            .await;
+        let key = writer.keys.user(UserId::parse(&user.id).unwrap());
+        if cluster.master_of(&key).await != channel_master {
+            break (user, key);
+        }
+    };
+    writer.outbox_drained().await;
+    assert_eq!(
+        reader.get_user(&user.id).await,
+        user,
+        "cached in Redis and in the reader's near cache"
+    );
+
+    // The entry's master holds every write for 500 ms: the delete waits.
+    let entry_master = &cluster.nodes[cluster.master_of(&key).await];
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(500)
+        .arg("WRITE")
+        .query_async(&mut entry_master.connection().await)
+        .await
+        .unwrap();
+    const HEARD: &str = r#"readthrough_events_received_total{event="user.updated"}"#;
+    let write = tokio::spawn({
+        let client = writer.client.clone();
+        let change = crate::helpers::email_change(&user.id, "renamed@example.com");
+        async move { client.update_user(change, &["email"], 0).await.unwrap() }
+    });
+    // The reader reads the moment it hears of the change.
+    while !write.is_finished() {
+        if reader.metric(HEARD).await > 0.0 {
+            reader.get_user(&user.id).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let renamed = write.await.unwrap();
+    assert_eq!(
+        reader.get_user(&user.id).await,
+        renamed,
+        "what the reader read on hearing of the change was already the new version"
+    );
+}

@@ -3,21 +3,18 @@
 //! and everything runs on loopback.
 
 use std::{
-    sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use readthrough::{
-    cache::Entry,
+    cache::{Entry, Hooks},
     domain::{User, UserId},
 };
-use readthrough_client::proto::GetUserRequest;
-use tokio::task::JoinHandle;
 
-use crate::helpers::{OwnRedis, RedisProxy, Sandbox, TestApp, eventually, spawn_app_with};
+use crate::helpers::{
+    Load, OwnRedis, READERS, RedisProxy, Sandbox, TestApp, eventually, spawn_app_with, spawn_app_with_hooks, warm_users,
+};
 
 const USER_HITS: &str = r#"readthrough_cache_hits_total{entity="user"}"#;
 const USER_MISSES: &str = r#"readthrough_cache_misses_total{entity="user"}"#;
@@ -31,81 +28,6 @@ const TO_CLOSED: &str = r#"readthrough_cache_breaker_transitions_total{to="close
 const CLOSED: f64 = 0.0;
 const HALF_OPEN: f64 = 1.0;
 const OPEN: f64 = 2.0;
-
-/// Concurrent readers: fewer than DATABASE_FALLBACK_LIMIT (8), so that no
-/// read that falls back to PostgreSQL is shed.
-const READERS: usize = 4;
-
-/// Users created and read once (cached), returning their ids.
-async fn warm_users(app: &mut TestApp, count: usize) -> Vec<String> {
-    let mut ids = Vec::with_capacity(count);
-    for n in 0..count {
-        let id = app.create_user(&format!("reader{n}@example.com")).await.id;
-        app.client.get_user(&id).await.unwrap();
-        ids.push(id);
-    }
-    ids
-}
-
-/// One GetUser of a load: when it started, how long it took, and its error if it failed.
-struct Read {
-    started: Instant,
-    took: Duration,
-    error: Option<String>,
-}
-
-/// `READERS` tasks reading `ids` in turn, one call at a time each, until `finish`.
-struct Load {
-    stop: Arc<AtomicBool>,
-    readers: Vec<JoinHandle<Vec<Read>>>,
-}
-
-impl Load {
-    fn start(app: &TestApp, ids: &[String]) -> Self {
-        let stop = Arc::new(AtomicBool::new(false));
-        let readers = (0..READERS)
-            .map(|reader| {
-                let (mut users, ids, stop) = (app.users.clone(), ids.to_vec(), stop.clone());
-                tokio::spawn(async move {
-                    let mut reads = Vec::new();
-                    let mut next = reader;
-                    while !stop.load(Ordering::Relaxed) {
-                        let id = ids[next % ids.len()].clone();
-                        next += READERS;
-                        let started = Instant::now();
-                        let answer = users.get_user(GetUserRequest { id: id.clone() }).await;
-                        let took = started.elapsed();
-                        let error = match answer {
-                            Ok(user) if user.get_ref().id == id => None,
-                            Ok(user) => Some(format!("asked for {id}, got {}", user.get_ref().id)),
-                            Err(status) => Some(format!("{status:?}")),
-                        };
-                        reads.push(Read { started, took, error });
-                    }
-                    reads
-                })
-            })
-            .collect();
-        Self { stop, readers }
-    }
-
-    /// Stops the readers (each finishes its call) and returns every read.
-    async fn finish(mut self) -> Vec<Read> {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut reads = Vec::new();
-        for reader in std::mem::take(&mut self.readers) {
-            reads.extend(reader.await.unwrap());
-        }
-        reads
-    }
-}
-
-/// Stops the readers if a test panics before `finish`.
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
-    }
-}
 
 /// Latencies of `READERS` readers reading `ids` from `app` for `period`.
 async fn latencies(app: &TestApp, ids: &[String], period: Duration) -> Vec<Duration> {
@@ -400,11 +322,102 @@ async fn an_update_made_while_the_breaker_is_open_is_invalidated_once_redis_retu
     assert!(gone, "the relay removed the stale entry once Redis was back");
     assert_eq!(app.metric(BREAKER_STATE).await, CLOSED);
     app.outbox_drained().await;
-    let read = app.get_user(&user.id).await;
-    assert_eq!(read.email, "after@example.com");
+    // Once the write's fence is seen lifted, reads fill the cache again.
+    let mut filled = false;
+    for _ in 0..100 {
+        let read = app.get_user(&user.id).await;
+        assert_eq!(read.email, "after@example.com");
+        if app.exists(&key).await {
+            filled = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(filled, "filled again");
     let cached: Entry<User> = app.cached_value(&key).await.expect("filled again");
     assert_eq!(
         cached.value.map(|u| (u.email, u.version)),
         Some(("after@example.com".to_string(), 2))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_the_open_breaker_skips_gives_its_lease_back() {
+    let sandbox = Sandbox::new();
+    let proxy = RedisProxy::start(&sandbox.redis_url).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    // The first fill of `id` waits until the test lets it go.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let hooks = Hooks {
+        before_fill: Some(Arc::new({
+            let (gate, id) = (gate.clone(), id.clone());
+            move |key: &str| {
+                let (gate, wait) = (gate.clone(), key.contains(&id));
+                Box::pin(async move {
+                    if wait {
+                        let _ = gate.acquire().await.map(|permit| permit.forget());
+                    }
+                })
+            }
+        })),
+        ..Hooks::default()
+    };
+    let url = proxy.url.clone();
+    let app = spawn_app_with_hooks(hooks, |config| {
+        config.config.cache.redis_url = url.parse().unwrap();
+        config.config.cache.lease_ms = 10_000;
+    })
+    .await;
+    let direct = sandbox.redis_url.clone();
+    let other = app
+        .spawn_sibling_with(|config| config.config.cache.redis_url = direct.parse().unwrap())
+        .await;
+    // Five users too big to come through a slow link within the deadline
+    // (about 7 KB each, compressed), cached by the other instance.
+    let big: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO users (id, email, preferences) \
+         SELECT gen_random_uuid(), 'big-' || n || '@example.com', \
+                jsonb_build_object('blob', (SELECT string_agg(md5(random()::text || n || k), '') FROM generate_series(1, 400) k)) \
+         FROM generate_series(1, 5) n RETURNING id::text",
+    )
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO users (id, email) VALUES ($1::uuid, 'leased@example.com')")
+        .bind(&id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    app.outbox_drained().await;
+    for user in &big {
+        other.get_user(user).await;
+    }
+
+    // The instance takes the lease and loads; its fill waits at the gate.
+    let lease = app.keys.lease(&app.keys.user(UserId::parse(&id).unwrap()));
+    let read = tokio::spawn({
+        let client = app.client.clone();
+        let id = id.clone();
+        async move { client.get_user(&id).await }
+    });
+    assert!(
+        app.eventually_exists(&lease, true, Duration::from_secs(2)).await,
+        "leased"
+    );
+    // Its reads of the big users miss their deadline: the breaker opens.
+    proxy.limit_bandwidth(Some(5_000));
+    for user in &big {
+        app.get_user(user).await;
+    }
+    assert_eq!(app.metric(BREAKER_STATE).await, OPEN);
+    gate.add_permits(1);
+    assert_eq!(read.await.unwrap().unwrap().id, id, "answered from PostgreSQL");
+
+    let started = Instant::now();
+    assert_eq!(other.get_user(&id).await.id, id);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the other instance took the lease at once instead of waiting out its 10 s ({:?})",
+        started.elapsed()
     );
 }

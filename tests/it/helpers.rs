@@ -11,9 +11,9 @@ use std::{
     process::{Child, Command, Stdio},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use rand::{Rng, distr::Alphanumeric};
@@ -25,7 +25,7 @@ use readthrough::{
 use readthrough_client::{
     Backoff, Client, Page,
     proto::{
-        self, CreateProductRequest, ListProductsResponse, product_service_client::ProductServiceClient,
+        self, CreateProductRequest, GetUserRequest, ListProductsResponse, product_service_client::ProductServiceClient,
         user_service_client::UserServiceClient,
     },
 };
@@ -34,6 +34,7 @@ use sqlx::{Connection, Executor, PgConnection, PgPool, postgres::PgConnectOption
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::oneshot,
+    task::JoinHandle,
 };
 use tonic::transport::{Channel, ClientTlsConfig};
 
@@ -526,29 +527,33 @@ impl Drop for Sandbox {
 /// A TCP proxy in front of the real Redis that a test can cut (every
 /// connection dropped, new ones refused) and restore: Redis unreachable, and back.
 /// It can also stall the connections it carries: they stay open but carry
-/// nothing more, like a connection whose peer vanished without a reset; and
-/// black-hole Redis: stall them, and accept new ones that never get an answer.
+/// nothing more, like a connection whose peer vanished without a reset;
+/// black-hole Redis: stall them, and accept new ones that never get an
+/// answer; slow every connection down to a bandwidth (a congested link); and
+/// send new connections to another server (a failover behind one address).
 pub struct RedisProxy {
     pub url: String,
     up: Arc<AtomicBool>,
     black_hole: Arc<AtomicBool>,
+    /// Bytes a second each connection carries each way; 0: as fast as it can.
+    bandwidth: Arc<AtomicU64>,
+    target: Arc<std::sync::Mutex<String>>,
     cut: tokio::sync::broadcast::Sender<()>,
     stall: tokio::sync::broadcast::Sender<()>,
 }
 
 impl RedisProxy {
     pub async fn start(redis_url: &str) -> Self {
-        let target = redis_url
-            .trim_start_matches("redis://")
-            .trim_end_matches('/')
-            .to_string();
+        let target = Arc::new(std::sync::Mutex::new(address_of(redis_url)));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("redis://{}", listener.local_addr().unwrap());
         let up = Arc::new(AtomicBool::new(true));
         let black_hole = Arc::new(AtomicBool::new(false));
+        let bandwidth = Arc::new(AtomicU64::new(0));
         let (cut, _) = tokio::sync::broadcast::channel::<()>(1);
         let (stall, _) = tokio::sync::broadcast::channel::<()>(1);
         let (accepting, swallowing, cuts, stalls) = (up.clone(), black_hole.clone(), cut.clone(), stall.clone());
+        let (targets, limit) = (target.clone(), bandwidth.clone());
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 if !accepting.load(Ordering::SeqCst) {
@@ -563,15 +568,25 @@ impl RedisProxy {
                     });
                     continue;
                 }
-                let target = target.clone();
+                let (target, limit) = (targets.lock().unwrap().clone(), limit.clone());
                 tokio::spawn(async move {
                     let Ok(mut server) = tokio::net::TcpStream::connect(&target).await else {
                         return;
                     };
-                    let stalled = tokio::select! {
-                        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
-                        _ = cut.recv() => false,
-                        _ = stall.recv() => true,
+                    let stalled = {
+                        let (mut client_read, mut client_write) = client.split();
+                        let (mut server_read, mut server_write) = server.split();
+                        let carry = async {
+                            tokio::join!(
+                                pump(&mut client_read, &mut server_write, &limit),
+                                pump(&mut server_read, &mut client_write, &limit),
+                            )
+                        };
+                        tokio::select! {
+                            _ = carry => false,
+                            _ = cut.recv() => false,
+                            _ = stall.recv() => true,
+                        }
                     };
                     if stalled {
                         // Both sockets stay open, and nothing moves, until a cut.
@@ -584,6 +599,8 @@ impl RedisProxy {
             url,
             up,
             black_hole,
+            bandwidth,
+            target,
             cut,
             stall,
         }
@@ -611,6 +628,47 @@ impl RedisProxy {
         self.black_hole.store(false, Ordering::SeqCst);
         self.up.store(true, Ordering::SeqCst);
     }
+
+    /// Every connection, open or new, carries at most `bytes_per_second`
+    /// each way (`None`: no limit).
+    pub fn limit_bandwidth(&self, bytes_per_second: Option<u64>) {
+        self.bandwidth.store(bytes_per_second.unwrap_or(0), Ordering::SeqCst);
+    }
+
+    /// New connections go to the Redis at `redis_url` (open ones are not moved).
+    pub fn send_to(&self, redis_url: &str) {
+        *self.target.lock().unwrap() = address_of(redis_url);
+    }
+}
+
+/// `host:port` of a `redis://host:port` URL.
+fn address_of(redis_url: &str) -> String {
+    redis_url
+        .trim_start_matches("redis://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// Copies `from` to `to` until either closes, at most `limit` bytes a second (0: no limit).
+async fn pump(
+    from: &mut (impl tokio::io::AsyncRead + Unpin),
+    to: &mut (impl tokio::io::AsyncWrite + Unpin),
+    limit: &AtomicU64,
+) {
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        let bytes_per_second = limit.load(Ordering::SeqCst);
+        if bytes_per_second > 0 {
+            tokio::time::sleep(Duration::from_secs_f64(read as f64 / bytes_per_second as f64)).await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A Redis server of the test's own, on a free port, killed when dropped. It
@@ -620,7 +678,7 @@ impl RedisProxy {
 /// the checkout nor get loaded by the next server.
 pub struct OwnRedis {
     child: Option<Child>,
-    port: u16,
+    pub port: u16,
     dir: tempfile::TempDir,
     /// Arguments after the usual ones, kept for `start_again`.
     extra: Vec<String>,
@@ -716,6 +774,118 @@ impl OwnRedis {
 impl Drop for OwnRedis {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+impl OwnRedis {
+    /// A replica of the Redis at `master_port`, once it has its master's data.
+    pub async fn replica_of(master_port: u16) -> Self {
+        let replica = Self::start_with_args(free_port(), &["--replicaof", "127.0.0.1", &master_port.to_string()]).await;
+        let synced = eventually(Duration::from_secs(10), || async {
+            replica.info("replication").await.contains("master_link_status:up")
+        })
+        .await;
+        assert!(synced, "the replica synced with its master");
+        replica
+    }
+
+    /// This replica was made a primary: started again, it starts as one.
+    pub fn promoted(&mut self) {
+        if let Some(at) = self.extra.iter().position(|arg| arg == "--replicaof") {
+            self.extra.drain(at..(at + 3).min(self.extra.len()));
+        }
+    }
+
+    /// A client connection to this server.
+    pub async fn connection(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url.as_str())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap()
+    }
+
+    /// `INFO <section>`, or "" when the server does not answer.
+    pub async fn info(&self, section: &str) -> String {
+        let Ok(client) = redis::Client::open(self.url.as_str()) else {
+            return String::new();
+        };
+        let Ok(mut connection) = client.get_multiplexed_async_connection().await else {
+            return String::new();
+        };
+        redis::cmd("INFO")
+            .arg(section)
+            .query_async(&mut connection)
+            .await
+            .unwrap_or_default()
+    }
+}
+
+/// A Redis Sentinel of the test's own (`redis-server --sentinel`) on a free
+/// port, watching the primary at `master_port` under the name `mymaster`,
+/// with a 1 s down-after; killed when dropped.
+pub struct OwnSentinel {
+    child: Child,
+    pub url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnSentinel {
+    pub async fn start(master_port: u16) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let config = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds mymaster 1000\n\
+                 sentinel failover-timeout mymaster 5000\n\
+                 sentinel parallel-syncs mymaster 1\n",
+                dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&config)
+            .arg("--sentinel")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/services installs it)");
+        let up = eventually(Duration::from_secs(10), || async move {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+        })
+        .await;
+        assert!(up, "sentinel listens on {port}");
+        Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+            _dir: dir,
+        }
+    }
+
+    /// `SENTINEL <args…>` asked of this sentinel.
+    pub async fn ask<T: redis::FromRedisValue>(&self, args: &[&str]) -> Option<T> {
+        let mut connection = redis::Client::open(self.url.as_str())
+            .ok()?
+            .get_multiplexed_async_connection()
+            .await
+            .ok()?;
+        redis::cmd("SENTINEL").arg(args).query_async(&mut connection).await.ok()
+    }
+
+    /// The port of the primary this sentinel names now.
+    pub async fn master_port(&self) -> Option<u16> {
+        let address: Vec<String> = self.ask(&["get-master-addr-by-name", "mymaster"]).await?;
+        address.get(1)?.parse().ok()
+    }
+}
+
+impl Drop for OwnSentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -868,4 +1038,79 @@ async fn cluster_state(url: &str) -> bool {
         .unwrap_or_default();
     let synced = replication.contains("role:master") || replication.contains("master_link_status:up");
     info.contains("cluster_state:ok") && info.contains("cluster_known_nodes:6") && synced
+}
+
+/// Concurrent readers: fewer than DATABASE_FALLBACK_LIMIT (8), so that no
+/// read that falls back to PostgreSQL is shed.
+pub const READERS: usize = 4;
+
+/// Users created and read once (cached), returning their ids.
+pub async fn warm_users(app: &mut TestApp, count: usize) -> Vec<String> {
+    let mut ids = Vec::with_capacity(count);
+    for n in 0..count {
+        let id = app.create_user(&format!("reader{n}@example.com")).await.id;
+        app.client.get_user(&id).await.unwrap();
+        ids.push(id);
+    }
+    ids
+}
+
+/// One GetUser of a load: when it started, how long it took, and its error if it failed.
+pub struct Read {
+    pub started: Instant,
+    pub took: Duration,
+    pub error: Option<String>,
+}
+
+/// `READERS` tasks reading `ids` in turn, one call at a time each, until `finish`.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    readers: Vec<JoinHandle<Vec<Read>>>,
+}
+
+impl Load {
+    pub fn start(app: &TestApp, ids: &[String]) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let readers = (0..READERS)
+            .map(|reader| {
+                let (mut users, ids, stop) = (app.users.clone(), ids.to_vec(), stop.clone());
+                tokio::spawn(async move {
+                    let mut reads = Vec::new();
+                    let mut next = reader;
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = ids[next % ids.len()].clone();
+                        next += READERS;
+                        let started = Instant::now();
+                        let answer = users.get_user(GetUserRequest { id: id.clone() }).await;
+                        let took = started.elapsed();
+                        let error = match answer {
+                            Ok(user) if user.get_ref().id == id => None,
+                            Ok(user) => Some(format!("asked for {id}, got {}", user.get_ref().id)),
+                            Err(status) => Some(format!("{status:?}")),
+                        };
+                        reads.push(Read { started, took, error });
+                    }
+                    reads
+                })
+            })
+            .collect();
+        Self { stop, readers }
+    }
+
+    /// Stops the readers (each finishes its call) and returns every read.
+    pub async fn finish(mut self) -> Vec<Read> {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut reads = Vec::new();
+        for reader in std::mem::take(&mut self.readers) {
+            reads.extend(reader.await.unwrap());
+        }
+        reads
+    }
+}
+
+/// Stops the readers if a test panics before `finish`.
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
 }

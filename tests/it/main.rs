@@ -2,9 +2,11 @@
 //! real PostgreSQL and Redis, driven through `readthrough-client` (the typed
 //! client, or its raw stubs for requests the typed client would not send).
 
+mod acknowledged;
 mod admin;
 mod auth;
 mod bad_input;
+mod chaos;
 mod checker;
 mod cli;
 mod client;
@@ -15,6 +17,7 @@ mod dashboard;
 mod deployment;
 mod epochs;
 mod fail_open;
+mod failover;
 mod failures;
 mod helpers;
 mod hostile;
@@ -24,6 +27,7 @@ mod limits;
 mod own_postgres;
 mod postgres_outage;
 mod products;
+mod relay;
 mod replicas;
 mod roles;
 mod stampede;

@@ -236,3 +236,35 @@ async fn misses_a_replica_fails_to_load_are_answered_by_the_primary() {
     );
     assert_eq!(replica, 0.0, "no load succeeded on the replica");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writes_marker_covers_its_commit_even_when_the_log_is_written_out_late() {
+    // Asynchronous commit: a commit is visible before its log record is
+    // written out, and the WAL writer writes only every 10 s.
+    let primary = OwnPostgres::init(&[("synchronous_commit", "off"), ("wal_writer_delay", "10000ms")], &[]).await;
+    let (database_url, read_url) = (primary.url("readthrough"), primary.url("readthrough"));
+    // Any read URL makes writes mark their keys; this one (the primary) is never read as a replica.
+    let mut app = spawn_app_with(|config| {
+        use_database(config, &database_url);
+        config.config.replicas.read_urls = vec![read_url.parse().unwrap()];
+    })
+    .await;
+    let user = app.create_user("marked@example.com").await;
+    app.outbox_drained().await;
+
+    let before: i64 = sqlx::query_scalar("SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint")
+        .fetch_one(&app.db)
+        .await
+        .unwrap();
+    app.rename_user(&user.id, "remarked@example.com").await.unwrap();
+    let marker_key = app
+        .keys
+        .write_marker(readthrough::cache::Kind::User, UserId::parse(&user.id).unwrap());
+    let marker = app.cached(&marker_key).await.expect("the write left a marker");
+    let marked = readthrough::store::replicas::Lsn::from_marker(&marker).expect("a position");
+    assert!(
+        marked.0 > before as u64,
+        "the marker ({:x}) lies past where the log was before the write ({before:x})",
+        marked.0
+    );
+}

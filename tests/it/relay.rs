@@ -1,0 +1,176 @@
+//! The outbox relay under operational events: a batch that misses its
+//! deadline, a backlog too large to carry out key by key, a TRUNCATE, and
+//! the cost of watching the backlog.
+
+use std::time::Duration;
+
+use readthrough::cache::Kind;
+use tonic::Code;
+
+use crate::helpers::{Load, RedisProxy, Sandbox, TestApp, eventually, spawn_app, spawn_app_with};
+
+const TO_OPEN: &str = r#"readthrough_cache_breaker_transitions_total{to="open"}"#;
+const GET_ERRORS: &str = r#"readthrough_cache_errors_total{operation="get"}"#;
+/// Batches (the relay's, here: no write goes through the service) that Redis did not confirm.
+const BATCH_ERRORS: &str = r#"readthrough_cache_errors_total{operation="del"}"#;
+
+/// `count` users inserted in SQL, their outbox carried out, and the first
+/// `warm` of them cached; their ids.
+async fn users_in_bulk(app: &TestApp, count: i64, warm: usize) -> Vec<String> {
+    let ids: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO users (id, email) \
+         SELECT gen_random_uuid(), 'bulk-' || n || '@example.com' FROM generate_series(1, $1) AS n \
+         RETURNING id::text",
+    )
+    .bind(count)
+    .fetch_all(&app.db)
+    .await
+    .unwrap();
+    app.outbox_drained().await;
+    for chunk in ids[..warm].chunks(500) {
+        let found = app.client.batch_get_users(chunk).await.unwrap();
+        assert_eq!(found.users.len(), chunk.len());
+    }
+    ids
+}
+
+async fn outbox_rows(app: &TestApp) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM cache_outbox")
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_batch_that_misses_its_deadline_leaves_reads_and_the_breaker_alone() {
+    let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
+    let url = proxy.url.clone();
+    let app = spawn_app_with(|config| {
+        config.config.cache.redis_url = url.parse().unwrap();
+        // Carried out key by key, however long that takes.
+        config.config.cache.outbox_retire_after_ms = 600_000;
+    })
+    .await;
+    let ids = users_in_bulk(&app, 1000, 50).await;
+
+    // A congested link: a batch of 1000 rows (about 700 KB) takes 0.7 s,
+    // far past its deadline; a GET takes well under a millisecond.
+    proxy.limit_bandwidth(Some(1_000_000));
+    let readers = Load::start(&app, &ids[..50]);
+    sqlx::query("UPDATE users SET email = 'changed-' || email")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    let drained = eventually(Duration::from_secs(30), || async { outbox_rows(&app).await == 0 }).await;
+    let reads = readers.finish().await;
+    proxy.limit_bandwidth(None);
+
+    assert!(
+        drained,
+        "the backlog drained, in batches small enough to make their deadline"
+    );
+    let failed: Vec<&String> = reads.iter().filter_map(|r| r.error.as_ref()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} reads failed, e.g. {:?}",
+        failed.len(),
+        reads.len(),
+        failed.first()
+    );
+    let [opened, get_errors, batch_errors] = app.metrics(&[TO_OPEN, GET_ERRORS, BATCH_ERRORS]).await[..] else {
+        unreachable!("three samples")
+    };
+    assert!(batch_errors >= 1.0, "a relay batch missed its deadline");
+    assert_eq!(
+        (opened, get_errors),
+        (0.0, 0.0),
+        "and the reads' breaker never heard of it"
+    );
+    for id in &ids[..50] {
+        assert!(app.get_user(id).await.email.starts_with("changed-"), "{id} is fresh");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_left_while_redis_was_unreachable_is_retired_with_a_new_key_epoch() {
+    let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
+    let url = proxy.url.clone();
+    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let ids = users_in_bulk(&app, 12_000, 100).await;
+    let epoch = app.keys.epochs_known().of(Kind::User);
+
+    proxy.cut();
+    sqlx::query("UPDATE users SET email = 'changed-' || email")
+        .execute(&app.db)
+        .await
+        .unwrap();
+    // Older than OUTBOX_RETIRE_AFTER_MS (1 s) by the time Redis is back.
+    let overdue = eventually(Duration::from_secs(5), || async {
+        sqlx::query_scalar::<_, bool>(
+            "SELECT coalesce(min(created_at) < clock_timestamp() - interval '1100 ms', false) FROM cache_outbox",
+        )
+        .fetch_one(&app.db)
+        .await
+        .unwrap()
+    })
+    .await;
+    assert!(overdue);
+    proxy.restore();
+
+    let drained = eventually(Duration::from_secs(10), || async { outbox_rows(&app).await == 0 }).await;
+    assert!(drained, "the backlog is gone");
+    assert!(
+        app.keys.epochs_known().of(Kind::User) > epoch,
+        "users have a new key epoch"
+    );
+    assert_eq!(
+        app.metric(r#"readthrough_events_published_total{event="user.retired"}"#)
+            .await,
+        1.0,
+        "one event says every user changed"
+    );
+    for id in &ids[..100] {
+        assert!(app.get_user(id).await.email.starts_with("changed-"), "{id} is fresh");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_backlog_gauge_counts_every_waiting_row() {
+    let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
+    let url = proxy.url.clone();
+    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    proxy.cut(); // nothing is relayed meanwhile
+    sqlx::query(
+        "INSERT INTO cache_outbox (entity, entity_id, event) \
+         SELECT 'user', gen_random_uuid(), 'user.updated' FROM generate_series(1, 150000)",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    let counted = eventually(Duration::from_secs(5), || async {
+        app.metric("readthrough_outbox_backlog_rows").await >= 150_000.0
+    })
+    .await;
+    assert!(counted, "the gauge shows all 150,000 rows");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_a_truncate_is_swept_no_instance_serves_a_row_from_before_it() {
+    let first = spawn_app().await;
+    let second = first.spawn_sibling().await;
+    for round in 0..3 {
+        let user = first.create_user(&format!("truncated-{round}@example.com")).await;
+        first.outbox_drained().await;
+        second.get_user(&user.id).await;
+        assert_eq!(second.get_user(&user.id).await, user, "cached in the other instance");
+
+        sqlx::query("TRUNCATE users").execute(&first.db).await.unwrap();
+        first.outbox_drained().await;
+        let status = second.client.get_user(&user.id).await.unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::NotFound,
+            "round {round}: the row is gone for every instance"
+        );
+    }
+}
