@@ -5,15 +5,18 @@
 
 use std::{
     collections::BTreeMap,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use prost_types::{Struct, Value, value::Kind};
 use rand::{Rng, seq::IndexedRandom};
 use readthrough_client::proto::{
-    GetUserRequest, ListProductsRequest, UpdateUserRequest, User, product_service_client::ProductServiceClient,
-    user_service_client::UserServiceClient,
+    GetProductRequest, GetUserRequest, ListProductsRequest, UpdateUserRequest, User,
+    product_service_client::ProductServiceClient, user_service_client::UserServiceClient,
 };
 use tonic::transport::Channel;
 
@@ -24,6 +27,8 @@ use crate::stats::Latencies;
 pub enum Workload {
     /// GetUser on ids drawn at random.
     RandomUsers(Arc<Vec<String>>),
+    /// GetProduct on ids drawn at random.
+    RandomProducts(Arc<Vec<String>>),
     /// 90 % GetUser on random ids, 5 % ListProducts (a random page of the
     /// first 100 of `category`), 5 % UpdateUser (a new preferences value).
     Mixed { users: Arc<Vec<String>>, category: String },
@@ -49,13 +54,34 @@ pub async fn connect(url: &str, connections: usize) -> anyhow::Result<Vec<Channe
 
 /// Runs `workload` with `in_flight` calls at once over `channels` for `duration`.
 pub async fn run(channels: &[Channel], workload: &Workload, in_flight: usize, duration: Duration) -> LoadRun {
+    run_until(
+        channels,
+        workload,
+        in_flight,
+        duration,
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await
+}
+
+/// As `run`, but ends as soon as `stop` is set (at the latest after
+/// `duration`): a load that lasts as long as something else does. Calls in
+/// flight then finish, so none is counted as cancelled.
+pub async fn run_until(
+    channels: &[Channel],
+    workload: &Workload,
+    in_flight: usize,
+    duration: Duration,
+    stop: Arc<AtomicBool>,
+) -> LoadRun {
     let started = Instant::now();
     let deadline = started + duration;
     let tasks: Vec<_> = (0..in_flight)
         .map(|i| {
             let channel = channels[i % channels.len()].clone();
             let workload = workload.clone();
-            tokio::spawn(async move { caller(channel, workload, deadline).await })
+            let stop = stop.clone();
+            tokio::spawn(async move { caller(channel, workload, deadline, &stop).await })
         })
         .collect();
     let mut run = LoadRun::default();
@@ -76,14 +102,20 @@ pub async fn run(channels: &[Channel], workload: &Workload, in_flight: usize, du
 
 /// One caller: a call at a time until `deadline`; latencies of the calls that
 /// succeeded, and the codes of those that did not.
-async fn caller(channel: Channel, workload: Workload, deadline: Instant) -> (Vec<Duration>, BTreeMap<String, u64>) {
+async fn caller(
+    channel: Channel,
+    workload: Workload,
+    deadline: Instant,
+    stop: &AtomicBool,
+) -> (Vec<Duration>, BTreeMap<String, u64>) {
     let mut users = UserServiceClient::new(channel.clone());
     let mut products = ProductServiceClient::new(channel);
     let (mut done, mut errors) = (Vec::new(), BTreeMap::new());
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && !stop.load(Ordering::Relaxed) {
         let began = Instant::now();
         let outcome = match next_call(&workload) {
             Call::GetUser(id) => users.get_user(GetUserRequest { id }).await.map(drop),
+            Call::GetProduct(id) => products.get_product(GetProductRequest { id }).await.map(drop),
             Call::ListProducts(request) => products.list_products(request).await.map(drop),
             Call::UpdateUser(request) => users.update_user(request).await.map(drop),
         };
@@ -97,6 +129,7 @@ async fn caller(channel: Channel, workload: Workload, deadline: Instant) -> (Vec
 
 enum Call {
     GetUser(String),
+    GetProduct(String),
     ListProducts(ListProductsRequest),
     UpdateUser(UpdateUserRequest),
 }
@@ -105,6 +138,7 @@ fn next_call(workload: &Workload) -> Call {
     let mut rng = rand::rng();
     match workload {
         Workload::RandomUsers(ids) => Call::GetUser(ids.choose(&mut rng).cloned().unwrap_or_default()),
+        Workload::RandomProducts(ids) => Call::GetProduct(ids.choose(&mut rng).cloned().unwrap_or_default()),
         Workload::Mixed { users, category } => {
             let id = users.choose(&mut rng).cloned().unwrap_or_default();
             match rng.random_range(0..100) {

@@ -12,9 +12,10 @@
 //! Settings (environment): BENCH_SECONDS (5) per run, BENCH_ROUNDS (3),
 //! BENCH_PRODUCTS (1000000, all in one category), BENCH_OUTPUT
 //! (docs/benchmarks.md), BENCH_PROFILE (1: perf record a warm GetUser run),
-//! BENCH_SCENARIOS (all of start,hot,random,lists,prices,mixed,profile,outbox,near),
+//! BENCH_SCENARIOS (all of start,hot,random,lists,prices,mixed,profile,outbox,near,bulk,drain),
 //! and DATABASE_URL / REDIS_URL as for readthrough.
 
+mod events;
 mod h2load;
 mod load;
 mod probe;
@@ -223,6 +224,15 @@ async fn main() -> anyhow::Result<()> {
     if settings.runs("near") {
         eprintln!("bench: the near cache");
         near_cache(&settings, &floor, &calls, ids, &mut redis_stats, &mut report).await?;
+    }
+    // These two change prices in bulk and leave them changed: they run last.
+    if settings.runs("bulk") {
+        eprintln!("bench: a bulk SQL UPDATE of products under reads");
+        events::bulk(&settings, &mut report).await?;
+    }
+    if settings.runs("drain") {
+        eprintln!("bench: the relay draining a million outbox rows");
+        events::drain(&settings, &calls, &mut report).await?;
     }
 
     report.write()?;

@@ -298,6 +298,16 @@ impl Report {
         ));
     }
 
+    /// A section written elsewhere (`events`), as Markdown.
+    pub fn section(&mut self, markdown: &str) {
+        self.sections.push_str(markdown);
+    }
+
+    /// Seconds of each run.
+    pub fn run_seconds(&self) -> u64 {
+        self.run.as_secs()
+    }
+
     pub fn profile(&mut self, text: String) {
         self.profile = Some(text);
     }
