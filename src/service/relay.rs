@@ -4,8 +4,8 @@
 //! Triggers record each change to users and products in `cache_outbox`, inside
 //! the writing transaction, and NOTIFY. Every instance runs this relay: woken
 //! by the notification (or every `POLL_INTERVAL`), it claims rows with
-//! `FOR UPDATE SKIP LOCKED`, deletes their keys and publishes their events in
-//! one Redis round trip, and deletes the rows only once Redis confirmed.
+//! `FOR UPDATE SKIP LOCKED` and deletes them, deletes their keys and publishes
+//! their events in one Redis round trip, and commits only once Redis confirmed.
 //!
 //! The relay never gets in the way of reads: its Redis work goes over a
 //! connection of its own, outside the breaker, under a deadline sized to
@@ -26,7 +26,7 @@
 use std::{
     collections::{BTreeSet, HashMap, hash_map::Entry},
     sync::Arc,
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use sqlx::postgres::PgListener;
@@ -54,6 +54,8 @@ const BATCH: i64 = 2000;
 const BATCH_BYTES: usize = 1 << 20;
 /// A kind with fewer rows waiting is carried out key by key however old they are.
 const RETIRE_ROWS: i64 = 10_000;
+/// How often a drain looks for backlogs to retire (two index lookups).
+const OVERDUE_LOOK: Duration = Duration::from_millis(250);
 
 /// Runs until the task is dropped.
 pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>, retire_after: Duration) {
@@ -114,13 +116,22 @@ impl Relay {
     /// Processes rows at least `grace` old until none are left or Redis fails.
     async fn drain(&mut self, grace: Duration) -> Result<(), StoreError> {
         let pool = self.replicas.primary();
+        let mut looked_overdue: Option<Instant> = None;
         loop {
-            let overdue = outbox::overdue(pool, self.retire_after, RETIRE_ROWS).await?;
-            if !overdue.is_empty() && !self.retire(&overdue, &[]).await? {
-                return Ok(());
+            if looked_overdue.is_none_or(|at| at.elapsed() >= OVERDUE_LOOK) {
+                looked_overdue = Some(Instant::now());
+                let overdue = outbox::overdue(pool, self.retire_after, RETIRE_ROWS).await?;
+                if !overdue.is_empty() && !self.retire(&overdue, &[]).await? {
+                    return Ok(());
+                }
             }
             let mut tx = pool.begin().await?;
-            let rows = outbox::claim(&mut tx, self.batch, grace).await?;
+            // A commit lost in a crash brings its rows back, to be carried
+            // out again: no batch waits for its WAL flush.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
+            let rows = outbox::take(&mut tx, self.batch, grace).await?;
             if rows.is_empty() {
                 return Ok(());
             }
@@ -146,12 +157,16 @@ impl Relay {
                 }
                 continue;
             }
-            let rows = within_bytes(&self.cache, &rows);
+            let fitting = within_bytes(&self.cache, &rows);
+            if fitting < rows.len() {
+                // Too many bytes: the rows go back, and the next take is smaller.
+                drop(tx);
+                self.batch = fitting as i64;
+                continue;
+            }
             // Taken after the claim: the rows' writes are committed, so at or before it.
             let position = self.replicas.write_position().await;
-            if carry_out_batch(&self.cache, &invalidations(&self.cache, rows), position).await {
-                let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();
-                outbox::remove(&mut tx, &ids).await?;
+            if carry_out_batch(&self.cache, &invalidations(&self.cache, &rows), position).await {
                 tx.commit().await?;
                 metrics::counter!("readthrough_outbox_relayed_total").increment(rows.len() as u64);
                 self.batch = (self.batch * 2).min(BATCH);
@@ -215,9 +230,9 @@ pub(super) fn retired_kinds(entities: &[String]) -> Vec<Kind> {
         .collect()
 }
 
-/// The longest start of `rows` whose keys and events fit in `BATCH_BYTES`
-/// (at least one row).
-fn within_bytes<'a>(cache: &Cache, rows: &'a [OutboxRow]) -> &'a [OutboxRow] {
+/// How many rows from the start of `rows` fit in `BATCH_BYTES` with their
+/// keys and events (at least one).
+fn within_bytes(cache: &Cache, rows: &[OutboxRow]) -> usize {
     let mut bytes = 0;
     let fitting = rows
         .iter()
@@ -226,7 +241,7 @@ fn within_bytes<'a>(cache: &Cache, rows: &'a [OutboxRow]) -> &'a [OutboxRow] {
             bytes <= BATCH_BYTES
         })
         .count();
-    &rows[..fitting.max(1)]
+    fitting.max(1)
 }
 
 /// About what carrying out `row` sends: its keys (each once per epoch an
