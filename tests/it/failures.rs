@@ -406,10 +406,14 @@ async fn a_fill_the_open_breaker_skips_gives_its_lease_back() {
     );
     // Its reads of the big users miss their deadline: the breaker opens.
     proxy.limit_bandwidth(Some(5_000));
-    for user in &big {
-        app.get_user(user).await;
-    }
-    assert_eq!(app.metric(BREAKER_STATE).await, OPEN);
+    let opened = eventually(Duration::from_secs(10), || async {
+        for user in &big {
+            app.get_user(user).await;
+        }
+        app.metric(BREAKER_STATE).await == OPEN
+    })
+    .await;
+    assert!(opened, "the breaker opened");
     gate.add_permits(1);
     assert_eq!(read.await.unwrap().unwrap().id, id, "answered from PostgreSQL");
 
