@@ -188,6 +188,8 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<(i64, f64), StoreError> {
                 extract(epoch FROM clock_timestamp() - oldest.created_at)::float8 \
          FROM (SELECT id, created_at FROM cache_outbox ORDER BY id LIMIT 1) AS oldest",
     )
+    // Planned for the outbox as it is now (see `outbox`).
+    .persistent(false)
     .fetch_optional(pool)
     .await?
     .unwrap_or((Some(0), Some(0.0)));

@@ -1,10 +1,15 @@
 //! The outbox relay under operational events: a batch that misses its
 //! deadline, a backlog too large to carry out key by key, a TRUNCATE, and
-//! the cost of watching the backlog.
+//! the cost of watching the backlog, and plans that fit a long outbox.
 
 use std::time::Duration;
 
-use readthrough::cache::Kind;
+use readthrough::{
+    cache::Kind,
+    config::ServeConfig,
+    store::{self, outbox},
+};
+use sqlx::{PgPool, postgres::PgPoolOptions};
 use tonic::Code;
 
 use crate::helpers::{Load, RedisProxy, Sandbox, TestApp, eventually, spawn_app, spawn_app_with};
@@ -173,4 +178,99 @@ async fn once_a_truncate_is_swept_no_instance_serves_a_row_from_before_it() {
             "round {round}: the row is gone for every instance"
         );
     }
+}
+
+/// Calls each statement on the outbox once (none changes a row that exists)
+/// and returns, per statement, how many rows sequential scans read for it.
+async fn outbox_rows_scanned(pool: &PgPool) -> Vec<(&'static str, i64)> {
+    let mut scanned = Vec::new();
+    let mut before = seq_rows_read(pool).await;
+    let mut note = |name, after: i64| {
+        scanned.push((name, after - before));
+        before = after;
+    };
+    let mut tx = pool.begin().await.unwrap();
+    outbox::take(&mut tx, 2000, Duration::ZERO).await.unwrap();
+    tx.rollback().await.unwrap();
+    note("take", seq_rows_read(pool).await);
+    let mut tx = pool.begin().await.unwrap();
+    outbox::recorded(&mut tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    note("recorded", seq_rows_read(pool).await);
+    outbox::confirm(pool, &[-1]).await.unwrap();
+    note("confirm", seq_rows_read(pool).await);
+    outbox::pending(pool, &[-1]).await.unwrap();
+    note("pending", seq_rows_read(pool).await);
+    outbox::fence(pool, &[-1]).await.unwrap();
+    note("fence", seq_rows_read(pool).await);
+    outbox::join_fence(pool, &[-1], &["product"], Duration::ZERO)
+        .await
+        .unwrap();
+    note("join_fence", seq_rows_read(pool).await);
+    outbox::fenced(pool).await.unwrap();
+    note("fenced", seq_rows_read(pool).await);
+    outbox::overdue(pool, Duration::from_secs(3600), 10_000).await.unwrap();
+    note("overdue", seq_rows_read(pool).await);
+    outbox::remove_covered(pool, &["user"], "1").await.unwrap();
+    note("remove_covered", seq_rows_read(pool).await);
+    store::outbox_backlog(pool).await.unwrap();
+    note("backlog", seq_rows_read(pool).await);
+    scanned
+}
+
+/// Rows of the outbox read by sequential scans so far (this connection's
+/// counts flushed first).
+async fn seq_rows_read(pool: &PgPool) -> i64 {
+    sqlx::query("SELECT pg_stat_force_next_flush()")
+        .execute(pool)
+        .await
+        .unwrap();
+    sqlx::query_scalar("SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'cache_outbox'")
+        .fetch_one(pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_statements_first_run_on_an_empty_outbox_use_its_indexes_once_it_is_long() {
+    let sandbox = Sandbox::new();
+    let mut database = ServeConfig::from_env().config.database;
+    database.name = Some(sandbox.database_name.clone());
+    store::migrate(&database).await.unwrap();
+    // One connection, so every call meets the plans its earlier calls left.
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(sandbox.connect_options())
+        .await
+        .unwrap();
+    // No ANALYZE of the outbox while the test runs: plans see only its size.
+    sqlx::query("ALTER TABLE cache_outbox SET (autovacuum_enabled = false)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    // The outbox as it usually is: empty and vacuumed (autovacuum does so
+    // after each burst of rows), every statement run often (a prepared
+    // statement switches to a cached generic plan on its sixth run).
+    sqlx::query("VACUUM ANALYZE cache_outbox").execute(&pool).await.unwrap();
+    for _ in 0..6 {
+        outbox_rows_scanned(&pool).await;
+    }
+    // A bulk change in SQL: 100,000 rows waiting.
+    sqlx::query(
+        "INSERT INTO cache_outbox (entity, entity_id, event) \
+         SELECT 'product', gen_random_uuid(), 'product.updated' FROM generate_series(1, 100000)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    // A plan for a whole scan reads all 100,000; `overdue` may stop a scan after its 10,000.
+    let whole_scans: Vec<_> = outbox_rows_scanned(&pool)
+        .await
+        .into_iter()
+        .filter(|&(_, rows)| rows > 10_000)
+        .collect();
+    assert!(
+        whole_scans.is_empty(),
+        "statements that scanned the long outbox whole: {whole_scans:?}"
+    );
 }
