@@ -139,17 +139,21 @@ impl Application {
         } = services.clone();
         let admin = CacheAdminApi::new(cache.clone());
         let retire_after = Duration::from_millis(self.config.config.cache.outbox_retire_after_ms);
-        let background = [
+        let mut background = vec![
             tokio::spawn(relay::run(cache.clone(), replicas, retire_after)),
-            tokio::spawn({
-                let services = services.clone();
-                async move { cache.receive_events(|feed| services.on_event(&feed)).await }
-            }),
             tokio::spawn({
                 let services = services.clone();
                 async move { services.report_gauges().await }
             }),
         ];
+        // Events only tell near caches what to forget: without one, receiving
+        // every instance's events (a million in a bulk change) is wasted work.
+        if self.config.config.cache.near_cache_enabled {
+            background.push(tokio::spawn({
+                let services = services.clone();
+                async move { cache.receive_events(|feed| services.on_event(&feed)).await }
+            }));
+        }
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
         let watch = tokio::spawn(watch_dependencies(services.clone(), health.clone()));

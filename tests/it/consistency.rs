@@ -380,7 +380,12 @@ async fn a_truncate_by_hand_drops_every_cached_entry_of_the_table() {
 async fn a_stalled_event_subscription_is_noticed_and_replaced() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| {
+        config.config.cache.redis_url = url.parse().unwrap();
+        // The near cache is what subscribes.
+        config.config.cache.near_cache_enabled = true;
+    })
+    .await;
     let channel = app.keys.events();
     let received = r#"readthrough_events_received_total{event="user.updated"}"#;
     let event = format!(r#"{{"event":"user.updated","id":"{}"}}"#, uuid::Uuid::new_v4());

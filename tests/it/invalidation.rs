@@ -1,5 +1,5 @@
 //! Invalidation that is never lost: the outbox relay, writes made by hand in
-//! PostgreSQL, and the events every instance receives.
+//! PostgreSQL, and the events every instance with a near cache receives.
 
 use std::time::Duration;
 
@@ -90,7 +90,8 @@ async fn an_absent_id_inserted_by_hand_is_found_within_a_second() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_write_is_published_as_an_event_to_every_instance() {
-    let mut app = spawn_app().await;
+    // Instances subscribe to events for their near caches.
+    let mut app = spawn_app_with(|config| config.config.cache.near_cache_enabled = true).await;
     let _sibling = app.spawn_sibling().await;
     let client = redis::Client::open(Sandbox::new().redis_url.as_str()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
@@ -194,4 +195,29 @@ async fn the_relay_publishes_one_event_per_entity_for_a_burst_of_changes() {
         }],
         "five rows, one event"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_instance_with_a_near_cache_subscribes_to_events() {
+    let mut app = spawn_app().await; // no near cache
+    let with_near_cache = app
+        .spawn_sibling_with(|config| config.config.cache.near_cache_enabled = true)
+        .await;
+    let channel = app.keys.events();
+    let user = app.create_user("heard@example.com").await;
+    let heard = eventually(Duration::from_secs(5), || async {
+        with_near_cache
+            .metric(r#"readthrough_events_received_total{event="user.created"}"#)
+            .await
+            >= 1.0
+    })
+    .await;
+    assert!(heard, "the instance with a near cache receives events ({})", user.id);
+    let (_, subscribers): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(&channel)
+        .query_async(&mut app.redis)
+        .await
+        .unwrap();
+    assert_eq!(subscribers, 1, "only the instance with a near cache subscribed");
 }
