@@ -54,11 +54,13 @@ impl Keys {
 
     /// An entry and its lease at each epoch an invalidation must reach
     /// (see `Epochs::around`): leases first, all under one hash tag.
-    pub fn entry_group(&self, kind: Kind, id: impl std::fmt::Display + Copy) -> Vec<String> {
+    pub fn entry_group(&self, kind: Kind, id: impl std::fmt::Display) -> Vec<String> {
+        // Formatted once for all its keys (a relay batch builds thousands of groups).
+        let id = id.to_string();
         let entries: Vec<String> = self
             .epochs
             .around(kind)
-            .map(|epoch| self.entry_at(kind, epoch, id))
+            .map(|epoch| self.entry_at(kind, epoch, &id))
             .collect();
         entries
             .iter()

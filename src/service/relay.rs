@@ -233,21 +233,22 @@ pub(super) fn retired_kinds(entities: &[String]) -> Vec<Kind> {
 /// How many rows from the start of `rows` fit in `BATCH_BYTES` with their
 /// keys and events (at least one).
 fn within_bytes(cache: &Cache, rows: &[OutboxRow]) -> usize {
+    // Every entity's key is as long: ids are UUIDs.
+    let key = cache.keys().entry(Kind::User, Uuid::nil()).len();
     let mut bytes = 0;
     let fitting = rows
         .iter()
         .take_while(|row| {
-            bytes += row_bytes(cache, row);
+            bytes += row_bytes(key, row);
             bytes <= BATCH_BYTES
         })
         .count();
     fitting.max(1)
 }
 
-/// About what carrying out `row` sends: its keys (each once per epoch an
-/// instance may read) and its event.
-fn row_bytes(cache: &Cache, row: &OutboxRow) -> usize {
-    let key = cache.keys().entry(Kind::User, row.entity_id).len();
+/// About what carrying out `row` sends: its keys of length `key` (each once
+/// per epoch an instance may read) and its event.
+fn row_bytes(key: usize, row: &OutboxRow) -> usize {
     let per_group = 6 * (key + 8);
     per_group * (1 + row.categories.len()) + 128 + row.categories.iter().map(String::len).sum::<usize>()
 }
