@@ -62,10 +62,19 @@ async fn a_relay_batch_that_misses_its_deadline_leaves_reads_and_the_breaker_alo
     // far past its deadline; a GET takes well under a millisecond.
     proxy.limit_bandwidth(Some(1_000_000));
     let readers = Load::start(&app, &ids[..50]);
+    let mut update = app.db.begin().await.unwrap();
     sqlx::query("UPDATE users SET email = 'changed-' || email")
-        .execute(&app.db)
+        .execute(&mut *update)
         .await
         .unwrap();
+    // All its rows past the writers' grace at once, so that one batch takes
+    // them all (on a busy machine, rows aging a few at a time made batches
+    // small enough to make their deadline).
+    sqlx::query("UPDATE cache_outbox SET created_at = created_at - interval '1 second'")
+        .execute(&mut *update)
+        .await
+        .unwrap();
+    update.commit().await.unwrap();
     let drained = eventually(Duration::from_secs(30), || async { outbox_rows(&app).await == 0 }).await;
     let reads = readers.finish().await;
     proxy.limit_bandwidth(None);
