@@ -356,7 +356,8 @@ async fn subscribers(redis: &mut impl redis::aio::ConnectionLike, channel: &str)
 }
 
 /// A user read twice through `app` is a miss and then a hit, stored in the
-/// Redis behind `redis`, where the app's event subscription is connected too.
+/// Redis behind `redis`, where a sibling's event subscription (it has a near
+/// cache) connects the same way.
 async fn cache_works_through(app: &mut TestApp, redis: &mut (impl redis::aio::ConnectionLike + Clone + Send + Sync)) {
     let user = app
         .create_user(&format!("{}@cache.example.com", uuid::Uuid::new_v4().simple()))
@@ -372,6 +373,9 @@ async fn cache_works_through(app: &mut TestApp, redis: &mut (impl redis::aio::Co
     let key = app.keys.user(readthrough::domain::UserId::parse(&user.id).unwrap());
     let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(redis).await.unwrap();
     assert_eq!(exists, 1, "{key} is cached in this Redis");
+    let _sibling = app
+        .spawn_sibling_with(|config| config.config.cache.near_cache_enabled = true)
+        .await;
     let events = app.keys.events();
     let subscribed = crate::helpers::eventually(Duration::from_secs(5), || {
         let (mut redis, events) = (redis.clone(), events.clone());
