@@ -71,7 +71,7 @@ use redis::Purpose;
 pub use redis::RedisClient;
 
 /// What the cache holds, as the `entity` label of metrics names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
     User,
     Product,

@@ -145,9 +145,9 @@ async fn commit_and_invalidate(services: &Services, mut tx: Transaction<'_, Post
     }
     let planned = relay::Invalidations {
         events: Vec::new(),
-        ..relay::invalidations(cache, &rows)
+        ..relay::invalidations(cache, &rows, services.replicas.write_position().await)
     };
-    if !relay::carry_out_batch(cache, &planned, services.replicas.write_position().await).await {
+    if !relay::carry_out_batch(cache, &planned).await {
         return Ok(rows.len() as u64);
     }
     let ids: Vec<i64> = rows.iter().map(|row| row.id).collect();

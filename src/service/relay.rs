@@ -24,7 +24,7 @@
 //! it is retired the same way, whatever its size.
 
 use std::{
-    collections::{BTreeSet, HashMap, hash_map::Entry},
+    collections::{HashMap, HashSet, hash_map::Entry},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -37,7 +37,7 @@ use crate::{
     domain::{CategoryId, Product, ProductId, User, UserId},
     store::{
         StoreError,
-        outbox::{self, OutboxRow},
+        outbox::{self, OutboxRow, Taken},
         replicas::{Lsn, Replicas},
     },
 };
@@ -116,13 +116,24 @@ impl Relay {
     /// Processes rows at least `grace` old until none are left or Redis fails.
     async fn drain(&mut self, grace: Duration) -> Result<(), StoreError> {
         let pool = self.replicas.primary();
+        // Where the next take starts (see `outbox::take`): past the rows
+        // this pass has taken. Rows left behind (held by another relay, or
+        // committed late with a lower id) are found by the next pass.
+        let mut after = 0;
+        // Whether the last take was full and its first row older than the
+        // retire age: only then can a kind be overdue (and worth the look).
+        let mut backlog = false;
         let mut looked_overdue: Option<Instant> = None;
         loop {
-            if looked_overdue.is_none_or(|at| at.elapsed() >= OVERDUE_LOOK) {
+            if backlog && looked_overdue.is_none_or(|at| at.elapsed() >= OVERDUE_LOOK) {
                 looked_overdue = Some(Instant::now());
                 let overdue = outbox::overdue(pool, self.retire_after, RETIRE_ROWS).await?;
-                if !overdue.is_empty() && !self.retire(&overdue, &[]).await? {
-                    return Ok(());
+                if !overdue.is_empty() {
+                    if !self.retire(&overdue, &[]).await? {
+                        return Ok(());
+                    }
+                    after = 0;
+                    continue;
                 }
             }
             let mut tx = pool.begin().await?;
@@ -131,10 +142,18 @@ impl Relay {
             sqlx::query("SET LOCAL synchronous_commit = off")
                 .execute(&mut *tx)
                 .await?;
-            let rows = outbox::take(&mut tx, self.batch, grace).await?;
-            if rows.is_empty() {
-                return Ok(());
-            }
+            let Taken { rows, oldest_age } = outbox::take(&mut tx, self.batch, grace, after).await?;
+            let full = rows.len() as i64 == self.batch;
+            backlog = full && oldest_age >= self.retire_after;
+            let Some(last) = rows.last() else {
+                if after == 0 {
+                    return Ok(());
+                }
+                // The end of a pass: start the next from the beginning.
+                after = 0;
+                continue;
+            };
+            let last = last.id;
             let truncated: Vec<&str> = rows
                 .iter()
                 .filter(|row| row.event.ends_with(".truncated"))
@@ -155,6 +174,7 @@ impl Relay {
                 if !self.retire(&entities, &events).await? {
                     return Ok(());
                 }
+                after = 0;
                 continue;
             }
             let fitting = within_bytes(&self.cache, &rows);
@@ -166,10 +186,11 @@ impl Relay {
             }
             // Taken after the claim: the rows' writes are committed, so at or before it.
             let position = self.replicas.write_position().await;
-            if carry_out_batch(&self.cache, &invalidations(&self.cache, &rows), position).await {
+            if carry_out_batch(&self.cache, &invalidations(&self.cache, &rows, position)).await {
                 tx.commit().await?;
                 metrics::counter!("readthrough_outbox_relayed_total").increment(rows.len() as u64);
                 self.batch = (self.batch * 2).min(BATCH);
+                after = if full { last } else { 0 };
                 continue;
             }
             // The rows stay (the transaction rolls back), and the next claim takes fewer.
@@ -258,39 +279,29 @@ fn row_bytes(key: usize, row: &OutboxRow) -> usize {
 pub struct Invalidations {
     /// Each group of keys once.
     pub groups: Vec<KeyGroup>,
-    /// The write marker of each entity written (see `store::replicas`).
-    pub marked: Vec<String>,
+    /// When replicas are read, the position of the writes, recorded under
+    /// the write marker of each entity written (see `store::replicas`).
+    pub marks: Option<(Lsn, Vec<String>)>,
     /// One event per entity: its last row's, with the categories of all its rows.
     pub events: Vec<Event>,
 }
 
-/// Coalesces a batch of outbox rows into the invalidations they ask for.
+/// Coalesces a batch of outbox rows into the invalidations they ask for:
+/// each entity's keys, marker and event once, each category's list once.
 /// A TRUNCATE's row names no keys: the relay retires its kinds instead.
-pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
-    let mut groups = BTreeSet::new();
-    let mut marked = BTreeSet::new();
-    let mut events: Vec<Event> = Vec::new();
-    let mut event_of: HashMap<(&str, Uuid), usize> = HashMap::new();
+/// `position`: see `Invalidations::marks`.
+pub fn invalidations(cache: &Cache, rows: &[OutboxRow], position: Option<Lsn>) -> Invalidations {
+    let mut planned = Invalidations {
+        marks: position.map(|position| (position, Vec::new())),
+        ..Invalidations::default()
+    };
+    let mut event_of: HashMap<(Kind, Uuid), usize> = HashMap::with_capacity(rows.len());
+    let mut lists: HashSet<&str> = HashSet::new();
     for row in rows {
-        let truncated = row.event.ends_with(".truncated");
-        match (Kind::parse(&row.entity), truncated) {
-            (Some(Kind::User | Kind::Product), true) => continue,
-            (Some(Kind::User), false) => {
-                let id = UserId::from_uuid(row.entity_id);
-                groups.insert(cache.entity_keys::<User>(id));
-                marked.insert(cache.write_marker::<User>(id));
-            }
-            (Some(Kind::Product), false) => {
-                let id = ProductId::from_uuid(row.entity_id);
-                groups.insert(cache.entity_keys::<Product>(id));
-                marked.insert(cache.write_marker::<Product>(id));
-                // A category written by hand that is not a valid id has no cached list.
-                for category in row.categories.iter().filter_map(|c| CategoryId::parse(c).ok()) {
-                    groups.insert(cache.list_keys(&category));
-                }
-            }
+        let kind = match Kind::parse(&row.entity) {
+            Some(kind @ (Kind::User | Kind::Product)) => kind,
             // Lists are not rows: no trigger records them.
-            (Some(Kind::List) | None, _) => {
+            Some(Kind::List) | None => {
                 tracing::warn!(
                     entity = row.entity,
                     id = row.id,
@@ -298,10 +309,21 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
                 );
                 continue;
             }
+        };
+        if row.event.ends_with(".truncated") {
+            continue;
         }
-        match event_of.entry((row.entity.as_str(), row.entity_id)) {
+        // A category written by hand that is not a valid id has no cached list.
+        for category in &row.categories {
+            if lists.insert(category)
+                && let Ok(category) = CategoryId::parse(category)
+            {
+                planned.groups.push(cache.list_keys(&category));
+            }
+        }
+        match event_of.entry((kind, row.entity_id)) {
             Entry::Occupied(index) => {
-                let event = &mut events[*index.get()];
+                let event = &mut planned.events[*index.get()];
                 event.event.clone_from(&row.event);
                 for category in &row.categories {
                     if !event.categories.contains(category) {
@@ -310,8 +332,19 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
                 }
             }
             Entry::Vacant(slot) => {
-                slot.insert(events.len());
-                events.push(Event {
+                slot.insert(planned.events.len());
+                let (user, product) = (UserId::from_uuid(row.entity_id), ProductId::from_uuid(row.entity_id));
+                planned.groups.push(match kind {
+                    Kind::User => cache.entity_keys::<User>(user),
+                    _ => cache.entity_keys::<Product>(product),
+                });
+                if let Some((_, marked)) = &mut planned.marks {
+                    marked.push(match kind {
+                        Kind::User => cache.write_marker::<User>(user),
+                        _ => cache.write_marker::<Product>(product),
+                    });
+                }
+                planned.events.push(Event {
                     event: row.event.clone(),
                     id: row.entity_id,
                     categories: row.categories.clone(),
@@ -319,34 +352,28 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow]) -> Invalidations {
             }
         }
     }
-    Invalidations {
-        groups: groups.into_iter().collect(),
-        marked: marked.into_iter().collect(),
-        events,
-    }
+    planned
 }
 
-/// Carries out a writer's own `planned` invalidation: the write markers (at
-/// `position`, when replicas are read), key groups and events in one round
-/// trip on the shared connections. True when Redis confirmed all of it.
-pub async fn carry_out(cache: &Cache, planned: &Invalidations, position: Option<Lsn>) -> bool {
-    cache
-        .invalidate(&planned.groups, marks(planned, position), &planned.events)
-        .await
+/// Carries out a writer's own `planned` invalidation: the write markers,
+/// key groups and events in one round trip on the shared connections. True
+/// when Redis confirmed all of it.
+pub async fn carry_out(cache: &Cache, planned: &Invalidations) -> bool {
+    cache.invalidate(&planned.groups, marks(planned), &planned.events).await
 }
 
 /// `carry_out` for a batch (the relay's, a seed's), on the background
 /// connection, within a deadline sized to it.
-pub async fn carry_out_batch(cache: &Cache, planned: &Invalidations, position: Option<Lsn>) -> bool {
+pub async fn carry_out_batch(cache: &Cache, planned: &Invalidations) -> bool {
     cache
-        .invalidate_batch(&planned.groups, marks(planned, position), &planned.events)
+        .invalidate_batch(&planned.groups, marks(planned), &planned.events)
         .await
 }
 
-fn marks(planned: &Invalidations, position: Option<Lsn>) -> Option<WriteMarks<'_>> {
-    position.map(|position| WriteMarks {
-        keys: &planned.marked,
-        position,
+fn marks(planned: &Invalidations) -> Option<WriteMarks<'_>> {
+    planned.marks.as_ref().map(|(position, keys)| WriteMarks {
+        keys,
+        position: *position,
     })
 }
 
@@ -377,7 +404,15 @@ mod tests {
             row(5, "product", 9, &["books", "games"], "product.moved"),
             row(6, "product", 10, &["books"], "product.deleted"),
         ];
-        let Invalidations { groups, marked, events } = invalidations(&cache, &rows);
+        let Invalidations {
+            mut groups,
+            marks,
+            events,
+        } = invalidations(&cache, &rows, Some(Lsn::UNREACHABLE));
+        let (position, mut marked) = marks.unwrap();
+        assert_eq!(position, Lsn::UNREACHABLE, "the position given");
+        groups.sort();
+        marked.sort();
         let mut expected_marked = vec![
             cache.write_marker::<User>(UserId::from_uuid(Uuid::from_u128(7))),
             cache.write_marker::<Product>(ProductId::from_uuid(Uuid::from_u128(9))),
@@ -428,7 +463,7 @@ mod tests {
             row(2, "order", 5, &[], "order.created"),
             row(3, "user", 0, &[], "user.truncated"),
         ];
-        assert_eq!(invalidations(&cache, &rows), Invalidations::default());
+        assert_eq!(invalidations(&cache, &rows, None), Invalidations::default());
     }
 
     #[test]

@@ -42,7 +42,7 @@ pub(super) async fn invalidate_written<T>(
     forget: impl FnOnce(&[outbox::OutboxRow]),
 ) -> Result<T, ServiceError> {
     let position = database.write_position().await;
-    let confirmed = relay::carry_out(cache, &relay::invalidations(cache, &written.outbox), position).await;
+    let confirmed = relay::carry_out(cache, &relay::invalidations(cache, &written.outbox, position)).await;
     forget(&written.outbox);
     if written.outbox.is_empty() {
         return Ok(written.value);

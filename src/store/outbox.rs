@@ -67,34 +67,63 @@ pub async fn confirm(pool: &PgPool, ids: &[i64]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// Takes up to `limit` rows at least `min_age` old, oldest first, skipping
-/// rows another relay holds, and deletes them in `tx`: committed once their
-/// invalidation is confirmed, rolled back (the rows back) otherwise. One
-/// statement instead of a claim and a delete by id, which cost most of a
-/// batch's time. Younger rows are left to the writer that recorded them.
+/// Rows a relay took (see `take`).
+#[derive(Debug, Default)]
+pub struct Taken {
+    /// Oldest first.
+    pub rows: Vec<OutboxRow>,
+    /// How long the oldest of them has waited.
+    pub oldest_age: Duration,
+}
+
+/// Takes up to `limit` rows at least `min_age` old with ids above `after`,
+/// oldest first, skipping rows another relay holds, and deletes them in
+/// `tx`: committed once their invalidation is confirmed, rolled back (the
+/// rows back) otherwise. One statement instead of a claim and a delete by
+/// id, which cost most of a batch's time; the delete finds the claimed rows
+/// by their physical address rather than through the index again. Younger
+/// rows are left to the writer that recorded them.
+///
+/// `after` lets a relay go through a long backlog without walking, on every
+/// take, the index entries of the rows it deleted before (they stay until
+/// a vacuum): a drain of a million rows otherwise spends ever longer
+/// reaching the first live row.
 pub async fn take(
     tx: &mut Transaction<'_, Postgres>,
     limit: i64,
-    min_age: std::time::Duration,
-) -> Result<Vec<OutboxRow>, StoreError> {
+    min_age: Duration,
+    after: i64,
+) -> Result<Taken, StoreError> {
+    #[derive(sqlx::FromRow)]
+    struct TakenRow {
+        #[sqlx(flatten)]
+        row: OutboxRow,
+        age_ms: f64,
+    }
     let _timed = timed("outbox.take");
-    let mut rows = sqlx::query_as::<_, OutboxRow>(
-        "DELETE FROM cache_outbox WHERE id = ANY(ARRAY( \
-             SELECT id FROM cache_outbox \
-             WHERE created_at < clock_timestamp() - $2 * interval '1 millisecond' \
+    let mut taken = sqlx::query_as::<_, TakenRow>(
+        "DELETE FROM cache_outbox WHERE ctid = ANY(ARRAY( \
+             SELECT ctid FROM cache_outbox \
+             WHERE id > $3 AND created_at < clock_timestamp() - $2 * interval '1 millisecond' \
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-         RETURNING id, entity, entity_id, categories, event",
+         RETURNING id, entity, entity_id, categories, event, \
+             extract(epoch FROM clock_timestamp() - created_at)::float8 * 1000 AS age_ms",
     )
     .persistent(false)
     .bind(limit)
     .bind(min_age.as_millis() as f64)
+    .bind(after)
     .fetch_all(&mut **tx)
     .await?;
-    // `= ANY(ARRAY(…))`, not `IN (…)`: with a million rows and lagging
-    // statistics, `IN` was planned as a hash join over the whole table.
-    // RETURNING keeps no order; events go out in the order of the writes.
-    rows.sort_unstable_by_key(|row| row.id);
-    Ok(rows)
+    // `= ANY(ARRAY(…))`, not `IN (…)`: `IN` may be planned as a join over
+    // the whole table. RETURNING keeps no order; events go out in the order
+    // of the writes.
+    taken.sort_unstable_by_key(|taken| taken.row.id);
+    let oldest_age = taken.first().map_or(0.0, |taken| taken.age_ms.max(0.0));
+    Ok(Taken {
+        rows: taken.into_iter().map(|taken| taken.row).collect(),
+        oldest_age: Duration::from_secs_f64(oldest_age / 1000.0),
+    })
 }
 
 /// Asks every relay to take rows at once (see `HANDOVER`).

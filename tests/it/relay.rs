@@ -202,7 +202,7 @@ async fn outbox_rows_scanned(pool: &PgPool) -> Vec<(&'static str, i64)> {
         before = after;
     };
     let mut tx = pool.begin().await.unwrap();
-    outbox::take(&mut tx, 2000, Duration::ZERO).await.unwrap();
+    outbox::take(&mut tx, 2000, Duration::ZERO, 0).await.unwrap();
     tx.rollback().await.unwrap();
     note("take", seq_rows_read(pool).await);
     let mut tx = pool.begin().await.unwrap();
@@ -245,16 +245,8 @@ async fn seq_rows_read(pool: &PgPool) -> i64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbox_statements_first_run_on_an_empty_outbox_use_its_indexes_once_it_is_long() {
-    let sandbox = Sandbox::new();
-    let mut database = ServeConfig::from_env().config.database;
-    database.name = Some(sandbox.database_name.clone());
-    store::migrate(&database).await.unwrap();
     // One connection, so every call meets the plans its earlier calls left.
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .connect_with(sandbox.connect_options())
-        .await
-        .unwrap();
+    let (_sandbox, pool) = outbox_only(1).await;
     // No ANALYZE of the outbox while the test runs: plans see only its size.
     sqlx::query("ALTER TABLE cache_outbox SET (autovacuum_enabled = false)")
         .execute(&pool)
@@ -285,4 +277,115 @@ async fn outbox_statements_first_run_on_an_empty_outbox_use_its_indexes_once_it_
         whole_scans.is_empty(),
         "statements that scanned the long outbox whole: {whole_scans:?}"
     );
+}
+
+/// A migrated database of its own (dropped with the sandbox), with no
+/// instance (so no relay) on it; a pool of `connections` to it.
+async fn outbox_only(connections: u32) -> (Sandbox, PgPool) {
+    let sandbox = Sandbox::new();
+    let mut database = ServeConfig::from_env().config.database;
+    database.name = Some(sandbox.database_name.clone());
+    store::migrate(&database).await.unwrap();
+    let pool = PgPoolOptions::new()
+        .max_connections(connections)
+        .connect_with(sandbox.connect_options())
+        .await
+        .unwrap();
+    (sandbox, pool)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_take_starts_past_the_given_id_oldest_first_and_says_how_long_its_first_row_waited() {
+    let (_sandbox, pool) = outbox_only(2).await;
+    let ids: Vec<i64> = sqlx::query_scalar(
+        "INSERT INTO cache_outbox (entity, entity_id, event, created_at) \
+         SELECT 'user', gen_random_uuid(), 'user.updated', clock_timestamp() - interval '2 seconds' \
+         FROM generate_series(1, 10) RETURNING id",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+
+    let mut tx = pool.begin().await.unwrap();
+    let taken = outbox::take(&mut tx, 3, Duration::ZERO, ids[4]).await.unwrap();
+    let taken_ids: Vec<i64> = taken.rows.iter().map(|row| row.id).collect();
+    assert_eq!(taken_ids, ids[5..8], "the three rows after the fifth");
+    assert!(
+        (Duration::from_secs(2)..Duration::from_secs(60)).contains(&taken.oldest_age),
+        "waited about 2 s: {:?}",
+        taken.oldest_age
+    );
+    tx.commit().await.unwrap();
+    let left: Vec<i64> = sqlx::query_scalar("SELECT id FROM cache_outbox ORDER BY id")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(left, [&ids[..5], &ids[8..]].concat(), "only those were deleted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_held_elsewhere_while_a_backlog_drains_past_it_is_carried_out_by_a_later_pass() {
+    let app = spawn_app().await;
+    // Not takeable yet (dated in the future), then made takeable in a
+    // transaction that holds its lock: as if another relay had claimed it.
+    let held: i64 = sqlx::query_scalar(
+        "INSERT INTO cache_outbox (entity, entity_id, event, created_at) \
+         VALUES ('user', gen_random_uuid(), 'user.updated', clock_timestamp() + interval '1 hour') RETURNING id",
+    )
+    .fetch_one(&app.db)
+    .await
+    .unwrap();
+    let mut holder = app.db.begin().await.unwrap();
+    sqlx::query("UPDATE cache_outbox SET created_at = clock_timestamp() - interval '1 second' WHERE id = $1")
+        .bind(held)
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    // Behind it, a backlog of several batches (too few rows to be retired).
+    sqlx::query(
+        "INSERT INTO cache_outbox (entity, entity_id, event, created_at) \
+         SELECT 'user', gen_random_uuid(), 'user.updated', clock_timestamp() - interval '1 second' \
+         FROM generate_series(1, 5000)",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+
+    let passed = eventually(Duration::from_secs(10), || async { outbox_rows(&app).await == 1 }).await;
+    assert!(passed, "the relay carried out the backlog past the held row");
+    holder.commit().await.unwrap();
+    app.outbox_drained().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_looks_for_backlogs_to_retire_only_after_a_full_take_of_old_rows() {
+    let app = spawn_app().await;
+    let looked = r#"readthrough_db_duration_seconds_count{query="outbox.overdue"}"#;
+    // Small changes by hand, carried out by the relay in takes that are not full.
+    for round in 0..3 {
+        sqlx::query("INSERT INTO users (id, email) VALUES (gen_random_uuid(), $1)")
+            .bind(format!("small-{round}@example.com"))
+            .execute(&app.db)
+            .await
+            .unwrap();
+        app.outbox_drained().await;
+    }
+    assert_eq!(app.metric(looked).await, 0.0, "no look for a backlog");
+
+    // A backlog large and old enough to retire: the relay looks, and retires it.
+    let epoch = app.keys.epochs_known().of(Kind::User);
+    sqlx::query(
+        "INSERT INTO cache_outbox (entity, entity_id, event, created_at) \
+         SELECT 'user', gen_random_uuid(), 'user.updated', clock_timestamp() - interval '2 seconds' \
+         FROM generate_series(1, 15000)",
+    )
+    .execute(&app.db)
+    .await
+    .unwrap();
+    app.outbox_drained().await;
+    assert!(
+        app.metric(looked).await >= 1.0,
+        "looked once a take was full of old rows"
+    );
+    assert!(app.keys.epochs_known().of(Kind::User) > epoch, "and retired the users");
 }
