@@ -2,13 +2,18 @@
 //! change to a cached type is a new prefix rather than a flush, and then names
 //! its kind and the kind's epoch (see `cache::epochs`): `…:user:e<epoch>:…`.
 
-use std::sync::Arc;
+use std::{fmt::Write, sync::Arc};
 
 use super::{Kind, epochs::Epochs};
 use crate::domain::{CategoryId, ProductId, UserId};
 
 /// Bump when the shape of a cached value changes.
 pub const SCHEMA_VERSION: u32 = 1;
+
+/// What a key holds past its prefix, at most: a kind, an epoch, a UUID or a
+/// category id (up to 64 characters) in braces, a part and a lease suffix.
+const KEY_ROOM: usize = 128;
+const LEASE_SUFFIX: &str = ":lease";
 
 /// Key names at the epochs this instance knows. Clones share the epochs.
 #[derive(Debug, Clone)]
@@ -49,7 +54,15 @@ impl Keys {
     }
 
     fn entry_at(&self, kind: Kind, epoch: u64, id: impl std::fmt::Display) -> String {
-        format!("{}:{}:e{epoch}:{{{id}}}", self.prefix, kind.label())
+        let mut key = self.key_buffer();
+        let _ = write!(key, "{}:{}:e{epoch}:{{{id}}}", self.prefix, kind.label());
+        key
+    }
+
+    /// Room for any key, allocated once: `format!` starts small and grew
+    /// each key several times, a fifth of a relay's CPU in a drain.
+    fn key_buffer(&self) -> String {
+        String::with_capacity(self.prefix.len() + KEY_ROOM)
     }
 
     /// An entry and its lease at each epoch an invalidation must reach
@@ -73,7 +86,9 @@ impl Keys {
     /// replica reads (see `store::replicas`). Outside the epochs, which a
     /// marker must outlive, and under the entry's hash tag.
     pub fn write_marker(&self, kind: Kind, id: impl std::fmt::Display) -> String {
-        format!("{}:{}:lsn:{{{id}}}", self.prefix, kind.label())
+        let mut key = self.key_buffer();
+        let _ = write!(key, "{}:{}:lsn:{{{id}}}", self.prefix, kind.label());
+        key
     }
 
     pub fn user(&self, id: UserId) -> String {
@@ -91,11 +106,16 @@ impl Keys {
 
     /// The fill lease of an entry (or of a list, given its ids key): same hash tag.
     pub fn lease(&self, key: &str) -> String {
-        format!("{key}:lease")
+        let mut lease = String::with_capacity(key.len() + LEASE_SUFFIX.len());
+        lease.push_str(key);
+        lease.push_str(LEASE_SUFFIX);
+        lease
     }
 
     fn list_at(&self, epoch: u64, category: &CategoryId, part: &str) -> String {
-        format!("{}:list:e{epoch}:{{{category}}}:{part}", self.prefix)
+        let mut key = self.key_buffer();
+        let _ = write!(key, "{}:list:e{epoch}:{{{category}}}:{part}", self.prefix);
+        key
     }
 
     fn list_part(&self, category: &CategoryId, part: &str) -> String {
