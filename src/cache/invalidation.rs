@@ -2,7 +2,7 @@
 //! reads, the deletes and events of a write in one round trip, and the
 //! operator's invalidation of known keys and counts of a kind's keys.
 
-use std::time::Duration;
+use std::{collections::HashMap, time::Duration};
 
 use super::{Cache, Cacheable, Event, Kind, events::event_label};
 use crate::store::replicas::Lsn;
@@ -131,33 +131,53 @@ impl Cache {
 
     /// `invalidate` for the outbox relay: once, on its own connection, outside
     /// the breaker, within a deadline sized to the batch (`RELAY_DEADLINE`
-    /// plus `RELAY_COMMAND_BUDGET` a command); whether Redis confirmed it.
+    /// plus `RELAY_COMMAND_BUDGET` a command), its events published only if
+    /// someone subscribes (see `RedisClient::delete_and_ask_subscribed`);
+    /// whether Redis confirmed it.
     pub async fn invalidate_batch(&self, groups: &[KeyGroup], marks: Option<WriteMarks<'_>>, events: &[Event]) -> bool {
-        let messages = encode_events(events);
-        let commands = groups.len() + marks.map_or(0, |marks| marks.keys.len()) + messages.len();
-        let deadline = self.redis.timeout().max(RELAY_DEADLINE) + RELAY_COMMAND_BUDGET * commands as u32;
-        let done = self
+        let commands = groups.len() + marks.map_or(0, |marks| marks.keys.len()) + events.len();
+        let deadline = self.batch_deadline(commands);
+        let started = tokio::time::Instant::now();
+        let channel = self.keys.events();
+        let Some(subscribed) = self
             .background
-            .delete_and_publish(
-                groups,
-                marks,
-                self.write_marker_ttl,
-                &self.keys.events(),
-                &messages,
-                deadline,
-            )
+            .delete_and_ask_subscribed(groups, marks, self.write_marker_ttl, &channel, deadline)
             .await
-            .is_some()
-            && self.epochs_trusted();
-        if done {
+        else {
+            return false;
+        };
+        if subscribed && !events.is_empty() {
+            let left = deadline.saturating_sub(started.elapsed());
+            if self
+                .background
+                .publish(&channel, &encode_events(events), left)
+                .await
+                .is_none()
+            {
+                return false;
+            }
             count_published(events);
         }
-        done
+        self.epochs_trusted()
     }
 
     /// Publishes `events` alone, on the background connection (a retirement's).
     pub async fn publish(&self, events: &[Event]) -> bool {
-        self.invalidate_batch(&[], None, events).await
+        let deadline = self.batch_deadline(events.len());
+        let published = self
+            .background
+            .publish(&self.keys.events(), &encode_events(events), deadline)
+            .await
+            .is_some();
+        if published {
+            count_published(events);
+        }
+        published
+    }
+
+    /// `RELAY_DEADLINE` plus `RELAY_COMMAND_BUDGET` a command.
+    fn batch_deadline(&self, commands: usize) -> Duration {
+        self.redis.timeout().max(RELAY_DEADLINE) + RELAY_COMMAND_BUDGET * commands as u32
     }
 
     /// Whether background work can reach Redis: its connection is up.
@@ -207,7 +227,12 @@ fn encode_events(events: &[Event]) -> Vec<Vec<u8>> {
 }
 
 fn count_published(events: &[Event]) {
+    // One counter update per name, not per event: a relay batch publishes thousands.
+    let mut counts: HashMap<&'static str, u64> = HashMap::new();
     for event in events {
-        metrics::counter!("readthrough_events_published_total", "event" => event_label(&event.event)).increment(1);
+        *counts.entry(event_label(&event.event)).or_default() += 1;
+    }
+    for (name, count) in counts {
+        metrics::counter!("readthrough_events_published_total", "event" => name).increment(count);
     }
 }

@@ -41,6 +41,9 @@ const LOG_INTERVAL: Duration = Duration::from_secs(10);
 const SUBSCRIPTION_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// How much of the keyspace one SCAN step walks (COUNT: a hint to Redis, not a limit).
 const SCAN_COUNT: u64 = 1000;
+/// Key groups per DEL on a single node: a few hundred keys, deleted in well
+/// under a millisecond, so reads queued behind the command wait little.
+const GROUPS_PER_DELETE: usize = 64;
 
 /// What a subscription delivers.
 pub enum Delivery<'a> {
@@ -456,35 +459,83 @@ impl RedisClient {
         messages: &[Vec<u8>],
         timeout: Duration,
     ) -> Option<()> {
-        let marks = marks.into_iter().flat_map(|marks| {
-            let position = marks.position.to_marker();
-            marks.keys.iter().map(move |key| {
-                let mark = scripts::MARK_WRITE
-                    .call(1)
-                    .arg(key)
-                    .arg(&position)
-                    .arg(mark_ttl.as_millis() as u64)
-                    .clone();
-                (key.as_str(), mark)
-            })
-        });
-        let deletes = groups
-            .iter()
-            .filter_map(|group| Some((group.first()?.as_str(), redis::cmd("DEL").arg(group).clone())));
-        let publishes = messages
-            .iter()
-            .map(|message| (channel, redis::cmd("PUBLISH").arg(channel).arg(message).clone()));
+        let writes = self.marks_and_deletes(groups, marks, mark_ttl);
         if !self.cluster {
-            let all = marks.chain(deletes).chain(publishes).collect();
+            let all = writes.into_iter().chain(publishes(channel, messages)).collect();
             return self.run_each::<redis::Value>("del", all, timeout).await.map(drop);
         }
         let started = tokio::time::Instant::now();
-        self.run_each::<redis::Value>("del", marks.chain(deletes).collect(), timeout)
-            .await?;
-        let left = timeout.saturating_sub(started.elapsed());
-        self.run_each::<redis::Value>("publish", publishes.collect(), left)
+        self.run_each::<redis::Value>("del", writes, timeout).await?;
+        self.publish(channel, messages, timeout.saturating_sub(started.elapsed()))
+            .await
+    }
+
+    /// Records `marks` and deletes each group of keys, as `delete_and_publish`
+    /// does, then asks whether anyone subscribes to `channel`: whoever
+    /// subscribed before the deletes ran must hear of them, and whoever
+    /// subscribes later cannot have read what they removed. A relay batch
+    /// publishes thousands of events that, without a near cache or another
+    /// subscriber, go nowhere. On a cluster, where `PUBSUB NUMSUB` counts one
+    /// node's subscribers only, the answer is always yes.
+    pub async fn delete_and_ask_subscribed(
+        &self,
+        groups: &[Vec<String>],
+        marks: Option<WriteMarks<'_>>,
+        mark_ttl: Duration,
+        channel: &str,
+        timeout: Duration,
+    ) -> Option<bool> {
+        let mut writes = self.marks_and_deletes(groups, marks, mark_ttl);
+        if self.cluster {
+            return self
+                .run_each::<redis::Value>("del", writes, timeout)
+                .await
+                .map(|_| true);
+        }
+        let mut ask = redis::cmd("PUBSUB");
+        ask.arg("NUMSUB").arg(channel);
+        writes.push((channel, ask));
+        let replies = self.run_each::<redis::Value>("del", writes, timeout).await?;
+        // `[channel, count]`; anything else: publish anyway.
+        Some(match replies.last() {
+            Some(redis::Value::Array(reply)) => !matches!(reply.get(1), Some(redis::Value::Int(0))),
+            _ => true,
+        })
+    }
+
+    /// Publishes `messages` on `channel` within `timeout`.
+    pub async fn publish(&self, channel: &str, messages: &[Vec<u8>], timeout: Duration) -> Option<()> {
+        self.run_each::<redis::Value>("publish", publishes(channel, messages).collect(), timeout)
             .await
             .map(drop)
+    }
+
+    /// The commands that record `marks` and delete `groups`. Each group goes
+    /// in one DEL, so no fill lands between an entry and its lease. A single
+    /// node takes many groups per DEL (a relay batch deletes thousands); on
+    /// a cluster a DEL's keys must share a slot, as one group's do (one hash
+    /// tag).
+    fn marks_and_deletes<'a>(
+        &self,
+        groups: &'a [Vec<String>],
+        marks: Option<WriteMarks<'a>>,
+        mark_ttl: Duration,
+    ) -> Vec<(&'a str, redis::Cmd)> {
+        let marks = marks.into_iter().flat_map(|marks| {
+            let position = marks.position.to_marker();
+            marks.keys.iter().map(move |key| {
+                let mut mark = scripts::MARK_WRITE.call(1);
+                mark.arg(key).arg(&position).arg(mark_ttl.as_millis() as u64);
+                (key.as_str(), mark)
+            })
+        });
+        let per_delete = if self.cluster { 1 } else { GROUPS_PER_DELETE };
+        let deletes = groups.chunks(per_delete).filter_map(|chunk| {
+            let mut delete = redis::cmd("DEL");
+            delete.arg(chunk);
+            Some((chunk.first()?.first()?.as_str(), delete))
+        });
+        marks.chain(deletes).collect()
     }
 
     /// Calls `on` with each message published on `channel`, forever,
@@ -986,6 +1037,15 @@ fn client(info: &redis::ConnectionInfo) -> anyhow::Result<redis::Client> {
 fn skipped<T>(operation: &'static str) -> Option<T> {
     metrics::counter!("readthrough_cache_skipped_total", "operation" => operation).increment(1);
     None
+}
+
+/// One PUBLISH of each message on `channel`.
+fn publishes<'a>(channel: &'a str, messages: &'a [Vec<u8>]) -> impl Iterator<Item = (&'a str, redis::Cmd)> {
+    messages.iter().map(move |message| {
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(channel).arg(message);
+        (channel, publish)
+    })
 }
 
 const NOT_CONNECTED: &str = "not connected (reconnecting)";

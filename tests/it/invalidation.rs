@@ -198,6 +198,29 @@ async fn the_relay_publishes_one_event_per_entity_for_a_burst_of_changes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relay_batch_nobody_subscribes_to_deletes_its_keys_and_publishes_nothing() {
+    let mut app = spawn_app().await; // no near cache: nothing subscribes
+    let user = app.create_user("unheard@example.com").await;
+    app.outbox_drained().await;
+    app.get_user(&user.id).await; // cached
+    let key = app.keys.user(UserId::parse(&user.id).unwrap());
+    assert!(app.exists(&key).await, "the user is cached");
+    let published = r#"readthrough_events_published_total{event="user.updated"}"#;
+
+    // By hand: the relay carries it out.
+    sqlx::query("UPDATE users SET email = 'changed-unheard@example.com' WHERE id = $1::uuid")
+        .bind(&user.id)
+        .execute(&app.db)
+        .await
+        .unwrap();
+    app.outbox_drained().await;
+
+    assert!(!app.exists(&key).await, "the relay deleted the entry");
+    assert_eq!(app.metric(published).await, 0.0, "and published no event");
+    assert_eq!(app.get_user(&user.id).await.email, "changed-unheard@example.com");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_an_instance_with_a_near_cache_subscribes_to_events() {
     let mut app = spawn_app().await; // no near cache
     let with_near_cache = app
