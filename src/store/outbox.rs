@@ -11,7 +11,7 @@
 
 use std::time::Duration;
 
-use sqlx::{PgPool, Postgres, Transaction};
+use sqlx::{PgPool, Postgres, Transaction, postgres::types::PgInterval};
 use uuid::Uuid;
 
 use super::{StoreError, timed};
@@ -98,16 +98,18 @@ pub async fn take(
     struct TakenRow {
         #[sqlx(flatten)]
         row: OutboxRow,
-        age_ms: f64,
+        age: PgInterval,
     }
     let _timed = timed("outbox.take");
     let mut taken = sqlx::query_as::<_, TakenRow>(
+        // `now()`, the transaction's start, which the take begins: read
+        // once, where `clock_timestamp()` was read (and an age converted
+        // through `numeric`) for every row.
         "DELETE FROM cache_outbox WHERE ctid = ANY(ARRAY( \
              SELECT ctid FROM cache_outbox \
-             WHERE id > $3 AND created_at < clock_timestamp() - $2 * interval '1 millisecond' \
+             WHERE id > $3 AND created_at < now() - $2 * interval '1 millisecond' \
              ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-         RETURNING id, entity, entity_id, categories, event, \
-             extract(epoch FROM clock_timestamp() - created_at)::float8 * 1000 AS age_ms",
+         RETURNING id, entity, entity_id, categories, event, now() - created_at AS age",
     )
     .persistent(false)
     .bind(limit)
@@ -119,10 +121,13 @@ pub async fn take(
     // the whole table. RETURNING keeps no order; events go out in the order
     // of the writes.
     taken.sort_unstable_by_key(|taken| taken.row.id);
-    let oldest_age = taken.first().map_or(0.0, |taken| taken.age_ms.max(0.0));
+    // Days and microseconds only: `now() - created_at` has no months.
+    let oldest_age = taken.first().map_or(0, |taken| {
+        i64::from(taken.age.days) * 86_400_000_000 + taken.age.microseconds
+    });
     Ok(Taken {
         rows: taken.into_iter().map(|taken| taken.row).collect(),
-        oldest_age: Duration::from_secs_f64(oldest_age / 1000.0),
+        oldest_age: Duration::from_micros(oldest_age.max(0) as u64),
     })
 }
 
