@@ -13,7 +13,9 @@
 //! group deleted once, one event per entity). A batch that misses its
 //! deadline is not retried whole: the next claim takes half as many rows, so
 //! the backlog always shrinks while Redis answers at all; success doubles
-//! the claim again, up to `BATCH`.
+//! the claim again, up to `BATCH`. A relay whose batch failed hands it over
+//! to the other relays at once (they may reach Redis; a writer may be
+//! waiting for it) and waits a poll interval before it tries again.
 //!
 //! A backlog too large to carry out key by key in time (a bulk change in
 //! SQL; what piled up while Redis was unreachable) is retired instead: when
@@ -68,8 +70,22 @@ pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>, retire_after: Durat
     let mut listener: Option<PgListener> = None;
     let mut grace = WRITER_GRACE;
     loop {
-        if let Err(error) = relay.drain(grace).await {
-            tracing::warn!(%error, "outbox relay could not read the outbox");
+        match relay.drain(grace).await {
+            Ok(Drained::Empty) => {}
+            Ok(Drained::RedisFailed) => {
+                // Whatever this relay took is back in the outbox: another
+                // relay, which may reach Redis, takes it now (a writer may
+                // be waiting), while this one keeps its hands off for a
+                // poll interval and the notifications meanwhile.
+                if let Err(error) = outbox::hand_over(relay.replicas.primary()).await {
+                    tracing::debug!(%error, "could not hand a failed batch over");
+                }
+                tokio::time::sleep(POLL_INTERVAL).await;
+                if let Some(notifications) = listener.as_mut() {
+                    while notifications.next_buffered().is_some() {}
+                }
+            }
+            Err(error) => tracing::warn!(%error, "outbox relay could not read the outbox"),
         }
         grace = WRITER_GRACE;
         if listener.is_none() {
@@ -104,6 +120,14 @@ async fn listen(pool: &sqlx::PgPool) -> Option<PgListener> {
     Some(listener)
 }
 
+/// How a drain ended.
+enum Drained {
+    /// No row is left that it may take.
+    Empty,
+    /// Redis did not confirm a batch (or a retirement's bump).
+    RedisFailed,
+}
+
 struct Relay {
     cache: Arc<Cache>,
     replicas: Arc<Replicas>,
@@ -114,7 +138,7 @@ struct Relay {
 
 impl Relay {
     /// Processes rows at least `grace` old until none are left or Redis fails.
-    async fn drain(&mut self, grace: Duration) -> Result<(), StoreError> {
+    async fn drain(&mut self, grace: Duration) -> Result<Drained, StoreError> {
         let pool = self.replicas.primary();
         // Where the next take starts (see `outbox::take`): past the rows
         // this pass has taken. Rows left behind (held by another relay, or
@@ -130,7 +154,7 @@ impl Relay {
                 let overdue = outbox::overdue(pool, self.retire_after, RETIRE_ROWS).await?;
                 if !overdue.is_empty() {
                     if !self.retire(&overdue, &[]).await? {
-                        return Ok(());
+                        return Ok(Drained::RedisFailed);
                     }
                     after = 0;
                     continue;
@@ -147,7 +171,7 @@ impl Relay {
             backlog = full && oldest_age >= self.retire_after;
             let Some(last) = rows.last() else {
                 if after == 0 {
-                    return Ok(());
+                    return Ok(Drained::Empty);
                 }
                 // The end of a pass: start the next from the beginning.
                 after = 0;
@@ -172,7 +196,7 @@ impl Relay {
                 let entities: Vec<String> = truncated.iter().map(|e| e.to_string()).collect();
                 drop(tx);
                 if !self.retire(&entities, &events).await? {
-                    return Ok(());
+                    return Ok(Drained::RedisFailed);
                 }
                 after = 0;
                 continue;
@@ -195,12 +219,8 @@ impl Relay {
             }
             // The rows stay (the transaction rolls back), and the next claim takes fewer.
             drop(tx);
-            let tried = self.batch;
-            self.batch = (tried / 2).max(1);
-            if tried == 1 || !self.cache.background_connected() {
-                // Redis unreachable (or reconnecting): try again next round.
-                return Ok(());
-            }
+            self.batch = (self.batch / 2).max(1);
+            return Ok(Drained::RedisFailed);
         }
     }
 
