@@ -180,11 +180,6 @@ impl Cache {
         self.redis.timeout().max(RELAY_DEADLINE) + RELAY_COMMAND_BUDGET * commands as u32
     }
 
-    /// Whether background work can reach Redis: its connection is up.
-    pub fn background_connected(&self) -> bool {
-        self.background.connected() > 0
-    }
-
     /// Operator invalidation of known keys: the ones of `keys` that exist,
     /// deleted unless `dry_run`. `None` when Redis did not answer. Works with
     /// the cache disabled too: entries left in Redis are still worth deleting.

@@ -294,17 +294,24 @@ async fn outbox_only(connections: u32) -> (Sandbox, PgPool) {
     (sandbox, pool)
 }
 
+/// `count` outbox rows of users, recorded `seconds` ago; their ids.
+async fn waiting_user_rows(pool: &PgPool, count: i64, seconds: i64) -> Vec<i64> {
+    sqlx::query_scalar(
+        "INSERT INTO cache_outbox (entity, entity_id, event, created_at) \
+         SELECT 'user', gen_random_uuid(), 'user.updated', clock_timestamp() - $2 * interval '1 second' \
+         FROM generate_series(1, $1) RETURNING id",
+    )
+    .bind(count)
+    .bind(seconds as f64)
+    .fetch_all(pool)
+    .await
+    .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_take_starts_past_the_given_id_oldest_first_and_says_how_long_its_first_row_waited() {
     let (_sandbox, pool) = outbox_only(2).await;
-    let ids: Vec<i64> = sqlx::query_scalar(
-        "INSERT INTO cache_outbox (entity, entity_id, event, created_at) \
-         SELECT 'user', gen_random_uuid(), 'user.updated', clock_timestamp() - interval '2 seconds' \
-         FROM generate_series(1, 10) RETURNING id",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let ids = waiting_user_rows(&pool, 10, 2).await;
 
     let mut tx = pool.begin().await.unwrap();
     let taken = outbox::take(&mut tx, 3, Duration::ZERO, ids[4]).await.unwrap();
@@ -342,14 +349,7 @@ async fn a_row_held_elsewhere_while_a_backlog_drains_past_it_is_carried_out_by_a
         .await
         .unwrap();
     // Behind it, a backlog of several batches (too few rows to be retired).
-    sqlx::query(
-        "INSERT INTO cache_outbox (entity, entity_id, event, created_at) \
-         SELECT 'user', gen_random_uuid(), 'user.updated', clock_timestamp() - interval '1 second' \
-         FROM generate_series(1, 5000)",
-    )
-    .execute(&app.db)
-    .await
-    .unwrap();
+    waiting_user_rows(&app.db, 5000, 1).await;
 
     let passed = eventually(Duration::from_secs(10), || async { outbox_rows(&app).await == 1 }).await;
     assert!(passed, "the relay carried out the backlog past the held row");
@@ -374,14 +374,7 @@ async fn the_relay_looks_for_backlogs_to_retire_only_after_a_full_take_of_old_ro
 
     // A backlog large and old enough to retire: the relay looks, and retires it.
     let epoch = app.keys.epochs_known().of(Kind::User);
-    sqlx::query(
-        "INSERT INTO cache_outbox (entity, entity_id, event, created_at) \
-         SELECT 'user', gen_random_uuid(), 'user.updated', clock_timestamp() - interval '2 seconds' \
-         FROM generate_series(1, 15000)",
-    )
-    .execute(&app.db)
-    .await
-    .unwrap();
+    waiting_user_rows(&app.db, 15_000, 2).await;
     app.outbox_drained().await;
     assert!(
         app.metric(looked).await >= 1.0,
