@@ -67,17 +67,18 @@ pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>, retire_after: Durat
         retire_after,
         batch: BATCH,
     };
+    let me = relay.replicas.instance();
     let mut listener: Option<PgListener> = None;
     let mut grace = WRITER_GRACE;
     loop {
         match relay.drain(grace).await {
             Ok(Drained::Empty) => {}
             Ok(Drained::RedisFailed) => {
-                // Whatever this relay took is back in the outbox: another
-                // relay, which may reach Redis, takes it now (a writer may
+                // Whatever this relay took is back in the outbox: the other
+                // relays, which may reach Redis, take it now (a writer may
                 // be waiting), while this one keeps its hands off for a
                 // poll interval and the notifications meanwhile.
-                if let Err(error) = outbox::hand_over(relay.replicas.primary()).await {
+                if let Err(error) = outbox::hand_over(relay.replicas.primary(), me).await {
                     tracing::debug!(%error, "could not hand a failed batch over");
                 }
                 tokio::time::sleep(POLL_INTERVAL).await;
@@ -87,29 +88,43 @@ pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>, retire_after: Durat
             }
             Err(error) => tracing::warn!(%error, "outbox relay could not read the outbox"),
         }
-        grace = WRITER_GRACE;
         if listener.is_none() {
             listener = listen(relay.replicas.primary()).await;
         }
-        match listener.as_mut() {
-            Some(notifications) => match tokio::time::timeout(POLL_INTERVAL, notifications.recv()).await {
-                Ok(Ok(first)) => {
-                    let mut handed_over = first.payload() == outbox::HANDOVER;
-                    // One drain serves every notification so far.
-                    while let Some(next) = notifications.next_buffered() {
-                        handed_over |= next.payload() == outbox::HANDOVER;
-                    }
-                    if handed_over {
-                        // A writer is waiting: take its rows now.
-                        grace = Duration::ZERO;
-                    } else {
-                        tokio::time::sleep(WRITER_GRACE).await;
-                    }
+        grace = match listener.as_mut() {
+            Some(notifications) => match next_wake(notifications, me).await {
+                Ok(grace) => grace,
+                Err(_) => {
+                    listener = None;
+                    WRITER_GRACE
                 }
-                Ok(Err(_)) => listener = None,
-                Err(_) => {}
             },
-            None => tokio::time::sleep(POLL_INTERVAL).await,
+            None => {
+                tokio::time::sleep(POLL_INTERVAL).await;
+                WRITER_GRACE
+            }
+        };
+    }
+}
+
+/// Waits for rows to take, and returns the grace to take them with: at once
+/// (no grace) when another instance hands rows over, since a writer waits
+/// for them; `WRITER_GRACE` after a write's notification, the writer's own
+/// turn to carry out its rows; or `POLL_INTERVAL` without any notification.
+async fn next_wake(notifications: &mut PgListener, me: Uuid) -> Result<Duration, sqlx::Error> {
+    let mut until = tokio::time::Instant::now() + POLL_INTERVAL;
+    let mut notified = false;
+    loop {
+        let Ok(notification) = tokio::time::timeout_at(until, notifications.recv()).await else {
+            return Ok(WRITER_GRACE);
+        };
+        if outbox::handed_over_by_another(notification?.payload(), me) {
+            return Ok(Duration::ZERO);
+        }
+        if !notified {
+            // One drain serves every notification until the grace is over.
+            notified = true;
+            until = tokio::time::Instant::now() + WRITER_GRACE;
         }
     }
 }

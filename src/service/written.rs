@@ -7,6 +7,7 @@
 use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use super::{Database, ServiceError, relay};
 use crate::{
@@ -61,22 +62,22 @@ pub(super) async fn invalidate_written<T>(
     let mut entities: Vec<&str> = written.outbox.iter().map(|row| row.entity.as_str()).collect();
     entities.sort_unstable();
     entities.dedup();
-    hand_over(pool, &ids, &entities)
+    hand_over(pool, database.instance(), &ids, &entities)
         .await
         .map_err(ServiceError::Unavailable)?;
     Ok(written.value)
 }
 
-/// Hands rows `ids` (of `entities`) over to the relays, waiting until one
+/// Hands rows `ids` (of `entities`) over to the other instances' relays, waiting until one
 /// carried them out, or else fences them and waits until every instance
 /// knows (`FENCE_TRUST` and a poll). Joins a fence that stands already
 /// without waiting: every instance distrusts those kinds by now.
-async fn hand_over(pool: &PgPool, ids: &[i64], entities: &[&str]) -> Result<(), StoreError> {
+async fn hand_over(pool: &PgPool, from: Uuid, ids: &[i64], entities: &[&str]) -> Result<(), StoreError> {
     if outbox::join_fence(pool, ids, entities, FENCE_TRUST + FENCE_POLL).await? {
         metrics::counter!("readthrough_writes_fenced_total").increment(1);
         return Ok(());
     }
-    outbox::hand_over(pool).await?;
+    outbox::hand_over(pool, from).await?;
     if done_within(pool, ids, HANDOVER_WAIT).await? {
         metrics::counter!("readthrough_writes_handed_over_total").increment(1);
         return Ok(());

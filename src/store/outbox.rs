@@ -19,9 +19,11 @@ use super::{StoreError, timed};
 /// The channel the triggers notify after each change.
 pub const CHANNEL: &str = "cache_outbox";
 
-/// The payload a writer notifies on `CHANNEL` when it could not carry out its
-/// invalidation: relays then take rows at once, without the writer's grace.
-pub const HANDOVER: &str = "handover";
+/// How a payload on `CHANNEL` starts when an instance could not carry out
+/// rows itself: `handover <instance>`. The other instances' relays then take
+/// rows at once, without the writer's grace. Its own relay does not: it
+/// would most likely fail the same way, holding the rows meanwhile.
+const HANDOVER: &str = "handover ";
 
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct OutboxRow {
@@ -131,15 +133,23 @@ pub async fn take(
     })
 }
 
-/// Asks every relay to take rows at once (see `HANDOVER`).
-pub async fn hand_over(pool: &PgPool) -> Result<(), StoreError> {
+/// Asks the relays of every instance but `from` to take rows at once (see `HANDOVER`).
+pub async fn hand_over(pool: &PgPool, from: Uuid) -> Result<(), StoreError> {
     let _timed = timed("outbox.hand_over");
     sqlx::query("SELECT pg_notify($1, $2)")
         .bind(CHANNEL)
-        .bind(HANDOVER)
+        .bind(format!("{HANDOVER}{from}"))
         .execute(pool)
         .await?;
     Ok(())
+}
+
+/// Whether `payload` (on `CHANNEL`) hands rows over from an instance other than `me`.
+pub fn handed_over_by_another(payload: &str, me: Uuid) -> bool {
+    payload
+        .strip_prefix(HANDOVER)
+        .and_then(|from| from.parse::<Uuid>().ok())
+        .is_some_and(|from| from != me)
 }
 
 /// How many of the rows `ids` are still waiting.
@@ -251,4 +261,20 @@ pub async fn remove_covered(pool: &PgPool, entities: &[&str], finished: &str) ->
         .execute(pool)
         .await?;
     Ok(removed.rows_affected())
+}
+
+#[cfg(test)]
+mod tests {
+    use uuid::Uuid;
+
+    use super::{HANDOVER, handed_over_by_another};
+
+    #[test]
+    fn a_relay_answers_hand_overs_from_other_instances_only() {
+        let (me, other) = (Uuid::new_v4(), Uuid::new_v4());
+        assert!(handed_over_by_another(&format!("{HANDOVER}{other}"), me));
+        assert!(!handed_over_by_another(&format!("{HANDOVER}{me}"), me));
+        assert!(!handed_over_by_another("user", me), "a write's own notification");
+        assert!(!handed_over_by_another(HANDOVER, me));
+    }
 }

@@ -28,6 +28,7 @@ use std::{
 };
 
 use sqlx::PgPool;
+use uuid::Uuid;
 
 use super::{StoreError, connect_to};
 use crate::config::{DatabaseConfig, ReplicaConfig, SecretUrl};
@@ -69,6 +70,8 @@ pub struct Replicas {
     primary_positions: Mutex<VecDeque<(Instant, Lsn)>>,
     /// Where the next replica read starts looking (round robin).
     next: AtomicUsize,
+    /// This instance's name in the outbox's hand-overs (see `outbox::hand_over`).
+    instance: Uuid,
 }
 
 pub struct Replica {
@@ -105,7 +108,13 @@ impl Replicas {
             max_lag: Duration::from_millis(config.replica_max_lag_ms),
             primary_positions: Mutex::default(),
             next: AtomicUsize::new(0),
+            instance: Uuid::new_v4(),
         })
+    }
+
+    /// This instance's name in the outbox's hand-overs (see `outbox::hand_over`).
+    pub fn instance(&self) -> Uuid {
+        self.instance
     }
 
     /// The primary: for writes, and for reads no replica may serve.
