@@ -155,7 +155,8 @@ pub struct ReplicaConfig {
 #[command(next_help_heading = "Cache")]
 pub struct CacheConfig {
     /// Reads that may go to PostgreSQL at once because Redis did not answer;
-    /// more are answered UNAVAILABLE at once, so an outage cannot exhaust the pool.
+    /// more wait up to `REDIS_TIMEOUT_MS` for one of them, then are answered
+    /// UNAVAILABLE, so an outage cannot exhaust the pool.
     #[arg(long = "database-fallback-limit", env = "DATABASE_FALLBACK_LIMIT", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub fallback_limit: u32,
 
@@ -199,7 +200,7 @@ pub struct CacheConfig {
     pub redis_timeout_ms: u64,
 
     /// Redis failures in a row (errors that mean it is unavailable, or
-    /// deadlines) that open the circuit breaker: then every request skips
+    /// deadlines over at least one deadline) that open the circuit breaker: then every request skips
     /// Redis at once, without waiting for a deadline, until a probe answers.
     #[arg(long, env = "REDIS_BREAKER_FAILURES", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub redis_breaker_failures: u32,

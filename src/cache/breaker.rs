@@ -10,7 +10,11 @@
 //! ```
 //!
 //! Closed, commands run and a run of failures (errors that mean Redis is
-//! unavailable, or deadlines) opens it. Open, every command is skipped at once
+//! unavailable, or deadlines) opens it. A run of deadlines only once it has
+//! lasted a deadline: commands in flight together all miss it when this
+//! process or Redis stalls for a moment (a busy core, a large pipeline),
+//! which is one event, not an outage; an outage keeps failing commands sent
+//! after the first misses. Open, every command is skipped at once
 //! and the caller fails open (PostgreSQL answers). The first command after the
 //! cool-down half-opens it and hands out the single probe; the others keep
 //! skipping until the probe's answer closes it or opens it again.
@@ -62,12 +66,25 @@ pub enum Admission {
     Probe(Probe),
 }
 
+/// How a command that ran found Redis unavailable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unavailable {
+    /// An error that says so (refused, reset, loading…).
+    Error,
+    /// No answer within its deadline.
+    Deadline,
+}
+
 pub struct Breaker {
     state: AtomicU8,
     /// Failures in a row while closed.
     failures: AtomicU32,
     threshold: u32,
     cooldown: Duration,
+    /// How long a run of deadlines must last before it opens the breaker.
+    deadline: Duration,
+    /// When the first failure of the current run was seen.
+    run_since_ms: AtomicU64,
     /// The clock's zero: instants below are milliseconds since it.
     epoch: Instant,
     /// When it opened, coming from closed (for the log when it closes).
@@ -88,8 +105,9 @@ struct BreakerMetrics {
 }
 
 impl Breaker {
-    /// Opens after `threshold` failures in a row; probes `cooldown` after opening.
-    pub fn new(threshold: u32, cooldown: Duration) -> Self {
+    /// Opens after `threshold` failures in a row (lasting `deadline` when the
+    /// last was a deadline); probes `cooldown` after opening.
+    pub fn new(threshold: u32, cooldown: Duration, deadline: Duration) -> Self {
         let transitions =
             |to: &'static str| metrics::counter!("readthrough_cache_breaker_transitions_total", "to" => to);
         let metrics = BreakerMetrics {
@@ -104,6 +122,8 @@ impl Breaker {
             failures: AtomicU32::new(0),
             threshold: threshold.max(1),
             cooldown,
+            deadline,
+            run_since_ms: AtomicU64::new(0),
             epoch: Instant::now(),
             opened_at_ms: AtomicU64::new(0),
             open_since_ms: AtomicU64::new(0),
@@ -154,15 +174,23 @@ impl Breaker {
         }
     }
 
-    /// A command that ran found Redis unavailable (an error that says so, or its deadline).
-    pub fn failed(&self) {
+    /// A command that ran found Redis unavailable.
+    pub fn failed(&self, how: Unavailable) {
         if self.state() != State::Closed {
             return; // a command that started before the breaker opened
         }
-        if self.failures.fetch_add(1, Ordering::AcqRel) + 1 < self.threshold {
+        let now = self.now_ms();
+        let failures = self.failures.fetch_add(1, Ordering::AcqRel) + 1;
+        if failures == 1 {
+            self.run_since_ms.store(now, Ordering::Release);
+        }
+        if failures < self.threshold {
             return;
         }
-        let now = self.now_ms();
+        let lasted = now.saturating_sub(self.run_since_ms.load(Ordering::Acquire));
+        if how == Unavailable::Deadline && lasted < self.deadline.as_millis() as u64 {
+            return; // one stall so far (see the module comment)
+        }
         self.probe_at_ms.store(now + self.cooldown_ms(), Ordering::Release);
         self.opened_at_ms.store(now, Ordering::Release);
         self.open_since_ms.store(now, Ordering::Release);
@@ -254,9 +282,10 @@ mod tests {
     use super::*;
 
     const COOLDOWN: Duration = Duration::from_millis(30);
+    const DEADLINE: Duration = Duration::from_millis(20);
 
     fn breaker(threshold: u32) -> Arc<Breaker> {
-        Arc::new(Breaker::new(threshold, COOLDOWN))
+        Arc::new(Breaker::new(threshold, COOLDOWN, DEADLINE))
     }
 
     fn runs(breaker: &Arc<Breaker>) -> bool {
@@ -278,7 +307,7 @@ mod tests {
 
     fn open(breaker: &Arc<Breaker>) {
         for _ in 0..breaker.threshold {
-            breaker.failed();
+            breaker.failed(Unavailable::Error);
         }
         assert_eq!(breaker.state(), State::Open);
     }
@@ -287,20 +316,49 @@ mod tests {
     fn opens_after_the_set_number_of_failures_in_a_row() {
         let breaker = breaker(5);
         for _ in 0..4 {
-            breaker.failed();
+            breaker.failed(Unavailable::Error);
             assert!(runs(&breaker), "still closed below the threshold");
         }
-        breaker.failed();
+        breaker.failed(Unavailable::Error);
         assert_eq!(breaker.state(), State::Open);
         assert!(matches!(breaker.admit(), Admission::Skip));
+    }
+
+    #[test]
+    fn deadlines_missed_together_are_one_stall_and_a_run_of_them_lasting_a_deadline_opens_it() {
+        let breaker = breaker(3);
+        for _ in 0..10 {
+            breaker.failed(Unavailable::Deadline);
+        }
+        assert!(
+            runs(&breaker),
+            "commands in flight together missed their deadline at once"
+        );
+        std::thread::sleep(DEADLINE);
+        breaker.failed(Unavailable::Deadline);
+        assert_eq!(breaker.state(), State::Open, "deadlines still missed a deadline later");
+
+        let breaker = self::breaker(3);
+        for _ in 0..10 {
+            breaker.failed(Unavailable::Deadline);
+        }
+        breaker.succeeded();
+        std::thread::sleep(DEADLINE);
+        breaker.failed(Unavailable::Deadline);
+        breaker.failed(Unavailable::Deadline);
+        breaker.failed(Unavailable::Deadline);
+        assert!(
+            runs(&breaker),
+            "an answer ended the first run; the second has just begun"
+        );
     }
 
     #[test]
     fn a_success_starts_the_count_again() {
         let breaker = breaker(3);
         for _ in 0..10 {
-            breaker.failed();
-            breaker.failed();
+            breaker.failed(Unavailable::Error);
+            breaker.failed(Unavailable::Error);
             breaker.succeeded();
         }
         assert_eq!(breaker.state(), State::Closed);
@@ -343,7 +401,7 @@ mod tests {
         reconnect(&breaker);
         probe(&breaker).answered(true);
         assert_eq!(breaker.state(), State::Closed);
-        breaker.failed();
+        breaker.failed(Unavailable::Error);
         assert!(runs(&breaker), "the count started again from zero");
     }
 
@@ -371,8 +429,8 @@ mod tests {
 
     #[test]
     fn a_reconnect_ends_the_cool_down_early() {
-        let breaker = Arc::new(Breaker::new(1, Duration::from_secs(3600)));
-        breaker.failed();
+        let breaker = Arc::new(Breaker::new(1, Duration::from_secs(3600), DEADLINE));
+        breaker.failed(Unavailable::Error);
         breaker.reconnected();
         assert!(
             matches!(breaker.admit(), Admission::Skip),
@@ -392,7 +450,7 @@ mod tests {
         let breaker = breaker(1);
         open(&breaker);
         breaker.succeeded();
-        breaker.failed();
+        breaker.failed(Unavailable::Error);
         assert_eq!(breaker.state(), State::Open);
         assert!(
             matches!(breaker.admit(), Admission::Skip),

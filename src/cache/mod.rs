@@ -231,18 +231,23 @@ impl Cache {
         &self.outcomes[kind as usize]
     }
 
-    /// Leave for a read that found Redis unavailable to go to PostgreSQL, or
-    /// `None` when `DATABASE_FALLBACK_LIMIT` such reads are running already:
-    /// then the caller is turned away (UNAVAILABLE), so that a Redis outage
-    /// cannot send the whole read load to PostgreSQL. With the cache switched
-    /// off, PostgreSQL is the read path itself and is not limited here.
-    pub fn fallback(&self) -> Option<Fallback> {
+    /// Leave for a read that found Redis unavailable to go to PostgreSQL:
+    /// one of `DATABASE_FALLBACK_LIMIT`, waited for at most a Redis deadline
+    /// (no longer than the read would have waited for Redis), or `None`, and
+    /// the caller is turned away (UNAVAILABLE), so that a Redis outage cannot
+    /// send the whole read load to PostgreSQL. The wait lets a short burst
+    /// (a breaker opening for a moment) through at PostgreSQL's pace. With
+    /// the cache switched off, PostgreSQL is the read path itself and is not
+    /// limited here.
+    pub async fn fallback(&self) -> Option<Fallback> {
         if !self.enabled {
             return Some(Fallback(None));
         }
-        match self.fallbacks.clone().try_acquire_owned() {
-            Ok(permit) => Some(Fallback(Some(permit))),
-            Err(_) => {
+        let waited = tokio::time::timeout(self.redis.timeout(), self.fallbacks.clone().acquire_owned()).await;
+        match waited {
+            Ok(Ok(permit)) => Some(Fallback(Some(permit))),
+            // Timed out (or closed, which it never is).
+            _ => {
                 metrics::counter!("readthrough_db_fallbacks_shed_total").increment(1);
                 None
             }

@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use super::{
     Bump, Kind, WriteMarks,
-    breaker::{Admission, Breaker, Probe},
+    breaker::{Admission, Breaker, Probe, Unavailable},
     connections::{self, Connected, Connections, Handle, Target},
     scripts,
 };
@@ -134,6 +134,7 @@ impl RedisClient {
                 Some(Arc::new(Breaker::new(
                     config.redis_breaker_failures,
                     Duration::from_millis(config.redis_breaker_cooldown_ms),
+                    config.redis_timeout(),
                 ))),
             ),
             Purpose::Background => (1, None),
@@ -762,27 +763,28 @@ impl RedisClient {
         let outcome = tokio::time::timeout(timeout, call).instrument(span).await;
         crate::telemetry::histogram("readthrough_redis_duration_seconds", "operation", operation)
             .record(started.elapsed().as_secs_f64());
-        let failure = match outcome {
+        let (failure, how) = match outcome {
             Ok(Ok(value)) => {
                 if let Some(breaker) = &self.breaker {
                     breaker.succeeded();
                 }
                 return Some(value);
             }
-            Ok(Err(failure)) => failure,
+            Ok(Err(failure)) => (failure, Unavailable::Error),
             Err(_) => {
                 if self.breaker.is_none() {
                     self.connections.replace_all();
                 }
-                Failure {
+                let failure = Failure {
                     unavailable: true,
                     message: format!("timed out after {timeout:?}"),
-                }
+                };
+                (failure, Unavailable::Deadline)
             }
         };
         if let Some(breaker) = &self.breaker {
             if failure.unavailable {
-                breaker.failed();
+                breaker.failed(how);
             } else {
                 // Redis answered, with an error about this command alone.
                 breaker.succeeded();

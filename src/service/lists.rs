@@ -239,7 +239,7 @@ impl Lists {
 
     /// A page by number with the cache unavailable: PostgreSQL alone.
     async fn uncached(&self, category: &CategoryId, position: u64, size: u64) -> Result<IdPage, ServiceError> {
-        let _fallback = self.cache.fallback().ok_or(StoreError::FallbackLimit)?;
+        let _fallback = self.cache.fallback().await.ok_or(StoreError::FallbackLimit)?;
         let ids = products::list_at_offset(&self.pool, category, position, size).await?;
         let total = products::count_in_category(&self.pool, category).await?;
         Ok(IdPage {

@@ -142,7 +142,7 @@ impl<E: Loadable> ReadThrough<E> {
             // Cache off or Redis unavailable: PostgreSQL answers (within the
             // fallback limit), nothing is filled.
             note("cache.outcome", "unavailable");
-            let _fallback = self.cache.fallback().ok_or(StoreError::FallbackLimit)?;
+            let _fallback = self.cache.fallback().await.ok_or(StoreError::FallbackLimit)?;
             return Box::pin(self.read_uncached(ids)).await;
         };
         let mut found = Vec::with_capacity(ids.len());

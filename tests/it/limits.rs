@@ -153,11 +153,38 @@ async fn database_errors_say_whether_to_fix_the_input_retry_or_wait() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_unavailable_at_once() {
+async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_unavailable_after_a_deadline() {
+    // PostgreSQL holds the first two fallbacks for longer than the others may wait.
+    let (served, shed, metric) = fallbacks_while_users_are_locked(50, Duration::from_millis(500)).await;
+    assert_eq!(
+        (served, shed),
+        (2, 3),
+        "two fallbacks at a time; the others turned away"
+    );
+    assert_eq!(metric, 3.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_waiting_for_a_fallback_less_than_a_redis_deadline_are_served() {
+    let (served, shed, metric) = fallbacks_while_users_are_locked(5_000, Duration::from_millis(300)).await;
+    assert_eq!(
+        (served, shed),
+        (5, 0),
+        "the three waiting were served once the first two were"
+    );
+    assert_eq!(metric, 0.0);
+}
+
+/// Five concurrent reads while Redis is down (connections refused) and
+/// users are locked in PostgreSQL for `locked`, with room for two fallbacks
+/// and a Redis deadline of `redis_timeout_ms`: how many were served, how
+/// many turned away, and the shed metric.
+async fn fallbacks_while_users_are_locked(redis_timeout_ms: u64, locked: Duration) -> (usize, usize, f64) {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let app = spawn_app_with(|config| {
         config.config.cache.redis_url = url.parse().unwrap();
+        config.config.cache.redis_timeout_ms = redis_timeout_ms;
         config.config.cache.fallback_limit = 2;
     })
     .await;
@@ -190,7 +217,7 @@ async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(locked).await;
     lock.rollback().await.unwrap();
     let mut served = 0;
     let mut shed = 0;
@@ -206,12 +233,7 @@ async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_
             }
         }
     }
-    assert_eq!(
-        (served, shed),
-        (2, 3),
-        "two fallbacks at a time; the others turned away"
-    );
-    assert_eq!(app.metric("readthrough_db_fallbacks_shed_total").await, 3.0);
+    (served, shed, app.metric("readthrough_db_fallbacks_shed_total").await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
