@@ -20,7 +20,7 @@ use tower::layer::util::{Identity, Stack};
 use crate::{
     api::{AdmissionLayer, AuthLayer, Authenticator, CacheAdminApi, PageTokens, ProductApi, RpcMetricsLayer, UserApi},
     cache::{Cache, Keys},
-    config::ServeConfig,
+    config::{Secret, ServeConfig},
     proto::{
         cache_admin_service_server::CacheAdminServiceServer, product_service_server::ProductServiceServer,
         user_service_server::UserServiceServer,
@@ -54,6 +54,7 @@ pub struct Application {
     metrics_listener: TcpListener,
     auth: AuthLayer,
     services: Services,
+    page_tokens: PageTokens,
     /// `None`: the gRPC listener speaks plaintext.
     tls: Option<ServerTlsConfig>,
 }
@@ -87,6 +88,7 @@ impl Application {
         let services = Services::connect_with(&config.config, cache)
             .await
             .context("connecting to PostgreSQL")?;
+        let page_tokens = page_tokens(&config, services.replicas.primary()).await?;
         let grpc_listener = TcpListener::bind(config.server.grpc_addr)
             .await
             .with_context(|| format!("binding GRPC_ADDR {}", config.server.grpc_addr))?;
@@ -103,6 +105,7 @@ impl Application {
             metrics_listener,
             auth,
             services,
+            page_tokens,
             tls,
         })
     }
@@ -183,11 +186,8 @@ impl Application {
             .add_optional_service(edge.reflection_v1alpha())
             .add_service(UserServiceServer::new(UserApi::new(users)).max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(
-                ProductServiceServer::new(ProductApi::new(
-                    products,
-                    PageTokens::new(self.config.server.page_token_secret.expose().as_bytes()),
-                ))
-                .max_decoding_message_size(MAX_REQUEST_BYTES),
+                ProductServiceServer::new(ProductApi::new(products, self.page_tokens))
+                    .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
             .serve_with_incoming_shutdown(incoming(self.grpc_listener), until_stopped());
         let admin = edge
@@ -295,6 +295,25 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
 /// the client's delayed ACK (Nagle), about 40 ms per call.
 fn incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
+/// Page tokens signed with `PAGE_TOKEN_SECRET` if set, else with the newest
+/// key the migrations keep in the database; accepted when signed with any of
+/// those or `PAGE_TOKEN_PREVIOUS_SECRETS`.
+async fn page_tokens(config: &ServeConfig, pool: &sqlx::PgPool) -> anyhow::Result<PageTokens> {
+    let server = &config.server;
+    let secret = |secret: &Secret| secret.expose().as_bytes().to_vec();
+    let mut keys: Vec<Vec<u8>> = server.page_token_secret.iter().map(secret).collect();
+    keys.extend(
+        store::page_token_keys(pool)
+            .await
+            .context("reading the page token keys (run `readthrough migrate`)")?,
+    );
+    keys.extend(server.page_token_previous_secrets.iter().map(secret));
+    if keys.is_empty() {
+        anyhow::bail!("no page token key: the table page_token_keys is empty (run `readthrough migrate`)");
+    }
+    Ok(PageTokens::new(keys))
 }
 
 /// Without authentication anyone who reaches a port can read, write and flush

@@ -360,15 +360,21 @@ pub struct ServerConfig {
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
 
-    /// Key of the MAC that makes page tokens tamper-evident. Every instance
-    /// must have the same; set your own to make tokens unforgeable.
+    /// Key of the MAC that makes page tokens tamper-evident, instead of the
+    /// random one the migrations keep in the database (which every instance
+    /// shares without this). Every instance must have the same.
+    #[arg(long, env = "PAGE_TOKEN_SECRET", hide_env_values = true)]
+    pub page_token_secret: Option<Secret>,
+
+    /// Earlier `PAGE_TOKEN_SECRET`s whose tokens are still accepted while a
+    /// new one is rolled out, comma-separated.
     #[arg(
         long,
-        env = "PAGE_TOKEN_SECRET",
-        default_value = "readthrough page tokens",
-        hide_default_value = true
+        env = "PAGE_TOKEN_PREVIOUS_SECRETS",
+        hide_env_values = true,
+        value_delimiter = ','
     )]
-    pub page_token_secret: Secret,
+    pub page_token_previous_secrets: Vec<Secret>,
 
     /// How long shutdown waits for in-flight requests, in seconds.
     #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10)]

@@ -140,14 +140,14 @@ impl Lists {
             ListRead::Hit { ids, meta } => (ids, meta),
             ListRead::Partial { present, missing, meta } => {
                 let loaded = self.load_chunks(category, &meta, &missing).await?;
-                let end = (position + size).min(meta.meta.total);
+                let end = position.saturating_add(size).min(meta.meta.total);
                 let ids = merge(position, end, &present, &loaded, meta.meta.chunk);
                 (ids, meta)
             }
             ListRead::Miss => return Ok(None),
             ListRead::Unavailable => return self.uncached(category, position, size).await.map(Some),
         };
-        let more = position + (ids.len() as u64) < meta.meta.total;
+        let more = position.saturating_add(ids.len() as u64) < meta.meta.total;
         Ok(Some(IdPage {
             ids,
             total: meta.meta.total,
@@ -165,7 +165,7 @@ impl Lists {
         size: u64,
         head: Head,
     ) -> Result<IdPage, ServiceError> {
-        let end = (position + size).min(head.total);
+        let end = position.saturating_add(size).min(head.total);
         let cached = head.ids.len() as u64;
         let Some(meta) = head.meta else {
             // Not cached (another fill won, or Redis failed): the head serves pages inside it.
@@ -186,7 +186,7 @@ impl Lists {
         let loaded = self.load_chunks(category, &meta, &missing).await?;
         let ids = merge(position, end, &present, &loaded, meta.meta.chunk);
         Ok(IdPage {
-            more: position + (ids.len() as u64) < head.total,
+            more: position.saturating_add(ids.len() as u64) < head.total,
             ids,
             total: head.total,
             placed: Some((meta.meta.generation, position)),
@@ -243,7 +243,7 @@ impl Lists {
         let ids = products::list_at_offset(&self.pool, category, position, size).await?;
         let total = products::count_in_category(&self.pool, category).await?;
         Ok(IdPage {
-            more: position + (ids.len() as u64) < total,
+            more: position.saturating_add(ids.len() as u64) < total,
             ids,
             total,
             placed: None,

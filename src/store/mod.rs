@@ -60,11 +60,12 @@ impl From<sqlx::Error> for StoreError {
             (error, Some("40001" | "40P01")) => Self::Aborted(error),
             // query_canceled (statement_timeout), admin_shutdown, too_many_connections
             (error, Some("57014" | "57P01" | "53300")) => Self::Unavailable(error),
-            // Class 22, data exception: a value PostgreSQL cannot take, i.e. bad input.
-            (error, Some(code)) if code.starts_with("22") => Self::Invalid(ValidationError::new(
-                "request",
-                format!("a value the database cannot store: {}", database_message(&error)),
-            )),
+            // Class 22, data exception: a value PostgreSQL cannot take, i.e.
+            // bad input. The caller gets our words; the log, PostgreSQL's.
+            (error, Some(code)) if code.starts_with("22") => {
+                tracing::info!(%error, sqlstate = code, "the database refused a value");
+                Self::Invalid(ValidationError::new("request", refused_value(code)))
+            }
             (other, _) => Self::Other(other),
         }
     }
@@ -75,11 +76,18 @@ fn sqlstate(error: &sqlx::Error) -> Option<String> {
     error.as_database_error()?.code().map(|code| code.into_owned())
 }
 
-/// The database's own message, without the driver's prefix.
-fn database_message(error: &sqlx::Error) -> String {
-    error
-        .as_database_error()
-        .map_or_else(|| error.to_string(), |e| e.message().to_string())
+/// What a class-22 SQLSTATE (data exception) says about the value, in the
+/// service's own words: PostgreSQL's message may quote the value, name
+/// internals, or change between versions.
+fn refused_value(sqlstate: &str) -> &'static str {
+    match sqlstate {
+        "22001" => "a value is longer than the database can store",
+        "22003" => "a number is out of the range the database can store",
+        "22021" | "22P05" => "a text holds a character the database cannot store (such as NUL)",
+        "22P02" | "22007" | "22008" => "a value is not in a form the database accepts",
+        "22023" | "22030" | "22032" => "a JSON value the database cannot store",
+        _ => "a value the database cannot store",
+    }
 }
 
 /// Opens a pool of at most `max_connections`; every statement on it is
@@ -194,6 +202,15 @@ pub async fn outbox_backlog(pool: &PgPool) -> Result<(i64, f64), StoreError> {
     .await?
     .unwrap_or((Some(0), Some(0.0)));
     Ok((rows.unwrap_or(0), oldest.unwrap_or(0.0)))
+}
+
+/// The MAC keys of page tokens, newest first (see `api::page_token`).
+pub async fn page_token_keys(pool: &PgPool) -> Result<Vec<Vec<u8>>, StoreError> {
+    let _timed = timed("page_token_keys");
+    let keys = sqlx::query_scalar("SELECT key FROM page_token_keys ORDER BY created_at DESC, id DESC")
+        .fetch_all(pool)
+        .await?;
+    Ok(keys)
 }
 
 /// Checks a locked row's version against a write's precondition (`None`: unconditional).

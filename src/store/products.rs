@@ -4,7 +4,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use super::{StoreError, check_version, commit, outbox::Written, timed};
-use crate::domain::{CategoryId, NewProduct, Product, ProductId, ProductPatch};
+use crate::domain::{CategoryId, NewProduct, Product, ProductId, ProductPatch, ValidationError};
 
 /// Loads the products with these ids in one query; absent ids are simply not returned.
 pub async fn get_many(pool: &PgPool, ids: &[ProductId]) -> Result<Vec<Product>, StoreError> {
@@ -171,10 +171,12 @@ pub async fn list_at_offset(
     limit: u64,
 ) -> Result<Vec<ProductId>, StoreError> {
     let _timed = timed("product.list_offset");
+    // Bounded well below by the page request and the page token; checked all the same.
+    let offset = i64::try_from(offset).map_err(|_| ValidationError::new("page", "is past the end of any list"))?;
     let ids: Vec<Uuid> =
         sqlx::query_scalar("SELECT id FROM products WHERE category_id = $1 ORDER BY name, id OFFSET $2 LIMIT $3")
             .bind(category.as_str())
-            .bind(offset as i64)
+            .bind(offset)
             .bind(limit as i64)
             .fetch_all(pool)
             .await?;

@@ -100,11 +100,28 @@ async fn a_request_past_the_server_deadline_is_deadline_exceeded() {
 async fn database_errors_say_whether_to_fix_the_input_retry_or_wait() {
     let app = spawn_app().await;
     // Class 22 (data exception): bad input, whoever let it through.
+    // The caller is told in the service's words, not PostgreSQL's.
     let error = sqlx::query(r#"SELECT '"\u0000"'::jsonb"#)
         .execute(&app.db)
         .await
         .unwrap_err();
-    assert!(matches!(StoreError::from(error), StoreError::Invalid(_)));
+    let told = match StoreError::from(error) {
+        StoreError::Invalid(invalid) => invalid.to_string(),
+        other => panic!("not Invalid: {other:?}"),
+    };
+    assert!(
+        !told.contains("unsupported Unicode escape") && !told.contains("\\u0000"),
+        "{told}"
+    );
+    let error = sqlx::query("SELECT convert_from('\\x00'::bytea, 'UTF8')")
+        .execute(&app.db)
+        .await
+        .unwrap_err();
+    let told = StoreError::from(error).to_string();
+    assert!(
+        !told.contains("0x00") && !told.contains("invalid byte sequence"),
+        "{told}"
+    );
 
     // 57014 (statement timeout): the database is overloaded, not the request wrong.
     let mut conn = app.db.acquire().await.unwrap();

@@ -475,3 +475,45 @@ async fn large_values_are_stored_compressed() {
         .unwrap();
     assert_eq!(cached.description, created.description);
 }
+
+#[tokio::test]
+async fn page_tokens_work_across_instances_with_no_secret_set_and_cannot_be_forged() {
+    use readthrough::{api::PageTokens, domain::Cursor};
+    let app = spawn_app().await;
+    let sibling = app.spawn_sibling().await;
+    app.create_products("forge", 6).await;
+    let first = app.list_page("forge", 0, 3).await;
+    let second = sibling.list_after("forge", &first.next_page_token, 3).await;
+    assert_eq!(second.products.len(), 3, "the database's key is shared");
+
+    let refused = |token: String| {
+        let client = app.client.clone();
+        async move {
+            let page = readthrough_client::Page::After(token);
+            let status = client.list_products("forge", page, 3).await.unwrap_err();
+            assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+            status.message().to_string()
+        }
+    };
+    let cursor = |position: u64, name: &str| Cursor {
+        generation: 1,
+        position,
+        key: Some((name.to_string(), ProductId::parse(&first.products[2].id).unwrap())),
+    };
+    let category = CategoryId::parse("forge").unwrap();
+    // The key the service once had built in, public in its source.
+    let built_in = PageTokens::new(vec![b"readthrough page tokens".to_vec()]);
+    refused(built_in.encode(&category, &cursor(3, &first.products[2].name))).await;
+
+    // Signed with the real key (as if it leaked): what it decodes to is still checked.
+    let keys: Vec<Vec<u8>> = sqlx::query_scalar("SELECT key FROM page_token_keys")
+        .fetch_all(&app.db)
+        .await
+        .unwrap();
+    let real = PageTokens::new(keys);
+    for position in [1 << 63, u64::MAX - 4] {
+        refused(real.encode(&category, &cursor(position, &first.products[2].name))).await;
+    }
+    let message = refused(real.encode(&category, &cursor(3, "nul\0name"))).await;
+    assert!(!message.contains("0x00") && !message.contains("UTF8"), "{message}");
+}
