@@ -26,15 +26,72 @@ impl FromStr for SecretUrl {
 }
 
 impl fmt::Debug for SecretUrl {
-    /// Prints the URL with everything between "://" and "@" hidden.
+    /// Prints the URL redacted (see `redact_url`).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (self.0.find("://"), self.0.rfind('@')) {
-            (Some(scheme_end), Some(at)) if at > scheme_end => {
-                write!(f, "\"{}://***{}\"", &self.0[..scheme_end], &self.0[at..])
-            }
-            _ => write!(f, "{:?}", self.0),
-        }
+        write!(f, "{:?}", redact_url(&self.0))
     }
+}
+
+/// The parameters of a PostgreSQL URL that name a secret and that sqlx
+/// understands (`sslkey` is a file's path). sqlx logs the value of any other
+/// parameter with its warning that it ignores it, so those are dropped
+/// here and only their names logged.
+const SQLX_SECRET_PARAMETERS: [&str; 2] = ["password", "sslkey"];
+
+fn without_unknown_secrets(url: &str) -> String {
+    let Some((head, query)) = url.split_once('?') else {
+        return url.to_string();
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|parameter| {
+            let name = parameter.split_once('=').map_or(*parameter, |(name, _)| name);
+            let drop = says_secret(name) && !SQLX_SECRET_PARAMETERS.contains(&name);
+            if drop {
+                tracing::warn!(
+                    parameter = name,
+                    "ignoring a connect parameter PostgreSQL's driver does not support"
+                );
+            }
+            !drop
+        })
+        .collect();
+    format!("{head}?{}", kept.join("&"))
+}
+
+/// Whether a URL query parameter's name says it holds a secret.
+fn says_secret(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    ["password", "secret", "token", "key", "credential"]
+        .iter()
+        .any(|word| name.contains(word))
+}
+
+/// `url` with its user info, and the value of every query parameter whose
+/// name says it holds a secret (`password`, `sslpassword`, `…token`,
+/// `…secret`, `…key`), replaced by `***`: the one redaction for any URL a
+/// log line or an error shows.
+pub fn redact_url(url: &str) -> String {
+    let (head, query) = match url.split_once('?') {
+        Some((head, query)) => (head, Some(query)),
+        None => (url, None),
+    };
+    let mut shown = match (head.find("://"), head.rfind('@')) {
+        (Some(scheme_end), Some(at)) if at > scheme_end => format!("{}://***{}", &head[..scheme_end], &head[at..]),
+        _ => head.to_string(),
+    };
+    if let Some(query) = query {
+        let parameters: Vec<String> = query
+            .split('&')
+            .map(|parameter| match parameter.split_once('=') {
+                Some((name, _)) if says_secret(name) => format!("{name}=***"),
+                _ => parameter.to_string(),
+            })
+            .collect();
+        shown.push('?');
+        shown.push_str(&parameters.join("&"));
+    }
+    shown
 }
 
 /// A secret setting: its `Debug` output is `***`, so it never reaches a log.
@@ -87,6 +144,7 @@ pub struct DatabaseConfig {
     #[arg(
         long = "database-url",
         env = "DATABASE_URL",
+        hide_env_values = true,
         default_value = "postgres://postgres:postgres@127.0.0.1:5432/readthrough?sslmode=disable"
     )]
     pub url: SecretUrl,
@@ -123,7 +181,7 @@ impl DatabaseConfig {
     /// Connection options for `url` (the primary or a replica), with the
     /// database `name` when it is set.
     pub fn options_for(&self, url: &SecretUrl) -> Result<PgConnectOptions, sqlx::Error> {
-        let options = PgConnectOptions::from_str(url.expose())?;
+        let options = PgConnectOptions::from_str(&without_unknown_secrets(url.expose()))?;
         Ok(match &self.name {
             Some(name) => options.database(name),
             None => options,
@@ -140,7 +198,12 @@ pub struct ReplicaConfig {
     /// they read (see `store::replicas`). Every instance sharing a cache must
     /// set it alike: writes record the marker that makes replica reads safe
     /// only where it is set.
-    #[arg(long = "database-read-urls", env = "DATABASE_READ_URLS", value_delimiter = ',')]
+    #[arg(
+        long = "database-read-urls",
+        env = "DATABASE_READ_URLS",
+        hide_env_values = true,
+        value_delimiter = ','
+    )]
     pub read_urls: Vec<SecretUrl>,
 
     /// A replica further behind the primary than this, in milliseconds, is
@@ -161,12 +224,17 @@ pub struct CacheConfig {
     pub fallback_limit: u32,
 
     /// Redis connection URL: `redis://` or `rediss://` (TLS), with `user:password@` for an ACL user.
-    #[arg(long, env = "REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        hide_env_values = true,
+        default_value = "redis://127.0.0.1:6379"
+    )]
     pub redis_url: SecretUrl,
 
     /// Seed nodes of a Redis Cluster, comma-separated (`redis://host:port`, with
     /// `user:password@` for an ACL user). When set, it replaces `REDIS_URL`.
-    #[arg(long, env = "REDIS_CLUSTER_URLS", value_delimiter = ',')]
+    #[arg(long, env = "REDIS_CLUSTER_URLS", hide_env_values = true, value_delimiter = ',')]
     pub redis_cluster_urls: Vec<SecretUrl>,
 
     /// Redis Sentinels watching the primary (`redis://host:port`, comma-separated):
@@ -176,6 +244,7 @@ pub struct CacheConfig {
     #[arg(
         long,
         env = "REDIS_SENTINEL_URLS",
+        hide_env_values = true,
         value_delimiter = ',',
         conflicts_with = "redis_cluster_urls"
     )]
@@ -427,8 +496,8 @@ pub struct TelemetryConfig {
     /// set, spans of every RPC and of its Redis and PostgreSQL calls are
     /// exported there, under the caller's W3C `traceparent` when it sent one.
     /// The SDK's own `OTEL_*` variables (sampler, batch sizes) apply too.
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", global = true)]
-    pub otlp_endpoint: Option<String>,
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", hide_env_values = true, global = true)]
+    pub otlp_endpoint: Option<SecretUrl>,
 
     /// `service.name` of the exported spans.
     #[arg(long, env = "OTEL_SERVICE_NAME", default_value = "readthrough", global = true)]
@@ -465,6 +534,19 @@ mod tests {
         let shown = format!("{url:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("db:5432/rt"), "{shown}");
+    }
+
+    #[test]
+    fn secret_query_parameters_are_hidden_and_the_rest_kept() {
+        let url = SecretUrl(
+            "postgres://db/rt?sslmode=verify-full&password=p1&sslpassword=p2&auth_token=p3&sslrootcert=/ca.pem"
+                .to_string(),
+        );
+        assert_eq!(
+            format!("{url:?}"),
+            "\"postgres://db/rt?sslmode=verify-full&password=***&sslpassword=***&auth_token=***&sslrootcert=/ca.pem\""
+        );
+        assert_eq!(redact_url("rediss://:p4@cache:6380/0"), "rediss://***@cache:6380/0");
     }
 
     #[test]

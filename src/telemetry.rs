@@ -57,7 +57,7 @@ pub fn init(config: &TelemetryConfig) -> anyhow::Result<Tracing> {
     };
     let (spans, provider) = match &config.otlp_endpoint {
         Some(endpoint) => {
-            let provider = traces::provider(endpoint, &config.service_name)?;
+            let provider = traces::provider(endpoint.expose(), &config.service_name)?;
             let tracer = provider.tracer("readthrough");
             // Spans only (events stay in the logs), this crate's only, at
             // every level: whatever RUST_LOG says about the logs.

@@ -51,6 +51,7 @@ impl HealthTls {
 /// `https://…` for one that serves TLS) answers SERVING within `timeout`.
 pub async fn check(url: &str, tls: &HealthTls, timeout: Duration) -> anyhow::Result<()> {
     let mut endpoint = Endpoint::from_shared(url.to_string()).context("invalid address")?;
+    let url = crate::config::redact_url(url);
     if url.starts_with("https://") {
         endpoint = endpoint.tls_config(tls.client_config()?).context("TLS settings")?;
     } else if !tls.is_empty() {

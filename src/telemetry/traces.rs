@@ -42,7 +42,7 @@ pub(super) fn provider(endpoint: &str, service_name: &str) -> anyhow::Result<Sdk
         .with_tonic()
         .with_endpoint(endpoint)
         .build()
-        .with_context(|| format!("OTLP exporter for {endpoint}"))?;
+        .with_context(|| format!("OTLP exporter for {}", crate::config::redact_url(endpoint)))?;
     let batches = BatchSpanProcessor::builder(exporter, runtime::Tokio).build();
     Ok(SdkTracerProvider::builder()
         .with_span_processor(batches)

@@ -222,6 +222,43 @@ fn each_subcommand_takes_only_the_settings_it_uses() {
 }
 
 #[test]
+fn no_secret_reaches_the_log_or_the_help_text() {
+    let mut sandbox = Sandbox::new();
+    // Trust authentication ignores the passwords; every place still carries one.
+    let separator = if sandbox.database_url.contains('?') { '&' } else { '?' };
+    sandbox.database_url = sandbox
+        .database_url
+        .replacen("postgres://", "postgres://postgres:secret-userinfo@", 1)
+        + &format!("{separator}password=secret-password&sslpassword=secret-sslpassword");
+    sandbox.redis_url = sandbox.redis_url.replacen("redis://", "redis://:secret-redis@", 1);
+    let secrets: [(&str, &str); 4] = [
+        ("DATABASE_READ_URLS", "postgres://reader:secret-replica@127.0.0.1:1/rt"),
+        ("PAGE_TOKEN_SECRET", "secret-page-token"),
+        ("AUTH_JWT_SECRET", "secret-jwt-0123456789012345678901234567890"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://otel:secret-otlp@127.0.0.1:1"),
+    ];
+    let server = Server::start_with_env(&sandbox, &secrets);
+    let logs = server.logs_text();
+    assert!(logs.contains("\"starting\""), "the start-up line is there: {logs}");
+
+    let help = Command::new(env!("CARGO_BIN_EXE_readthrough"))
+        .args(["serve", "--help"])
+        .envs(secrets)
+        .envs(sandbox.env())
+        .output()
+        .unwrap();
+    let help = String::from_utf8(help.stdout).unwrap();
+    assert!(help.contains("DATABASE_URL"), "{help}");
+    for (place, text) in [("the log", &logs), ("serve --help", &help)] {
+        let leaked: Vec<&str> = text
+            .match_indices("secret-")
+            .map(|(at, _)| &text[at..text.len().min(at + 24)])
+            .collect();
+        assert!(leaked.is_empty(), "{place} shows {leaked:?}");
+    }
+}
+
+#[test]
 fn sigterm_shuts_the_server_down_cleanly() {
     let sandbox = Sandbox::new();
     let mut server = Server::start(&sandbox);
