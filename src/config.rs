@@ -473,9 +473,18 @@ pub struct AuthConfig {
     #[arg(long, env = "AUTH_JWT_ISSUER")]
     pub auth_jwt_issuer: Option<String>,
 
-    /// Audience (`aud`) a JWT must name, if set.
+    /// Audience (`aud`) a JWT must name. Required with a JWT key, unless
+    /// `AUTH_JWT_ANY_AUDIENCE` says tokens minted for anyone are accepted.
     #[arg(long, env = "AUTH_JWT_AUDIENCE")]
     pub auth_jwt_audience: Option<String>,
+
+    /// Accept JWTs whatever their audience (without `AUTH_JWT_AUDIENCE`).
+    #[arg(long, env = "AUTH_JWT_ANY_AUDIENCE", default_value_t = false, action = ArgAction::Set)]
+    pub auth_jwt_any_audience: bool,
+
+    /// Longest a JWT may be valid for: `exp - iat`, in seconds (`iat` is required).
+    #[arg(long, env = "AUTH_JWT_MAX_LIFETIME_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
+    pub auth_jwt_max_lifetime_secs: u64,
 
     /// Serve without authentication on addresses other than loopback: anyone
     /// who can reach the port can read, write and flush the cache.

@@ -122,11 +122,16 @@ struct StaticToken {
 struct JwtVerifier {
     key: DecodingKey,
     validation: Validation,
+    /// Longest `exp - iat`, in seconds.
+    max_lifetime: u64,
 }
 
-/// The claims a JWT must carry besides `exp` (and `iss`/`aud` when configured).
+/// The claims read from a JWT besides those `validation` checks (`exp`,
+/// `nbf`, and `iss`/`aud`, required when configured).
 #[derive(Deserialize)]
 struct Claims {
+    exp: u64,
+    iat: u64,
     #[serde(default)]
     roles: Vec<String>,
 }
@@ -185,19 +190,35 @@ impl Authenticator {
             (None, Some(path)) => Some(read_public_key(path)?),
             (None, None) => None,
         };
+        if jwt.is_some() && config.auth_jwt_audience.is_none() && !config.auth_jwt_any_audience {
+            bail!(
+                "a JWT key needs AUTH_JWT_AUDIENCE (the audience tokens for this service name), \
+                 or AUTH_JWT_ANY_AUDIENCE=true to accept tokens minted for any audience"
+            );
+        }
         let jwt = jwt.map(|(key, algorithm)| {
             let mut validation = Validation::new(algorithm);
-            validation.set_required_spec_claims(&["exp"]);
+            // The library checks `iss` and `aud` only when present, unless required.
+            let mut required = vec!["exp", "iat"];
             validation.leeway = 30;
             validation.validate_nbf = true;
             if let Some(issuer) = &config.auth_jwt_issuer {
                 validation.set_issuer(&[issuer]);
+                required.push("iss");
             }
             match &config.auth_jwt_audience {
-                Some(audience) => validation.set_audience(&[audience]),
+                Some(audience) => {
+                    validation.set_audience(&[audience]);
+                    required.push("aud");
+                }
                 None => validation.validate_aud = false,
             }
-            JwtVerifier { key, validation }
+            validation.set_required_spec_claims(&required);
+            JwtVerifier {
+                key,
+                validation,
+                max_lifetime: config.auth_jwt_max_lifetime_secs,
+            }
         });
         if static_tokens.is_empty() && jwt.is_none() {
             if config.auth_tokens_file.is_some() {
@@ -225,6 +246,9 @@ impl Authenticator {
         let claims = jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation)
             .map_err(|_| Refusal::InvalidToken)?
             .claims;
+        if claims.exp.saturating_sub(claims.iat) > jwt.max_lifetime {
+            return Err(Refusal::InvalidToken);
+        }
         // A token with an unknown role is refused whole rather than trimmed.
         Roles::parse(claims.roles.iter().map(String::as_str)).map_err(|_| Refusal::InvalidToken)
     }

@@ -217,6 +217,37 @@ struct Claims<'a> {
     sub: &'a str,
     exp: u64,
     roles: &'a [&'a str],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iat: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    aud: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    iss: Option<&'a str>,
+}
+
+impl<'a> Claims<'a> {
+    /// Valid for this service (`AUDIENCE`), issued now, until `exp`.
+    fn new(exp: u64, roles: &'a [&'a str]) -> Self {
+        Claims {
+            sub: "svc",
+            exp,
+            roles,
+            iat: Some(now()),
+            aud: Some(AUDIENCE),
+            iss: None,
+        }
+    }
+}
+
+const AUDIENCE: &str = "readthrough";
+
+fn encode_hs256(claims: &Claims) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(JWT_SECRET.as_bytes()),
+    )
+    .unwrap()
 }
 
 fn now() -> u64 {
@@ -224,7 +255,7 @@ fn now() -> u64 {
 }
 
 fn hs256(secret: &str, exp: u64, roles: &[&str]) -> String {
-    let claims = Claims { sub: "svc", exp, roles };
+    let claims = Claims::new(exp, roles);
     jsonwebtoken::encode(
         &Header::new(Algorithm::HS256),
         &claims,
@@ -235,7 +266,11 @@ fn hs256(secret: &str, exp: u64, roles: &[&str]) -> String {
 
 #[tokio::test]
 async fn jwts_are_checked_for_signature_expiry_and_roles() {
-    let mut app = spawn_app_with(|config| config.auth.auth_jwt_secret = Some(JWT_SECRET.parse().unwrap())).await;
+    let mut app = spawn_app_with(|config| {
+        config.auth.auth_jwt_secret = Some(JWT_SECRET.parse().unwrap());
+        config.auth.auth_jwt_audience = Some(AUDIENCE.to_string());
+    })
+    .await;
     let good = hs256(JWT_SECRET, now() + 300, &["read", "write"]);
     let user = app
         .users
@@ -270,18 +305,117 @@ async fn jwts_are_checked_for_signature_expiry_and_roles() {
 }
 
 #[tokio::test]
+async fn jwts_must_name_the_configured_audience_and_issuer_and_live_at_most_the_maximum() {
+    let mut app = spawn_app_with(|config| {
+        config.auth.auth_jwt_secret = Some(JWT_SECRET.parse().unwrap());
+        config.auth.auth_jwt_audience = Some(AUDIENCE.to_string());
+        config.auth.auth_jwt_issuer = Some("https://id.example".to_string());
+        config.auth.auth_jwt_max_lifetime_secs = 3600;
+    })
+    .await;
+    let valid = Claims {
+        iss: Some("https://id.example"),
+        ..Claims::new(now() + 300, &["read", "write"])
+    };
+    let user = app
+        .users
+        .create_user(with_token(create("claims@example.com"), &encode_hs256(&valid)))
+        .await
+        .expect("audience, issuer and lifetime as configured")
+        .into_inner();
+    let refused = [
+        (
+            "no aud",
+            Claims {
+                aud: None,
+                ..Claims::new(now() + 300, &["read"])
+            },
+        ),
+        (
+            "another aud",
+            Claims {
+                aud: Some("billing"),
+                ..Claims::new(now() + 300, &["read"])
+            },
+        ),
+        (
+            "no iss",
+            Claims {
+                iss: None,
+                ..Claims::new(now() + 300, &["read"])
+            },
+        ),
+        (
+            "another iss",
+            Claims {
+                iss: Some("https://evil.example"),
+                ..Claims::new(now() + 300, &["read"])
+            },
+        ),
+        (
+            "no iat",
+            Claims {
+                iat: None,
+                iss: Some("https://id.example"),
+                ..Claims::new(now() + 300, &["read"])
+            },
+        ),
+        (
+            "exp in 2100",
+            Claims {
+                iss: Some("https://id.example"),
+                ..Claims::new(4_102_444_800, &["read"])
+            },
+        ),
+    ];
+    for (case, claims) in refused {
+        let status = app
+            .users
+            .get_user(with_token(get(&user.id), &encode_hs256(&claims)))
+            .await
+            .unwrap_err();
+        assert_eq!(status.code(), Code::Unauthenticated, "{case}");
+    }
+}
+
+#[tokio::test]
+async fn a_jwt_key_without_an_audience_refuses_to_start_unless_any_audience_is_allowed() {
+    let sandbox = Sandbox::new();
+    let mut config = ServeConfig::from_env();
+    config.config.database.name = Some(sandbox.database_name.clone());
+    config.config.cache.namespace = sandbox.namespace.clone();
+    for addr in [
+        &mut config.server.grpc_addr,
+        &mut config.server.admin_addr,
+        &mut config.server.metrics_addr,
+    ] {
+        *addr = "127.0.0.1:0".parse().unwrap();
+    }
+    config.auth.auth_jwt_secret = Some(JWT_SECRET.parse().unwrap());
+    let error = Application::build(config.clone())
+        .await
+        .err()
+        .expect("refused to start");
+    assert!(format!("{error:#}").contains("AUTH_JWT_AUDIENCE"), "{error:#}");
+    config.auth.auth_jwt_any_audience = true;
+    Application::build(config)
+        .await
+        .expect("starts when any audience is allowed");
+}
+
+#[tokio::test]
 async fn es256_jwts_are_checked_with_the_public_key_file() {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let public_key = std::env::temp_dir().join(format!("readthrough-jwt-{}.pem", uuid::Uuid::new_v4().simple()));
     std::fs::write(&public_key, key.public_key_pem()).unwrap();
-    let mut app = spawn_app_with(|config| config.auth.auth_jwt_public_key_file = Some(public_key)).await;
+    let mut app = spawn_app_with(|config| {
+        config.auth.auth_jwt_public_key_file = Some(public_key);
+        config.auth.auth_jwt_audience = Some(AUDIENCE.to_string());
+    })
+    .await;
 
     let sign = |key: &rcgen::KeyPair| {
-        let claims = Claims {
-            sub: "svc",
-            exp: now() + 300,
-            roles: &["write"],
-        };
+        let claims = Claims::new(now() + 300, &["write"]);
         let encoding = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
         jsonwebtoken::encode(&Header::new(Algorithm::ES256), &claims, &encoding).unwrap()
     };

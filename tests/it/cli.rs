@@ -231,7 +231,8 @@ fn no_secret_reaches_the_log_or_the_help_text() {
         .replacen("postgres://", "postgres://postgres:secret-userinfo@", 1)
         + &format!("{separator}password=secret-password&sslpassword=secret-sslpassword");
     sandbox.redis_url = sandbox.redis_url.replacen("redis://", "redis://:secret-redis@", 1);
-    let secrets: [(&str, &str); 4] = [
+    let secrets: [(&str, &str); 5] = [
+        ("AUTH_JWT_AUDIENCE", "readthrough"),
         ("DATABASE_READ_URLS", "postgres://reader:secret-replica@127.0.0.1:1/rt"),
         ("PAGE_TOKEN_SECRET", "secret-page-token"),
         ("AUTH_JWT_SECRET", "secret-jwt-0123456789012345678901234567890"),
