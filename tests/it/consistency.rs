@@ -347,15 +347,17 @@ async fn a_row_that_fails_validation_is_served_but_never_cached() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_truncate_by_hand_drops_every_cached_entry_of_the_table() {
-    let mut app = spawn_app().await;
+    let app = spawn_app().await;
     let user = app.create_user("gone@example.com").await;
     let product = app.create_product("gone", "Gone").await;
     app.outbox_drained().await;
-    app.client.get_user(&user.id).await.unwrap();
     app.client.get_product(&product.id).await.unwrap();
     assert_eq!(app.list_page("gone", 0, 10).await.products.len(), 1);
     let user_key = app.keys.user(UserId::parse(&user.id).unwrap());
-    assert!(app.exists(&user_key).await, "cached before the truncate");
+    assert!(
+        app.read_until_cached(&user_key, || app.client.get_user(&user.id)).await,
+        "cached before the truncate"
+    );
 
     sqlx::query("TRUNCATE users, products").execute(&app.db).await.unwrap();
 

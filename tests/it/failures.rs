@@ -309,9 +309,11 @@ async fn an_update_made_while_the_breaker_is_open_is_invalidated_once_redis_retu
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("before@example.com").await;
-    app.get_user(&user.id).await;
     let key = app.keys.user(UserId::parse(&user.id).unwrap());
-    assert!(app.exists(&key).await, "version 1 is cached");
+    assert!(
+        app.read_until_cached(&key, || app.get_user(&user.id)).await,
+        "version 1 is cached"
+    );
 
     proxy.cut();
     for _ in 0..app.config.config.cache.redis_breaker_failures {

@@ -124,6 +124,26 @@ impl TestApp {
             == 1
     }
 
+    /// Repeats `read` until `key` is cached, for at most 5 s. One read fills
+    /// it, unless Redis missed its deadline on a busy machine: the read then
+    /// failed open, served from PostgreSQL and filled nothing.
+    pub async fn read_until_cached<F, Fut>(&self, key: &str, mut read: F) -> bool
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future,
+    {
+        eventually(Duration::from_secs(5), || {
+            let mut redis = self.redis.clone();
+            let read = read();
+            async move {
+                read.await;
+                let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut redis).await.unwrap();
+                exists == 1
+            }
+        })
+        .await
+    }
+
     /// Waits until every write's invalidation is done (the outbox is empty),
     /// so that the outbox relay deletes nothing the test fills afterwards.
     pub async fn outbox_drained(&self) {

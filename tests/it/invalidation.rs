@@ -17,9 +17,11 @@ async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
     let user = app.client.create_user("before@example.com", None).await.unwrap();
-    app.client.get_user(&user.id).await.unwrap();
     let key = app.keys.user(UserId::parse(&user.id).unwrap());
-    assert!(app.exists(&key).await, "version 1 is cached");
+    assert!(
+        app.read_until_cached(&key, || app.client.get_user(&user.id)).await,
+        "version 1 is cached"
+    );
 
     proxy.cut();
     let updated = app.rename_user(&user.id, "after@example.com").await.unwrap();
@@ -202,9 +204,11 @@ async fn a_relay_batch_nobody_subscribes_to_deletes_its_keys_and_publishes_nothi
     let mut app = spawn_app().await; // no near cache: nothing subscribes
     let user = app.create_user("unheard@example.com").await;
     app.outbox_drained().await;
-    app.get_user(&user.id).await; // cached
     let key = app.keys.user(UserId::parse(&user.id).unwrap());
-    assert!(app.exists(&key).await, "the user is cached");
+    assert!(
+        app.read_until_cached(&key, || app.get_user(&user.id)).await,
+        "the user is cached"
+    );
     let published = r#"readthrough_events_published_total{event="user.updated"}"#;
 
     // By hand: the relay carries it out.

@@ -21,7 +21,7 @@ const RECOVERY_LIMIT: Duration = Duration::from_secs(10);
 async fn while_postgres_is_down_cached_reads_succeed_and_the_rest_fails_fast_until_it_is_back() {
     let postgres = OwnPostgres::init(&[], &[]).await;
     let url = postgres.url("readthrough");
-    let mut app = spawn_app_with(|config| use_database(config, &url)).await;
+    let app = spawn_app_with(|config| use_database(config, &url)).await;
     let mut warm = Vec::new();
     for i in 0..20 {
         warm.push(app.create_user(&format!("warm-{i}@example.com")).await.id);
@@ -30,9 +30,11 @@ async fn while_postgres_is_down_cached_reads_succeed_and_the_rest_fails_fast_unt
     app.outbox_drained().await;
     let client = app.client.clone();
     for id in &warm {
-        client.get_user(id).await.expect("a warm-up read");
         let key = app.keys.user(UserId::parse(id).unwrap());
-        assert!(app.exists(&key).await, "{key} is cached");
+        assert!(
+            app.read_until_cached(&key, || client.get_user(id)).await,
+            "{key} is cached"
+        );
     }
 
     postgres.stop().await;
