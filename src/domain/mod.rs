@@ -14,6 +14,10 @@ pub use product::{
 };
 pub use user::{Email, NewUser, Preferences, User, UserId, UserPatch};
 
+use icu_properties::{
+    CodePointMapData, CodePointSetData,
+    props::{DefaultIgnorableCodePoint, GeneralCategory},
+};
 use uuid::Uuid;
 
 /// Input that breaks a rule; `field` names the offending request field.
@@ -38,12 +42,22 @@ impl ValidationError {
     }
 }
 
-/// Characters that change how text is shown without being seen: bidirectional
-/// overrides and isolates (which make `abc` display as `cba`, "Trojan
-/// Source"), marks, zero-width spaces and the byte order mark. In an email or
-/// a name they serve only to make two values look alike.
-pub fn is_hidden_format(c: char) -> bool {
-    matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+/// Characters that are not seen but change what is: general category `Cf`
+/// (bidirectional overrides and isolates, which make `abc` display as `cba`,
+/// "Trojan Source"; the soft hyphen; zero-width spaces and joiners; tag
+/// characters) and `Default_Ignorable_Code_Point` (variation selectors, the
+/// combining grapheme joiner, Hangul fillers). In an email or a name they
+/// serve mostly to make two values look alike. From the Unicode data ICU4X
+/// ships, not a hand-written table.
+pub fn is_invisible(c: char) -> bool {
+    CodePointMapData::<GeneralCategory>::new().get(c) == GeneralCategory::Format
+        || CodePointSetData::new::<DefaultIgnorableCodePoint>().contains(c)
+}
+
+/// A character that shows as something: not a space, a control character
+/// or an invisible one.
+pub fn is_visible(c: char) -> bool {
+    !c.is_whitespace() && !c.is_control() && !is_invisible(c)
 }
 
 /// Parses an id. Keys and SQL use the parsed `Uuid`, never the raw text, so

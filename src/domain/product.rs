@@ -76,8 +76,10 @@ impl std::fmt::Display for CategoryId {
     }
 }
 
-/// 1–200 characters (not bytes), no control characters, no bidirectional
-/// overrides or zero-width spaces.
+/// 1–200 characters (not bytes), at least one of them visible; no control
+/// characters and no invisible ones (see `domain::is_invisible`), except
+/// what emoji and scripts attach to a visible character: zero-width joiners
+/// (U+200C, U+200D) and variation selectors (as in ❤️).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProductName(String);
 
@@ -90,15 +92,18 @@ impl ProductName {
         if raw.chars().any(char::is_control) {
             return Err(ValidationError::new("name", "must not contain control characters"));
         }
-        // Zero-width joiners (U+200C, U+200D) stay: scripts and emoji need them.
-        if raw
-            .chars()
-            .any(|c| super::is_hidden_format(c) && !matches!(c, '\u{200C}' | '\u{200D}'))
-        {
-            return Err(ValidationError::new(
-                "name",
-                "must not contain bidirectional overrides or invisible characters",
-            ));
+        let mut after_visible = false;
+        for c in raw.chars() {
+            if super::is_invisible(c) && !(after_visible && attaches(c)) {
+                return Err(ValidationError::new(
+                    "name",
+                    "must not contain bidirectional overrides or invisible characters",
+                ));
+            }
+            after_visible = super::is_visible(c) || (after_visible && attaches(c));
+        }
+        if !raw.chars().any(super::is_visible) {
+            return Err(ValidationError::new("name", "must contain a visible character"));
         }
         Ok(Self(raw.to_string()))
     }
@@ -106,6 +111,11 @@ impl ProductName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// Invisible characters that join or select the form of the visible one before them.
+fn attaches(c: char) -> bool {
+    matches!(c, '\u{200C}' | '\u{200D}' | '\u{FE00}'..='\u{FE0F}' | '\u{E0100}'..='\u{E01EF}')
 }
 
 /// At most 5000 characters.
@@ -203,6 +213,17 @@ mod tests {
         assert!(ProductName::parse(&"é".repeat(200)).is_ok());
         assert!(ProductName::parse(&"é".repeat(201)).is_err());
         assert!(ProductName::parse("").is_err());
+    }
+
+    #[test]
+    fn name_needs_a_visible_character_and_no_invisible_one() {
+        for bad in [" ", "\u{3164}", "\u{200D}", "Book\u{E0041}", "Bo\u{00AD}ok", "\u{FE0F}Book"] {
+            assert_eq!(ProductName::parse(bad).unwrap_err().field, "name", "{bad:?}");
+        }
+        // Emoji and scripts attach joiners and variation selectors to a visible character.
+        for ok in ["I \u{2764}\u{FE0F} tea", "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467} set", "\u{645}\u{6CC}\u{200C}\u{62E}\u{648}\u{627}\u{647}\u{645}"] {
+            assert!(ProductName::parse(ok).is_ok(), "{ok:?}");
+        }
     }
 
     #[test]

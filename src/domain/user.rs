@@ -2,6 +2,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+use icu_normalizer::ComposingNormalizerBorrowed;
 use uuid::Uuid;
 
 use super::{ExpectedVersion, ValidationError, parse_uuid};
@@ -42,7 +43,9 @@ impl std::fmt::Display for UserId {
     }
 }
 
-/// An email address of a plausible shape, at most 254 characters.
+/// An email address of a plausible shape, at most 254 characters, in
+/// Unicode's composed form (NFC): `café` typed with a combining accent and
+/// with a precomposed `é` is one address, stored and compared one way.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Email(String);
 
@@ -57,15 +60,16 @@ impl Email {
         if raw.len() > Self::MAX_LEN {
             return Err(invalid("must be at most 254 characters"));
         }
-        if raw
-            .chars()
-            .any(|c| c.is_whitespace() || c.is_control() || super::is_hidden_format(c))
-        {
+        let email = ComposingNormalizerBorrowed::new_nfc().normalize(raw);
+        if email.len() > Self::MAX_LEN {
+            return Err(invalid("must be at most 254 characters"));
+        }
+        if !email.chars().all(super::is_visible) {
             return Err(invalid(
-                "must not contain spaces, control or invisible formatting characters",
+                "must not contain spaces, control or invisible characters",
             ));
         }
-        let Some((local, domain)) = raw.rsplit_once('@') else {
+        let Some((local, domain)) = email.rsplit_once('@') else {
             return Err(invalid("must look like name@example.com"));
         };
         let domain_ok = domain.contains('.')
@@ -76,7 +80,7 @@ impl Email {
         if local.is_empty() || local.len() > 64 || local.contains('@') || !domain_ok {
             return Err(invalid("must look like name@example.com"));
         }
-        Ok(Self(raw.to_string()))
+        Ok(Self(email.into_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -191,6 +195,22 @@ mod tests {
         ] {
             let err = Email::parse(bad).unwrap_err();
             assert_eq!(err.field, "email", "{bad}");
+        }
+    }
+
+    #[test]
+    fn email_is_stored_in_composed_form() {
+        let decomposed = Email::parse("cafe\u{301}@example.com").unwrap();
+        let composed = Email::parse("caf\u{e9}@example.com").unwrap();
+        assert_eq!(decomposed, composed);
+        assert_eq!(composed.as_str(), "caf\u{e9}@example.com");
+    }
+
+    #[test]
+    fn email_refuses_every_invisible_character() {
+        for invisible in ['\u{061C}', '\u{00AD}', '\u{E0041}', '\u{180E}', '\u{034F}', '\u{3164}', '\u{FE0F}', '\u{2060}'] {
+            let email = format!("ad{invisible}min@example.com");
+            assert_eq!(Email::parse(&email).unwrap_err().field, "email", "{invisible:?}");
         }
     }
 

@@ -87,9 +87,8 @@ async fn update_through_one_instance_is_read_through_another() {
 async fn deleted_user_is_not_found_and_its_key_is_gone() {
     let mut app = spawn_app().await;
     let created = create_user(&app, "linus@example.com").await;
-    get_user(&app, &created.id).await.unwrap();
     let key = key(&app, &created.id);
-    assert!(app.exists(&key).await);
+    assert!(app.read_until_cached(&key, || get_user(&app, &created.id)).await);
 
     app.client.delete_user(&created.id).await.unwrap();
 
@@ -201,6 +200,15 @@ async fn version_preconditions_and_duplicate_emails_are_enforced() {
     );
     let duplicate = app.client.create_user("Ken@Example.com", None).await.unwrap_err();
     assert_eq!(duplicate.code(), Code::AlreadyExists);
+
+    let composed = app.client.create_user("caf\u{e9}@example.com", None).await.unwrap();
+    let decomposed = app.client.create_user("cafe\u{301}@example.com", None).await.unwrap_err();
+    assert_eq!(
+        decomposed.code(),
+        Code::AlreadyExists,
+        "an email typed with a combining accent is the same address"
+    );
+    assert_eq!(composed.email, "caf\u{e9}@example.com", "stored composed (NFC)");
 
     let updated = update("ken2@example.com", 1).await.unwrap();
     assert_eq!((updated.email.as_str(), updated.version), ("ken2@example.com", 2));
