@@ -43,10 +43,12 @@ COPY --from=builder /app/target/release/readthrough /usr/local/bin/readthrough
 
 USER 10001:10001
 
-# gRPC (GRPC_ADDR), cache administration (ADMIN_ADDR) and Prometheus metrics
-# at /metrics (METRICS_ADDR): loopback unless set, and in a container they
-# must face the container's network.
-ENV GRPC_ADDR=0.0.0.0:50051 ADMIN_ADDR=0.0.0.0:50052 METRICS_ADDR=0.0.0.0:9090
+# gRPC (GRPC_ADDR) faces the container's network. Cache administration
+# (ADMIN_ADDR) and Prometheus metrics at /metrics (METRICS_ADDR) stay on the
+# container's loopback unless told otherwise: ADMIN_ADDR=0.0.0.0:50052 for
+# operators (bearer tokens with the admin role), METRICS_ADDR=0.0.0.0:9090
+# with METRICS_TOKEN_FILE for Prometheus (as docker-compose.yml does).
+ENV GRPC_ADDR=0.0.0.0:50051
 EXPOSE 50051 50052 9090
 
 # The gRPC health service, asked by the binary itself (no probe to download).

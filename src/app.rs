@@ -5,11 +5,12 @@
 //! start real servers side by side) and `run_until_stopped` serves until the
 //! given future completes.
 
-use std::{future::Future, time::Duration};
+use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tonic::transport::{Server, ServerTlsConfig, server::TcpIncoming};
+use tonic::transport::{Server, ServerTlsConfig};
 use tonic_health::{ServingStatus, server::HealthReporter};
 use tonic_reflection::server::{
     v1::{ServerReflection, ServerReflectionServer},
@@ -26,6 +27,7 @@ use crate::{
         user_service_server::UserServiceServer,
     },
     service::{Services, relay},
+    listener::{self, Limits},
     store, telemetry, tls,
 };
 
@@ -47,6 +49,15 @@ const MAX_PENDING_RESETS: usize = 64;
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30 * 60);
+/// The metrics listener's bounds: a scrape is one short request, and a few
+/// connections from one address are all a Prometheus needs, so that idle
+/// sockets from elsewhere cannot hold every slot for long.
+const METRICS_LIMITS: Limits = Limits {
+    max: 64,
+    per_peer: 8,
+    first_bytes: Duration::from_secs(1),
+    idle: Duration::from_secs(10),
+};
 pub struct Application {
     config: ServeConfig,
     grpc_listener: TcpListener,
@@ -55,6 +66,8 @@ pub struct Application {
     auth: AuthLayer,
     services: Services,
     page_tokens: PageTokens,
+    /// The SHA-256 of the token `/metrics` requires (`METRICS_TOKEN_FILE`).
+    metrics_token: Option<[u8; 32]>,
     /// `None`: the gRPC listener speaks plaintext.
     tls: Option<ServerTlsConfig>,
 }
@@ -73,6 +86,7 @@ impl Application {
         let cache = adjust(Cache::new(&config.config)?);
         let auth =
             AuthLayer::new(Authenticator::from_config(&config.auth).context("loading the authentication settings")?);
+        let metrics_token = metrics_token(&config)?;
         check_exposure(&config, auth.enabled())?;
         tls::install_crypto_provider();
         let tls = tls::server_config(
@@ -106,6 +120,7 @@ impl Application {
             auth,
             services,
             page_tokens,
+            metrics_token,
             tls,
         })
     }
@@ -157,11 +172,24 @@ impl Application {
                 async move { cache.receive_events(|feed| services.on_event(&feed)).await }
             }));
         }
+        background.push(tokio::spawn({
+            let auth = self.auth.clone();
+            async move { auth.follow_key_set().await }
+        }));
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::Serving).await;
         let watch = tokio::spawn(watch_dependencies(services.clone(), health.clone()));
 
-        let metrics = tokio::spawn(telemetry::serve_metrics(self.metrics_listener));
+        let metrics = tokio::spawn(telemetry::serve_metrics(
+            listener::bounded(self.metrics_listener, METRICS_LIMITS, "metrics"),
+            self.metrics_token,
+        ));
+        let limits = Limits {
+            max: self.config.server.max_client_connections as usize,
+            per_peer: self.config.server.max_client_connections_per_peer as usize,
+            first_bytes: Duration::from_millis(self.config.server.connection_preface_timeout_ms),
+            idle: Duration::from_secs(self.config.server.connection_idle_timeout_secs),
+        };
         let (stop_accepting, stopped) = tokio::sync::watch::channel(false);
         let until_stopped = || {
             let mut stopped = stopped.clone();
@@ -189,13 +217,13 @@ impl Application {
                 ProductServiceServer::new(ProductApi::new(products, self.page_tokens))
                     .max_decoding_message_size(MAX_REQUEST_BYTES),
             )
-            .serve_with_incoming_shutdown(incoming(self.grpc_listener), until_stopped());
+            .serve_with_incoming_shutdown(listener::bounded(self.grpc_listener, limits, "grpc"), until_stopped());
         let admin = edge
             .server()?
             .add_optional_service(edge.reflection_v1())
             .add_optional_service(edge.reflection_v1alpha())
             .add_service(CacheAdminServiceServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES))
-            .serve_with_incoming_shutdown(incoming(self.admin_listener), until_stopped());
+            .serve_with_incoming_shutdown(listener::bounded(self.admin_listener, limits, "admin"), until_stopped());
         let servers = async {
             let (api, admin) = tokio::join!(api, admin);
             api.context("gRPC server failed")?;
@@ -290,13 +318,6 @@ fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Our own listener, so tonic's `tcp_nodelay` setting does not reach the
-/// accepted sockets: set it here. Without it a response's trailers wait for
-/// the client's delayed ACK (Nagle), about 40 ms per call.
-fn incoming(listener: TcpListener) -> TcpIncoming {
-    TcpIncoming::from(listener).with_nodelay(Some(true))
-}
-
 /// Page tokens signed with `PAGE_TOKEN_SECRET` if set, else with the newest
 /// key the migrations keep in the database; accepted when signed with any of
 /// those or `PAGE_TOKEN_PREVIOUS_SECRETS`.
@@ -316,42 +337,71 @@ async fn page_tokens(config: &ServeConfig, pool: &sqlx::PgPool) -> anyhow::Resul
     Ok(PageTokens::new(keys))
 }
 
-/// Without authentication anyone who reaches a port can read, write and flush
-/// the cache: refuse to listen beyond loopback unless the operator insists.
-fn check_exposure(config: &ServeConfig, authenticated: bool) -> anyhow::Result<()> {
-    let exposed: Vec<String> = [
-        ("GRPC_ADDR", config.server.grpc_addr),
-        ("ADMIN_ADDR", config.server.admin_addr),
-    ]
-    .into_iter()
-    .filter(|(_, addr)| !addr.ip().is_loopback())
-    .map(|(name, addr)| format!("{name}={addr}"))
-    .collect();
-    if authenticated {
-        if !exposed.is_empty() && config.server.tls_cert_file.is_none() {
-            tracing::warn!(
-                exposed = exposed.join(", "),
-                "bearer tokens cross the network in plaintext: set TLS_CERT_FILE and TLS_KEY_FILE, or terminate TLS in front"
-            );
-        }
-        return Ok(());
+/// The SHA-256 of the token in `METRICS_TOKEN_FILE`, if set.
+fn metrics_token(config: &ServeConfig) -> anyhow::Result<Option<[u8; 32]>> {
+    let Some(path) = &config.server.metrics_token_file else {
+        return Ok(None);
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading METRICS_TOKEN_FILE {}", path.display()))?;
+    let token = text.trim();
+    if token.len() < 16 {
+        bail!("METRICS_TOKEN_FILE {} must hold a token of at least 16 characters", path.display());
     }
-    if exposed.is_empty() {
-        tracing::info!("no authentication configured: listening on loopback only");
+    Ok(Some(Sha256::digest(token.as_bytes()).into()))
+}
+
+/// Without authentication anyone who reaches a port can read, write and flush
+/// the cache, or read what the metrics tell of the traffic: refuse to listen
+/// beyond loopback unless the operator insists. Logs what guards each listener.
+fn check_exposure(config: &ServeConfig, authenticated: bool) -> anyhow::Result<()> {
+    let server = &config.server;
+    let metrics_guarded = server.metrics_token_file.is_some();
+    let listeners = [
+        ("GRPC_ADDR", server.grpc_addr, authenticated, "bearer tokens"),
+        ("ADMIN_ADDR", server.admin_addr, authenticated, "bearer tokens with the admin role"),
+        ("METRICS_ADDR", server.metrics_addr, metrics_guarded, "METRICS_TOKEN_FILE"),
+    ];
+    let describe = |(_, addr, guarded, guard): &(&str, SocketAddr, bool, &str)| {
+        let reach = if addr.ip().is_loopback() { "loopback only" } else { "beyond loopback" };
+        let guard = if *guarded { guard } else { "no authentication" };
+        format!("{addr} ({reach}, {guard})")
+    };
+    tracing::info!(
+        grpc = describe(&listeners[0]),
+        admin = describe(&listeners[1]),
+        metrics = describe(&listeners[2]),
+        tls = server.tls_cert_file.is_some(),
+        "listeners"
+    );
+    let open: Vec<String> = listeners
+        .iter()
+        .filter(|(_, addr, guarded, _)| !addr.ip().is_loopback() && !guarded)
+        .map(|(name, addr, _, _)| format!("{name}={addr}"))
+        .collect();
+    let tokens_in_clear = authenticated
+        && server.tls_cert_file.is_none()
+        && listeners[..2].iter().any(|(_, addr, _, _)| !addr.ip().is_loopback());
+    if tokens_in_clear {
+        tracing::warn!(
+            "bearer tokens cross the network in plaintext: set TLS_CERT_FILE and TLS_KEY_FILE, or terminate TLS in front"
+        );
+    }
+    if open.is_empty() {
         return Ok(());
     }
     if config.auth.insecure_allow_unauthenticated {
         tracing::warn!(
-            exposed = exposed.join(", "),
-            "INSECURE: serving without authentication beyond loopback; anyone who reaches these ports can read, write and flush the cache"
+            exposed = open.join(", "),
+            "INSECURE: serving without authentication beyond loopback; anyone who reaches these ports can read what they serve, and on the gRPC ports write and flush the cache"
         );
         return Ok(());
     }
     bail!(
-        "{} is not a loopback address and no authentication is configured: set AUTH_TOKENS_FILE, \
-         AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY_FILE, listen on 127.0.0.1, or set \
-         INSECURE_ALLOW_UNAUTHENTICATED=true",
-        exposed.join(" and ")
+        "{} beyond loopback without authentication: set AUTH_TOKENS_FILE, AUTH_JWT_SECRET, \
+         AUTH_JWT_PUBLIC_KEY_FILE or AUTH_JWKS_FILE (gRPC and admin), METRICS_TOKEN_FILE (metrics), listen on \
+         127.0.0.1, or set INSECURE_ALLOW_UNAUTHENTICATED=true",
+        open.join(" and ")
     )
 }
 

@@ -429,6 +429,34 @@ pub struct ServerConfig {
     #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
     pub request_timeout_ms: u64,
 
+    /// Connections open at once on each of the gRPC and admin listeners; the
+    /// ones over are closed as they arrive. Each holds a file descriptor:
+    /// keep the sum well under the open-file limit (`ulimit -n`).
+    #[arg(long = "max-connections", env = "MAX_CONNECTIONS", default_value_t = 2048, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_connections: u32,
+
+    /// Connections open at once from one client address, on each listener.
+    /// Behind a proxy that does not keep the client's address every client
+    /// shares the proxy's: raise it there.
+    #[arg(long = "max-connections-per-peer", env = "MAX_CONNECTIONS_PER_PEER", default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_client_connections_per_peer: u32,
+
+    /// How long a new connection has to send its first bytes (the HTTP/2
+    /// preface and first frame, or the TLS hello), in milliseconds.
+    #[arg(long, env = "CONNECTION_PREFACE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub connection_preface_timeout_ms: u64,
+
+    /// A connection from which nothing arrives for this long is closed, in
+    /// seconds. Live clients answer the server's keepalive pings every 30 s.
+    #[arg(long, env = "CONNECTION_IDLE_TIMEOUT_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(31..))]
+    pub connection_idle_timeout_secs: u64,
+
+    /// File holding the bearer token `/metrics` requires
+    /// (`Authorization: Bearer <token>`, Prometheus's `authorization.credentials_file`).
+    /// Without it `/metrics` answers anyone who reaches `METRICS_ADDR`.
+    #[arg(long, env = "METRICS_TOKEN_FILE")]
+    pub metrics_token_file: Option<PathBuf>,
+
     /// Key of the MAC that makes page tokens tamper-evident, instead of the
     /// random one the migrations keep in the database (which every instance
     /// shares without this). Every instance must have the same.
@@ -468,6 +496,13 @@ pub struct AuthConfig {
     /// PEM public key of RS256 (RSA) or ES256 (EC P-256) signed JWTs.
     #[arg(long, env = "AUTH_JWT_PUBLIC_KEY_FILE")]
     pub auth_jwt_public_key_file: Option<PathBuf>,
+
+    /// JWK set file (`{"keys": [...]}`, as an identity provider publishes at
+    /// its `jwks_uri`) of public keys: a JWT's `kid` header selects its key.
+    /// Re-read when it changes and on SIGHUP, so a new key can be added
+    /// before it signs and the old one removed after its tokens expired.
+    #[arg(long, env = "AUTH_JWKS_FILE")]
+    pub auth_jwks_file: Option<PathBuf>,
 
     /// Issuer (`iss`) a JWT must name, if set.
     #[arg(long, env = "AUTH_JWT_ISSUER")]

@@ -13,6 +13,7 @@
 //! - [`config`], [`telemetry`], [`ops`]: settings, logs and metrics, and the
 //!   operator commands `seed` and `warm`.
 //! - [`tls`]: the gRPC listener's certificates, and the one rustls crypto provider.
+//! - [`listener`]: every listener's bounds on connections.
 
 // Nested async fns (handler, service, read-through, cache, Redis) exceed the default depth.
 #![recursion_limit = "256"]
@@ -22,6 +23,7 @@ pub mod app;
 pub mod cache;
 pub mod config;
 pub mod domain;
+pub mod listener;
 pub mod ops;
 pub mod service;
 pub mod store;

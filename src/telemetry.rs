@@ -8,7 +8,7 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     sync::{
-        Arc, Mutex, OnceLock,
+        Mutex, OnceLock,
         atomic::{AtomicU64, Ordering},
     },
     time::{Duration, Instant},
@@ -20,7 +20,9 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::Histogram;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
-use tokio::{net::TcpListener, sync::Semaphore};
+use futures_util::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt};
 
 use self::filters::AskEveryTime;
@@ -32,10 +34,9 @@ const LATENCY_BUCKETS: &[f64] = &[
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 
-/// Connections the metrics listener serves at once; more are closed at once.
-const METRICS_MAX_CONNECTIONS: usize = 64;
-/// A client must send its request headers within this, or the connection is closed.
-const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A client must send its request headers within this, or the connection is
+/// closed: a scrape is one short request.
+const METRICS_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
 /// The longest a metrics connection stays open.
 const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -107,10 +108,17 @@ pub fn metrics_handle() -> &'static PrometheusHandle {
     })
 }
 
-/// Serves the Prometheus text format on `GET /metrics` until the task is dropped.
-pub async fn serve_metrics(listener: TcpListener) {
+/// Serves the Prometheus text format on `GET /metrics` to each of
+/// `connections` until the task is dropped (the listener bounds how many
+/// there are and how long they may say nothing). With `token`, a scrape
+/// must send `Authorization: Bearer <token>`; `token` is its SHA-256.
+pub async fn serve_metrics<S, C>(connections: S, token: Option<[u8; 32]>)
+where
+    S: Stream<Item = std::io::Result<C>>,
+    C: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let handle = metrics_handle();
-    let connections = Arc::new(Semaphore::new(METRICS_MAX_CONNECTIONS));
+    tokio::pin!(connections);
     // Histograms are aggregated lazily; upkeep keeps their memory bounded between scrapes.
     let mut upkeep = tokio::time::interval(Duration::from_secs(5));
     loop {
@@ -119,23 +127,20 @@ pub async fn serve_metrics(listener: TcpListener) {
                 handle.run_upkeep();
                 continue;
             }
-            accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
-                Err(_) => {
-                    // Out of file descriptors, most likely: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
+            accepted = connections.next() => match accepted {
+                Some(Ok(stream)) => stream,
+                Some(Err(_)) => continue,
+                None => return,
             },
         };
-        let Ok(permit) = connections.clone().try_acquire_owned() else {
-            continue; // at the cap: the connection is closed at once
-        };
-        // A scrape is one small response; don't let Nagle hold its last segment back.
-        let _ = stream.set_nodelay(true);
         tokio::spawn(async move {
             let service = service_fn(|request: hyper::Request<hyper::body::Incoming>| async move {
-                if request.uri().path() == "/metrics" {
+                if token.is_some_and(|token| !bearer_matches(&request, &token)) {
+                    Response::builder()
+                        .status(StatusCode::UNAUTHORIZED)
+                        .header("www-authenticate", "Bearer")
+                        .body(Full::new(Bytes::from("a bearer token is required (METRICS_TOKEN_FILE)\n")))
+                } else if request.uri().path() == "/metrics" {
                     Response::builder()
                         .header("content-type", "text/plain; version=0.0.4")
                         .body(Full::new(Bytes::from(handle.render())))
@@ -150,9 +155,23 @@ pub async fn serve_metrics(listener: TcpListener) {
                 .header_read_timeout(METRICS_HEADER_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
             let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, connection).await;
-            drop(permit);
         });
     }
+}
+
+/// Whether `request` carries the bearer token whose SHA-256 is `token`,
+/// compared in time that does not depend on where they differ.
+fn bearer_matches(request: &hyper::Request<hyper::body::Incoming>, token: &[u8; 32]) -> bool {
+    let Some(presented) = request
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
+    digest.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
 }
 
 /// Lets one log line through per interval and counts the ones held back, so

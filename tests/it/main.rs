@@ -12,6 +12,7 @@ mod cli;
 mod client;
 mod cluster;
 mod concurrency;
+mod connections;
 mod consistency;
 mod dashboard;
 mod deployment;
