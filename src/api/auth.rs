@@ -1,8 +1,9 @@
 //! Who may call what.
 //!
 //! A caller sends `authorization: Bearer <token>`. A token is either a signed
-//! JWT (HS256 with a shared secret, or RS256/ES256 checked with a public key)
-//! or one of the static tokens of `AUTH_TOKENS_FILE`, which holds only their
+//! JWT (HS256 with a shared secret, RS256/ES256 checked with a public key, or
+//! checked with the key its `kid` names in a JWK set file, re-read when it
+//! changes) or one of the static tokens of `AUTH_TOKENS_FILE`, which holds only their
 //! SHA-256 hashes, compared in constant time. A token grants roles: `read`
 //! (Get, BatchGet, List), `write` (Create, Update, Delete) and `admin`
 //! (CacheAdminService). `required_access` is the one table of what each
@@ -15,15 +16,21 @@
 //! call passes; the service then listens on loopback only (see `app`).
 
 use std::{
+    collections::HashMap,
     fmt,
-    path::Path,
-    sync::Arc,
+    path::{Path, PathBuf},
+    str::FromStr,
+    sync::{Arc, RwLock},
     task::{Context, Poll},
+    time::Duration,
 };
 
 use anyhow::{Context as _, bail};
 use futures_util::future::{Either, Ready, ready};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{
+    Algorithm, DecodingKey, Validation,
+    jwk::{AlgorithmParameters, EllipticCurve, JwkSet},
+};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tonic::{Status, body::Body};
@@ -120,11 +127,37 @@ struct StaticToken {
 }
 
 struct JwtVerifier {
-    key: DecodingKey,
-    validation: Validation,
+    keys: JwtKeys,
     /// Longest `exp - iat`, in seconds.
     max_lifetime: u64,
 }
+
+/// The keys JWTs are checked with.
+enum JwtKeys {
+    /// `AUTH_JWT_SECRET` or `AUTH_JWT_PUBLIC_KEY_FILE`: tokens name no key.
+    One(VerifyingKey),
+    /// `AUTH_JWKS_FILE`: the key a token's `kid` header names. Replaced
+    /// whole when the file changes, so a key can be added before tokens
+    /// signed with it appear and removed after the last one expired.
+    Set {
+        path: PathBuf,
+        /// How every key's tokens are validated, but for the algorithm.
+        template: Validation,
+        keys: RwLock<Arc<KeySet>>,
+    },
+}
+
+/// A key set by `kid`.
+type KeySet = HashMap<String, VerifyingKey>;
+
+struct VerifyingKey {
+    key: DecodingKey,
+    /// The claims checked, and the one algorithm accepted with this key.
+    validation: Validation,
+}
+
+/// How often `AUTH_JWKS_FILE` is read for changes (SIGHUP reads it at once).
+const JWKS_POLL: Duration = Duration::from_secs(1);
 
 /// The claims read from a JWT besides those `validation` checks (`exp`,
 /// `nbf`, and `iss`/`aud`, required when configured).
@@ -179,46 +212,59 @@ impl Authenticator {
             Some(path) => read_tokens_file(path)?,
             None => Vec::new(),
         };
-        let jwt = match (&config.auth_jwt_secret, &config.auth_jwt_public_key_file) {
-            (Some(_), Some(_)) => bail!("set AUTH_JWT_SECRET or AUTH_JWT_PUBLIC_KEY_FILE, not both"),
-            (Some(secret), None) => {
-                if secret.expose().len() < 32 {
-                    bail!("AUTH_JWT_SECRET must be at least 32 bytes");
-                }
-                Some((DecodingKey::from_secret(secret.expose().as_bytes()), Algorithm::HS256))
-            }
-            (None, Some(path)) => Some(read_public_key(path)?),
-            (None, None) => None,
-        };
-        if jwt.is_some() && config.auth_jwt_audience.is_none() && !config.auth_jwt_any_audience {
+        let sources = [
+            config.auth_jwt_secret.is_some(),
+            config.auth_jwt_public_key_file.is_some(),
+            config.auth_jwks_file.is_some(),
+        ];
+        if sources.into_iter().filter(|set| *set).count() > 1 {
+            bail!("set one of AUTH_JWT_SECRET, AUTH_JWT_PUBLIC_KEY_FILE and AUTH_JWKS_FILE");
+        }
+        let uses_jwts = sources.contains(&true);
+        if uses_jwts && config.auth_jwt_audience.is_none() && !config.auth_jwt_any_audience {
             bail!(
                 "a JWT key needs AUTH_JWT_AUDIENCE (the audience tokens for this service name), \
                  or AUTH_JWT_ANY_AUDIENCE=true to accept tokens minted for any audience"
             );
         }
-        let jwt = jwt.map(|(key, algorithm)| {
-            let mut validation = Validation::new(algorithm);
-            // The library checks `iss` and `aud` only when present, unless required.
-            let mut required = vec!["exp", "iat"];
-            validation.leeway = 30;
-            validation.validate_nbf = true;
-            if let Some(issuer) = &config.auth_jwt_issuer {
-                validation.set_issuer(&[issuer]);
-                required.push("iss");
-            }
-            match &config.auth_jwt_audience {
-                Some(audience) => {
-                    validation.set_audience(&[audience]);
-                    required.push("aud");
-                }
-                None => validation.validate_aud = false,
-            }
-            validation.set_required_spec_claims(&required);
-            JwtVerifier {
+        let template = validation(config);
+        let one = |key: DecodingKey, algorithm: Algorithm| {
+            JwtKeys::One(VerifyingKey {
                 key,
-                validation,
-                max_lifetime: config.auth_jwt_max_lifetime_secs,
+                validation: for_algorithm(&template, algorithm),
+            })
+        };
+        let keys = match (
+            &config.auth_jwt_secret,
+            &config.auth_jwt_public_key_file,
+            &config.auth_jwks_file,
+        ) {
+            (Some(secret), _, _) => {
+                if secret.expose().len() < 32 {
+                    bail!("AUTH_JWT_SECRET must be at least 32 bytes");
+                }
+                Some(one(DecodingKey::from_secret(secret.expose().as_bytes()), Algorithm::HS256))
             }
+            (_, Some(path), _) => {
+                let (key, algorithm) = read_public_key(path)?;
+                Some(one(key, algorithm))
+            }
+            (_, _, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading AUTH_JWKS_FILE {}", path.display()))?;
+                let set = parse_key_set(&text, &template)
+                    .with_context(|| format!("AUTH_JWKS_FILE {}", path.display()))?;
+                Some(JwtKeys::Set {
+                    path: path.clone(),
+                    template,
+                    keys: RwLock::new(Arc::new(set)),
+                })
+            }
+            _ => None,
+        };
+        let jwt = keys.map(|keys| JwtVerifier {
+            keys,
+            max_lifetime: config.auth_jwt_max_lifetime_secs,
         });
         if static_tokens.is_empty() && jwt.is_none() {
             if config.auth_tokens_file.is_some() {
@@ -243,14 +289,68 @@ impl Authenticator {
             return Ok(roles);
         }
         let jwt = self.jwt.as_ref().ok_or(Refusal::InvalidToken)?;
-        let claims = jsonwebtoken::decode::<Claims>(token, &jwt.key, &jwt.validation)
-            .map_err(|_| Refusal::InvalidToken)?
-            .claims;
+        let claims = match &jwt.keys {
+            JwtKeys::One(key) => key.decode(token),
+            JwtKeys::Set { keys, .. } => {
+                let kid = jsonwebtoken::decode_header(token)
+                    .map_err(|_| Refusal::InvalidToken)?
+                    .kid
+                    .ok_or(Refusal::InvalidToken)?;
+                let keys = keys.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone();
+                keys.get(&kid).ok_or(Refusal::InvalidToken)?.decode(token)
+            }
+        }?;
         if claims.exp.saturating_sub(claims.iat) > jwt.max_lifetime {
             return Err(Refusal::InvalidToken);
         }
         // A token with an unknown role is refused whole rather than trimmed.
         Roles::parse(claims.roles.iter().map(String::as_str)).map_err(|_| Refusal::InvalidToken)
+    }
+
+    /// Re-reads `AUTH_JWKS_FILE` every `JWKS_POLL` and on SIGHUP, and uses
+    /// the new key set once it parses (a bad file keeps the last good set).
+    /// Returns at once without a key set file.
+    pub async fn follow_key_set(&self) {
+        let Some(JwtKeys::Set { path, template, keys }) = self.jwt.as_ref().map(|jwt| &jwt.keys) else {
+            return;
+        };
+        let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut poll = tokio::time::interval(JWKS_POLL);
+        // What the file held when last read: only a change is parsed (and a bad one logged once).
+        let mut seen = tokio::fs::read_to_string(path).await.unwrap_or_default();
+        loop {
+            tokio::select! {
+                _ = poll.tick() => {}
+                Some(()) = async { hangups.as_mut()?.recv().await } => {}
+            }
+            let text = match tokio::fs::read_to_string(path).await {
+                Ok(text) => text,
+                Err(error) => {
+                    tracing::warn!(%error, path = %path.display(), "cannot read AUTH_JWKS_FILE; keeping its last keys");
+                    continue;
+                }
+            };
+            if text == seen {
+                continue;
+            }
+            match parse_key_set(&text, template) {
+                Ok(set) => {
+                    metrics::counter!("readthrough_auth_key_set_reads_total", "outcome" => "used").increment(1);
+                    let kids: Vec<&String> = set.keys().collect();
+                    tracing::info!(path = %path.display(), ?kids, "AUTH_JWKS_FILE changed: using its keys");
+                    *keys.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(set);
+                }
+                Err(error) => {
+                    metrics::counter!("readthrough_auth_key_set_reads_total", "outcome" => "refused").increment(1);
+                    tracing::error!(
+                        error = format!("{error:#}"),
+                        path = %path.display(),
+                        "AUTH_JWKS_FILE changed but is not a usable key set; keeping its last keys"
+                    );
+                }
+            }
+            seen = text;
+        }
     }
 
     /// Compares the token's hash with every listed hash, each in constant
@@ -300,6 +400,87 @@ fn parse_token_line(line: &str) -> Result<StaticToken, String> {
     Ok(StaticToken { sha256, roles })
 }
 
+impl VerifyingKey {
+    fn decode(&self, token: &str) -> Result<Claims, Refusal> {
+        jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .map(|data| data.claims)
+            .map_err(|_| Refusal::InvalidToken)
+    }
+}
+
+/// What every JWT must satisfy, whatever its key: `exp` and `iat` present,
+/// `nbf` checked, and the configured issuer and audience named.
+fn validation(config: &AuthConfig) -> Validation {
+    let mut validation = Validation::default();
+    // The library checks `iss` and `aud` only when present, unless required.
+    let mut required = vec!["exp", "iat"];
+    validation.leeway = 30;
+    validation.validate_nbf = true;
+    if let Some(issuer) = &config.auth_jwt_issuer {
+        validation.set_issuer(&[issuer]);
+        required.push("iss");
+    }
+    match &config.auth_jwt_audience {
+        Some(audience) => {
+            validation.set_audience(&[audience]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
+}
+
+/// `template`, accepting only `algorithm`: a token's header cannot choose
+/// another (the algorithm confusion attack).
+fn for_algorithm(template: &Validation, algorithm: Algorithm) -> Validation {
+    let mut validation = template.clone();
+    validation.algorithms = vec![algorithm];
+    validation
+}
+
+/// A JWK set (`{"keys": [...]}`) of public keys: RSA, EC P-256 or P-384, or
+/// Ed25519, each with a `kid`. The algorithm is the key's `alg`, or what its
+/// type implies. Symmetric (`oct`) keys are refused: a key set is public.
+fn parse_key_set(text: &str, template: &Validation) -> anyhow::Result<KeySet> {
+    let set: JwkSet = serde_json::from_str(text).context("not a JWK set (`{\"keys\": [...]}`)")?;
+    let mut by_kid = HashMap::new();
+    for (index, jwk) in set.keys.iter().enumerate() {
+        let kid = jwk
+            .common
+            .key_id
+            .clone()
+            .with_context(|| format!("key {index} has no `kid`"))?;
+        let implied = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Algorithm::RS256,
+            AlgorithmParameters::EllipticCurve(params) => match params.curve {
+                EllipticCurve::P256 => Algorithm::ES256,
+                EllipticCurve::P384 => Algorithm::ES384,
+                _ => bail!("key `{kid}`: only the P-256 and P-384 curves are supported"),
+            },
+            AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
+            AlgorithmParameters::OctetKey(_) => bail!("key `{kid}` is symmetric (`oct`): a key set holds public keys"),
+            _ => bail!("key `{kid}` is of an unsupported type"),
+        };
+        let algorithm = match jwk.common.key_algorithm {
+            Some(alg) => Algorithm::from_str(&alg.to_string()).with_context(|| format!("key `{kid}`: `alg` {alg}"))?,
+            None => implied,
+        };
+        if matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) {
+            bail!("key `{kid}`: `alg` {algorithm:?} is symmetric: a key set holds public keys");
+        }
+        let key = DecodingKey::from_jwk(jwk).with_context(|| format!("key `{kid}`"))?;
+        let validation = for_algorithm(template, algorithm);
+        if by_kid.insert(kid.clone(), VerifyingKey { key, validation }).is_some() {
+            bail!("two keys have the `kid` `{kid}`");
+        }
+    }
+    if by_kid.is_empty() {
+        bail!("the set has no keys");
+    }
+    Ok(by_kid)
+}
+
 /// An RSA (RS256) or EC P-256 (ES256) public key in PEM.
 fn read_public_key(path: &Path) -> anyhow::Result<(DecodingKey, Algorithm)> {
     let pem = std::fs::read(path).with_context(|| format!("reading AUTH_JWT_PUBLIC_KEY_FILE {}", path.display()))?;
@@ -331,6 +512,13 @@ impl AuthLayer {
     /// Whether calls are checked at all.
     pub fn enabled(&self) -> bool {
         self.authenticator.is_some()
+    }
+
+    /// Follows `AUTH_JWKS_FILE` (see `Authenticator::follow_key_set`).
+    pub async fn follow_key_set(&self) {
+        if let Some(authenticator) = &self.authenticator {
+            authenticator.follow_key_set().await;
+        }
     }
 }
 

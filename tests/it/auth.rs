@@ -17,7 +17,7 @@ use readthrough_client::proto::{CreateUserRequest, GetUserRequest, user_service_
 use sha2::{Digest, Sha256};
 use tonic::{Code, Request, transport::Channel};
 
-use crate::helpers::{Sandbox, TestApp, spawn_app_with, spawn_app_with_hooks};
+use crate::helpers::{Sandbox, TestApp, eventually, spawn_app_with, spawn_app_with_hooks};
 
 const READER: &str = "reader-token-0123456789";
 const WRITER: &str = "writer-token-0123456789";
@@ -523,4 +523,121 @@ async fn one_connection_has_at_most_its_share_of_calls_in_progress() {
         (128..=129).contains(&most),
         "{most} fills at once (128 of the busy connection, 1 other)"
     );
+}
+
+/// The public half of an EC P-256 `key` as a JWK named `kid`.
+fn es256_jwk(key: &rcgen::KeyPair, kid: &str) -> serde_json::Value {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    // Uncompressed point: 0x04, then x and y, 32 bytes each.
+    let point = key.public_key_raw();
+    serde_json::json!({
+        "kty": "EC",
+        "crv": "P-256",
+        "x": URL_SAFE_NO_PAD.encode(&point[1..33]),
+        "y": URL_SAFE_NO_PAD.encode(&point[33..65]),
+        "kid": kid,
+        "alg": "ES256",
+        "use": "sig",
+    })
+}
+
+fn write_key_set(path: &std::path::Path, keys: &[serde_json::Value]) {
+    // Written whole, then renamed into place, as a deployment would: never read half-written.
+    let partial = path.with_extension("partial");
+    std::fs::write(&partial, serde_json::json!({ "keys": keys }).to_string()).unwrap();
+    std::fs::rename(&partial, path).unwrap();
+}
+
+/// A writer's ES256 JWT signed with `key`, its header naming `kid` (if any).
+fn es256_token(key: &rcgen::KeyPair, kid: Option<&str>) -> String {
+    let mut header = Header::new(Algorithm::ES256);
+    header.kid = kid.map(str::to_string);
+    let encoding = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+    jsonwebtoken::encode(&header, &Claims::new(now() + 300, &["write"]), &encoding).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_are_checked_with_the_key_their_kid_names_and_keys_rotate_without_a_restart() {
+    let old = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let new = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    write_key_set(&jwks, &[es256_jwk(&old, "old")]);
+    let app = spawn_app_with(|config| {
+        config.auth.auth_jwks_file = Some(jwks.clone());
+        config.auth.auth_jwt_audience = Some(AUDIENCE.to_string());
+    })
+    .await;
+    // One client, one connection, through every rotation.
+    let users = app.users.clone();
+    let accepted = |token: String| {
+        let mut users = users.clone();
+        async move {
+            match users.create_user(with_token(create(&format!("{}@example.com", uuid::Uuid::new_v4())), &token)).await {
+                Ok(_) => true,
+                Err(status) if status.code() == Code::Unauthenticated => false,
+                Err(status) => panic!("{status:?}"),
+            }
+        }
+    };
+
+    assert!(accepted(es256_token(&old, Some("old"))).await);
+    assert!(!accepted(es256_token(&old, None)).await, "a token from a key set must name its key");
+    assert!(!accepted(es256_token(&new, Some("old"))).await, "signed with another key than its kid names");
+    assert!(!accepted(es256_token(&new, Some("new"))).await, "a kid the set does not hold");
+    let confused = jsonwebtoken::encode(
+        &Header {
+            kid: Some("old".to_string()),
+            ..Header::new(Algorithm::HS256)
+        },
+        &Claims::new(now() + 300, &["write"]),
+        &EncodingKey::from_secret(old.public_key_pem().as_bytes()),
+    )
+    .unwrap();
+    assert!(!accepted(confused).await, "HS256 with the public key as its secret");
+
+    // Rotation, step one: the new key joins; both are accepted.
+    write_key_set(&jwks, &[es256_jwk(&old, "old"), es256_jwk(&new, "new")]);
+    assert!(eventually(Duration::from_secs(5), || accepted(es256_token(&new, Some("new")))).await);
+    assert!(accepted(es256_token(&old, Some("old"))).await, "the old key still signs meanwhile");
+
+    // Step two: the old key leaves.
+    write_key_set(&jwks, &[es256_jwk(&new, "new")]);
+    assert!(eventually(Duration::from_secs(5), || async { !accepted(es256_token(&old, Some("old"))).await }).await);
+    assert!(accepted(es256_token(&new, Some("new"))).await);
+
+    // A broken file is refused; the keys in use stay.
+    std::fs::write(&jwks, "{ not json").unwrap();
+    let refused = r#"readthrough_auth_key_set_reads_total{outcome="refused"}"#;
+    assert!(eventually(Duration::from_secs(5), || async { app.metric(refused).await == 1.0 }).await);
+    assert!(accepted(es256_token(&new, Some("new"))).await);
+}
+
+#[tokio::test]
+async fn a_key_set_file_must_hold_public_keys_each_with_a_kid() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut without_kid = es256_jwk(&key, "k");
+    without_kid.as_object_mut().unwrap().remove("kid");
+    let symmetric = serde_json::json!({ "kty": "oct", "k": "c2VjcmV0", "kid": "s" });
+    for (what, keys) in [
+        ("no kid", vec![without_kid]),
+        ("a symmetric key", vec![symmetric]),
+        ("two keys with one kid", vec![es256_jwk(&key, "k"), es256_jwk(&key, "k")]),
+        ("no key", vec![]),
+    ] {
+        let jwks = dir.path().join("jwks.json");
+        write_key_set(&jwks, &keys);
+        let mut config = ServeConfig::from_env();
+        config.auth.auth_jwks_file = Some(jwks);
+        config.auth.auth_jwt_audience = Some(AUDIENCE.to_string());
+        let error = Application::build(config).await.err().unwrap_or_else(|| panic!("started with {what}"));
+        assert!(format!("{error:#}").contains("AUTH_JWKS_FILE"), "{what}: {error:#}");
+    }
+    let mut config = ServeConfig::from_env();
+    config.auth.auth_jwks_file = Some(dir.path().join("jwks.json"));
+    config.auth.auth_jwt_secret = Some(JWT_SECRET.parse().unwrap());
+    config.auth.auth_jwt_audience = Some(AUDIENCE.to_string());
+    let error = Application::build(config).await.err().expect("two key sources refuse to start");
+    assert!(format!("{error:#}").contains("set one of"), "{error:#}");
 }
