@@ -8,6 +8,7 @@
 use std::{future::Future, net::SocketAddr, time::Duration};
 
 use anyhow::{Context, bail};
+use prost::Message;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tonic::transport::{Server, ServerTlsConfig};
@@ -22,12 +23,12 @@ use crate::{
     api::{AdmissionLayer, AuthLayer, Authenticator, CacheAdminApi, PageTokens, ProductApi, RpcMetricsLayer, UserApi},
     cache::{Cache, Keys},
     config::{Secret, ServeConfig},
+    listener::{self, Limits},
     proto::{
         cache_admin_service_server::CacheAdminServiceServer, product_service_server::ProductServiceServer,
         user_service_server::UserServiceServer,
     },
     service::{Services, relay},
-    listener::{self, Limits},
     store, telemetry, tls,
 };
 
@@ -210,8 +211,8 @@ impl Application {
         let api = edge
             .server()?
             .add_service(health_service)
-            .add_optional_service(edge.reflection_v1())
-            .add_optional_service(edge.reflection_v1alpha())
+            .add_optional_service(edge.reflection_v1(Listener::Data))
+            .add_optional_service(edge.reflection_v1alpha(Listener::Data))
             .add_service(UserServiceServer::new(UserApi::new(users)).max_decoding_message_size(MAX_REQUEST_BYTES))
             .add_service(
                 ProductServiceServer::new(ProductApi::new(products, self.page_tokens))
@@ -220,8 +221,8 @@ impl Application {
             .serve_with_incoming_shutdown(listener::bounded(self.grpc_listener, limits, "grpc"), until_stopped());
         let admin = edge
             .server()?
-            .add_optional_service(edge.reflection_v1())
-            .add_optional_service(edge.reflection_v1alpha())
+            .add_optional_service(edge.reflection_v1(Listener::Admin))
+            .add_optional_service(edge.reflection_v1alpha(Listener::Admin))
             .add_service(CacheAdminServiceServer::new(admin).max_decoding_message_size(MAX_REQUEST_BYTES))
             .serve_with_incoming_shutdown(listener::bounded(self.admin_listener, limits, "admin"), until_stopped());
         let servers = async {
@@ -294,28 +295,53 @@ impl Edge {
             .layer(self.admission.clone()))
     }
 
-    fn reflection_v1(&self) -> Option<ServerReflectionServer<impl ServerReflection>> {
+    fn reflection_v1(&self, listener: Listener) -> Option<ServerReflectionServer<impl ServerReflection>> {
         self.reflection.then(|| {
-            reflection_builder()
+            reflection_builder(listener)
                 .build_v1()
                 .expect("the embedded descriptor sets are valid")
         })
     }
 
     /// grpcurl before 1.9 speaks only v1alpha.
-    fn reflection_v1alpha(&self) -> Option<ServerReflectionServerV1Alpha<impl ServerReflectionV1Alpha>> {
+    fn reflection_v1alpha(
+        &self,
+        listener: Listener,
+    ) -> Option<ServerReflectionServerV1Alpha<impl ServerReflectionV1Alpha>> {
         self.reflection.then(|| {
-            reflection_builder()
+            reflection_builder(listener)
                 .build_v1alpha()
                 .expect("the embedded descriptor sets are valid")
         })
     }
 }
 
-fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+/// The gRPC listener a reflection service runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Listener {
+    /// `GRPC_ADDR`: users, products, health.
+    Data,
+    /// `ADMIN_ADDR`: cache administration.
+    Admin,
+}
+
+/// Reflection that describes only what `listener` serves: the data port
+/// does not advertise (or describe) CacheAdminService, nor the admin port
+/// the data API.
+fn reflection_builder(listener: Listener) -> tonic_reflection::server::Builder<'static> {
+    let mut set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET)
+        .expect("the embedded descriptor set is valid");
+    let served_elsewhere = |service: &str| match listener {
+        Listener::Data => service == "CacheAdminService",
+        Listener::Admin => service != "CacheAdminService",
+    };
+    set.file
+        .retain(|file| !file.service.iter().any(|service| served_elsewhere(service.name())));
+    let builder = tonic_reflection::server::Builder::configure().register_file_descriptor_set(set);
+    match listener {
+        Listener::Data => builder.register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET),
+        Listener::Admin => builder,
+    }
 }
 
 /// Page tokens signed with `PAGE_TOKEN_SECRET` if set, else with the newest
@@ -346,7 +372,10 @@ fn metrics_token(config: &ServeConfig) -> anyhow::Result<Option<[u8; 32]>> {
         std::fs::read_to_string(path).with_context(|| format!("reading METRICS_TOKEN_FILE {}", path.display()))?;
     let token = text.trim();
     if token.len() < 16 {
-        bail!("METRICS_TOKEN_FILE {} must hold a token of at least 16 characters", path.display());
+        bail!(
+            "METRICS_TOKEN_FILE {} must hold a token of at least 16 characters",
+            path.display()
+        );
     }
     Ok(Some(Sha256::digest(token.as_bytes()).into()))
 }
@@ -359,11 +388,25 @@ fn check_exposure(config: &ServeConfig, authenticated: bool) -> anyhow::Result<(
     let metrics_guarded = server.metrics_token_file.is_some();
     let listeners = [
         ("GRPC_ADDR", server.grpc_addr, authenticated, "bearer tokens"),
-        ("ADMIN_ADDR", server.admin_addr, authenticated, "bearer tokens with the admin role"),
-        ("METRICS_ADDR", server.metrics_addr, metrics_guarded, "METRICS_TOKEN_FILE"),
+        (
+            "ADMIN_ADDR",
+            server.admin_addr,
+            authenticated,
+            "bearer tokens with the admin role",
+        ),
+        (
+            "METRICS_ADDR",
+            server.metrics_addr,
+            metrics_guarded,
+            "METRICS_TOKEN_FILE",
+        ),
     ];
     let describe = |(_, addr, guarded, guard): &(&str, SocketAddr, bool, &str)| {
-        let reach = if addr.ip().is_loopback() { "loopback only" } else { "beyond loopback" };
+        let reach = if addr.ip().is_loopback() {
+            "loopback only"
+        } else {
+            "beyond loopback"
+        };
         let guard = if *guarded { guard } else { "no authentication" };
         format!("{addr} ({reach}, {guard})")
     };

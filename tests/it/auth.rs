@@ -172,30 +172,76 @@ async fn health_and_reflection_need_no_token_and_reflection_can_be_switched_off(
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     use tonic_reflection::pb::v1::{
         ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
-        server_reflection_request::MessageRequest,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
     };
 
-    let list_services = |port: u16| async move {
+    let ask = |port: u16, request: MessageRequest| async move {
         let mut client = ServerReflectionClient::new(channel(port).await);
         let request = ServerReflectionRequest {
             host: String::new(),
-            message_request: Some(MessageRequest::ListServices(String::new())),
+            message_request: Some(request),
         };
         let mut responses = client
             .server_reflection_info(tokio_stream_once(request))
             .await?
             .into_inner();
-        responses.message().await.map(|response| response.is_some())
+        responses
+            .message()
+            .await
+            .map(|response| response.and_then(|r| r.message_response))
+    };
+    let list_services = |port: u16| async move {
+        match ask(port, MessageRequest::ListServices(String::new())).await? {
+            Some(MessageResponse::ListServicesResponse(list)) => {
+                Ok::<_, tonic::Status>(list.service.into_iter().map(|s| s.name).collect::<Vec<_>>())
+            }
+            other => panic!("not a list of services: {other:?}"),
+        }
+    };
+    let describes = |port: u16, symbol: &str| {
+        let symbol = symbol.to_string();
+        async move {
+            match ask(port, MessageRequest::FileContainingSymbol(symbol)).await {
+                Ok(Some(MessageResponse::FileDescriptorResponse(_))) => true,
+                Err(status) if status.code() == Code::NotFound => false,
+                other => panic!("{other:?}"),
+            }
+        }
     };
 
     let app = spawn_with_tokens().await;
     let mut health = HealthClient::new(channel(app.grpc_port).await);
     let serving = health.check(HealthCheckRequest::default()).await.unwrap().into_inner();
     assert_eq!(serving.status, 1, "SERVING, without a token");
-    assert!(
-        list_services(app.grpc_port).await.unwrap(),
-        "reflection answers without a token"
+    let mut data = list_services(app.grpc_port)
+        .await
+        .expect("reflection answers without a token");
+    data.sort();
+    assert_eq!(
+        data,
+        [
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1.ServerReflection",
+            "readthrough.v1.ProductService",
+            "readthrough.v1.UserService"
+        ],
+        "the data port lists only what it serves"
     );
+    assert!(describes(app.grpc_port, "readthrough.v1.UserService").await);
+    assert!(
+        !describes(app.grpc_port, "readthrough.v1.CacheAdminService").await,
+        "the data port does not describe the admin API"
+    );
+    let mut admin = list_services(app.admin_port).await.unwrap();
+    admin.sort();
+    assert_eq!(
+        admin,
+        [
+            "grpc.reflection.v1.ServerReflection",
+            "readthrough.v1.CacheAdminService"
+        ]
+    );
+    assert!(!describes(app.admin_port, "readthrough.v1.UserService").await);
 
     let tokens = tokens_file();
     let closed = spawn_app_with(|config| {
@@ -573,7 +619,13 @@ async fn jwts_are_checked_with_the_key_their_kid_names_and_keys_rotate_without_a
     let accepted = |token: String| {
         let mut users = users.clone();
         async move {
-            match users.create_user(with_token(create(&format!("{}@example.com", uuid::Uuid::new_v4())), &token)).await {
+            match users
+                .create_user(with_token(
+                    create(&format!("{}@example.com", uuid::Uuid::new_v4())),
+                    &token,
+                ))
+                .await
+            {
                 Ok(_) => true,
                 Err(status) if status.code() == Code::Unauthenticated => false,
                 Err(status) => panic!("{status:?}"),
@@ -582,9 +634,18 @@ async fn jwts_are_checked_with_the_key_their_kid_names_and_keys_rotate_without_a
     };
 
     assert!(accepted(es256_token(&old, Some("old"))).await);
-    assert!(!accepted(es256_token(&old, None)).await, "a token from a key set must name its key");
-    assert!(!accepted(es256_token(&new, Some("old"))).await, "signed with another key than its kid names");
-    assert!(!accepted(es256_token(&new, Some("new"))).await, "a kid the set does not hold");
+    assert!(
+        !accepted(es256_token(&old, None)).await,
+        "a token from a key set must name its key"
+    );
+    assert!(
+        !accepted(es256_token(&new, Some("old"))).await,
+        "signed with another key than its kid names"
+    );
+    assert!(
+        !accepted(es256_token(&new, Some("new"))).await,
+        "a kid the set does not hold"
+    );
     let confused = jsonwebtoken::encode(
         &Header {
             kid: Some("old".to_string()),
@@ -599,11 +660,19 @@ async fn jwts_are_checked_with_the_key_their_kid_names_and_keys_rotate_without_a
     // Rotation, step one: the new key joins; both are accepted.
     write_key_set(&jwks, &[es256_jwk(&old, "old"), es256_jwk(&new, "new")]);
     assert!(eventually(Duration::from_secs(5), || accepted(es256_token(&new, Some("new")))).await);
-    assert!(accepted(es256_token(&old, Some("old"))).await, "the old key still signs meanwhile");
+    assert!(
+        accepted(es256_token(&old, Some("old"))).await,
+        "the old key still signs meanwhile"
+    );
 
     // Step two: the old key leaves.
     write_key_set(&jwks, &[es256_jwk(&new, "new")]);
-    assert!(eventually(Duration::from_secs(5), || async { !accepted(es256_token(&old, Some("old"))).await }).await);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            !accepted(es256_token(&old, Some("old"))).await
+        })
+        .await
+    );
     assert!(accepted(es256_token(&new, Some("new"))).await);
 
     // A broken file is refused; the keys in use stay.
@@ -623,7 +692,10 @@ async fn a_key_set_file_must_hold_public_keys_each_with_a_kid() {
     for (what, keys) in [
         ("no kid", vec![without_kid]),
         ("a symmetric key", vec![symmetric]),
-        ("two keys with one kid", vec![es256_jwk(&key, "k"), es256_jwk(&key, "k")]),
+        (
+            "two keys with one kid",
+            vec![es256_jwk(&key, "k"), es256_jwk(&key, "k")],
+        ),
         ("no key", vec![]),
     ] {
         let jwks = dir.path().join("jwks.json");
@@ -631,13 +703,19 @@ async fn a_key_set_file_must_hold_public_keys_each_with_a_kid() {
         let mut config = ServeConfig::from_env();
         config.auth.auth_jwks_file = Some(jwks);
         config.auth.auth_jwt_audience = Some(AUDIENCE.to_string());
-        let error = Application::build(config).await.err().unwrap_or_else(|| panic!("started with {what}"));
+        let error = Application::build(config)
+            .await
+            .err()
+            .unwrap_or_else(|| panic!("started with {what}"));
         assert!(format!("{error:#}").contains("AUTH_JWKS_FILE"), "{what}: {error:#}");
     }
     let mut config = ServeConfig::from_env();
     config.auth.auth_jwks_file = Some(dir.path().join("jwks.json"));
     config.auth.auth_jwt_secret = Some(JWT_SECRET.parse().unwrap());
     config.auth.auth_jwt_audience = Some(AUDIENCE.to_string());
-    let error = Application::build(config).await.err().expect("two key sources refuse to start");
+    let error = Application::build(config)
+        .await
+        .err()
+        .expect("two key sources refuse to start");
     assert!(format!("{error:#}").contains("set one of"), "{error:#}");
 }
