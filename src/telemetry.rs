@@ -14,13 +14,13 @@ use std::{
     time::{Duration, Instant},
 };
 
+use futures_util::{Stream, StreamExt};
 use http_body_util::Full;
 use hyper::{Response, StatusCode, body::Bytes, server::conn::http1, service::service_fn};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics::Histogram;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use opentelemetry::trace::TracerProvider as _;
-use futures_util::{Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, layer::SubscriberExt, util::SubscriberInitExt};
@@ -139,7 +139,9 @@ where
                     Response::builder()
                         .status(StatusCode::UNAUTHORIZED)
                         .header("www-authenticate", "Bearer")
-                        .body(Full::new(Bytes::from("a bearer token is required (METRICS_TOKEN_FILE)\n")))
+                        .body(Full::new(Bytes::from(
+                            "a bearer token is required (METRICS_TOKEN_FILE)\n",
+                        )))
                 } else if request.uri().path() == "/metrics" {
                     Response::builder()
                         .header("content-type", "text/plain; version=0.0.4")

@@ -243,7 +243,10 @@ impl Authenticator {
                 if secret.expose().len() < 32 {
                     bail!("AUTH_JWT_SECRET must be at least 32 bytes");
                 }
-                Some(one(DecodingKey::from_secret(secret.expose().as_bytes()), Algorithm::HS256))
+                Some(one(
+                    DecodingKey::from_secret(secret.expose().as_bytes()),
+                    Algorithm::HS256,
+                ))
             }
             (_, Some(path), _) => {
                 let (key, algorithm) = read_public_key(path)?;
@@ -252,8 +255,8 @@ impl Authenticator {
             (_, _, Some(path)) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("reading AUTH_JWKS_FILE {}", path.display()))?;
-                let set = parse_key_set(&text, &template)
-                    .with_context(|| format!("AUTH_JWKS_FILE {}", path.display()))?;
+                let set =
+                    parse_key_set(&text, &template).with_context(|| format!("AUTH_JWKS_FILE {}", path.display()))?;
                 Some(JwtKeys::Set {
                     path: path.clone(),
                     template,

@@ -217,11 +217,22 @@ mod tests {
 
     #[test]
     fn name_needs_a_visible_character_and_no_invisible_one() {
-        for bad in [" ", "\u{3164}", "\u{200D}", "Book\u{E0041}", "Bo\u{00AD}ok", "\u{FE0F}Book"] {
+        for bad in [
+            " ",
+            "\u{3164}",
+            "\u{200D}",
+            "Book\u{E0041}",
+            "Bo\u{00AD}ok",
+            "\u{FE0F}Book",
+        ] {
             assert_eq!(ProductName::parse(bad).unwrap_err().field, "name", "{bad:?}");
         }
         // Emoji and scripts attach joiners and variation selectors to a visible character.
-        for ok in ["I \u{2764}\u{FE0F} tea", "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467} set", "\u{645}\u{6CC}\u{200C}\u{62E}\u{648}\u{627}\u{647}\u{645}"] {
+        for ok in [
+            "I \u{2764}\u{FE0F} tea",
+            "\u{1F468}\u{200D}\u{1F469}\u{200D}\u{1F467} set",
+            "\u{645}\u{6CC}\u{200C}\u{62E}\u{648}\u{627}\u{647}\u{645}",
+        ] {
             assert!(ProductName::parse(ok).is_ok(), "{ok:?}");
         }
     }

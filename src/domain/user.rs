@@ -1,8 +1,8 @@
 //! A user: an email that is unique regardless of case, and free-form preferences.
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
 use icu_normalizer::ComposingNormalizerBorrowed;
+use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
 use super::{ExpectedVersion, ValidationError, parse_uuid};
@@ -65,9 +65,7 @@ impl Email {
             return Err(invalid("must be at most 254 characters"));
         }
         if !email.chars().all(super::is_visible) {
-            return Err(invalid(
-                "must not contain spaces, control or invisible characters",
-            ));
+            return Err(invalid("must not contain spaces, control or invisible characters"));
         }
         let Some((local, domain)) = email.rsplit_once('@') else {
             return Err(invalid("must look like name@example.com"));
@@ -208,7 +206,16 @@ mod tests {
 
     #[test]
     fn email_refuses_every_invisible_character() {
-        for invisible in ['\u{061C}', '\u{00AD}', '\u{E0041}', '\u{180E}', '\u{034F}', '\u{3164}', '\u{FE0F}', '\u{2060}'] {
+        for invisible in [
+            '\u{061C}',
+            '\u{00AD}',
+            '\u{E0041}',
+            '\u{180E}',
+            '\u{034F}',
+            '\u{3164}',
+            '\u{FE0F}',
+            '\u{2060}',
+        ] {
             let email = format!("ad{invisible}min@example.com");
             assert_eq!(Email::parse(&email).unwrap_err().field, "email", "{invisible:?}");
         }

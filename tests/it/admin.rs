@@ -63,7 +63,10 @@ async fn invalidate_product_deletes_its_entry() {
     let product = app.create_product("tools", "Hammer").await;
     app.outbox_drained().await;
     let key = app.keys.product(ProductId::parse(&product.id).unwrap());
-    assert!(app.read_until_cached(&key, || app.client.get_product(&product.id)).await);
+    assert!(
+        app.read_until_cached(&key, || app.client.get_product(&product.id))
+            .await
+    );
 
     let response = admin.invalidate_product(&product.id, false).await.unwrap();
     assert_eq!((response.keys, response.count), (vec![key.clone()], 1));

@@ -59,7 +59,10 @@ async fn all_closed_within(sockets: Vec<TcpStream>, limit: Duration) -> bool {
         let mut sink = Vec::new();
         tokio::time::timeout(limit, socket.read_to_end(&mut sink)).await.is_ok()
     });
-    futures_util::future::join_all(reads).await.into_iter().all(|closed| closed)
+    futures_util::future::join_all(reads)
+        .await
+        .into_iter()
+        .all(|closed| closed)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,7 +76,10 @@ async fn five_hundred_silent_sockets_keep_no_client_out_and_are_closed_at_the_pr
     let sockets = silent_sockets(app.grpc_port, 500).await;
 
     let fastest = fastest_new_client(app.grpc_port).await;
-    assert!(fastest < Duration::from_millis(100), "a new client was answered after {fastest:?}");
+    assert!(
+        fastest < Duration::from_millis(100),
+        "a new client was answered after {fastest:?}"
+    );
 
     let limit = Duration::from_millis(1000 + 2000) - opened.elapsed().min(Duration::from_millis(1000));
     assert!(
@@ -89,7 +95,10 @@ async fn five_hundred_silent_sockets_keep_no_client_out_and_are_closed_at_the_pr
     else {
         unreachable!()
     };
-    assert_eq!(refused, 400.0, "over the cap of 100 from one address, closed as they came");
+    assert_eq!(
+        refused, 400.0,
+        "over the cap of 100 from one address, closed as they came"
+    );
     assert_eq!(timed_out, 100.0, "the 100 admitted closed at the preface timeout");
 }
 
@@ -101,7 +110,10 @@ async fn over_max_connections_new_connections_are_closed_and_the_open_ones_still
     let open = r#"readthrough_connections_open{listener="grpc"}"#;
     assert!(eventually(Duration::from_secs(5), || async { app.metric(open).await == 3.0 }).await);
     let refused = silent_sockets(app.grpc_port, 5).await;
-    assert!(all_closed_within(refused, Duration::from_secs(2)).await, "the ones over the cap are closed");
+    assert!(
+        all_closed_within(refused, Duration::from_secs(2)).await,
+        "the ones over the cap are closed"
+    );
     app.get_user(&app.create_user("still@example.com").await.id).await;
     assert_eq!(
         app.metric(r#"readthrough_connections_refused_total{listener="grpc",reason="max"}"#)
@@ -122,7 +134,10 @@ async fn idle_sockets_on_the_metrics_port_keep_no_scrape_out() {
         assert!(text.contains("readthrough_connections_open"), "{text}");
         fastest = fastest.min(started.elapsed());
     }
-    assert!(fastest < Duration::from_millis(100), "a scrape was answered after {fastest:?}");
+    assert!(
+        fastest < Duration::from_millis(100),
+        "a scrape was answered after {fastest:?}"
+    );
     assert!(
         all_closed_within(sockets, Duration::from_secs(3)).await,
         "idle sockets are closed within the metrics listener's 1 s"
@@ -132,7 +147,9 @@ async fn idle_sockets_on_the_metrics_port_keep_no_scrape_out() {
 /// `GET /metrics` on `port`, with `token` as a bearer token if given: the status line.
 async fn scrape_status(port: u16, token: Option<&str>) -> String {
     let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-    let authorization = token.map(|token| format!("Authorization: Bearer {token}\r\n")).unwrap_or_default();
+    let authorization = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
     let request = format!("GET /metrics HTTP/1.1\r\nHost: localhost\r\n{authorization}Connection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.unwrap();
     let mut response = String::new();
@@ -166,7 +183,11 @@ async fn metrics_beyond_loopback_need_a_token_or_the_insecure_switch() {
     })
     .await;
     assert!(scrape_status(app.metrics_port, None).await.contains("401"));
-    assert!(scrape_status(app.metrics_port, Some("a-wrong-token-of-some-length")).await.contains("401"));
+    assert!(
+        scrape_status(app.metrics_port, Some("a-wrong-token-of-some-length"))
+            .await
+            .contains("401")
+    );
     assert!(scrape_status(app.metrics_port, Some(token)).await.contains("200"));
 
     let app = spawn_app_with(|config| {

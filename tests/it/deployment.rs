@@ -378,7 +378,9 @@ fn the_image_keeps_admin_and_metrics_on_loopback_and_compose_guards_metrics_with
     let prometheus: Value = yaml_serde::from_str(&read_project_file("deploy/prometheus.yml")).unwrap();
     let job = &prometheus["scrape_configs"][0];
     assert_eq!(job["authorization"]["type"].as_str(), Some("Bearer"));
-    let sent = job["authorization"]["credentials_file"].as_str().expect("Prometheus sends a token");
+    let sent = job["authorization"]["credentials_file"]
+        .as_str()
+        .expect("Prometheus sends a token");
     let prometheus_file = mounts(services["prometheus"])
         .into_iter()
         .find(|(_, inside)| inside == sent)
@@ -386,12 +388,17 @@ fn the_image_keeps_admin_and_metrics_on_loopback_and_compose_guards_metrics_with
         .expect("the token Prometheus sends is mounted");
     for name in INSTANCES {
         let env = environment(services[*name], name);
-        let required = env.get("METRICS_TOKEN_FILE").expect("metrics beyond loopback need a token");
+        let required = env
+            .get("METRICS_TOKEN_FILE")
+            .expect("metrics beyond loopback need a token");
         let instance_file = mounts(services[*name])
             .into_iter()
             .find(|(_, inside)| inside == required)
             .map(|(host, _)| host)
             .unwrap_or_else(|| panic!("{name}'s METRICS_TOKEN_FILE is not mounted"));
-        assert_eq!(instance_file, prometheus_file, "{name} requires the token Prometheus sends");
+        assert_eq!(
+            instance_file, prometheus_file,
+            "{name} requires the token Prometheus sends"
+        );
     }
 }

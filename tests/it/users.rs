@@ -202,7 +202,11 @@ async fn version_preconditions_and_duplicate_emails_are_enforced() {
     assert_eq!(duplicate.code(), Code::AlreadyExists);
 
     let composed = app.client.create_user("caf\u{e9}@example.com", None).await.unwrap();
-    let decomposed = app.client.create_user("cafe\u{301}@example.com", None).await.unwrap_err();
+    let decomposed = app
+        .client
+        .create_user("cafe\u{301}@example.com", None)
+        .await
+        .unwrap_err();
     assert_eq!(
         decomposed.code(),
         Code::AlreadyExists,
