@@ -153,6 +153,13 @@ pub struct DatabaseConfig {
     #[arg(long = "database-name", env = "DATABASE_NAME")]
     pub name: Option<String>,
 
+    /// The role `serve` connects as when it is not the owner. Where it
+    /// exists, `migrate` grants it what serving needs and no more: the rows
+    /// of the service's tables (the page token keys read only), not their
+    /// structure, not the migrations.
+    #[arg(long = "database-service-role", env = "DATABASE_SERVICE_ROLE", default_value = "readthrough_service", value_parser = parse_role)]
+    pub service_role: String,
+
     /// Most PostgreSQL connections this instance opens (to the primary, and to each replica).
     #[arg(
         long = "database-max-connections",
@@ -553,6 +560,21 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+fn parse_role(raw: &str) -> Result<String, String> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 63
+        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+        && !raw.as_bytes()[0].is_ascii_digit();
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err(
+            "must be a PostgreSQL role name: 1 to 63 characters of A-Z, a-z, 0-9 and '_', not starting with a digit"
+                .to_string(),
+        )
+    }
 }
 
 fn parse_namespace(raw: &str) -> Result<String, String> {

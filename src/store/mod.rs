@@ -149,7 +149,37 @@ pub async fn migrate(config: &DatabaseConfig) -> anyhow::Result<()> {
     server.close().await?;
     let pool = connect(config).await?;
     MIGRATOR.run(&pool).await?;
+    grant_service_role(&pool, &config.service_role).await?;
     pool.close().await;
+    Ok(())
+}
+
+/// Grants `role`, if it exists, what `serve` needs and no more: read,
+/// insert, update and delete the rows of the service's tables (the page
+/// token keys read only) and use their sequences; nothing of the migrations
+/// table, no DDL. Run after every migration, so tables added later are
+/// covered. `role` is a plain identifier (`config::parse_role`).
+async fn grant_service_role(pool: &PgPool, role: &str) -> anyhow::Result<()> {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
+        .bind(role)
+        .fetch_one(pool)
+        .await?;
+    if !exists {
+        tracing::info!(
+            role,
+            "no such role to grant the service's privileges to: serve connects as the owner"
+        );
+        return Ok(());
+    }
+    // An identifier cannot be a bind parameter; `role` holds only [A-Za-z0-9_].
+    let grants = sqlx::AssertSqlSafe(format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO \"{role}\";
+         REVOKE ALL ON _sqlx_migrations FROM \"{role}\";
+         REVOKE INSERT, UPDATE, DELETE ON page_token_keys FROM \"{role}\";
+         GRANT USAGE, SELECT ON ALL SEQUENCES IN SCHEMA public TO \"{role}\";"
+    ));
+    sqlx::raw_sql(grants).execute(pool).await?;
+    tracing::info!(role, "granted the service role its privileges");
     Ok(())
 }
 
