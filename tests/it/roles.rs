@@ -37,24 +37,29 @@ impl OwnedDatabase {
 
 impl Drop for OwnedDatabase {
     fn drop(&mut self) {
-        let (admin, name) = (self.admin.clone(), self.name.clone());
-        // Drop runs inside the test's runtime: clean up on a thread of its own.
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().unwrap().block_on(async {
-                if let Ok(mut admin) = PgConnection::connect_with(&admin).await {
-                    let _ = admin
-                        .execute(sqlx::AssertSqlSafe(format!(
-                            "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
-                        )))
-                        .await;
-                    let _ = admin
-                        .execute(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {name}")))
-                        .await;
-                }
-            })
-        })
-        .join();
+        cleanup(vec![
+            (
+                self.admin.clone(),
+                format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+            ),
+            (self.admin.clone(), format!("DROP ROLE IF EXISTS {}", self.name)),
+        ]);
     }
+}
+
+/// Runs each statement on its server as the admin, in order, ignoring
+/// failures. Drop runs inside the test's runtime: this runs on a thread of its own.
+fn cleanup(statements: Vec<(PgConnectOptions, String)>) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            for (server, statement) in statements {
+                if let Ok(mut conn) = PgConnection::connect_with(&server).await {
+                    let _ = conn.execute(sqlx::AssertSqlSafe(statement)).await;
+                }
+            }
+        })
+    })
+    .join();
 }
 
 #[tokio::test]
@@ -129,21 +134,14 @@ impl Role {
 
 impl Drop for Role {
     fn drop(&mut self) {
-        let (admin, name, database) = (self.admin.clone(), self.name.clone(), self.database.clone());
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Runtime::new().unwrap().block_on(async {
-                // Its grants live in the database: drop them there first.
-                if let Ok(mut conn) = PgConnection::connect_with(&admin.clone().database(&database)).await {
-                    let _ = conn.execute(sqlx::AssertSqlSafe(format!("DROP OWNED BY {name}"))).await;
-                }
-                if let Ok(mut conn) = PgConnection::connect_with(&admin).await {
-                    let _ = conn
-                        .execute(sqlx::AssertSqlSafe(format!("DROP ROLE IF EXISTS {name}")))
-                        .await;
-                }
-            })
-        })
-        .join();
+        cleanup(vec![
+            // Its grants live in the database: drop them there first.
+            (
+                self.admin.clone().database(&self.database),
+                format!("DROP OWNED BY {}", self.name),
+            ),
+            (self.admin.clone(), format!("DROP ROLE IF EXISTS {}", self.name)),
+        ]);
     }
 }
 
