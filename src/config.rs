@@ -140,12 +140,14 @@ impl Config {
 #[derive(Debug, Clone, clap::Args)]
 #[command(next_help_heading = "Database")]
 pub struct DatabaseConfig {
-    /// PostgreSQL connection URL.
+    /// PostgreSQL connection URL. The default is the role that owns the
+    /// database (made by `scripts/services`), not a superuser; in production
+    /// `serve` connects as `DATABASE_SERVICE_ROLE` instead.
     #[arg(
         long = "database-url",
         env = "DATABASE_URL",
         hide_env_values = true,
-        default_value = "postgres://postgres:postgres@127.0.0.1:5432/readthrough?sslmode=disable"
+        default_value = "postgres://readthrough:readthrough@127.0.0.1:5432/readthrough?sslmode=disable"
     )]
     pub url: SecretUrl,
 
