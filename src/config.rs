@@ -94,6 +94,12 @@ pub fn redact_url(url: &str) -> String {
     shown
 }
 
+/// Whether two SHA-256 digests are equal, compared in time that does not
+/// depend on where they differ (bearer tokens are checked by their digests).
+pub fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 /// A secret setting: its `Debug` output is `***`, so it never reaches a log.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);

@@ -27,7 +27,7 @@ use tonic::transport::server::{Connected, TcpConnectInfo};
 use crate::telemetry::Throttle;
 
 /// An HTTP/2 client's first bytes: the 24-byte preface and a frame header (its SETTINGS).
-pub const FIRST_BYTES: usize = 24 + 9;
+const FIRST_BYTES: usize = 24 + 9;
 
 /// The bounds of one listener.
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +56,7 @@ pub fn bounded(
         name,
         open: Arc::new(Semaphore::new(limits.max)),
         peers: Arc::new(Mutex::new(HashMap::new())),
-        refused_log: Arc::new(Throttle::default()),
+        refused_log: Throttle::default(),
     };
     futures_util::stream::unfold(state, |state| async move {
         let stream = state.accept().await;
@@ -71,7 +71,7 @@ struct Accepting {
     open: Arc<Semaphore>,
     /// Connections open per client address.
     peers: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    refused_log: Arc<Throttle>,
+    refused_log: Throttle,
 }
 
 impl Accepting {

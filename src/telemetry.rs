@@ -27,7 +27,7 @@ use tracing_subscriber::{EnvFilter, Layer, filter::filter_fn, fmt, layer::Subscr
 
 use self::filters::AskEveryTime;
 pub use self::traces::Tracing;
-use crate::config::{LogFormat, TelemetryConfig};
+use crate::config::{LogFormat, TelemetryConfig, same_digest};
 
 /// Latency buckets in seconds: from a cache hit (sub-millisecond) to a slow database read.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -173,7 +173,7 @@ fn bearer_matches(request: &hyper::Request<hyper::body::Incoming>, token: &[u8; 
         return false;
     };
     let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
-    digest.iter().zip(token).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    same_digest(&digest, token)
 }
 
 /// Lets one log line through per interval and counts the ones held back, so

@@ -36,7 +36,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-use crate::config::AuthConfig;
+use crate::config::{AuthConfig, same_digest};
 
 /// A role a token grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -321,6 +321,7 @@ impl Authenticator {
         let mut poll = tokio::time::interval(JWKS_POLL);
         // What the file held when last read: only a change is parsed (and a bad one logged once).
         let mut seen = tokio::fs::read_to_string(path).await.unwrap_or_default();
+        let mut unreadable = false;
         loop {
             tokio::select! {
                 _ = poll.tick() => {}
@@ -329,10 +330,14 @@ impl Authenticator {
             let text = match tokio::fs::read_to_string(path).await {
                 Ok(text) => text,
                 Err(error) => {
-                    tracing::warn!(%error, path = %path.display(), "cannot read AUTH_JWKS_FILE; keeping its last keys");
+                    if !unreadable {
+                        tracing::warn!(%error, path = %path.display(), "cannot read AUTH_JWKS_FILE; keeping its last keys");
+                    }
+                    unreadable = true;
                     continue;
                 }
             };
+            unreadable = false;
             if text == seen {
                 continue;
             }
@@ -362,8 +367,11 @@ impl Authenticator {
     fn static_roles(&self, token: &str) -> Option<Roles> {
         let digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         self.static_tokens.iter().fold(None, |found, entry| {
-            let difference = entry.sha256.iter().zip(digest).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-            if difference == 0 { Some(entry.roles) } else { found }
+            if same_digest(&entry.sha256, &digest) {
+                Some(entry.roles)
+            } else {
+                found
+            }
         })
     }
 }

@@ -92,7 +92,7 @@ impl ProductName {
         if raw.chars().any(char::is_control) {
             return Err(ValidationError::new("name", "must not contain control characters"));
         }
-        let mut after_visible = false;
+        let (mut after_visible, mut any_visible) = (false, false);
         for c in raw.chars() {
             if super::is_invisible(c) && !(after_visible && attaches(c)) {
                 return Err(ValidationError::new(
@@ -100,9 +100,11 @@ impl ProductName {
                     "must not contain bidirectional overrides or invisible characters",
                 ));
             }
-            after_visible = super::is_visible(c) || (after_visible && attaches(c));
+            let visible = super::is_visible(c);
+            any_visible |= visible;
+            after_visible = visible || (after_visible && attaches(c));
         }
-        if !raw.chars().any(super::is_visible) {
+        if !any_visible {
             return Err(ValidationError::new("name", "must contain a visible character"));
         }
         Ok(Self(raw.to_string()))

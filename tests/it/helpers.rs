@@ -116,12 +116,7 @@ impl TestApp {
     }
 
     pub async fn exists(&mut self, key: &str) -> bool {
-        redis::cmd("EXISTS")
-            .arg(key)
-            .query_async::<i64>(&mut self.redis)
-            .await
-            .unwrap()
-            == 1
+        key_exists(self.redis.clone(), key).await
     }
 
     /// Repeats `read` until `key` is cached, for at most 5 s. One read fills
@@ -133,12 +128,10 @@ impl TestApp {
         Fut: std::future::Future,
     {
         eventually(Duration::from_secs(5), || {
-            let mut redis = self.redis.clone();
-            let read = read();
+            let (redis, read) = (self.redis.clone(), read());
             async move {
                 read.await;
-                let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut redis).await.unwrap();
-                exists == 1
+                key_exists(redis, key).await
             }
         })
         .await
@@ -161,11 +154,8 @@ impl TestApp {
     /// Whether `key` comes to exist (`present`) or to be gone within `limit`.
     pub async fn eventually_exists(&self, key: &str, present: bool, limit: Duration) -> bool {
         eventually(limit, || {
-            let mut redis = self.redis.clone();
-            async move {
-                let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut redis).await.unwrap();
-                (exists == 1) == present
-            }
+            let redis = self.redis.clone();
+            async move { key_exists(redis, key).await == present }
         })
         .await
     }
@@ -428,6 +418,12 @@ async fn scrape(port: u16) -> String {
     let mut response = String::new();
     stream.read_to_string(&mut response).await.unwrap();
     response
+}
+
+/// Whether `key` exists in Redis, asked on its own connection handle.
+async fn key_exists(mut redis: RedisConnection, key: &str) -> bool {
+    let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut redis).await.unwrap();
+    exists == 1
 }
 
 /// Waits until `check` holds, polling every 20 ms, for at most `limit`.
