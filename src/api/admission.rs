@@ -12,7 +12,7 @@
 //! where it costs nothing but memory. Health checks skip the line.
 //!
 //! Work is counted in units of about one cached read's CPU: a call costs the
-//! units of its method (`units`), so one limit admits many cheap reads at
+//! units of its method (`methods::Cost`), so one limit admits many cheap reads at
 //! once (which also lets HTTP/2 write their responses together) but only a
 //! few page reads, each of which decodes and encodes a hundred products.
 
@@ -27,19 +27,7 @@ use tokio::sync::Semaphore;
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-const HEALTH_PATH: &str = "/grpc.health.v1.Health/";
-
-/// The units a call of the method at `path` (`/package.Service/Method`) takes.
-fn units(path: &str) -> u32 {
-    match path.rsplit('/').next().unwrap_or_default() {
-        "GetUser" | "GetProduct" => 1,
-        "BatchGetUsers" => 4,
-        // Decodes and encodes a page of up to 100 products.
-        "ListProducts" => 16,
-        // Writes (and cache administration) hold a database connection or walk keys.
-        _ => 8,
-    }
-}
+use super::methods::{self, Cost};
 
 #[derive(Clone)]
 pub struct AdmissionLayer {
@@ -97,11 +85,10 @@ where
         // The clone that was polled ready serves this request (tower's usual dance).
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
-        let path = request.uri().path();
-        if path.starts_with(HEALTH_PATH) {
-            return Box::pin(inner.call(request));
-        }
-        let cost = units(path).min(self.layer.limit);
+        let cost = match methods::of(request.uri().path()).cost {
+            Cost::Free => return Box::pin(inner.call(request)),
+            Cost::Units(units) => units.min(self.layer.limit),
+        };
         let (pool, queue_timeout, request_timeout) = (
             self.layer.units.clone(),
             self.layer.queue_timeout,
@@ -125,19 +112,5 @@ where
             drop(permit);
             response
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cheap_reads_cost_less_than_pages_and_writes() {
-        assert_eq!(units("/readthrough.v1.UserService/GetUser"), 1);
-        assert_eq!(units("/readthrough.v1.ProductService/GetProduct"), 1);
-        assert_eq!(units("/readthrough.v1.UserService/BatchGetUsers"), 4);
-        assert_eq!(units("/readthrough.v1.ProductService/ListProducts"), 16);
-        assert_eq!(units("/readthrough.v1.UserService/UpdateUser"), 8);
     }
 }

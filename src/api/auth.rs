@@ -6,8 +6,7 @@
 //! changes) or one of the static tokens of `AUTH_TOKENS_FILE`, which holds only their
 //! SHA-256 hashes, compared in constant time. A token grants roles: `read`
 //! (Get, BatchGet, List), `write` (Create, Update, Delete) and `admin`
-//! (CacheAdminService). `required_access` is the one table of what each
-//! method needs.
+//! (CacheAdminService); what each method needs is its row in `methods`.
 //!
 //! The check is a tower layer in front of admission and every handler: a
 //! missing or bad token is UNAUTHENTICATED, a good one without the role
@@ -36,6 +35,7 @@ use sha2::{Digest, Sha256};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
+use super::methods::{self, Access};
 use crate::config::{AuthConfig, same_digest};
 
 /// A role a token grants.
@@ -82,35 +82,6 @@ impl Roles {
                 .map(|role| Self(roles.0 | role.bit()))
                 .ok_or_else(|| format!("unknown role `{name}` (known: read, write, admin)"))
         })
-    }
-}
-
-/// What a call needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    Open,
-    Needs(Role),
-}
-
-/// The method-to-role table, for a request path `/package.Service/Method`.
-pub fn required_access(path: &str) -> Access {
-    let (service, method) = path
-        .strip_prefix('/')
-        .and_then(|path| path.split_once('/'))
-        .unwrap_or_default();
-    match (service, method) {
-        ("grpc.health.v1.Health", _)
-        | ("grpc.reflection.v1.ServerReflection" | "grpc.reflection.v1alpha.ServerReflection", _) => Access::Open,
-        ("readthrough.v1.UserService", "GetUser" | "BatchGetUsers")
-        | ("readthrough.v1.ProductService", "GetProduct" | "ListProducts") => Access::Needs(Role::Read),
-        ("readthrough.v1.UserService", "CreateUser" | "UpdateUser" | "DeleteUser")
-        | ("readthrough.v1.ProductService", "CreateProduct" | "UpdateProduct" | "DeleteProduct") => {
-            Access::Needs(Role::Write)
-        }
-        ("readthrough.v1.CacheAdminService", _) => Access::Needs(Role::Admin),
-        // A method missing here (tonic answers UNIMPLEMENTED for unknown
-        // ones) needs the most trusted role: a new RPC is closed until listed.
-        _ => Access::Needs(Role::Admin),
     }
 }
 
@@ -267,7 +238,7 @@ impl Authenticator {
         };
         let jwt = keys.map(|keys| JwtVerifier {
             keys,
-            max_lifetime: config.auth_jwt_max_lifetime_secs,
+            max_lifetime: config.auth_jwt_max_lifetime.as_secs(),
         });
         if static_tokens.is_empty() && jwt.is_none() {
             if config.auth_tokens_file.is_some() {
@@ -575,7 +546,7 @@ where
 }
 
 fn check(authenticator: &Authenticator, request: &http::Request<Body>) -> Result<(), Refusal> {
-    let Access::Needs(role) = required_access(request.uri().path()) else {
+    let Access::Needs(role) = methods::of(request.uri().path()).access else {
         return Ok(());
     };
     let authorization = request.headers().get(http::header::AUTHORIZATION).map(|v| v.as_bytes());
@@ -590,39 +561,6 @@ fn check(authenticator: &Authenticator, request: &http::Request<Body>) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
-    use prost::Message;
-
-    #[test]
-    fn every_rpc_of_the_api_is_in_the_table() {
-        let set = prost_types::FileDescriptorSet::decode(crate::proto::FILE_DESCRIPTOR_SET).unwrap();
-        let mut seen = 0;
-        for file in &set.file {
-            for service in &file.service {
-                for method in &service.method {
-                    let path = format!("/{}.{}/{}", file.package(), service.name(), method.name());
-                    let expected = match service.name() {
-                        "CacheAdminService" => Role::Admin,
-                        _ if method.name().starts_with("Get")
-                            || method.name().starts_with("List")
-                            || method.name().starts_with("BatchGet") =>
-                        {
-                            Role::Read
-                        }
-                        _ => Role::Write,
-                    };
-                    assert_eq!(required_access(&path), Access::Needs(expected), "{path}");
-                    seen += 1;
-                }
-            }
-        }
-        assert_eq!(seen, 14);
-        assert_eq!(required_access("/grpc.health.v1.Health/Check"), Access::Open);
-        assert_eq!(
-            required_access("/readthrough.v1.UserService/Unknown"),
-            Access::Needs(Role::Admin)
-        );
-        assert_eq!(required_access("garbage"), Access::Needs(Role::Admin));
-    }
 
     fn token_line(token: &str, roles: &str) -> String {
         let hex: String = Sha256::digest(token.as_bytes())

@@ -10,6 +10,7 @@ mod admission;
 mod auth;
 pub mod codec;
 mod convert;
+mod methods;
 mod page_token;
 mod products;
 mod rpc_metrics;
@@ -22,7 +23,7 @@ use tonic::{Response, Status};
 
 pub use admin::CacheAdminApi;
 pub use admission::AdmissionLayer;
-pub use auth::{Access, AuthLayer, Authenticator, Role, required_access};
+pub use auth::{AuthLayer, Authenticator, Role};
 pub use page_token::PageTokens;
 pub use products::ProductApi;
 pub use rpc_metrics::{RpcMetricsLayer, code_name};

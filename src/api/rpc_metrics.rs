@@ -21,7 +21,6 @@ use std::{
     cell::RefCell,
     collections::HashMap,
     pin::Pin,
-    sync::OnceLock,
     task::{Context, Poll, ready},
     time::Instant,
 };
@@ -31,11 +30,11 @@ use http::HeaderMap;
 use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
 use metrics::Histogram;
 use opentelemetry::trace::TraceId;
-use prost::Message;
 use tonic::{Code, Status, body::Body};
 use tower::{Layer, Service};
 use tracing::Instrument;
 
+use super::methods;
 use crate::telemetry::traces;
 
 /// The span of one RPC, at `$level`, with the OpenTelemetry attributes of
@@ -87,7 +86,9 @@ where
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
         let started = Instant::now();
-        let (service, method) = method_of(request.uri().path());
+        let &methods::Method {
+            service, name: method, ..
+        } = methods::of(request.uri().path());
         let parent = traces::remote_parent(request.headers());
         // At debug level unless the call is traced: at info, a span per call
         // costs more than a cache hit's own work.
@@ -221,43 +222,6 @@ fn code_in(headers: &HeaderMap) -> Option<Code> {
     Some(Code::from_i32(status))
 }
 
-/// The service and method of a request path (`/package.Service/Method`),
-/// when it is an RPC some listener serves; `("unknown", "unknown")` for any
-/// other path, so that clients cannot mint label values.
-fn method_of(path: &str) -> (&'static str, &'static str) {
-    static METHODS: OnceLock<HashMap<String, (&'static str, &'static str)>> = OnceLock::new();
-    METHODS
-        .get_or_init(served_methods)
-        .get(path)
-        .copied()
-        .unwrap_or(("unknown", "unknown"))
-}
-
-/// Every RPC of the API, health and reflection, by path, from their
-/// descriptor sets. Built once; the names live as long as the process.
-fn served_methods() -> HashMap<String, (&'static str, &'static str)> {
-    let sets = [
-        crate::proto::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-        tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
-        tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
-    ];
-    let mut methods = HashMap::new();
-    for set in sets {
-        let set = prost_types::FileDescriptorSet::decode(set).expect("the embedded descriptor sets are valid");
-        for file in &set.file {
-            for service in &file.service {
-                let service_name: &'static str = format!("{}.{}", file.package(), service.name()).leak();
-                for method in &service.method {
-                    let method_name: &'static str = method.name().to_string().leak();
-                    methods.insert(format!("/{service_name}/{method_name}"), (service_name, method_name));
-                }
-            }
-        }
-    }
-    methods
-}
-
 /// The latency histogram of a call, looked up by name once per thread rather
 /// than on every call.
 fn duration(service: &'static str, method: &'static str, code: Code) -> Histogram {
@@ -305,26 +269,6 @@ pub fn code_name(code: Code) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_served_rpc_has_its_own_labels_and_other_paths_share_one() {
-        assert_eq!(
-            method_of("/readthrough.v1.UserService/GetUser"),
-            ("readthrough.v1.UserService", "GetUser")
-        );
-        assert_eq!(
-            method_of("/grpc.health.v1.Health/Check"),
-            ("grpc.health.v1.Health", "Check")
-        );
-        assert_eq!(
-            method_of("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
-            ("grpc.reflection.v1alpha.ServerReflection", "ServerReflectionInfo")
-        );
-        assert_eq!(method_of("/readthrough.v1.UserService/Nope"), ("unknown", "unknown"));
-        assert_eq!(method_of("/../../etc/passwd"), ("unknown", "unknown"));
-        // 14 of the API, Check and Watch, and reflection's one method in two versions.
-        assert_eq!(served_methods().len(), 14 + 2 + 2);
-    }
 
     #[test]
     fn codes_go_by_their_canonical_names() {
