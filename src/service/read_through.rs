@@ -107,7 +107,7 @@ impl<E: Loadable> ReadThrough<E> {
         Ok(found)
     }
 
-    /// Drops what `rows` name from the near cache: after a write's
+    /// Drops these ids from the near cache: after a write's
     /// invalidation, before the write returns, or when its event arrives.
     pub fn forget(&self, ids: impl IntoIterator<Item = E::Id>) {
         if let Some(near) = &self.near {
