@@ -6,7 +6,7 @@ use std::time::Duration;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Cache, Cacheable, Kind, Lease, codec, jittered_secs, now_ms, redis::GuardedFill};
+use super::{Cache, Cacheable, Kind, Lease, codec, failpoint, jittered_secs, now_ms, redis::GuardedFill};
 
 /// Refresh ahead (XFetch) treats a load as taking at least this long, so that a hot
 /// key is refreshed some tens of milliseconds before it expires, not at the last instant.
@@ -136,8 +136,7 @@ impl Cache {
             return Filled::Stored(());
         }
         let keys: Vec<String> = fills.iter().map(|(id, _, _)| self.keys.entry(E::KIND, *id)).collect();
-        #[cfg(feature = "test-hooks")]
-        self.before_fill(&keys[0]).await;
+        failpoint!(self, before_fill, &keys[0]);
         let now = now_ms();
         let load_ms = load_time.as_millis().min(u128::from(u32::MAX)) as u32;
         let mut guarded = Vec::with_capacity(fills.len());
@@ -175,17 +174,6 @@ impl Cache {
         }
         if !invalid.is_empty() {
             self.refuse_invalid(E::KIND, &invalid).await;
-        }
-        #[cfg(feature = "test-hooks")]
-        if self.unguarded_fills() {
-            let plain: Vec<(String, Vec<u8>, u64)> = guarded
-                .into_iter()
-                .map(|f| (f.key.to_string(), f.value, f.ttl_secs))
-                .collect();
-            return match self.redis.set_many(&plain).await {
-                Some(()) => Filled::Stored(()),
-                None => Filled::Unanswered,
-            };
         }
         let Some(stored) = self.redis.fill_guarded(&guarded).await else {
             return Filled::Unanswered;

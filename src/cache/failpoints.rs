@@ -1,47 +1,45 @@
-//! Pause points for the concurrency tests, compiled only with the
-//! `test-hooks` feature (the integration tests turn it on; a release build
-//! has none of this).
-//!
-//! A test awaits its own future at a point of the cache's work (to hold a
-//! fill until a write has passed, say), or turns the leases off to show
-//! the stale-set race they prevent.
+//! Failpoints: named points in the cache's work where a concurrency test may
+//! pause (to hold a fill until a write has passed, say). `failpoint!` marks
+//! a point in one line; the hooks exist only with the `test-hooks` feature
+//! (the integration tests turn it on), so a release build has none of this.
 
-use std::{future::Future, pin::Pin, sync::Arc};
-
-use super::Cache;
-
-/// A hook awaited at a point of the cache's work, given the key concerned.
-pub type Hook = Arc<dyn Fn(&str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
-
-#[derive(Clone, Default)]
-pub struct Hooks {
-    /// Awaited after a fill's database read and before the fill is written.
-    pub before_fill: Option<Hook>,
-    /// Awaited before a write's invalidation.
-    pub before_invalidate: Option<Hook>,
-    /// Fills ignore leases: only for the test that shows the stale-set race.
-    pub unguarded_fills: bool,
+/// Awaits the test's hook for the failpoint `$point` (a field of `Hooks`),
+/// given the key concerned.
+macro_rules! failpoint {
+    ($cache:expr, $point:ident, $key:expr) => {{
+        #[cfg(feature = "test-hooks")]
+        if let Some(hook) = $cache.hooks.get().and_then(|hooks| hooks.$point.as_ref()) {
+            hook($key).await;
+        }
+    }};
 }
+pub(crate) use failpoint;
 
-impl Cache {
-    pub fn with_hooks(mut self, hooks: Hooks) -> Self {
-        self.hooks = hooks;
-        self
+#[cfg(feature = "test-hooks")]
+pub use hooks::{Hook, Hooks};
+
+#[cfg(feature = "test-hooks")]
+mod hooks {
+    use std::{future::Future, pin::Pin, sync::Arc};
+
+    use crate::cache::Cache;
+
+    /// A hook awaited at a failpoint, given the key concerned.
+    pub type Hook = Arc<dyn Fn(&str) -> Pin<Box<dyn Future<Output = ()> + Send>> + Send + Sync>;
+
+    /// Every failpoint, and the hook a test set for it.
+    #[derive(Clone, Default)]
+    pub struct Hooks {
+        /// After a fill's database read, before the fill is written.
+        pub before_fill: Option<Hook>,
+        /// Before a write's invalidation.
+        pub before_invalidate: Option<Hook>,
     }
 
-    pub(super) async fn before_fill(&self, key: &str) {
-        if let Some(hook) = &self.hooks.before_fill {
-            hook(key).await;
+    impl Cache {
+        /// Sets the hooks, before the cache is first used; once.
+        pub fn set_hooks(&self, hooks: Hooks) {
+            assert!(self.hooks.set(hooks).is_ok(), "the hooks are set once");
         }
-    }
-
-    pub(super) async fn before_invalidate(&self, key: &str) {
-        if let Some(hook) = &self.hooks.before_invalidate {
-            hook(key).await;
-        }
-    }
-
-    pub(super) fn unguarded_fills(&self) -> bool {
-        self.hooks.unguarded_fills
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{collections::HashMap, time::Duration};
 
-use super::{Cache, Cacheable, Event, Kind, events::event_label};
+use super::{Cache, Cacheable, Event, Kind, events::event_label, failpoint};
 use crate::store::replicas::Lsn;
 
 /// How often an invalidation is tried before it is given up (and logged).
@@ -87,10 +87,11 @@ impl Cache {
     /// set before the keys it guards are deleted, so a miss that finds them
     /// gone finds it. Events are delivered at least once.
     pub async fn invalidate(&self, groups: &[KeyGroup], marks: Option<WriteMarks<'_>>, events: &[Event]) -> bool {
-        #[cfg(feature = "test-hooks")]
-        if let Some(first) = groups.first().and_then(|g| g.last()) {
-            self.before_invalidate(first).await;
-        }
+        failpoint!(
+            self,
+            before_invalidate,
+            groups.first().and_then(|g| g.last()).map_or("", String::as_str)
+        );
         let messages = encode_events(events);
         for attempt in 1..=INVALIDATION_ATTEMPTS {
             // Done only if the epochs it deleted in were still trusted when Redis confirmed it.

@@ -26,7 +26,7 @@
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Cache, Claim, Filled, KeyGroup, Kind, Lease, Waited, codec, jittered_secs};
+use super::{Cache, Claim, Filled, KeyGroup, Kind, Lease, Waited, codec, failpoint, jittered_secs};
 use crate::domain::{CategoryId, ProductId};
 
 /// What is stored under a list's metadata key.
@@ -176,8 +176,7 @@ impl Cache {
         lease: &Lease,
     ) -> Filled<CachedMeta> {
         let ids_key = self.keys.list_ids(category);
-        #[cfg(feature = "test-hooks")]
-        self.before_fill(&ids_key).await;
+        failpoint!(self, before_fill, &ids_key);
         if lease.key != self.keys.lease(&ids_key) {
             // Taken in an epoch retired since: what it guards is never read again.
             self.count_refused(Kind::List);
@@ -243,8 +242,7 @@ impl Cache {
     /// Caches ids at positions from `first`, if `meta` still describes the cached list.
     pub async fn put_list_chunk(&self, category: &CategoryId, meta: &CachedMeta, first: u64, ids: &[ProductId]) {
         let ids_key = self.keys.list_ids(category);
-        #[cfg(feature = "test-hooks")]
-        self.before_fill(&ids_key).await;
+        failpoint!(self, before_fill, &ids_key);
         let ids: Vec<String> = ids.iter().map(ProductId::to_string).collect();
         let keys = [ids_key.as_str(), &self.keys.list_meta(category)];
         if self.redis.write_list_chunk(keys, &meta.bytes, first, &ids).await == Some(false) {

@@ -22,7 +22,7 @@
 //! - `redis.rs`: fail-open Redis commands (one Redis, Sentinel or a
 //!   cluster), with the Lua scripts in `scripts/`; `connections.rs`: the
 //!   connections; `breaker.rs`: the circuit breaker;
-//! - `hooks.rs`: pause points for tests (feature `test-hooks` only).
+//! - `failpoints.rs`: named points where tests pause the work (`failpoint!`).
 
 mod breaker;
 pub mod codec;
@@ -30,9 +30,8 @@ mod connections;
 mod entries;
 mod epochs;
 mod events;
+mod failpoints;
 mod fence;
-#[cfg(feature = "test-hooks")]
-pub mod hooks;
 mod invalidation;
 pub mod keys;
 mod leases;
@@ -60,9 +59,10 @@ pub use connections::Handle as RedisConnection;
 pub use entries::{Cached, Entry, Filled};
 pub use epochs::{Bump, EPOCH_TRUST};
 pub use events::{Event, EventFeed};
-pub use fence::{FENCE_POLL, FENCE_TRUST, Fence};
+use failpoints::failpoint;
 #[cfg(feature = "test-hooks")]
-pub use hooks::{Hook, Hooks};
+pub use failpoints::{Hook, Hooks};
+pub use fence::{FENCE_POLL, FENCE_TRUST, Fence};
 pub use invalidation::{INVALIDATION_SAMPLE, KeyGroup, NewestWrite, WriteMarks};
 pub use keys::Keys;
 pub use leases::{Claim, KeptLeases, Lease, Waited};
@@ -185,7 +185,7 @@ pub struct Cache {
     enabled: bool,
     refresh_ahead: bool,
     #[cfg(feature = "test-hooks")]
-    hooks: Hooks,
+    hooks: std::sync::OnceLock<Hooks>,
     /// Indexed by `Kind`.
     outcomes: [Outcomes; 3],
     uncacheable_log: Throttle,
@@ -208,18 +208,18 @@ impl Cache {
             keys,
             fence: Fence::default(),
             ttls: Ttls {
-                user: Duration::from_secs(config.cache.user_ttl_secs),
-                product: Duration::from_secs(config.cache.product_ttl_secs),
-                list: Duration::from_secs(config.cache.list_ttl_secs),
-                negative: Duration::from_secs(config.cache.negative_ttl_secs),
+                user: config.cache.user_ttl,
+                product: config.cache.product_ttl,
+                list: config.cache.list_ttl,
+                negative: config.cache.negative_ttl,
             },
-            lease_ttl: Duration::from_millis(config.cache.lease_ms),
+            lease_ttl: config.cache.lease,
             write_marker_ttl: replicas::marker_ttl(&config.replicas),
             compress_threshold: config.cache.compress_threshold_bytes,
             enabled: config.cache.enabled,
             refresh_ahead: config.cache.refresh_ahead,
             #[cfg(feature = "test-hooks")]
-            hooks: Hooks::default(),
+            hooks: std::sync::OnceLock::new(),
             outcomes: Kind::ALL.map(Outcomes::of),
             uncacheable_log: Throttle::default(),
             invalidation_log: Throttle::default(),

@@ -133,8 +133,8 @@ impl RedisClient {
                 usize::from(config.redis_connections),
                 Some(Arc::new(Breaker::new(
                     config.redis_breaker_failures,
-                    Duration::from_millis(config.redis_breaker_cooldown_ms),
-                    config.redis_timeout(),
+                    config.redis_breaker_cooldown,
+                    config.redis_timeout,
                 ))),
             ),
             Purpose::Background => (1, None),
@@ -144,7 +144,7 @@ impl RedisClient {
             next_subscriber: AtomicUsize::new(0),
             cluster,
             connections: Connections::new(target, count, breaker.clone(), connected)?,
-            timeout: config.redis_timeout(),
+            timeout: config.redis_timeout,
             errors: ErrorLog::default(),
             breaker,
         })
@@ -169,17 +169,6 @@ impl RedisClient {
             _ if self.cluster => self.run_on_each("mget", keys, "GET").await,
             _ => self.run("mget", redis::cmd("MGET").arg(keys)).await,
         }
-    }
-
-    /// SET with an expiry for each entry, in one round trip.
-    pub async fn set_many(&self, entries: &[(String, Vec<u8>, u64)]) -> Option<()> {
-        let sets = entries.iter().map(|(key, value, ttl_secs)| {
-            let set = redis::cmd("SET").arg(key).arg(value).arg("EX").arg(ttl_secs).clone();
-            (key.as_str(), set)
-        });
-        self.run_each::<redis::Value>("set", sets.collect(), self.timeout)
-            .await
-            .map(drop)
     }
 
     /// Deletes the keys in one round trip, one DEL per key so that no command

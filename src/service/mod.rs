@@ -14,6 +14,7 @@ mod written;
 
 use std::{sync::Arc, time::Duration};
 
+use anyhow::Context;
 use sqlx::PgPool;
 
 pub use products::{ProductPage, Products};
@@ -60,12 +61,10 @@ impl Services {
     /// the cache (serve, seed, warm) follows the key epochs from here on:
     /// without them it could use no value read and confirm no invalidation.
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
-        Self::connect_with(config, Cache::new(config)?).await
-    }
-
-    /// `connect`, with the cache given (as the tests give one with hooks).
-    pub async fn connect_with(config: &Config, cache: Cache) -> anyhow::Result<Self> {
-        let pool = store::connect(&config.database).await?;
+        let cache = Cache::new(config).context("the Redis settings")?;
+        let pool = store::connect(&config.database)
+            .await
+            .context("connecting to PostgreSQL")?;
         let replicas: Database = Arc::new(Replicas::new(&config.database, &config.replicas, pool)?);
         let cache = Arc::new(cache);
         let users = Users::new(replicas.clone(), cache.clone(), near_cache(config));
@@ -212,12 +211,10 @@ where
     K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
     V: Clone + Send + Sync + 'static,
 {
-    config.cache.near_cache_enabled.then(|| {
-        NearCache::new(
-            config.cache.near_cache_capacity,
-            Duration::from_millis(config.cache.near_cache_ttl_ms),
-        )
-    })
+    config
+        .cache
+        .near_cache_enabled
+        .then(|| NearCache::new(config.cache.near_cache_capacity, config.cache.near_cache_ttl))
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -112,7 +112,6 @@ pub async fn run(settings: Settings) -> Report {
     let hooks = || Hooks {
         before_fill: Some(random_delay(settings.max_delay)),
         before_invalidate: Some(random_delay(settings.max_delay)),
-        unguarded_fills: false,
     };
     let cluster_urls: Vec<SecretUrl> = settings
         .redis_cluster_urls

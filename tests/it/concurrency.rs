@@ -10,14 +10,14 @@ use std::{
 };
 
 use readthrough::{
-    cache::{Entry, Hook, Hooks},
+    cache::{Entry, Hook, Hooks, codec},
     domain::{User, UserId},
 };
 use readthrough_client::proto::GetUserRequest;
 use tokio::sync::Notify;
 use tonic::Code;
 
-use crate::helpers::{spawn_app_with, spawn_app_with_hooks};
+use crate::helpers::{redis, spawn_app_with, spawn_app_with_hooks};
 
 const USER_LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;
 
@@ -27,8 +27,8 @@ async fn a_thousand_concurrent_misses_on_two_instances_load_the_row_once() {
     // would measure the scheduler, and this test is about stampedes, not timeouts.
     // For the same reason, leases get time enough for the holder to fill.
     let first = spawn_app_with(|config| {
-        config.config.cache.redis_timeout_ms = 1000;
-        config.config.cache.lease_ms = 5000;
+        config.config.cache.redis_timeout = Duration::from_millis(1000);
+        config.config.cache.lease = Duration::from_secs(5);
     })
     .await;
     let second = first.spawn_sibling().await;
@@ -80,11 +80,10 @@ fn pause_first_user_fill(paused: Arc<Notify>, resume: Arc<Notify>) -> Hook {
 
 /// Reader misses and loads version 1; a writer commits version 2 and
 /// invalidates; then the reader's fill runs. Returns the version left cached.
-async fn stale_set_interleaving(unguarded_fills: bool) -> Option<i64> {
+async fn stale_set_interleaving() -> Option<i64> {
     let (paused, resume) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
     let hooks = Hooks {
         before_fill: Some(pause_first_user_fill(paused.clone(), resume.clone())),
-        unguarded_fills,
         ..Hooks::default()
     };
     let mut app = spawn_app_with_hooks(hooks, |_| {}).await;
@@ -107,23 +106,49 @@ async fn stale_set_interleaving(unguarded_fills: bool) -> Option<i64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_fill_that_lost_the_race_with_a_write_is_refused() {
-    let left = stale_set_interleaving(false).await;
+    let left = stale_set_interleaving().await;
     assert_eq!(left, None, "no stale entry remains (version 1 must not be cached)");
 }
 
+/// The same race done by hand as plain cache-aside does it (read the row,
+/// then SET it unconditionally), with the write between the two: the old
+/// version is cached, and served, after the write was acknowledged. This is
+/// what the lease guard above prevents.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_the_lease_guard_the_same_race_caches_the_old_version() {
-    let left = stale_set_interleaving(true).await;
+    let app = spawn_app_with(|_| {}).await;
+    let user = app.create_user("v1@example.com").await;
+    app.outbox_drained().await;
+    let id = UserId::parse(&user.id).unwrap();
+    let read = readthrough::store::users::get_many(&app.db, &[id]).await.unwrap();
+
+    let written = app.rename_user(&user.id, "v2@example.com").await.unwrap();
+    assert_eq!(written.version, 2);
+    app.outbox_drained().await;
+
+    let entry = Entry {
+        value: read.into_iter().next(),
+        load_ms: 1,
+        expires_at_ms: u64::MAX,
+    };
+    let () = redis::cmd("SET")
+        .arg(app.keys.user(id))
+        .arg(codec::encode(&entry, usize::MAX).unwrap())
+        .arg("EX")
+        .arg(60)
+        .query_async(&mut app.redis.clone())
+        .await
+        .unwrap();
     assert_eq!(
-        left,
-        Some(1),
+        app.get_user(&user.id).await.version,
+        1,
         "the unguarded fill leaves version 1 cached after the write"
     );
 }
 
 #[tokio::test]
 async fn an_absent_id_is_cached_briefly() {
-    let app = spawn_app_with(|config| config.config.cache.negative_ttl_secs = 1).await;
+    let app = spawn_app_with(|config| config.config.cache.negative_ttl = Duration::from_secs(1)).await;
     let id = uuid::Uuid::new_v4().to_string();
     let mut users = app.users.clone();
     for _ in 0..3 {
@@ -143,7 +168,7 @@ async fn an_absent_id_is_cached_briefly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_key_is_refreshed_before_it_expires() {
-    let app = spawn_app_with(|config| config.config.cache.user_ttl_secs = 1).await;
+    let app = spawn_app_with(|config| config.config.cache.user_ttl = Duration::from_secs(1)).await;
     let user = app.create_user("refresh@example.com").await;
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {

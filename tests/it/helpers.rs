@@ -338,9 +338,8 @@ async fn start(
     config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
     config.server.admin_addr = "127.0.0.1:0".parse().unwrap();
     customize(&mut config);
-    let app = Application::build_with_cache(config.clone(), |cache| cache.with_hooks(hooks))
-        .await
-        .expect("app builds");
+    let app = Application::build(config.clone()).await.expect("app builds");
+    app.set_hooks(hooks);
     let (grpc_port, admin_port, metrics_port) = (app.grpc_port(), app.admin_port(), app.metrics_port());
     let keys = app.cache_keys();
     let (stop, stopped) = oneshot::channel::<()>();
