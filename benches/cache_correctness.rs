@@ -37,7 +37,8 @@ async fn main() {
 /// With the default 50 ms Redis deadline, and with a deadline this machine's
 /// scheduler cannot trip while 1000 client tasks share its two cores.
 async fn stampede(redis_timeout_ms: u64) {
-    let first = spawn_app_with(|config| config.config.cache.redis_timeout_ms = redis_timeout_ms).await;
+    let first =
+        spawn_app_with(|config| config.config.cache.redis_timeout = Duration::from_millis(redis_timeout_ms)).await;
     let second = first.spawn_sibling().await;
     let id = first.create_user("hot@example.com").await.id;
 
@@ -96,7 +97,7 @@ const LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;
 
 async fn refresh_ahead(enabled: bool) {
     let app = spawn_app_with(|config| {
-        config.config.cache.user_ttl_secs = 2;
+        config.config.cache.user_ttl = Duration::from_secs(2);
         config.config.cache.refresh_ahead = enabled;
     })
     .await;

@@ -5,7 +5,7 @@
 
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
-use clap::{ArgAction, Parser};
+use clap::{ArgAction, Parser, builder::TypedValueParser};
 use sqlx::postgres::PgConnectOptions;
 
 /// A connection URL whose password never reaches a log.
@@ -177,14 +177,14 @@ pub struct DatabaseConfig {
     pub max_connections: u32,
 
     /// Longest a single SQL statement may run (PostgreSQL's `statement_timeout`), in milliseconds.
-    #[arg(long = "database-statement-timeout-ms", env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub statement_timeout_ms: u64,
+    #[arg(long = "database-statement-timeout-ms", env = "DATABASE_STATEMENT_TIMEOUT_MS", default_value = "5000", value_parser = millis(1))]
+    pub statement_timeout: Duration,
 
     /// Longest a query waits for a PostgreSQL connection, in milliseconds,
     /// including reconnecting: past it the call is UNAVAILABLE, so a database
     /// that is down costs a request this long, not a hang.
-    #[arg(long = "database-acquire-timeout-ms", env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub acquire_timeout_ms: u64,
+    #[arg(long = "database-acquire-timeout-ms", env = "DATABASE_ACQUIRE_TIMEOUT_MS", default_value = "1000", value_parser = millis(1))]
+    pub acquire_timeout: Duration,
 }
 
 impl DatabaseConfig {
@@ -223,8 +223,8 @@ pub struct ReplicaConfig {
 
     /// A replica further behind the primary than this, in milliseconds, is
     /// not read from (write markers live twice as long).
-    #[arg(long = "database-replica-max-lag-ms", env = "DATABASE_REPLICA_MAX_LAG_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub replica_max_lag_ms: u64,
+    #[arg(long = "database-replica-max-lag-ms", env = "DATABASE_REPLICA_MAX_LAG_MS", default_value = "5000", value_parser = millis(1))]
+    pub replica_max_lag: Duration,
 }
 
 /// Redis, what is cached in it and for how long, and what happens when it
@@ -280,8 +280,8 @@ pub struct CacheConfig {
     pub redis_connections: u16,
 
     /// Upper bound on every Redis call; past it the request is answered from PostgreSQL.
-    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = 50)]
-    pub redis_timeout_ms: u64,
+    #[arg(long = "redis-timeout-ms", env = "REDIS_TIMEOUT_MS", default_value = "50", value_parser = millis(0))]
+    pub redis_timeout: Duration,
 
     /// Redis failures in a row (errors that mean it is unavailable, or
     /// deadlines over at least one deadline) that open the circuit breaker: then every request skips
@@ -291,8 +291,8 @@ pub struct CacheConfig {
 
     /// How long the open breaker waits before it lets one probe try Redis
     /// again, in milliseconds (a reconnect ends the wait early).
-    #[arg(long, env = "REDIS_BREAKER_COOLDOWN_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub redis_breaker_cooldown_ms: u64,
+    #[arg(long = "redis-breaker-cooldown-ms", env = "REDIS_BREAKER_COOLDOWN_MS", default_value = "1000", value_parser = millis(1))]
+    pub redis_breaker_cooldown: Duration,
 
     /// First part of every cache key (`<namespace>:v1:user:<id>`); letters, digits, '_', '-', '.'.
     #[arg(long = "cache-namespace", env = "CACHE_NAMESPACE", default_value = "rt", value_parser = parse_namespace)]
@@ -303,25 +303,25 @@ pub struct CacheConfig {
     pub enabled: bool,
 
     /// Time to live of a cached user, in seconds (±10 % jitter).
-    #[arg(long, env = "USER_TTL_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..))]
-    pub user_ttl_secs: u64,
+    #[arg(long = "user-ttl-secs", env = "USER_TTL_SECS", default_value = "3600", value_parser = seconds(1))]
+    pub user_ttl: Duration,
 
     /// Time to live of a cached product, in seconds (±10 % jitter).
-    #[arg(long, env = "PRODUCT_TTL_SECS", default_value_t = 900, value_parser = clap::value_parser!(u64).range(1..))]
-    pub product_ttl_secs: u64,
+    #[arg(long = "product-ttl-secs", env = "PRODUCT_TTL_SECS", default_value = "900", value_parser = seconds(1))]
+    pub product_ttl: Duration,
 
     /// Time to live of a cached category list, in seconds (±10 % jitter).
-    #[arg(long, env = "LIST_TTL_SECS", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(1..))]
-    pub list_ttl_secs: u64,
+    #[arg(long = "list-ttl-secs", env = "LIST_TTL_SECS", default_value = "1800", value_parser = seconds(1))]
+    pub list_ttl: Duration,
 
     /// How long "no such id" is cached, in seconds; any write to the id clears it.
-    #[arg(long, env = "NEGATIVE_TTL_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-    pub negative_ttl_secs: u64,
+    #[arg(long = "negative-ttl-secs", env = "NEGATIVE_TTL_SECS", default_value = "30", value_parser = seconds(1))]
+    pub negative_ttl: Duration,
 
     /// Fill lease: how long other callers wait for the caller filling a missing key
     /// before they read PostgreSQL themselves, in milliseconds.
-    #[arg(long = "cache-lease-ms", env = "CACHE_LEASE_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(10..))]
-    pub lease_ms: u64,
+    #[arg(long = "cache-lease-ms", env = "CACHE_LEASE_MS", default_value = "1000", value_parser = millis(10))]
+    pub lease: Duration,
 
     /// Refresh hot entries shortly before they expire (XFetch), so expiry does not stall readers.
     #[arg(long, env = "REFRESH_AHEAD", default_value_t = true, action = ArgAction::Set)]
@@ -341,8 +341,8 @@ pub struct CacheConfig {
 
     /// How long the near cache keeps an entry, in milliseconds: the bound on
     /// its staleness if an invalidation event were lost.
-    #[arg(long, env = "NEAR_CACHE_TTL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub near_cache_ttl_ms: u64,
+    #[arg(long = "near-cache-ttl-ms", env = "NEAR_CACHE_TTL_MS", default_value = "1000", value_parser = millis(1))]
+    pub near_cache_ttl: Duration,
 
     /// How many ids one list fill loads at most: a cold list caches this many
     /// from its start; pages past them load (and cache) chunks of `LIST_CHUNK_IDS`.
@@ -354,18 +354,12 @@ pub struct CacheConfig {
     /// what piled up while Redis was unreachable), retire every cached key of
     /// the kind with a new key epoch instead: the cache turns cold for that
     /// kind, but nothing older than them is read after about a second more.
-    #[arg(long, env = "OUTBOX_RETIRE_AFTER_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub outbox_retire_after_ms: u64,
+    #[arg(long = "outbox-retire-after-ms", env = "OUTBOX_RETIRE_AFTER_MS", default_value = "1000", value_parser = millis(1))]
+    pub outbox_retire_after: Duration,
 
     /// Ids per chunk of a list past its head (at most `LIST_CACHE_MAX_IDS`).
     #[arg(long, env = "LIST_CHUNK_IDS", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(10..))]
     pub list_chunk_ids: u32,
-}
-
-impl CacheConfig {
-    pub fn redis_timeout(&self) -> Duration {
-        Duration::from_millis(self.redis_timeout_ms)
-    }
 }
 
 /// What `serve` needs: the data settings, its listeners, and who may call.
@@ -436,13 +430,13 @@ pub struct ServerConfig {
     pub admission_limit: u32,
 
     /// How long a request may wait in line before it is answered RESOURCE_EXHAUSTED, in milliseconds.
-    #[arg(long, env = "REQUEST_QUEUE_TIMEOUT_MS", default_value_t = 1000)]
-    pub request_queue_timeout_ms: u64,
+    #[arg(long = "request-queue-timeout-ms", env = "REQUEST_QUEUE_TIMEOUT_MS", default_value = "1000", value_parser = millis(0))]
+    pub request_queue_timeout: Duration,
 
     /// Longest a request may take once admitted, whatever deadline its caller
     /// sent (a shorter one applies too); past it DEADLINE_EXCEEDED, in milliseconds.
-    #[arg(long, env = "REQUEST_TIMEOUT_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub request_timeout_ms: u64,
+    #[arg(long = "request-timeout-ms", env = "REQUEST_TIMEOUT_MS", default_value = "10000", value_parser = millis(1))]
+    pub request_timeout: Duration,
 
     /// Connections open at once on each of the gRPC and admin listeners; the
     /// ones over are closed as they arrive. Each holds a file descriptor:
@@ -458,13 +452,13 @@ pub struct ServerConfig {
 
     /// How long a new connection has to send its first bytes (the HTTP/2
     /// preface and first frame, or the TLS hello), in milliseconds.
-    #[arg(long, env = "CONNECTION_PREFACE_TIMEOUT_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(1..))]
-    pub connection_preface_timeout_ms: u64,
+    #[arg(long = "connection-preface-timeout-ms", env = "CONNECTION_PREFACE_TIMEOUT_MS", default_value = "5000", value_parser = millis(1))]
+    pub connection_preface_timeout: Duration,
 
     /// A connection from which nothing arrives for this long is closed, in
     /// seconds. Live clients answer the server's keepalive pings every 30 s.
-    #[arg(long, env = "CONNECTION_IDLE_TIMEOUT_SECS", default_value_t = 120, value_parser = clap::value_parser!(u64).range(31..))]
-    pub connection_idle_timeout_secs: u64,
+    #[arg(long = "connection-idle-timeout-secs", env = "CONNECTION_IDLE_TIMEOUT_SECS", default_value = "120", value_parser = seconds(31))]
+    pub connection_idle_timeout: Duration,
 
     /// File holding the bearer token `/metrics` requires
     /// (`Authorization: Bearer <token>`, Prometheus's `authorization.credentials_file`).
@@ -489,8 +483,8 @@ pub struct ServerConfig {
     pub page_token_previous_secrets: Vec<Secret>,
 
     /// How long shutdown waits for in-flight requests, in seconds.
-    #[arg(long, env = "SHUTDOWN_GRACE_SECS", default_value_t = 10)]
-    pub shutdown_grace_secs: u64,
+    #[arg(long = "shutdown-grace-secs", env = "SHUTDOWN_GRACE_SECS", default_value = "10", value_parser = seconds(0))]
+    pub shutdown_grace: Duration,
 }
 
 /// Who may call: bearer tokens, static or JWT (see `api::auth`). With none
@@ -533,8 +527,8 @@ pub struct AuthConfig {
     pub auth_jwt_any_audience: bool,
 
     /// Longest a JWT may be valid for: `exp - iat`, in seconds (`iat` is required).
-    #[arg(long, env = "AUTH_JWT_MAX_LIFETIME_SECS", default_value_t = 86_400, value_parser = clap::value_parser!(u64).range(1..))]
-    pub auth_jwt_max_lifetime_secs: u64,
+    #[arg(long = "auth-jwt-max-lifetime-secs", env = "AUTH_JWT_MAX_LIFETIME_SECS", default_value = "86400", value_parser = seconds(1))]
+    pub auth_jwt_max_lifetime: Duration,
 
     /// Serve without authentication on addresses other than loopback: anyone
     /// who can reach the port can read, write and flush the cache.
@@ -568,6 +562,16 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// A duration given as a whole number of milliseconds, at least `min`.
+fn millis(min: u64) -> impl TypedValueParser<Value = Duration> {
+    clap::value_parser!(u64).range(min..).map(Duration::from_millis)
+}
+
+/// A duration given as a whole number of seconds, at least `min`.
+fn seconds(min: u64) -> impl TypedValueParser<Value = Duration> {
+    clap::value_parser!(u64).range(min..).map(Duration::from_secs)
 }
 
 fn parse_role(raw: &str) -> Result<String, String> {

@@ -9,7 +9,7 @@ pub mod products;
 pub mod replicas;
 pub mod users;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use sqlx::{
     Connection, PgConnection, PgPool,
@@ -112,10 +112,10 @@ fn connect_to(config: &DatabaseConfig, url: &SecretUrl) -> Result<PgPool, sqlx::
 fn pool_options(config: &DatabaseConfig, url: &SecretUrl) -> Result<(PgPoolOptions, PgConnectOptions), sqlx::Error> {
     let options = config
         .options_for(url)?
-        .options([("statement_timeout", config.statement_timeout_ms.to_string())]);
+        .options([("statement_timeout", config.statement_timeout.as_millis().to_string())]);
     let pool = PgPoolOptions::new()
         .max_connections(config.max_connections)
-        .acquire_timeout(Duration::from_millis(config.acquire_timeout_ms));
+        .acquire_timeout(config.acquire_timeout);
     Ok((pool, options))
 }
 

@@ -37,7 +37,7 @@ const PROBE_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How long a write's marker must live (see the module comment).
 pub fn marker_ttl(config: &ReplicaConfig) -> Duration {
-    Duration::from_millis(config.replica_max_lag_ms) * 2
+    config.replica_max_lag * 2
 }
 
 /// A position in PostgreSQL's write-ahead log, as a byte offset.
@@ -105,7 +105,7 @@ impl Replicas {
         Ok(Self {
             primary,
             replicas,
-            max_lag: Duration::from_millis(config.replica_max_lag_ms),
+            max_lag: config.replica_max_lag,
             primary_positions: Mutex::default(),
             next: AtomicUsize::new(0),
             instance: Uuid::new_v4(),

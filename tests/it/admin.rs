@@ -267,7 +267,7 @@ async fn one_invalidate_all_runs_at_a_time_per_instance() {
 
 #[tokio::test]
 async fn invalidate_all_stops_at_the_server_deadline_and_frees_the_next_run() {
-    let app = spawn_app_with(|config| config.server.request_timeout_ms = 20).await;
+    let app = spawn_app_with(|config| config.server.request_timeout = std::time::Duration::from_millis(20)).await;
     fill_namespace(&app, 200_000).await;
     let client = app.admin().await;
     let status = client.invalidate_all(EVERYTHING, true).await.unwrap_err();

@@ -356,7 +356,7 @@ async fn jwts_must_name_the_configured_audience_and_issuer_and_live_at_most_the_
         config.auth.auth_jwt_secret = Some(JWT_SECRET.parse().unwrap());
         config.auth.auth_jwt_audience = Some(AUDIENCE.to_string());
         config.auth.auth_jwt_issuer = Some("https://id.example".to_string());
-        config.auth.auth_jwt_max_lifetime_secs = 3600;
+        config.auth.auth_jwt_max_lifetime = Duration::from_secs(3600);
     })
     .await;
     // Each refused token differs from a valid one in one claim only.

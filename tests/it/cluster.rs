@@ -20,7 +20,13 @@ use crate::{
 
 async fn on_cluster(cluster: &OwnCluster) -> TestApp {
     let urls: Vec<_> = cluster.urls.iter().map(|url| url.parse().unwrap()).collect();
-    spawn_app_with(move |config| config.config.cache.redis_cluster_urls = urls).await
+    // These tests check routing, not deadlines: a generous one keeps a busy
+    // machine from turning a slow GET into a fail-open read that fills nothing.
+    spawn_app_with(move |config| {
+        config.config.cache.redis_cluster_urls = urls;
+        config.config.cache.redis_timeout = Duration::from_millis(1000);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,7 +68,7 @@ async fn all_closed_within(sockets: Vec<TcpStream>, limit: Duration) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_hundred_silent_sockets_keep_no_client_out_and_are_closed_at_the_preface_timeout() {
     let app = spawn_app_with(|config| {
-        config.server.connection_preface_timeout_ms = 1000;
+        config.server.connection_preface_timeout = Duration::from_millis(1000);
         config.server.max_client_connections_per_peer = 100;
     })
     .await;

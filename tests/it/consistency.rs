@@ -192,7 +192,7 @@ async fn a_reader_dropped_by_its_deadline_gives_its_lease_back() {
         })),
         ..Hooks::default()
     };
-    let app = spawn_app_with_hooks(hooks, |config| config.config.cache.lease_ms = 10_000).await;
+    let app = spawn_app_with_hooks(hooks, |config| config.config.cache.lease = Duration::from_secs(10)).await;
     let user = app.create_user("deadline@example.com").await;
     let lease = app.keys.lease(&app.keys.user(UserId::parse(&user.id).unwrap()));
 
@@ -242,8 +242,8 @@ async fn slow_pair(part: &'static str) -> (TestApp, TestApp) {
     // Hundreds of client tasks and two servers share two cores: a 50 ms Redis deadline
     // would measure the scheduler (the h2load test in stampede.rs keeps the default).
     let first = spawn_app_with_hooks(slow(), |config| {
-        config.config.cache.lease_ms = lease.as_millis() as u64;
-        config.config.cache.redis_timeout_ms = 1000;
+        config.config.cache.lease = lease;
+        config.config.cache.redis_timeout = Duration::from_millis(1000);
     })
     .await;
     let second = first.spawn_sibling_with_hooks(slow()).await;

@@ -129,7 +129,7 @@ async fn a_black_holed_redis_costs_a_request_at_most_one_deadline_and_then_none(
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| {
         config.config.cache.redis_url = url.parse().unwrap();
-        config.config.cache.redis_timeout_ms = DEADLINE.as_millis() as u64;
+        config.config.cache.redis_timeout = DEADLINE;
     })
     .await;
     // The same database and requests, read without Redis: what the breaker should come close to.
@@ -202,9 +202,9 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
     let url = proxy.url.clone();
     let app = spawn_app_with(|config| {
         config.config.cache.redis_url = url.parse().unwrap();
-        config.config.cache.redis_timeout_ms = DEADLINE.as_millis() as u64;
+        config.config.cache.redis_timeout = DEADLINE;
         config.config.cache.redis_breaker_failures = 3;
-        config.config.cache.redis_breaker_cooldown_ms = COOLDOWN.as_millis() as u64;
+        config.config.cache.redis_breaker_cooldown = COOLDOWN;
     })
     .await;
     let user = app.create_user("cycle@example.com").await;
@@ -383,7 +383,7 @@ async fn a_fill_the_open_breaker_skips_gives_its_lease_back() {
     let url = proxy.url.clone();
     let app = spawn_app_with_hooks(hooks, |config| {
         config.config.cache.redis_url = url.parse().unwrap();
-        config.config.cache.lease_ms = 10_000;
+        config.config.cache.lease = Duration::from_secs(10);
     })
     .await;
     let direct = sandbox.redis_url.clone();

@@ -130,7 +130,7 @@ async fn past_the_admission_limit_requests_wait_then_are_shed_but_health_answers
     };
     let app = spawn_app_with_hooks(hooks, |config| {
         config.server.admission_limit = 1;
-        config.server.request_queue_timeout_ms = 100;
+        config.server.request_queue_timeout = Duration::from_millis(100);
     })
     .await;
     let user = app.create_user("busy@example.com").await;
@@ -175,7 +175,7 @@ async fn the_near_cache_serves_hot_reads_and_drops_entries_on_any_instances_writ
     // A TTL far longer than the test: only invalidation events can drop entries.
     let near = |config: &mut readthrough::config::ServeConfig| {
         config.config.cache.near_cache_enabled = true;
-        config.config.cache.near_cache_ttl_ms = 600_000;
+        config.config.cache.near_cache_ttl = Duration::from_secs(600);
     };
     let a = spawn_app_with(near).await;
     let b = a.spawn_sibling_with(near).await;

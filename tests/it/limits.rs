@@ -55,7 +55,7 @@ async fn a_request_over_64_kib_is_refused_before_it_is_decoded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_past_its_timeout_is_unavailable_and_changes_nothing() {
-    let app = spawn_app_with(|config| config.config.database.statement_timeout_ms = 200).await;
+    let app = spawn_app_with(|config| config.config.database.statement_timeout = Duration::from_millis(200)).await;
     let user = app.create_user("locked@example.com").await;
     let mut holder = PgConnection::connect_with(&app.config.config.database.connect_options().unwrap())
         .await
@@ -88,7 +88,10 @@ async fn a_request_past_the_server_deadline_is_deadline_exceeded() {
         })),
         ..Hooks::default()
     };
-    let app = spawn_app_with_hooks(hooks, |config| config.server.request_timeout_ms = 300).await;
+    let app = spawn_app_with_hooks(hooks, |config| {
+        config.server.request_timeout = Duration::from_millis(300)
+    })
+    .await;
     let user = app.create_user("slow@example.com").await;
     let started = std::time::Instant::now();
     let status = app.client.get_user(&user.id).await.unwrap_err();
@@ -172,7 +175,8 @@ async fn database_errors_say_whether_to_fix_the_input_retry_or_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_unavailable_after_a_deadline() {
     // PostgreSQL holds the first two fallbacks for longer than the others may wait.
-    let (served, shed, metric) = fallbacks_while_users_are_locked(50, Duration::from_millis(500)).await;
+    let (served, shed, metric) =
+        fallbacks_while_users_are_locked(Duration::from_millis(50), Duration::from_millis(500)).await;
     assert_eq!(
         (served, shed),
         (2, 3),
@@ -183,7 +187,8 @@ async fn while_redis_is_down_only_so_many_reads_go_to_postgres_and_the_rest_are_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_waiting_for_a_fallback_less_than_a_redis_deadline_are_served() {
-    let (served, shed, metric) = fallbacks_while_users_are_locked(5_000, Duration::from_millis(300)).await;
+    let (served, shed, metric) =
+        fallbacks_while_users_are_locked(Duration::from_secs(5), Duration::from_millis(300)).await;
     assert_eq!(
         (served, shed),
         (5, 0),
@@ -194,14 +199,14 @@ async fn reads_waiting_for_a_fallback_less_than_a_redis_deadline_are_served() {
 
 /// Five concurrent reads while Redis is down (connections refused) and
 /// users are locked in PostgreSQL for `locked`, with room for two fallbacks
-/// and a Redis deadline of `redis_timeout_ms`: how many were served, how
+/// and a Redis deadline of `redis_timeout`: how many were served, how
 /// many turned away, and the shed metric.
-async fn fallbacks_while_users_are_locked(redis_timeout_ms: u64, locked: Duration) -> (usize, usize, f64) {
+async fn fallbacks_while_users_are_locked(redis_timeout: Duration, locked: Duration) -> (usize, usize, f64) {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let app = spawn_app_with(|config| {
         config.config.cache.redis_url = url.parse().unwrap();
-        config.config.cache.redis_timeout_ms = redis_timeout_ms;
+        config.config.cache.redis_timeout = redis_timeout;
         config.config.cache.fallback_limit = 2;
     })
     .await;

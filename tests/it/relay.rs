@@ -53,10 +53,10 @@ async fn a_relay_batch_that_misses_its_deadline_leaves_reads_and_the_breaker_alo
     let app = spawn_app_with(|config| {
         config.config.cache.redis_url = url.parse().unwrap();
         // Carried out key by key, however long that takes.
-        config.config.cache.outbox_retire_after_ms = 600_000;
+        config.config.cache.outbox_retire_after = Duration::from_secs(600);
         // Reads' deadline with room for a parallel test run's scheduling
         // delays; still below the relay's (250 ms and up), which a batch misses.
-        config.config.cache.redis_timeout_ms = 200;
+        config.config.cache.redis_timeout = Duration::from_millis(200);
     })
     .await;
     let ids = users_in_bulk(&app, 1000, 50).await;
