@@ -221,6 +221,64 @@ fn each_subcommand_takes_only_the_settings_it_uses() {
     }
 }
 
+/// `docs/configuration.md` against the command line itself: its tables list
+/// every environment variable some subcommand declares, and no other, each
+/// with the default `--help` shows.
+#[test]
+fn the_configuration_reference_matches_the_command_line() {
+    let mut declared = std::collections::BTreeMap::new();
+    for command in ["serve", "migrate", "seed", "warm", "health"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_readthrough"))
+            .args([command, "--help"])
+            .env_clear()
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        let help = String::from_utf8(output.stdout).unwrap();
+        // Each setting's help ends `[env: NAME=…]`, then ` [default: …]` if it has one.
+        for (_, rest) in help
+            .match_indices("[env: ")
+            .map(|(at, _)| help.split_at(at + "[env: ".len()))
+        {
+            let name: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+                .collect();
+            let after = &rest[rest.find(']').unwrap() + 1..];
+            let default = after
+                .strip_prefix(" [default: ")
+                .and_then(|value| value.split_once(']'))
+                .map(|(value, _)| value.to_string());
+            declared.insert(name, default);
+        }
+    }
+    let reference = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/configuration.md")).unwrap();
+    let mut documented = std::collections::BTreeMap::new();
+    for row in reference.lines().filter_map(|line| line.strip_prefix("| `")) {
+        let cells: Vec<&str> = row.split(" | ").collect();
+        let name = cells[0].trim_end_matches('`');
+        if !name
+            .chars()
+            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+        {
+            continue;
+        }
+        let default = cells.get(1).and_then(|cell| cell.strip_prefix('`')?.strip_suffix('`'));
+        documented.insert(name.to_string(), default.map(str::to_string));
+    }
+    let names = |map: &std::collections::BTreeMap<String, Option<String>>| map.keys().cloned().collect::<Vec<_>>();
+    assert_eq!(
+        names(&documented),
+        names(&declared),
+        "the variables documented and declared"
+    );
+    for (name, default) in &declared {
+        if let (Some(shown), Some(Some(written))) = (default, documented.get(name)) {
+            assert_eq!(written, shown, "the default of {name}");
+        }
+    }
+}
+
 #[test]
 fn no_secret_reaches_the_log_or_the_help_text() {
     let mut sandbox = Sandbox::new();
