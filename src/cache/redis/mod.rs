@@ -1,10 +1,7 @@
-//! Redis access that fails open: every call has a deadline, and a failed or
-//! slow call returns `None` so the caller answers from PostgreSQL instead.
-//! After a run of failures the circuit breaker (see `cache::breaker`) skips
-//! Redis altogether until a probe finds it answering again.
-//!
-//! Failures are counted per operation and logged at most once per
-//! `LOG_INTERVAL`, so an outage does not turn into a log line per request.
+//! The cache's Redis commands, by what they do for the cache. How they run
+//! (deadline, breaker, fail open) is `execute.rs`; where they go (one Redis,
+//! Sentinel, a cluster) is `topology.rs`; the shared connections are
+//! `connections.rs`, the circuit breaker `breaker.rs`, the Lua `scripts/`.
 //!
 //! Two clients are made: one for requests, whose connections every request
 //! shares, behind the breaker; and one for background work (the outbox
@@ -12,9 +9,13 @@
 //! outside the breaker, so a large batch neither queues requests' commands
 //! behind it nor counts against Redis when it misses its deadline.
 
+mod breaker;
+pub mod connections;
+mod execute;
+mod scripts;
+mod topology;
+
 use std::{
-    collections::HashMap,
-    future::Future,
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -23,20 +24,18 @@ use std::{
 };
 
 use deadpool_redis::redis::{
-    self, ErrorKind, RetryMethod, ServerErrorKind,
-    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo, SingleNodeRoutingInfo, Slot},
+    self,
+    cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo},
 };
-use tracing::Instrument;
 
-use super::{
-    Bump, Kind, WriteMarks,
-    breaker::{Admission, Breaker, Probe, Unavailable},
-    connections::{self, Connected, Connections, Handle, Target},
-    scripts,
-};
-use crate::{config::CacheConfig, store::replicas::Lsn, telemetry::Throttle};
+use super::{Bump, Kind, WriteMarks};
+use crate::{config::CacheConfig, store::replicas::Lsn};
+use breaker::Breaker;
+use connections::{Connected, Connections, Handle};
+use execute::Executor;
+pub use execute::is_read_only;
+pub use topology::Topology;
 
-const LOG_INTERVAL: Duration = Duration::from_secs(10);
 /// How often the event subscription checks that its connection still answers.
 const SUBSCRIPTION_PING_INTERVAL: Duration = Duration::from_secs(1);
 /// How much of the keyspace one SCAN step walks (COUNT: a hint to Redis, not a limit).
@@ -97,37 +96,36 @@ enum Subscribers {
 }
 
 pub struct RedisClient {
+    topology: Topology,
     subscribers: Subscribers,
     next_subscriber: AtomicUsize,
-    /// Whether `connections` lead to a Redis Cluster.
-    cluster: bool,
-    connections: Arc<Connections>,
-    /// The deadline of requests' calls; background calls set their own.
-    timeout: Duration,
-    errors: ErrorLog,
-    /// Requests' calls only.
-    breaker: Option<Arc<Breaker>>,
+    exec: Executor,
 }
 
 impl RedisClient {
     /// Sets up the connections without connecting, so the service starts
     /// while Redis is down. `connected` runs on each new connection first.
-    pub fn new(config: &CacheConfig, purpose: Purpose, connected: Connected) -> anyhow::Result<Self> {
-        let target = target(config)?;
+    pub fn new(
+        config: &CacheConfig,
+        topology: &Topology,
+        purpose: Purpose,
+        connected: Connected,
+    ) -> anyhow::Result<Self> {
         // The subscription connects as the shared connections do: same TLS, same ACL user.
-        let subscribers = match &target {
-            Target::Single(info) => Subscribers::Nodes(vec![client(info)?]),
-            Target::Cluster(nodes) => Subscribers::Nodes(nodes.iter().map(client).collect::<anyhow::Result<_>>()?),
-            Target::Sentinel {
+        let subscribers = match topology {
+            Topology::Single(info) => Subscribers::Nodes(vec![topology::client(info)?]),
+            Topology::Cluster(nodes) => {
+                Subscribers::Nodes(nodes.iter().map(topology::client).collect::<anyhow::Result<_>>()?)
+            }
+            Topology::Sentinel {
                 sentinels,
                 master,
                 node,
             } => {
-                let sentinels = Target::sentinel_client(sentinels, master, node)?;
+                let sentinels = Topology::sentinel_client(sentinels, master, node)?;
                 Subscribers::Sentinel(Box::new(tokio::sync::Mutex::new(sentinels)))
             }
         };
-        let cluster = matches!(target, Target::Cluster(_));
         let (count, breaker) = match purpose {
             Purpose::Requests => (
                 usize::from(config.redis_connections),
@@ -139,25 +137,23 @@ impl RedisClient {
             ),
             Purpose::Background => (1, None),
         };
+        let connections = Connections::new(topology, count, breaker.clone(), connected)?;
         Ok(Self {
+            topology: topology.clone(),
             subscribers,
             next_subscriber: AtomicUsize::new(0),
-            cluster,
-            connections: Connections::new(target, count, breaker.clone(), connected)?,
-            timeout: config.redis_timeout,
-            errors: ErrorLog::default(),
-            breaker,
+            exec: Executor::new(connections, config.redis_timeout, breaker),
         })
     }
 
     /// The deadline of requests' calls (`REDIS_TIMEOUT_MS`).
     pub fn timeout(&self) -> Duration {
-        self.timeout
+        self.exec.timeout
     }
 
     /// Whether this client talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
-        self.cluster
+        self.topology.is_cluster()
     }
 
     /// GET for one key, MGET for several (against a cluster, a GET per key
@@ -165,9 +161,9 @@ impl RedisClient {
     pub async fn get_many(&self, keys: &[String]) -> Option<Vec<Option<Vec<u8>>>> {
         match keys {
             [] => Some(Vec::new()),
-            [key] => self.run("get", redis::cmd("GET").arg(key)).await.map(|v| vec![v]),
-            _ if self.cluster => self.run_on_each("mget", keys, "GET").await,
-            _ => self.run("mget", redis::cmd("MGET").arg(keys)).await,
+            [key] => self.exec.run("get", redis::cmd("GET").arg(key)).await.map(|v| vec![v]),
+            _ if self.topology.is_cluster() => self.run_on_each("mget", keys, "GET").await,
+            _ => self.exec.run("mget", redis::cmd("MGET").arg(keys)).await,
         }
     }
 
@@ -196,7 +192,7 @@ impl RedisClient {
     /// when one fails. A key may be reported twice if Redis resizes its table
     /// (or a cluster moves a slot) meanwhile.
     pub async fn scan_matching(&self, pattern: &str, mut on_batch: impl FnMut(Vec<String>)) -> Option<()> {
-        let nodes = if self.cluster {
+        let nodes = if self.topology.is_cluster() {
             self.masters().await?.into_iter().map(Some).collect()
         } else {
             vec![None]
@@ -207,8 +203,8 @@ impl RedisClient {
                 let mut scan = redis::cmd("SCAN");
                 scan.arg(cursor).arg("MATCH").arg(pattern).arg("COUNT").arg(SCAN_COUNT);
                 let (next, found): (u64, Vec<String>) = match &node {
-                    None => self.run("scan", &scan).await?,
-                    Some(node) => self.run_at("scan", node, scan).await?,
+                    None => self.exec.run("scan", &scan).await?,
+                    Some(node) => self.exec.run_at("scan", node, scan).await?,
                 };
                 if !found.is_empty() {
                     on_batch(found);
@@ -225,9 +221,10 @@ impl RedisClient {
     /// The cluster's masters, as `CLUSTER NODES` lists them: (host, port).
     async fn masters(&self) -> Option<Vec<(String, u16)>> {
         let nodes: String = self
+            .exec
             .run("cluster_nodes", &redis::cmd("CLUSTER").arg("NODES").clone())
             .await?;
-        Some(masters_of(&nodes))
+        Some(topology::masters_of(&nodes))
     }
 
     /// Each master that serves slots, as `<node id>:<config epoch>`, as any
@@ -235,52 +232,77 @@ impl RedisClient {
     /// is asked, since one may learn of a promotion later than another
     /// (gossip). `None` when not on a cluster or no node answered.
     pub async fn slot_owners(&self) -> Option<Vec<String>> {
-        if !self.cluster {
+        if !self.topology.is_cluster() {
             return None;
         }
         let nodes: String = self
+            .exec
             .run("cluster_nodes", &redis::cmd("CLUSTER").arg("NODES").clone())
             .await?;
-        let views = futures_util::future::join_all(nodes_of(&nodes).into_iter().map(|node| async move {
-            self.run_at::<String>("cluster_nodes", &node, redis::cmd("CLUSTER").arg("NODES").clone())
+        let views = futures_util::future::join_all(topology::nodes_of(&nodes).into_iter().map(|node| async move {
+            self.exec
+                .run_at::<String>("cluster_nodes", &node, redis::cmd("CLUSTER").arg("NODES").clone())
                 .await
         }))
         .await;
         let mut owners: Vec<String> = std::iter::once(nodes)
             .chain(views.into_iter().flatten())
-            .flat_map(|view| slot_owners_of(&view))
+            .flat_map(|view| topology::slot_owners_of(&view))
             .collect();
         owners.sort();
         owners.dedup();
         Some(owners)
     }
 
-    /// Runs `cmd` on one node of the cluster, within the deadline.
-    async fn run_at<T: redis::FromRedisValue>(
+    /// `run_each` with the command `name` on each key.
+    async fn run_on_each<T: redis::FromRedisValue>(
         &self,
         operation: &'static str,
-        (host, port): &(String, u16),
-        cmd: redis::Cmd,
-    ) -> Option<T> {
-        self.with_deadline(operation, self.timeout, async {
-            let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
-            let Handle::Cluster(connection) = &mut checked.connection else {
-                return Err(Failure::not_connected());
-            };
-            let at = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                host: host.clone(),
-                port: *port,
-            });
-            let value = connection
-                .route_command(cmd, at)
-                .await
-                .map_err(|error| self.failed(&checked, error))?;
-            redis::from_redis_value(value).map_err(|error| Failure {
-                unavailable: false,
-                message: error.to_string(),
+        keys: &[String],
+        name: &str,
+    ) -> Option<Vec<T>> {
+        let commands = keys
+            .iter()
+            .map(|key| {
+                let mut cmd = redis::cmd(name);
+                cmd.arg(key);
+                (key.as_str(), cmd)
             })
-        })
-        .await
+            .collect();
+        self.run_each(operation, commands, self.exec.timeout).await
+    }
+
+    /// Sends `commands`, each with the key that routes it, in one round trip
+    /// within `timeout`: one pipeline to a single Redis; to a cluster, one
+    /// pipeline per hash slot (a pipeline may not span slots), sent
+    /// concurrently, each with its own deadline. The replies come back in the
+    /// order of `commands`.
+    async fn run_each<T: redis::FromRedisValue>(
+        &self,
+        operation: &'static str,
+        commands: Vec<(&str, redis::Cmd)>,
+        timeout: Duration,
+    ) -> Option<Vec<T>> {
+        if commands.is_empty() {
+            return Some(Vec::new());
+        }
+        let count = commands.len();
+        let pipelines = self.topology.pipelines(commands);
+        if let [(_, pipe)] = &pipelines[..] {
+            // One pipeline carries the commands in their order.
+            return self.exec.run_pipe_within(operation, pipe, timeout).await;
+        }
+        let sent = pipelines.into_iter().map(|(indices, pipe)| async move {
+            let replies: Vec<T> = self.exec.run_pipe_within(operation, &pipe, timeout).await?;
+            Some(indices.into_iter().zip(replies))
+        });
+        let mut ordered: Vec<Option<T>> = (0..count).map(|_| None).collect();
+        for replies in futures_util::future::join_all(sent).await {
+            for (index, reply) in replies? {
+                ordered[index] = Some(reply);
+            }
+        }
+        ordered.into_iter().collect()
     }
 
     /// Every kind's epoch (by `Kind`; 0 for one never bumped) and the WAL
@@ -290,7 +312,7 @@ impl RedisClient {
         cmd.arg(key)
             .arg(&Kind::ALL.map(Kind::label)[..])
             .arg(&Kind::ALL.map(lsn_field)[..]);
-        let fields: Vec<Option<Vec<u8>>> = self.run("epochs", &cmd).await?;
+        let fields: Vec<Option<Vec<u8>>> = self.exec.run("epochs", &cmd).await?;
         let (epochs, positions) = fields.split_at_checked(Kind::ALL.len())?;
         let epochs: Vec<Option<u64>> = epochs
             .iter()
@@ -312,7 +334,7 @@ impl RedisClient {
     /// `connection` (a new one, before anything else uses it).
     pub async fn bump_epochs(&self, bump: &EpochBump<'_>) -> Option<Bump> {
         let cmd = bump.command();
-        let reply: Vec<Option<u64>> = self.run("epochs", &cmd).await?;
+        let reply: Vec<Option<u64>> = self.exec.run("epochs", &cmd).await?;
         bump_outcome(&reply)
     }
 
@@ -328,7 +350,7 @@ impl RedisClient {
             .arg("WITHSCORES")
             .cmd("GET")
             .arg(meta_key);
-        let (members, meta) = self.run_pipe("list_read", &pipe).await?;
+        let (members, meta) = self.exec.run_pipe("list_read", &pipe).await?;
         Some(ListPageRaw { members, meta })
     }
 
@@ -339,7 +361,7 @@ impl RedisClient {
             set.arg(key).arg(token).arg("NX").arg("PX").arg(ttl.as_millis() as u64);
             (key.as_str(), set)
         });
-        let replies: Vec<Option<String>> = self.run_each("lease", sets.collect(), self.timeout).await?;
+        let replies: Vec<Option<String>> = self.run_each("lease", sets.collect(), self.exec.timeout).await?;
         Some(replies.into_iter().map(|reply| reply.is_some()).collect())
     }
 
@@ -348,7 +370,7 @@ impl RedisClient {
         let mut cmd = scripts::GET_OR_LEASE.call(2);
         cmd.arg(key).arg(lease_key).arg(token).arg(ttl.as_millis() as u64);
         let (outcome, value): (i64, Option<Vec<u8>>) =
-            match self.run::<Vec<redis::Value>>("lease", &cmd).await?.as_slice() {
+            match self.exec.run::<Vec<redis::Value>>("lease", &cmd).await?.as_slice() {
                 [outcome] => (redis::from_redis_value_ref(outcome).ok()?, None),
                 [outcome, value] => (
                     redis::from_redis_value_ref(outcome).ok()?,
@@ -374,7 +396,7 @@ impl RedisClient {
                 .arg(fill.ttl_secs);
             (fill.key, cmd)
         });
-        let stored: Vec<i64> = self.run_each("fill", fills.collect(), self.timeout).await?;
+        let stored: Vec<i64> = self.run_each("fill", fills.collect(), self.exec.timeout).await?;
         Some(stored.into_iter().map(|s| s == 1).collect())
     }
 
@@ -385,7 +407,7 @@ impl RedisClient {
             let release = scripts::RELEASE.call(1).arg(key).arg(token).clone();
             (key.as_str(), release)
         });
-        self.run_each::<redis::Value>("release", releases.collect(), self.timeout)
+        self.run_each::<redis::Value>("release", releases.collect(), self.exec.timeout)
             .await
             .map(drop)
     }
@@ -398,7 +420,7 @@ impl RedisClient {
             cmd.arg(key).arg(token).arg(ttl.as_millis() as u64);
             (key.as_str(), cmd)
         });
-        let extended: Vec<i64> = self.run_each("extend", extends.collect(), self.timeout).await?;
+        let extended: Vec<i64> = self.run_each("extend", extends.collect(), self.exec.timeout).await?;
         Some(extended.into_iter().map(|e| e == 1).collect())
     }
 
@@ -414,7 +436,7 @@ impl RedisClient {
     ) -> Option<bool> {
         let mut cmd = scripts::GUARDED_LIST_HEAD.call(4);
         cmd.arg(&keys[..]).arg(token).arg(meta).arg(ttl_secs).arg(ids);
-        self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
+        self.exec.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
     }
 
     /// Adds ids at positions from `first` while the metadata is `meta` (see
@@ -422,14 +444,14 @@ impl RedisClient {
     pub async fn write_list_chunk(&self, keys: [&str; 2], meta: &[u8], first: u64, ids: &[String]) -> Option<bool> {
         let mut cmd = scripts::GUARDED_LIST_CHUNK.call(2);
         cmd.arg(&keys[..]).arg(meta).arg(first).arg(ids);
-        self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
+        self.exec.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
     }
 
     /// Sets `key` to `value` while `guard` holds `expected`, expiring with it.
     pub async fn set_beside(&self, key: &str, guard: &str, expected: &[u8], value: &[u8]) -> Option<bool> {
         let mut cmd = scripts::GUARDED_SET_BESIDE.call(2);
         cmd.arg(key).arg(guard).arg(expected).arg(value);
-        self.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
+        self.exec.run::<i64>("list_write", &cmd).await.map(|stored| stored == 1)
     }
 
     /// Records `marks`, deletes each group of keys with one DEL (a group
@@ -450,7 +472,7 @@ impl RedisClient {
         timeout: Duration,
     ) -> Option<()> {
         let writes = self.marks_and_deletes(groups, marks, mark_ttl);
-        if !self.cluster {
+        if !self.topology.is_cluster() {
             let all = writes.into_iter().chain(publishes(channel, messages)).collect();
             return self.run_each::<redis::Value>("del", all, timeout).await.map(drop);
         }
@@ -476,7 +498,7 @@ impl RedisClient {
         timeout: Duration,
     ) -> Option<bool> {
         let mut writes = self.marks_and_deletes(groups, marks, mark_ttl);
-        if self.cluster {
+        if self.topology.is_cluster() {
             return self
                 .run_each::<redis::Value>("del", writes, timeout)
                 .await
@@ -519,7 +541,11 @@ impl RedisClient {
                 (key.as_str(), mark)
             })
         });
-        let per_delete = if self.cluster { 1 } else { GROUPS_PER_DELETE };
+        let per_delete = if self.topology.is_cluster() {
+            1
+        } else {
+            GROUPS_PER_DELETE
+        };
         let deletes = groups.chunks(per_delete).filter_map(|chunk| {
             let mut delete = redis::cmd("DEL");
             delete.arg(chunk);
@@ -550,7 +576,7 @@ impl RedisClient {
                             _ = ping.tick() => {
                                 let answer = tokio::time::timeout(self.subscription_timeout(), sink.ping::<redis::Value>()).await;
                                 if !matches!(answer, Ok(Ok(_))) {
-                                    self.errors.report("subscribe", "no answer to PING on the subscription");
+                                    self.exec.report("subscribe", "no answer to PING on the subscription");
                                     break;
                                 }
                             }
@@ -559,7 +585,7 @@ impl RedisClient {
                     metrics::counter!("readthrough_event_subscription_lost_total").increment(1);
                     on(Delivery::Lost);
                 }
-                Err(error) => self.errors.report("subscribe", &error),
+                Err(error) => self.exec.report("subscribe", &error),
             }
             // While Redis is gone: one attempt a second, logged once per `LOG_INTERVAL`.
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -591,281 +617,26 @@ impl RedisClient {
     /// How long the subscription's PING may take: generous, since a false
     /// alarm empties the near caches.
     fn subscription_timeout(&self) -> Duration {
-        self.timeout.max(SUBSCRIPTION_PING_INTERVAL)
+        self.exec.timeout.max(SUBSCRIPTION_PING_INTERVAL)
     }
 
     /// Connects (see `Connections::connect_all`): up front, so the first
     /// requests do not queue behind connection setup; retrying in the
     /// background while Redis is down.
     pub async fn open_connections(&self) {
-        self.connections.connect_all().await;
+        self.exec.connections.connect_all().await;
     }
 
     /// How many of the shared connections are up.
     pub fn connected(&self) -> usize {
-        self.connections.connected()
+        self.exec.connections.connected()
     }
 
     /// Whether the circuit breaker is letting commands through (closed);
     /// always, for background work.
     pub fn breaker_closed(&self) -> bool {
-        self.breaker
-            .as_ref()
-            .is_none_or(|breaker| breaker.state() == super::breaker::State::Closed)
+        self.exec.breaker_closed()
     }
-
-    /// `run_each` with the command `name` on each key.
-    async fn run_on_each<T: redis::FromRedisValue>(
-        &self,
-        operation: &'static str,
-        keys: &[String],
-        name: &str,
-    ) -> Option<Vec<T>> {
-        let commands = keys
-            .iter()
-            .map(|key| {
-                let mut cmd = redis::cmd(name);
-                cmd.arg(key);
-                (key.as_str(), cmd)
-            })
-            .collect();
-        self.run_each(operation, commands, self.timeout).await
-    }
-
-    /// Sends `commands`, each with the key that routes it, in one round trip
-    /// within `timeout`: one pipeline to a single Redis; to a cluster, one
-    /// pipeline per hash slot (a pipeline may not span slots), sent
-    /// concurrently, each with its own deadline. The replies come back in the
-    /// order of `commands`.
-    async fn run_each<T: redis::FromRedisValue>(
-        &self,
-        operation: &'static str,
-        commands: Vec<(&str, redis::Cmd)>,
-        timeout: Duration,
-    ) -> Option<Vec<T>> {
-        if commands.is_empty() {
-            return Some(Vec::new());
-        }
-        let count = commands.len();
-        if !self.cluster {
-            let mut pipe = redis::pipe();
-            for (_, cmd) in commands {
-                pipe.add_command(cmd);
-            }
-            return self.run_pipe_within(operation, &pipe, timeout).await;
-        }
-        let mut by_slot: HashMap<Slot, (Vec<usize>, redis::Pipeline)> = HashMap::new();
-        for (index, (key, cmd)) in commands.into_iter().enumerate() {
-            let (indices, pipe) = by_slot
-                .entry(Slot::for_key(key))
-                .or_insert_with(|| (Vec::new(), redis::pipe()));
-            indices.push(index);
-            pipe.add_command(cmd);
-        }
-        let sent = by_slot.into_values().map(|(indices, pipe)| async move {
-            let replies: Vec<T> = self.run_pipe_within(operation, &pipe, timeout).await?;
-            Some(indices.into_iter().zip(replies))
-        });
-        let mut ordered: Vec<Option<T>> = (0..count).map(|_| None).collect();
-        for replies in futures_util::future::join_all(sent).await {
-            for (index, reply) in replies? {
-                ordered[index] = Some(reply);
-            }
-        }
-        ordered.into_iter().collect()
-    }
-
-    async fn run<T: redis::FromRedisValue>(&self, operation: &'static str, cmd: &redis::Cmd) -> Option<T> {
-        self.send(operation, Request::Cmd(cmd), self.timeout).await
-    }
-
-    async fn run_pipe<T: redis::FromRedisValue>(&self, operation: &'static str, pipe: &redis::Pipeline) -> Option<T> {
-        self.send(operation, Request::Pipeline(pipe), self.timeout).await
-    }
-
-    async fn run_pipe_within<T: redis::FromRedisValue>(
-        &self,
-        operation: &'static str,
-        pipe: &redis::Pipeline,
-        timeout: Duration,
-    ) -> Option<T> {
-        self.send(operation, Request::Pipeline(pipe), timeout).await
-    }
-
-    /// Sends `request` on one of the connections within `timeout`. A server
-    /// that answers NOSCRIPT has lost the scripts: they are loaded again, and
-    /// the request is sent once more (its commands are safe to repeat).
-    async fn send<T: redis::FromRedisValue>(
-        &self,
-        operation: &'static str,
-        request: Request<'_>,
-        timeout: Duration,
-    ) -> Option<T> {
-        self.with_deadline(operation, timeout, async {
-            let mut checked = self.connections.get().ok_or_else(Failure::not_connected)?;
-            let mut sent = request.send::<T>(&mut checked.connection).await;
-            if sent
-                .as_ref()
-                .is_err_and(|error| error.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
-            {
-                load_scripts(&mut checked.connection)
-                    .await
-                    .map_err(|error| self.failed(&checked, error))?;
-                sent = request.send::<T>(&mut checked.connection).await;
-            }
-            sent.map_err(|error| self.failed(&checked, error))
-        })
-        .await
-    }
-
-    fn failed(&self, checked: &connections::Checked, error: redis::RedisError) -> Failure {
-        self.connections.report_error(checked, &error);
-        Failure {
-            unavailable: means_unavailable(&error),
-            message: error.to_string(),
-        }
-    }
-
-    async fn with_deadline<T>(
-        &self,
-        operation: &'static str,
-        timeout: Duration,
-        call: impl Future<Output = Result<T, Failure>>,
-    ) -> Option<T> {
-        if let Some(breaker) = &self.breaker {
-            match breaker.admit() {
-                Admission::Run => {}
-                Admission::Skip => return skipped(operation),
-                Admission::Probe(probe) => {
-                    self.spawn_probe(probe);
-                    return skipped(operation);
-                }
-            }
-        }
-        let started = std::time::Instant::now();
-        let span = tracing::debug_span!(
-            "redis",
-            otel.kind = "client",
-            db.system = "redis",
-            db.operation = operation
-        );
-        let outcome = tokio::time::timeout(timeout, call).instrument(span).await;
-        crate::telemetry::histogram("readthrough_redis_duration_seconds", "operation", operation)
-            .record(started.elapsed().as_secs_f64());
-        let (failure, how) = match outcome {
-            Ok(Ok(value)) => {
-                if let Some(breaker) = &self.breaker {
-                    breaker.succeeded();
-                }
-                return Some(value);
-            }
-            Ok(Err(failure)) => (failure, Unavailable::Error),
-            Err(_) => {
-                if self.breaker.is_none() {
-                    self.connections.replace_all();
-                }
-                let failure = Failure {
-                    unavailable: true,
-                    message: format!("timed out after {timeout:?}"),
-                };
-                (failure, Unavailable::Deadline)
-            }
-        };
-        if let Some(breaker) = &self.breaker {
-            if failure.unavailable {
-                breaker.failed(how);
-            } else {
-                // Redis answered, with an error about this command alone.
-                breaker.succeeded();
-            }
-        }
-        metrics::counter!("readthrough_cache_errors_total", "operation" => operation).increment(1);
-        self.errors.report(operation, &failure.message);
-        None
-    }
-
-    /// PINGs Redis in the background, within the usual deadline, and tells
-    /// the half-open breaker the outcome. No request waits for it.
-    fn spawn_probe(&self, probe: Probe) {
-        let (connections, timeout) = (self.connections.clone(), self.timeout);
-        tokio::spawn(async move {
-            let Some(mut checked) = connections.get() else {
-                return probe.answered(false);
-            };
-            let ping = redis::cmd("PING");
-            let answered =
-                match tokio::time::timeout(timeout, ping.query_async::<redis::Value>(&mut checked.connection)).await {
-                    Ok(Ok(_)) => true,
-                    Ok(Err(error)) => {
-                        connections.report_error(&checked, &error);
-                        false
-                    }
-                    // A silent connection may be half-open, with nobody at the other end
-                    // any more: make a new one, which then probes again when it connects.
-                    Err(_) => {
-                        connections.replace(&checked);
-                        false
-                    }
-                };
-            probe.answered(answered);
-        });
-    }
-}
-
-/// Why a command got no value.
-struct Failure {
-    /// Redis is unreachable or cannot serve (as opposed to refusing this one command).
-    unavailable: bool,
-    message: String,
-}
-
-impl Failure {
-    fn not_connected() -> Self {
-        Self {
-            unavailable: true,
-            message: NOT_CONNECTED.to_string(),
-        }
-    }
-}
-
-/// The (host, port) of each master that is not failing in a `CLUSTER NODES`
-/// reply (`<id> <host>:<port>@<bus port> <flags> …`).
-fn masters_of(nodes: &str) -> Vec<(String, u16)> {
-    live_nodes(nodes, |flags| flags.split(',').any(|f| f == "master"))
-}
-
-/// The (host, port) of each node not known to be failing, master or replica.
-fn nodes_of(nodes: &str) -> Vec<(String, u16)> {
-    live_nodes(nodes, |_| true)
-}
-
-fn live_nodes(nodes: &str, wanted: impl Fn(&str) -> bool) -> Vec<(String, u16)> {
-    nodes
-        .lines()
-        .filter_map(|line| {
-            let mut fields = line.split(' ');
-            let address = fields.nth(1)?;
-            let flags = fields.next()?;
-            let live = wanted(flags) && !flags.contains("fail") && !flags.contains("noaddr");
-            let (host, port) = address.split('@').next()?.rsplit_once(':')?;
-            live.then(|| Some((host.to_string(), port.parse().ok()?)))?
-        })
-        .collect()
-}
-
-/// The slot-serving masters of `CLUSTER NODES` output (see `slot_owners`):
-/// `<id> <address> <flags> <master> <ping> <pong> <config epoch> <link> <slots...>`.
-fn slot_owners_of(nodes: &str) -> Vec<String> {
-    let mut owners: Vec<String> = nodes
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split(' ').collect();
-            let serves_slots = fields.len() > 8 && fields[2].split(',').any(|flag| flag == "master");
-            serves_slots.then(|| format!("{}:{}", fields[0], fields[6]))
-        })
-        .collect();
-    owners.sort();
-    owners
 }
 
 /// Epochs in `Kind` order, a missing one (never bumped) as 0.
@@ -874,25 +645,6 @@ fn epochs_by_kind(epochs: &[Option<u64>]) -> Option<[u64; 3]> {
         [user, product, list] => Some([user, product, list].map(|epoch| epoch.unwrap_or(0))),
         _ => None,
     }
-}
-
-/// Whether an error means Redis cannot serve right now (the connection is
-/// gone, or the server says it is loading, busy, down, or a replica now),
-/// which counts towards opening the breaker; an error about the command
-/// itself (a wrong type, a script error) does not.
-fn means_unavailable(error: &redis::RedisError) -> bool {
-    error.is_io_error()
-        || error.is_connection_dropped()
-        || error.is_unrecoverable_error()
-        || matches!(error.retry_method(), RetryMethod::WaitAndRetry)
-        || (error.kind() == ErrorKind::Extension && error.code() == Some("BUSY"))
-        || is_read_only(error)
-}
-
-/// The server has become a replica (a failover demoted it): writes there
-/// fail, and the connection must be made again, to the new primary.
-pub fn is_read_only(error: &redis::RedisError) -> bool {
-    error.kind() == ErrorKind::Server(ServerErrorKind::ReadOnly)
 }
 
 /// The field of the epochs hash that holds the WAL position of the newest
@@ -955,7 +707,7 @@ fn bump_outcome(reply: &[Option<u64>]) -> Option<Bump> {
     }
 }
 
-/// Loads every script (see `cache::scripts`): on a cluster, into every master.
+/// Loads every script (see `scripts`): on a cluster, into every master.
 pub async fn load_scripts(connection: &mut Handle) -> Result<(), redis::RedisError> {
     match connection {
         Handle::Single(single) => {
@@ -976,60 +728,6 @@ pub async fn load_scripts(connection: &mut Handle) -> Result<(), redis::RedisErr
     }
 }
 
-/// A command or a pipeline (see `RedisClient::send`).
-#[derive(Clone, Copy)]
-enum Request<'a> {
-    Cmd(&'a redis::Cmd),
-    Pipeline(&'a redis::Pipeline),
-}
-
-impl Request<'_> {
-    async fn send<T: redis::FromRedisValue>(self, connection: &mut Handle) -> redis::RedisResult<T> {
-        match self {
-            Request::Cmd(cmd) => cmd.query_async(connection).await,
-            Request::Pipeline(pipe) => pipe.query_async(connection).await,
-        }
-    }
-}
-
-/// Where `config` puts the cache: a cluster, a Sentinel-managed primary, or one Redis.
-fn target(config: &CacheConfig) -> anyhow::Result<Target> {
-    let tls_ca = config.redis_tls_ca_file.as_deref();
-    let info = |url: &crate::config::SecretUrl| connections::connection_info(url.expose(), tls_ca);
-    Ok(if !config.redis_cluster_urls.is_empty() {
-        Target::Cluster(
-            config
-                .redis_cluster_urls
-                .iter()
-                .map(info)
-                .collect::<anyhow::Result<_>>()?,
-        )
-    } else if !config.redis_sentinel_urls.is_empty() {
-        Target::Sentinel {
-            sentinels: config
-                .redis_sentinel_urls
-                .iter()
-                .map(info)
-                .collect::<anyhow::Result<_>>()?,
-            master: config.redis_sentinel_master.clone(),
-            node: Box::new(info(&config.redis_url)?),
-        }
-    } else {
-        Target::Single(Box::new(info(&config.redis_url)?))
-    })
-}
-
-fn client(info: &redis::ConnectionInfo) -> anyhow::Result<redis::Client> {
-    redis::Client::open(info.clone()).map_err(|e| anyhow::anyhow!("invalid Redis URL: {e}"))
-}
-
-/// A command the open breaker did not send: the caller fails open at once.
-#[cold]
-fn skipped<T>(operation: &'static str) -> Option<T> {
-    metrics::counter!("readthrough_cache_skipped_total", "operation" => operation).increment(1);
-    None
-}
-
 /// One PUBLISH of each message on `channel`.
 fn publishes<'a>(channel: &'a str, messages: &'a [Vec<u8>]) -> impl Iterator<Item = (&'a str, redis::Cmd)> {
     messages.iter().map(move |message| {
@@ -1037,72 +735,4 @@ fn publishes<'a>(channel: &'a str, messages: &'a [Vec<u8>]) -> impl Iterator<Ite
         publish.arg(channel).arg(message);
         (channel, publish)
     })
-}
-
-const NOT_CONNECTED: &str = "not connected (reconnecting)";
-
-/// Logs the first Redis error of each interval and how many followed it unlogged.
-#[derive(Default)]
-struct ErrorLog(Throttle);
-
-impl ErrorLog {
-    fn report(&self, operation: &str, error: &str) {
-        if let Some(suppressed) = self.0.pass(LOG_INTERVAL) {
-            tracing::warn!(
-                operation,
-                error,
-                suppressed,
-                "redis unavailable; serving from PostgreSQL"
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use deadpool_redis::redis::{ErrorKind, RedisError, ServerErrorKind};
-
-    use super::{masters_of, means_unavailable, slot_owners_of};
-
-    #[test]
-    fn masters_are_the_live_master_lines_of_cluster_nodes() {
-        let nodes = "\
-a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
-b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922
-c3 127.0.0.1:7003@17003 slave a1 0 1 4 connected
-d4 127.0.0.1:7002@17002 master,fail - 0 1 3 disconnected
-";
-        assert_eq!(
-            masters_of(nodes),
-            [("127.0.0.1".to_string(), 7000), ("127.0.0.1".to_string(), 7001)]
-        );
-    }
-
-    #[test]
-    fn slot_owners_are_the_masters_with_slots_and_their_config_epochs() {
-        let nodes = "\
-a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
-b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922 10923
-c3 127.0.0.1:7003@17003 slave a1 0 1 4 connected
-d4 127.0.0.1:7002@17002 master,fail - 0 1 3 disconnected
-";
-        assert_eq!(slot_owners_of(nodes), ["a1:1", "b2:2"]);
-    }
-
-    #[test]
-    fn only_errors_that_say_redis_cannot_serve_count_towards_the_breaker() {
-        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
-        assert!(means_unavailable(&RedisError::from(reset)));
-        assert!(means_unavailable(&RedisError::from((ErrorKind::Io, "broken pipe"))));
-        let loading = ErrorKind::Server(ServerErrorKind::BusyLoading);
-        assert!(means_unavailable(&RedisError::from((loading, "loading the dataset"))));
-
-        let wrong_type = ErrorKind::Server(ServerErrorKind::ResponseError);
-        assert!(!means_unavailable(&RedisError::from((wrong_type, "WRONGTYPE"))));
-        let undecodable = ErrorKind::UnexpectedReturnType;
-        assert!(!means_unavailable(&RedisError::from((
-            undecodable,
-            "not a bulk string"
-        ))));
-    }
 }

@@ -2,19 +2,19 @@
 //!
 //! A multiplexed connection carries any number of concurrent commands, so a
 //! request never waits for a connection of its own: it clones a handle to one
-//! of a few long-lived connections (round robin) and sends its command. There
+//! of a few long-lived connections, its lanes (round robin), and sends its command. There
 //! is no checkout on the hot path, and so no PING/UNWATCH recycle round trip
 //! per command (what `deadpool_redis::Pool::get` does) and no wait for a free
-//! slot inside a command's deadline.
+//! connection inside a command's deadline.
 //!
-//! deadpool-redis still makes every connection: a slot whose connection broke
+//! deadpool-redis still makes every connection: a lane whose connection broke
 //! (Redis restarted, a socket reset) is emptied and refilled in the background
 //! by a task that asks the pool for a new one, with backoff, until it succeeds.
-//! Meanwhile requests use the other slots, or fail open when none is connected.
+//! Meanwhile requests use the other lanes, or fail open when none is connected.
 //! A new connection tells the circuit breaker, which then probes at once
 //! instead of waiting out its cool-down.
 //!
-//! Against a Redis Cluster (`REDIS_CLUSTER_URLS`) each slot holds a redis-rs
+//! Against a Redis Cluster (`REDIS_CLUSTER_URLS`) each lane holds a redis-rs
 //! cluster connection instead: itself multiplexed, it keeps one connection
 //! per node, routes each command by its key's hash slot, follows MOVED and
 //! ASK, and refreshes the slot map after a failover. It is made by redis-rs's
@@ -30,7 +30,6 @@
 
 use std::{
     future::Future,
-    path::Path,
     pin::Pin,
     sync::{
         Arc, RwLock,
@@ -39,20 +38,19 @@ use std::{
     time::Duration,
 };
 
-use anyhow::Context;
 use deadpool_redis::{
     Connection, Manager, Pool, Runtime,
     redis::{
-        self, AsyncConnectionConfig, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value,
+        self, AsyncConnectionConfig, Cmd, Pipeline, RedisFuture, Value,
         aio::{ConnectionLike, MultiplexedConnection},
         cluster::{ClusterClient, ClusterClientBuilder},
         cluster_async::ClusterConnection,
         io::tcp::TcpSettings,
-        sentinel::{SentinelClient, SentinelNodeConnectionInfo, SentinelServerType},
+        sentinel::SentinelClient,
     },
 };
 
-use super::breaker::Breaker;
+use super::{Topology, breaker::Breaker};
 
 /// Opening one connection may take longer than one command's deadline.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -61,38 +59,8 @@ const RECONNECT_FIRST_DELAY: Duration = Duration::from_millis(100);
 /// attempt against a closed port costs next to nothing.
 const RECONNECT_MAX_DELAY: Duration = Duration::from_millis(500);
 
-/// Where the cache lives.
-#[derive(Clone)]
-pub enum Target {
-    Single(Box<ConnectionInfo>),
-    /// Seed nodes of a Redis Cluster.
-    Cluster(Vec<ConnectionInfo>),
-    /// The primary that these sentinels name `master`; `node` says how to
-    /// log in to it (the credentials of `REDIS_URL`).
-    Sentinel {
-        sentinels: Vec<ConnectionInfo>,
-        master: String,
-        node: Box<ConnectionInfo>,
-    },
-}
-
-impl Target {
-    /// A client of the sentinels, asking for the primary of `master`.
-    pub fn sentinel_client(
-        sentinels: &[ConnectionInfo],
-        master: &str,
-        node: &ConnectionInfo,
-    ) -> anyhow::Result<SentinelClient> {
-        let node = SentinelNodeConnectionInfo::default()
-            .set_redis_connection_info(node.redis_settings().clone())
-            .set_tcp_settings(TcpSettings::default().set_nodelay(true));
-        SentinelClient::build(sentinels.to_vec(), master, Some(node), SentinelServerType::Master)
-            .map_err(|e| anyhow::anyhow!("invalid REDIS_SENTINEL_URLS: {e}"))
-    }
-}
-
 /// Run on every new connection before any command uses it; an error drops
-/// the connection, and the slot tries again.
+/// the connection, and the lane tries again.
 pub type Connected = Arc<dyn Fn(Handle) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send>> + Send + Sync>;
 
 /// A connection to one Redis, or to a whole Redis Cluster.
@@ -175,16 +143,16 @@ fn settings() -> AsyncConnectionConfig {
         .set_response_timeout(None)
 }
 
-/// A connection handle and which slot (and which connection of that slot) it came from.
+/// A connection handle and which lane (and which connection of that lane) it came from.
 pub struct Checked {
     pub connection: Handle,
-    slot: usize,
+    lane: usize,
     generation: u64,
 }
 
 pub struct Connections {
     factory: Factory,
-    slots: Box<[Slot]>,
+    lanes: Box<[Lane]>,
     next: AtomicUsize,
     /// Told of every new connection; none for background work.
     breaker: Option<Arc<Breaker>>,
@@ -192,16 +160,16 @@ pub struct Connections {
 }
 
 #[derive(Default)]
-struct Slot {
-    state: RwLock<SlotState>,
-    /// A task is (re)connecting this slot.
+struct Lane {
+    state: RwLock<LaneState>,
+    /// A task is (re)connecting this lane.
     connecting: AtomicBool,
     /// The first connection attempt has ended (either way).
     tried: AtomicBool,
 }
 
 #[derive(Default)]
-struct SlotState {
+struct LaneState {
     connection: Option<Handle>,
     /// Bumped on every new connection, so a late failure report about an old
     /// connection does not discard its replacement.
@@ -211,14 +179,14 @@ struct SlotState {
 impl Connections {
     /// Connects nothing yet: see `connect_all`.
     pub fn new(
-        target: Target,
+        topology: &Topology,
         count: usize,
         breaker: Option<Arc<Breaker>>,
         connected: Connected,
     ) -> anyhow::Result<Arc<Self>> {
-        let factory = match target {
-            Target::Single(info) => {
-                let manager = Manager::new_with_config(*info, settings())
+        let factory = match topology {
+            Topology::Single(info) => {
+                let manager = Manager::new_with_config((**info).clone(), settings())
                     .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
                 let pool = Pool::builder(manager)
                     .max_size(count)
@@ -229,10 +197,10 @@ impl Connections {
                     .map_err(|e| anyhow::anyhow!("cannot set up Redis connections: {e}"))?;
                 Factory::Single(pool)
             }
-            Target::Cluster(seeds) => {
+            Topology::Cluster(seeds) => {
                 // The same: REDIS_TIMEOUT_MS is the deadline. A command whose
                 // node fails is retried on the new owner of its slot (within it).
-                let client = ClusterClientBuilder::new(seeds)
+                let client = ClusterClientBuilder::new(seeds.iter().cloned())
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(Duration::from_secs(3600))
                     .overall_response_timeout(None)
@@ -241,68 +209,68 @@ impl Connections {
                     .map_err(|e| anyhow::anyhow!("invalid REDIS_CLUSTER_URLS: {e}"))?;
                 Factory::Cluster(Box::new(client))
             }
-            Target::Sentinel {
+            Topology::Sentinel {
                 sentinels,
                 master,
                 node,
-            } => Factory::Sentinel(Box::new(tokio::sync::Mutex::new(Target::sentinel_client(
-                &sentinels, &master, &node,
+            } => Factory::Sentinel(Box::new(tokio::sync::Mutex::new(Topology::sentinel_client(
+                sentinels, master, node,
             )?))),
         };
         Ok(Arc::new(Self {
             factory,
-            slots: (0..count.max(1)).map(|_| Slot::default()).collect(),
+            lanes: (0..count.max(1)).map(|_| Lane::default()).collect(),
             next: AtomicUsize::new(0),
             breaker,
             connected,
         }))
     }
 
-    /// Starts connecting every slot in the background (slots that cannot
+    /// Starts connecting every lane in the background (lanes that cannot
     /// connect keep retrying with backoff) and waits until each has tried
     /// once, at most `CONNECT_TIMEOUT`: a service starting next to a healthy
     /// Redis serves its first request from the cache, and one starting while
     /// Redis is down starts anyway.
     pub async fn connect_all(self: &Arc<Self>) {
-        for slot in 0..self.slots.len() {
-            self.reconnect(slot);
+        for lane in 0..self.lanes.len() {
+            self.reconnect(lane);
         }
         let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
-        while !self.slots.iter().all(|slot| slot.tried.load(Ordering::Acquire))
+        while !self.lanes.iter().all(|lane| lane.tried.load(Ordering::Acquire))
             && tokio::time::Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 
-    /// A handle to a connected slot, taking slots in turn; `None` when none is connected.
+    /// A handle to a connected lane, taking lanes in turn; `None` when none is connected.
     pub fn get(&self) -> Option<Checked> {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
-        (0..self.slots.len()).find_map(|offset| {
-            let slot = (start + offset) % self.slots.len();
-            let state = self.slots[slot].state.read().unwrap_or_else(|p| p.into_inner());
+        (0..self.lanes.len()).find_map(|offset| {
+            let lane = (start + offset) % self.lanes.len();
+            let state = self.lanes[lane].state.read().unwrap_or_else(|p| p.into_inner());
             state.connection.as_ref().map(|connection| Checked {
                 connection: connection.clone(),
-                slot,
+                lane,
                 generation: state.generation,
             })
         })
     }
 
     /// Reports that a command on `checked` failed with `error`: if the error
-    /// means the connection is gone, the slot is emptied and reconnected.
+    /// means the connection is gone, the lane is emptied and reconnected.
     pub fn report_error(self: &Arc<Self>, checked: &Checked, error: &redis::RedisError) {
         if error.is_unrecoverable_error() || error.is_connection_dropped() || error.is_io_error() {
             self.replace(checked);
         }
     }
 
-    /// Empties `checked`'s slot and reconnects it, unless that connection was
+    /// Empties `checked`'s lane and reconnects it, unless that connection was
     /// replaced already: for a connection that is gone, or one that stays
     /// silent (half-open: its peer vanished without a reset).
     pub fn replace(self: &Arc<Self>, checked: &Checked) {
         {
-            let mut state = self.slots[checked.slot]
+            let mut state = self.lanes[checked.lane]
                 .state
                 .write()
                 .unwrap_or_else(|p| p.into_inner());
@@ -311,31 +279,31 @@ impl Connections {
             }
             state.connection = None;
         }
-        self.reconnect(checked.slot);
+        self.reconnect(checked.lane);
     }
 
     /// Replaces every connection: background work's, after a deadline
     /// missed (the connection may be half-open, and no breaker probes it).
     pub fn replace_all(self: &Arc<Self>) {
-        for slot in 0..self.slots.len() {
+        for lane in 0..self.lanes.len() {
             let generation = {
-                let state = self.slots[slot].state.read().unwrap_or_else(|p| p.into_inner());
+                let state = self.lanes[lane].state.read().unwrap_or_else(|p| p.into_inner());
                 match &state.connection {
                     Some(_) => state.generation,
                     None => continue,
                 }
             };
-            let mut state = self.slots[slot].state.write().unwrap_or_else(|p| p.into_inner());
+            let mut state = self.lanes[lane].state.write().unwrap_or_else(|p| p.into_inner());
             if state.generation == generation && state.connection.take().is_some() {
                 drop(state);
-                self.reconnect(slot);
+                self.reconnect(lane);
             }
         }
     }
 
-    /// Fills `slot` in the background unless a task is already at it.
-    fn reconnect(self: &Arc<Self>, slot: usize) {
-        if self.slots[slot].connecting.swap(true, Ordering::AcqRel) {
+    /// Fills `lane` in the background unless a task is already at it.
+    fn reconnect(self: &Arc<Self>, lane: usize) {
+        if self.lanes[lane].connecting.swap(true, Ordering::AcqRel) {
             return;
         }
         let this = self.clone();
@@ -344,7 +312,7 @@ impl Connections {
             loop {
                 match this.connect().await {
                     Ok(connection) => {
-                        let mut state = this.slots[slot].state.write().unwrap_or_else(|p| p.into_inner());
+                        let mut state = this.lanes[lane].state.write().unwrap_or_else(|p| p.into_inner());
                         state.connection = Some(connection);
                         state.generation += 1;
                         if let Some(breaker) = &this.breaker {
@@ -353,15 +321,15 @@ impl Connections {
                         break;
                     }
                     Err(error) => {
-                        this.slots[slot].tried.store(true, Ordering::Release);
-                        tracing::debug!(%error, slot, "cannot connect to Redis; retrying");
+                        this.lanes[lane].tried.store(true, Ordering::Release);
+                        tracing::debug!(%error, lane, "cannot connect to Redis; retrying");
                         tokio::time::sleep(delay).await;
                         delay = (delay * 2).min(RECONNECT_MAX_DELAY);
                     }
                 }
             }
-            this.slots[slot].tried.store(true, Ordering::Release);
-            this.slots[slot].connecting.store(false, Ordering::Release);
+            this.lanes[lane].tried.store(true, Ordering::Release);
+            this.lanes[lane].connecting.store(false, Ordering::Release);
         });
     }
 
@@ -376,10 +344,10 @@ impl Connections {
     }
 
     pub fn connected(&self) -> usize {
-        self.slots
+        self.lanes
             .iter()
-            .filter(|slot| {
-                slot.state
+            .filter(|lane| {
+                lane.state
                     .read()
                     .unwrap_or_else(|p| p.into_inner())
                     .connection
@@ -387,33 +355,4 @@ impl Connections {
             })
             .count()
     }
-}
-
-/// The URL's connection settings, with `TCP_NODELAY`: without it a command
-/// written while an earlier one is unacknowledged waits for the delayed ACK
-/// (Nagle's algorithm), tens of milliseconds on an otherwise idle link.
-///
-/// A `rediss://` URL connects with TLS, trusting the system's roots, or only
-/// the CA in `tls_ca_file` when given. User and password in the URL
-/// authenticate as that ACL user.
-pub fn connection_info(url: &str, tls_ca_file: Option<&Path>) -> anyhow::Result<ConnectionInfo> {
-    let info = url
-        .into_connection_info()
-        .map_err(|e| anyhow::anyhow!("invalid REDIS_URL: {e}"))?;
-    let info = match tls_ca_file {
-        None => info,
-        Some(path) => {
-            let root_cert =
-                std::fs::read(path).with_context(|| format!("reading REDIS_TLS_CA_FILE {}", path.display()))?;
-            let certificates = redis::TlsCertificates {
-                client_tls: None,
-                root_cert: Some(root_cert),
-            };
-            redis::Client::build_with_tls(info, certificates)
-                .map_err(|e| anyhow::anyhow!("REDIS_TLS_CA_FILE {}: {e}", path.display()))?
-                .get_connection_info()
-                .clone()
-        }
-    };
-    Ok(info.set_tcp_settings(TcpSettings::default().set_nodelay(true)))
 }
