@@ -41,6 +41,7 @@ impl CacheAdminApi {
     ) -> Result<proto::InvalidateResponse, Status> {
         let found = self
             .cache
+            .invalidation
             .invalidate_keys(keys, dry_run)
             .await
             .ok_or_else(cache_unavailable)?;
@@ -64,7 +65,7 @@ impl CacheAdminService for CacheAdminApi {
         respond(async {
             let request = request.into_inner();
             let id = UserId::parse(&request.id)?;
-            let keys = self.cache.entity_keys::<User>(id);
+            let keys = self.cache.invalidation.entity_keys::<User>(id);
             self.invalidate(&format!("user {id}"), &keys, request.dry_run).await
         })
         .await
@@ -77,7 +78,7 @@ impl CacheAdminService for CacheAdminApi {
         respond(async {
             let request = request.into_inner();
             let id = ProductId::parse(&request.id)?;
-            let keys = self.cache.entity_keys::<Product>(id);
+            let keys = self.cache.invalidation.entity_keys::<Product>(id);
             self.invalidate(&format!("product {id}"), &keys, request.dry_run).await
         })
         .await
@@ -90,7 +91,7 @@ impl CacheAdminService for CacheAdminApi {
         respond(async {
             let request = request.into_inner();
             let category = CategoryId::parse(&request.category_id)?;
-            let keys = self.cache.list_keys(&category);
+            let keys = self.cache.lists.list_keys(&category);
             self.invalidate(&format!("category {category}"), &keys, request.dry_run)
                 .await
         })
@@ -115,7 +116,11 @@ impl CacheAdminService for CacheAdminApi {
                 Status::aborted("an InvalidateAll is already running on this instance; retry when it has ended")
             })?;
             let (count, keys) = if request.dry_run {
-                self.cache.count_keys(&kinds).await.ok_or_else(cache_unavailable)?
+                self.cache
+                    .invalidation
+                    .count_keys(&kinds)
+                    .await
+                    .ok_or_else(cache_unavailable)?
             } else {
                 self.retire(&kinds).await?;
                 (0, Vec::new())
@@ -140,7 +145,7 @@ impl CacheAdminApi {
     /// then waits until no instance reads the old ones.
     async fn retire(&self, kinds: &[Kind]) -> Result<(), Status> {
         loop {
-            match self.cache.bump_epochs(kinds).await.ok_or_else(cache_unavailable)? {
+            match self.cache.epochs.bump(kinds).await.ok_or_else(cache_unavailable)? {
                 Bump::Done(_) => break,
                 Bump::TooSoon(wait) => tokio::time::sleep(wait).await,
             }

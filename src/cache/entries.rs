@@ -1,12 +1,13 @@
 //! Entries: reading an entity's entry (a hit, a miss, a corrupt entry
 //! repaired), refresh ahead (XFetch), and filling an entry under its lease.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Cache, Cacheable, Kind, Lease, codec, failpoint, jittered_secs, now_ms, redis::GuardedFill};
+use super::{Cacheable, Core, Kind, Lease, Leases, Ttls, codec, failpoint, jittered_secs, now_ms, redis::GuardedFill};
+use crate::{config::CacheConfig, telemetry::Throttle};
 
 /// Refresh ahead (XFetch) treats a load as taking at least this long, so that a hot
 /// key is refreshed some tens of milliseconds before it expires, not at the last instant.
@@ -48,29 +49,56 @@ pub enum Cached<E> {
     },
 }
 
-impl Cache {
-    /// Lookups the near cache answered (see `cache::near`).
-    pub fn count_near_hits<E: Cacheable>(&self, hits: u64) {
-        if hits > 0 {
-            self.outcomes(E::KIND).near_hits.increment(hits);
+/// Reading and filling entities' entries: hits and misses, refresh ahead,
+/// fills under leases.
+pub struct Entries {
+    core: Arc<Core>,
+    leases: Leases,
+    ttls: Ttls,
+    compress_threshold: usize,
+    refresh_ahead: bool,
+    uncacheable_log: Throttle,
+}
+
+impl Entries {
+    pub(super) fn new(core: Arc<Core>, leases: Leases, config: &CacheConfig) -> Self {
+        Self {
+            core,
+            leases,
+            ttls: Ttls {
+                user: config.user_ttl,
+                product: config.product_ttl,
+                negative: config.negative_ttl,
+            },
+            compress_threshold: config.compress_threshold_bytes,
+            refresh_ahead: config.refresh_ahead,
+            uncacheable_log: Throttle::default(),
         }
     }
 
-    /// A fill refused because its lease (or list generation) was gone: a write came first.
-    pub(super) fn count_refused(&self, kind: Kind) {
-        metrics::counter!("readthrough_cache_fills_refused_total", "entity" => kind.label()).increment(1);
+    /// Lookups the near cache answered (see `cache::near`).
+    pub fn count_near_hits<E: Cacheable>(&self, hits: u64) {
+        if hits > 0 {
+            self.core.outcomes(E::KIND).near_hits.increment(hits);
+        }
     }
 
     /// Looks up each id. `None` when the cache is off or Redis did not answer:
     /// then the caller reads PostgreSQL and fills nothing. Undecodable entries
     /// are deleted and reported as misses, so the fill repairs them.
     pub async fn get_many<E: Cacheable>(&self, ids: &[E::Id]) -> Option<Vec<Cached<E>>> {
-        if !self.enabled {
+        if !self.core.enabled {
             return None;
         }
-        let keys: Vec<String> = ids.iter().map(|&id| self.keys.entry(E::KIND, id)).collect();
-        let Some(raw) = self.redis.get_many(&keys).await.filter(|_| self.trusted(E::KIND)) else {
-            self.outcomes(E::KIND).misses.increment(ids.len() as u64);
+        let keys: Vec<String> = ids.iter().map(|&id| self.core.keys.entry(E::KIND, id)).collect();
+        let Some(raw) = self
+            .core
+            .redis
+            .get_many(&keys)
+            .await
+            .filter(|_| self.core.trusted(E::KIND))
+        else {
+            self.core.outcomes(E::KIND).misses.increment(ids.len() as u64);
             return None;
         };
         let now = now_ms();
@@ -79,42 +107,31 @@ impl Cache {
             .iter()
             .zip(raw)
             .zip(&keys)
-            .map(
-                |((&id, bytes), key)| match bytes.map(|b| self.decode_entry::<E>(&b, id)) {
-                    None => Cached::Miss,
-                    Some(Some(entry)) => Cached::Hit {
-                        refresh: entry.value.is_some() && self.refresh_due(&entry, now),
-                        value: entry.value,
-                    },
-                    Some(None) => {
-                        corrupt.push(key.clone());
-                        Cached::Miss
-                    }
+            .map(|((&id, bytes), key)| match bytes.map(|b| decode_entry::<E>(&b, id)) {
+                None => Cached::Miss,
+                Some(Some(entry)) => Cached::Hit {
+                    refresh: entry.value.is_some() && self.refresh_due(&entry, now),
+                    value: entry.value,
                 },
-            )
+                Some(None) => {
+                    corrupt.push(key.clone());
+                    Cached::Miss
+                }
+            })
             .collect();
         if !corrupt.is_empty() {
             tracing::warn!(keys = ?corrupt, "discarding corrupt cache entries");
             metrics::counter!("readthrough_cache_corrupt_total", "entity" => E::KIND.label())
                 .increment(corrupt.len() as u64);
-            self.redis.delete(&corrupt).await;
+            self.core.redis.delete(&corrupt).await;
         }
         let hits = found.iter().filter(|c| matches!(c, Cached::Hit { .. })).count() as u64;
-        let outcomes = self.outcomes(E::KIND);
+        let outcomes = self.core.outcomes(E::KIND);
         outcomes.hits.increment(hits);
         if hits < ids.len() as u64 {
             outcomes.misses.increment(ids.len() as u64 - hits);
         }
         Some(found)
-    }
-
-    pub(super) fn decode_entry<E: Cacheable>(&self, bytes: &[u8], id: E::Id) -> Option<Entry<E>> {
-        let entry = codec::decode::<Entry<E>>(bytes).ok()?;
-        entry
-            .value
-            .as_ref()
-            .is_none_or(|value| value.is_valid_for(id))
-            .then_some(entry)
     }
 
     /// XFetch: refresh early with a probability that rises as expiry nears and
@@ -135,16 +152,19 @@ impl Cache {
         if fills.is_empty() {
             return Filled::Stored(());
         }
-        let keys: Vec<String> = fills.iter().map(|(id, _, _)| self.keys.entry(E::KIND, *id)).collect();
-        failpoint!(self, before_fill, &keys[0]);
+        let keys: Vec<String> = fills
+            .iter()
+            .map(|(id, _, _)| self.core.keys.entry(E::KIND, *id))
+            .collect();
+        failpoint!(self.core, before_fill, &keys[0]);
         let now = now_ms();
         let load_ms = load_time.as_millis().min(u128::from(u32::MAX)) as u32;
         let mut guarded = Vec::with_capacity(fills.len());
         let mut invalid = Vec::new();
         for ((id, value, lease), key) in fills.iter().zip(&keys) {
-            if lease.key != self.keys.lease(key) {
+            if lease.key != self.core.keys.lease(key) {
                 // Taken in an epoch retired since: what it guards is never read again.
-                self.count_refused(E::KIND);
+                self.core.count_refused(E::KIND);
                 continue;
             }
             if value.is_some_and(|value| !value.is_valid_for(*id)) {
@@ -175,12 +195,12 @@ impl Cache {
         if !invalid.is_empty() {
             self.refuse_invalid(E::KIND, &invalid).await;
         }
-        let Some(stored) = self.redis.fill_guarded(&guarded).await else {
+        let Some(stored) = self.core.redis.fill_guarded(&guarded).await else {
             return Filled::Unanswered;
         };
         let refused = stored.iter().filter(|s| !**s).count();
         for _ in 0..refused {
-            self.count_refused(E::KIND);
+            self.core.count_refused(E::KIND);
         }
         if refused == 0 && stored.len() == fills.len() {
             Filled::Stored(())
@@ -202,6 +222,16 @@ impl Cache {
                 "a row fails validation; serving it uncached (fix it in the database)"
             );
         }
-        self.release(leases).await;
+        self.leases.release(leases).await;
     }
+}
+
+/// An entry as read from Redis, if it decodes and belongs to `id`.
+pub(super) fn decode_entry<E: Cacheable>(bytes: &[u8], id: E::Id) -> Option<Entry<E>> {
+    let entry = codec::decode::<Entry<E>>(bytes).ok()?;
+    entry
+        .value
+        .as_ref()
+        .is_none_or(|value| value.is_valid_for(id))
+        .then_some(entry)
 }

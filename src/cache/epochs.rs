@@ -51,9 +51,11 @@ use std::{
 };
 
 use super::{
-    Cache, Keys, Kind,
-    connections::{Connected, Handle},
-    redis::{self as client, EpochBump, EpochsRead, RedisClient},
+    Core, Keys, Kind,
+    redis::{
+        self as client, EpochBump, EpochsRead, RedisClient,
+        connections::{Connected, Handle},
+    },
 };
 use crate::store::replicas::Lsn;
 
@@ -270,7 +272,10 @@ impl Epochs {
         };
         match checked {
             Some(Bump::Done(epochs)) => {
-                if self.behind(epochs) {
+                // Against what was known when the check was sent: a bump on
+                // another connection may have overtaken it since, and what
+                // that bump confirmed is no sign of lost bumps.
+                if floors.iter().any(|&(kind, floor)| epochs[kind as usize] < floor) {
                     self.hold(Retirement::BumpsLost);
                 }
                 self.confirm(sent, epochs);
@@ -343,18 +348,28 @@ pub enum Bump {
     TooSoon(Duration),
 }
 
-impl Cache {
+/// Keeps this instance's key epochs: reads them, follows failovers, and
+/// bumps them to retire every cached key of a kind.
+pub struct KeyEpochs {
+    core: Arc<Core>,
+}
+
+impl KeyEpochs {
+    pub(super) fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+
     /// Reads the epochs once; `None` when Redis did not answer. Epochs behind
     /// the known ones hold the instance until a bump above them is done.
     async fn read_epochs(&self) -> Option<()> {
-        let known = self.keys.epochs_known();
+        let known = self.core.keys.epochs_known();
         let mut sent = Instant::now();
-        let mut read = self.redis.read_epochs(&self.keys.epochs()).await?;
+        let mut read = self.core.redis.read_epochs(&self.core.keys.epochs()).await?;
         if known.behind(read.epochs) {
             // A read that a bump overtook (on another connection) looks
             // behind too; the bump is done by now, so a second look sees it.
             sent = Instant::now();
-            read = self.redis.read_epochs(&self.keys.epochs()).await?;
+            read = self.core.redis.read_epochs(&self.core.keys.epochs()).await?;
             if known.behind(read.epochs) && !known.held() {
                 tracing::warn!("the key epochs went back (a failover or a restart lost bumps): retiring every key");
                 known.hold(Retirement::BumpsLost);
@@ -366,15 +381,15 @@ impl Cache {
 
     /// Reads the epochs every `EPOCH_POLL`, forever, and makes the bump a
     /// pending retirement asks for (see the module comment).
-    pub async fn follow_epochs(&self) {
-        if !self.enabled {
+    pub async fn follow(&self) {
+        if !self.core.enabled {
             return;
         }
-        let known = self.keys.epochs_known();
+        let known = self.core.keys.epochs_known();
         let mut owners: Option<Vec<String>> = None;
         loop {
             self.read_epochs().await;
-            if let Some(now) = self.redis.slot_owners().await {
+            if let Some(now) = self.core.redis.slot_owners().await {
                 let promoted = owners
                     .as_ref()
                     .and_then(|before| now.iter().find(|owner| !before.contains(owner)));
@@ -385,7 +400,9 @@ impl Cache {
                 owners = Some(now);
             }
             if let Some((number, retirement)) = known.pending()
-                && let Some(Bump::Done(_)) = self.bump(&self.redis, &Kind::ALL, retirement.reason(), None).await
+                && let Some(Bump::Done(_)) = self
+                    .bump_on(&self.core.redis, &Kind::ALL, retirement.reason(), None)
+                    .await
             {
                 known.retired(number);
             }
@@ -395,17 +412,17 @@ impl Cache {
 
     /// Moves each of `kinds` to a new epoch, retiring all its cached keys.
     /// `None` when Redis did not answer.
-    pub async fn bump_epochs(&self, kinds: &[Kind]) -> Option<Bump> {
-        self.bump(&self.redis, kinds, None, None).await
+    pub async fn bump(&self, kinds: &[Kind]) -> Option<Bump> {
+        self.bump_on(&self.core.redis, kinds, None, None).await
     }
 
-    /// `bump_epochs` for the outbox relay, on its own connection: `position`
+    /// `bump` for the outbox relay, on its own connection: `position`
     /// is the newest write the bump retires (when replicas are read).
     pub async fn retire_written(&self, kinds: &[Kind], position: Option<Lsn>) -> Option<Bump> {
-        self.bump(&self.background, kinds, None, position).await
+        self.bump_on(&self.core.background, kinds, None, position).await
     }
 
-    async fn bump(
+    async fn bump_on(
         &self,
         client: &RedisClient,
         kinds: &[Kind],
@@ -413,9 +430,9 @@ impl Cache {
         position: Option<Lsn>,
     ) -> Option<Bump> {
         let sent = Instant::now();
-        let known = self.keys.epochs_known();
+        let known = self.core.keys.epochs_known();
         let floors = known.floors(kinds);
-        let key = self.keys.epochs();
+        let key = self.core.keys.epochs();
         let bump = EpochBump {
             key: &key,
             spacing: EPOCH_SPACING,
@@ -436,7 +453,7 @@ impl Cache {
     }
 
     /// Reads the epochs before the first request (see `open_connections`).
-    pub(super) async fn learn_epochs(&self) {
+    pub(super) async fn learn(&self) {
         if self.read_epochs().await.is_none() {
             tracing::warn!("cannot read the key epochs yet: reads skip Redis until they are known");
         }

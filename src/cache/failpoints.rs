@@ -39,7 +39,7 @@ mod hooks {
     impl Cache {
         /// Sets the hooks, before the cache is first used; once.
         pub fn set_hooks(&self, hooks: Hooks) {
-            assert!(self.hooks.set(hooks).is_ok(), "the hooks are set once");
+            assert!(self.core.hooks.set(hooks).is_ok(), "the hooks are set once");
         }
     }
 }

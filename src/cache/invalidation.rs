@@ -2,10 +2,10 @@
 //! reads, the deletes and events of a write in one round trip, and the
 //! operator's invalidation of known keys and counts of a kind's keys.
 
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
-use super::{Cache, Cacheable, Event, Kind, events::event_label, failpoint};
-use crate::store::replicas::Lsn;
+use super::{Cacheable, Core, Event, Kind, failpoint};
+use crate::{store::replicas::Lsn, telemetry::Throttle};
 
 /// How often an invalidation is tried before it is given up (and logged).
 const INVALIDATION_ATTEMPTS: u32 = 3;
@@ -49,26 +49,42 @@ pub enum NewestWrite {
     At(Lsn),
 }
 
-impl Cache {
+/// What writes delete and mark, their events, and the operator's
+/// invalidations and key counts.
+pub struct Invalidation {
+    core: Arc<Core>,
+    write_marker_ttl: Duration,
+    log: Throttle,
+}
+
+impl Invalidation {
+    pub(super) fn new(core: Arc<Core>, write_marker_ttl: Duration) -> Self {
+        Self {
+            core,
+            write_marker_ttl,
+            log: Throttle::default(),
+        }
+    }
+
     /// The keys to delete when an entity changes: its fill leases, then its
     /// entries, in each epoch an instance may be reading (see `cache::epochs`).
     pub fn entity_keys<E: Cacheable>(&self, id: E::Id) -> KeyGroup {
-        self.keys.entry_group(E::KIND, id)
+        self.core.keys.entry_group(E::KIND, id)
     }
 
     /// Where writes of this entity record their WAL position (see `store::replicas`).
     pub fn write_marker<E: Cacheable>(&self, id: E::Id) -> String {
-        self.keys.write_marker(E::KIND, id)
+        self.core.keys.write_marker(E::KIND, id)
     }
 
     /// The newest write marked for any of `ids` (see `store::replicas`), or
     /// retired with their kind's last key epoch bump.
     pub async fn newest_write<E: Cacheable>(&self, ids: &[E::Id]) -> NewestWrite {
-        if !self.enabled {
+        if !self.core.enabled {
             return NewestWrite::Unknown;
         }
         let keys: Vec<String> = ids.iter().map(|&id| self.write_marker::<E>(id)).collect();
-        let Some(markers) = self.redis.get_many(&keys).await else {
+        let Some(markers) = self.core.redis.get_many(&keys).await else {
             return NewestWrite::Unknown;
         };
         // A marker that does not parse is treated as one no replica has reached.
@@ -76,7 +92,7 @@ impl Cache {
             .iter()
             .flatten()
             .map(|marker| Lsn::from_marker(marker).unwrap_or(Lsn::UNREACHABLE))
-            .chain(self.keys.epochs_known().position(E::KIND))
+            .chain(self.core.keys.epochs_known().position(E::KIND))
             .max()
             .map_or(NewestWrite::Unmarked, NewestWrite::At)
     }
@@ -88,7 +104,7 @@ impl Cache {
     /// gone finds it. Events are delivered at least once.
     pub async fn invalidate(&self, groups: &[KeyGroup], marks: Option<WriteMarks<'_>>, events: &[Event]) -> bool {
         failpoint!(
-            self,
+            self.core,
             before_invalidate,
             groups.first().and_then(|g| g.last()).map_or("", String::as_str)
         );
@@ -96,31 +112,32 @@ impl Cache {
         for attempt in 1..=INVALIDATION_ATTEMPTS {
             // Done only if the epochs it deleted in were still trusted when Redis confirmed it.
             if self
+                .core
                 .redis
                 .delete_and_publish(
                     groups,
                     marks,
                     self.write_marker_ttl,
-                    &self.keys.events(),
+                    &self.core.keys.events(),
                     &messages,
-                    self.redis.timeout(),
+                    self.core.redis.timeout(),
                 )
                 .await
                 .is_some()
-                && self.epochs_trusted()
+                && self.core.epochs_trusted()
             {
                 count_published(events);
                 return true;
             }
             // With the breaker open a retry would be skipped too: leave it to the relay now.
-            if attempt < INVALIDATION_ATTEMPTS && self.redis.breaker_closed() {
+            if attempt < INVALIDATION_ATTEMPTS && self.core.redis.breaker_closed() {
                 tokio::time::sleep(INVALIDATION_BACKOFF * attempt).await;
             } else {
                 break;
             }
         }
         metrics::counter!("readthrough_invalidation_failures_total").increment(1);
-        if let Some(held_back) = self.invalidation_log.pass(INVALIDATION_LOG_INTERVAL) {
+        if let Some(held_back) = self.log.pass(INVALIDATION_LOG_INTERVAL) {
             tracing::warn!(
                 keys = groups.len(),
                 held_back,
@@ -139,8 +156,9 @@ impl Cache {
         let commands = groups.len() + marks.map_or(0, |marks| marks.keys.len()) + events.len();
         let deadline = self.batch_deadline(commands);
         let started = tokio::time::Instant::now();
-        let channel = self.keys.events();
+        let channel = self.core.keys.events();
         let Some(subscribed) = self
+            .core
             .background
             .delete_and_ask_subscribed(groups, marks, self.write_marker_ttl, &channel, deadline)
             .await
@@ -150,6 +168,7 @@ impl Cache {
         if subscribed && !events.is_empty() {
             let left = deadline.saturating_sub(started.elapsed());
             if self
+                .core
                 .background
                 .publish(&channel, &encode_events(events), left)
                 .await
@@ -159,15 +178,16 @@ impl Cache {
             }
             count_published(events);
         }
-        self.epochs_trusted()
+        self.core.epochs_trusted()
     }
 
     /// Publishes `events` alone, on the background connection (a retirement's).
     pub async fn publish(&self, events: &[Event]) -> bool {
         let deadline = self.batch_deadline(events.len());
         let published = self
+            .core
             .background
-            .publish(&self.keys.events(), &encode_events(events), deadline)
+            .publish(&self.core.keys.events(), &encode_events(events), deadline)
             .await
             .is_some();
         if published {
@@ -178,7 +198,7 @@ impl Cache {
 
     /// `RELAY_DEADLINE` plus `RELAY_COMMAND_BUDGET` a command.
     fn batch_deadline(&self, commands: usize) -> Duration {
-        self.redis.timeout().max(RELAY_DEADLINE) + RELAY_COMMAND_BUDGET * commands as u32
+        self.core.redis.timeout().max(RELAY_DEADLINE) + RELAY_COMMAND_BUDGET * commands as u32
     }
 
     /// Operator invalidation of known keys: the ones of `keys` that exist,
@@ -186,9 +206,9 @@ impl Cache {
     /// the cache disabled too: entries left in Redis are still worth deleting.
     pub async fn invalidate_keys(&self, keys: &[String], dry_run: bool) -> Option<Vec<String>> {
         let present = if dry_run {
-            self.redis.exists_each(keys).await?
+            self.core.redis.exists_each(keys).await?
         } else {
-            self.redis.unlink_each(keys).await?
+            self.core.redis.unlink_each(keys).await?
         };
         Some(
             keys.iter()
@@ -206,8 +226,9 @@ impl Cache {
         let mut count = 0u64;
         let mut sample = Vec::new();
         for &kind in kinds {
-            self.redis
-                .scan_matching(&self.keys.pattern_for(kind), |batch| {
+            self.core
+                .redis
+                .scan_matching(&self.core.keys.pattern_for(kind), |batch| {
                     count += batch.len() as u64;
                     let room = INVALIDATION_SAMPLE.saturating_sub(sample.len());
                     sample.extend(batch.into_iter().take(room));
@@ -226,7 +247,7 @@ fn count_published(events: &[Event]) {
     // One counter update per name, not per event: a relay batch publishes thousands.
     let mut counts: HashMap<&'static str, u64> = HashMap::new();
     for event in events {
-        *counts.entry(event_label(&event.event)).or_default() += 1;
+        *counts.entry(event.event.as_str()).or_default() += 1;
     }
     for (name, count) in counts {
         metrics::counter!("readthrough_events_published_total", "event" => name).increment(count);

@@ -19,7 +19,7 @@ use std::{
 
 use tokio::task::AbortHandle;
 
-use super::{Cache, Cacheable, Filled, Kind, RedisClient, redis::Lookup};
+use super::{Cacheable, Core, Filled, Kind, RedisClient, entries::decode_entry, redis::Lookup};
 
 /// Polling a key another caller is filling: first interval, doubled up to the cap.
 pub(super) const WAIT_FIRST_POLL: Duration = Duration::from_millis(2);
@@ -103,19 +103,31 @@ impl Drop for KeptLeases {
     }
 }
 
-impl Cache {
+/// Fill leases: taking them, keeping them alive, giving them back, and
+/// waiting for another caller's fill.
+#[derive(Clone)]
+pub struct Leases {
+    core: Arc<Core>,
+    ttl: Duration,
+}
+
+impl Leases {
+    pub(super) fn new(core: Arc<Core>, ttl: Duration) -> Self {
+        Self { core, ttl }
+    }
+
     /// Tries to take the fill lease of each id; `Some` where this caller got it.
     pub async fn acquire_leases<E: Cacheable>(&self, ids: &[E::Id]) -> Vec<Option<Lease>> {
         let lease_keys: Vec<String> = ids
             .iter()
-            .map(|&id| self.keys.lease(&self.keys.entry(E::KIND, id)))
+            .map(|&id| self.core.keys.lease(&self.core.keys.entry(E::KIND, id)))
             .collect();
         self.acquire(lease_keys).await
     }
 
     pub(super) async fn acquire(&self, lease_keys: Vec<String>) -> Vec<Option<Lease>> {
         let token = uuid::Uuid::new_v4().simple().to_string();
-        match self.redis.acquire_leases(&lease_keys, &token, self.lease_ttl).await {
+        match self.core.redis.acquire_leases(&lease_keys, &token, self.ttl).await {
             Some(acquired) => lease_keys
                 .into_iter()
                 .zip(acquired)
@@ -137,7 +149,7 @@ impl Cache {
             .map(|lease| (lease.key.clone(), lease.token.clone()))
             .collect();
         let keep_alive = (!leases.is_empty()).then(|| {
-            let (redis, held, ttl) = (self.redis.clone(), leases.clone(), self.lease_ttl);
+            let (redis, held, ttl) = (self.core.redis.clone(), leases.clone(), self.ttl);
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(ttl / 3).await;
@@ -154,10 +166,10 @@ impl Cache {
         });
         KeptLeases {
             // Outside the breaker: a lease must go back even when requests skip Redis.
-            redis: self.background.clone(),
+            redis: self.core.background.clone(),
             leases,
             keep_alive,
-            ttl: self.lease_ttl,
+            ttl: self.ttl,
         }
     }
 
@@ -169,21 +181,21 @@ impl Cache {
             .iter()
             .map(|lease| (lease.key.clone(), lease.token.clone()))
             .collect();
-        self.background.release_leases(&leases).await;
+        self.core.background.release_leases(&leases).await;
     }
 
     /// The cached value of `id` or, when it is missing, its lease if nobody
     /// holds it: in one step, so no fill lands between the miss and the lease.
     /// `None` when Redis did not answer.
     pub async fn get_or_lease<E: Cacheable>(&self, id: E::Id) -> Option<Claim<Option<E>>> {
-        let key = self.keys.entry(E::KIND, id);
-        let lease_key = self.keys.lease(&key);
+        let key = self.core.keys.entry(E::KIND, id);
+        let lease_key = self.core.keys.lease(&key);
         Some(match self.claim(E::KIND, &key, lease_key).await? {
-            Claim::Found(bytes) => match self.decode_entry::<E>(&bytes, id) {
+            Claim::Found(bytes) => match decode_entry::<E>(&bytes, id) {
                 Some(entry) => Claim::Found(entry.value),
                 None => {
                     // Corrupt: delete it, so the next attempt takes the lease.
-                    self.redis.delete(&[key]).await;
+                    self.core.redis.delete(&[key]).await;
                     Claim::Busy
                 }
             },
@@ -198,8 +210,8 @@ impl Cache {
     pub(super) async fn claim(&self, kind: Kind, key: &str, lease_key: String) -> Option<Claim<Vec<u8>>> {
         let token = uuid::Uuid::new_v4().simple().to_string();
         Some(
-            match self.redis.get_or_lease(key, &lease_key, &token, self.lease_ttl).await? {
-                Lookup::Found(_) if !self.trusted(kind) => return None,
+            match self.core.redis.get_or_lease(key, &lease_key, &token, self.ttl).await? {
+                Lookup::Found(_) if !self.core.trusted(kind) => return None,
                 Lookup::Found(bytes) => Claim::Found(bytes),
                 Lookup::Leased => Claim::Leased(Lease { key: lease_key, token }),
                 Lookup::Busy => Claim::Busy,

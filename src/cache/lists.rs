@@ -23,11 +23,16 @@
 //! it can be written back after it. A head fill whose lease belongs to a
 //! retired key epoch is refused too (see `cache::epochs`).
 
+use std::{sync::Arc, time::Duration};
+
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 
-use super::{Cache, Claim, Filled, KeyGroup, Kind, Lease, Waited, codec, failpoint, jittered_secs};
-use crate::domain::{CategoryId, ProductId};
+use super::{Claim, Core, Filled, KeyGroup, Kind, Lease, Leases, Waited, codec, failpoint, jittered_secs};
+use crate::{
+    config::CacheConfig,
+    domain::{CategoryId, ProductId},
+};
 
 /// What is stored under a list's metadata key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,21 +86,39 @@ pub enum ListRead {
     Unavailable,
 }
 
-impl Cache {
+/// Category lists in the cache: reading pages, filling the head, chunks and
+/// the directory, and the keys a change of the list deletes.
+pub struct Lists {
+    core: Arc<Core>,
+    leases: Leases,
+    ttl: Duration,
+    compress_threshold: usize,
+}
+
+impl Lists {
+    pub(super) fn new(core: Arc<Core>, leases: Leases, config: &CacheConfig) -> Self {
+        Self {
+            core,
+            leases,
+            ttl: config.list_ttl,
+            compress_threshold: config.compress_threshold_bytes,
+        }
+    }
+
     /// Reads positions `start..start + len` of a category list.
     pub async fn read_list(&self, category: &CategoryId, start: u64, len: u64) -> ListRead {
-        if !self.enabled {
+        if !self.core.enabled {
             return ListRead::Unavailable;
         }
-        let (ids_key, meta_key) = (self.keys.list_ids(category), self.keys.list_meta(category));
+        let (ids_key, meta_key) = (self.core.keys.list_ids(category), self.core.keys.list_meta(category));
         let stop = start + len.max(1) - 1;
-        let read = self.redis.read_list_page(&ids_key, &meta_key, start, stop).await;
-        let Some(raw) = read.filter(|_| self.trusted(Kind::List)) else {
-            self.outcomes(Kind::List).misses.increment(1);
+        let read = self.core.redis.read_list_page(&ids_key, &meta_key, start, stop).await;
+        let Some(raw) = read.filter(|_| self.core.trusted(Kind::List)) else {
+            self.core.outcomes(Kind::List).misses.increment(1);
             return ListRead::Unavailable;
         };
         let Some(bytes) = raw.meta else {
-            self.outcomes(Kind::List).misses.increment(1);
+            self.core.outcomes(Kind::List).misses.increment(1);
             return ListRead::Miss;
         };
         let meta = match codec::decode::<ListMeta>(&bytes) {
@@ -117,11 +140,11 @@ impl Cache {
         }
         let meta = CachedMeta { meta, bytes };
         if present.len() as u64 == end.saturating_sub(start) {
-            self.outcomes(Kind::List).hits.increment(1);
+            self.core.outcomes(Kind::List).hits.increment(1);
             let ids = present.into_iter().map(|(_, id)| id).collect();
             return ListRead::Hit { ids, meta };
         }
-        self.outcomes(Kind::List).misses.increment(1);
+        self.core.outcomes(Kind::List).misses.increment(1);
         let mut missing = Vec::new();
         let mut expected = start;
         for position in present.iter().map(|(p, _)| *p).chain(std::iter::once(end)) {
@@ -136,13 +159,14 @@ impl Cache {
         ListRead::Partial { present, missing, meta }
     }
 
-    /// Whether the list is cached or, if not, its lease (see `Cache::claim`).
+    /// Whether the list is cached or, if not, its lease (see `Leases::claim`).
     pub async fn claim_list(&self, category: &CategoryId) -> Option<Claim<()>> {
         // The metadata is written last with the head and dropped with it.
-        let lease_key = self.keys.lease(&self.keys.list_ids(category));
+        let lease_key = self.core.keys.lease(&self.core.keys.list_ids(category));
         Some(
             match self
-                .claim(Kind::List, &self.keys.list_meta(category), lease_key)
+                .leases
+                .claim(Kind::List, &self.core.keys.list_meta(category), lease_key)
                 .await?
             {
                 Claim::Found(_) => Claim::Found(()),
@@ -152,16 +176,16 @@ impl Cache {
         )
     }
 
-    /// Waits for another caller's head fill of the list (see `Cache::wait`).
+    /// Waits for another caller's head fill of the list (see `Leases::wait`).
     pub async fn wait_for_list(&self, category: &CategoryId) -> Waited<()> {
-        self.wait(|| self.claim_list(category)).await
+        self.leases.wait(|| self.claim_list(category)).await
     }
 
     async fn discard_list(&self, category: &CategoryId, why: &str) -> ListRead {
         tracing::warn!(%category, why, "discarding a corrupt cached list");
         metrics::counter!("readthrough_cache_corrupt_total", "entity" => Kind::List.label()).increment(1);
-        self.redis.delete(&self.list_keys(category)).await;
-        self.outcomes(Kind::List).misses.increment(1);
+        self.core.redis.delete(&self.list_keys(category)).await;
+        self.core.outcomes(Kind::List).misses.increment(1);
         ListRead::Miss
     }
 
@@ -175,11 +199,11 @@ impl Cache {
         chunk: u64,
         lease: &Lease,
     ) -> Filled<CachedMeta> {
-        let ids_key = self.keys.list_ids(category);
-        failpoint!(self, before_fill, &ids_key);
-        if lease.key != self.keys.lease(&ids_key) {
+        let ids_key = self.core.keys.list_ids(category);
+        failpoint!(self.core, before_fill, &ids_key);
+        if lease.key != self.core.keys.lease(&ids_key) {
             // Taken in an epoch retired since: what it guards is never read again.
-            self.count_refused(Kind::List);
+            self.core.count_refused(Kind::List);
             return Filled::Refused;
         }
         let meta = ListMeta {
@@ -192,13 +216,18 @@ impl Cache {
             return Filled::Refused;
         };
         let ids: Vec<String> = ids.iter().map(ProductId::to_string).collect();
-        let (meta_key, dir_key) = (self.keys.list_meta(category), self.keys.list_dir(category));
+        let (meta_key, dir_key) = (self.core.keys.list_meta(category), self.core.keys.list_dir(category));
         let keys = [ids_key.as_str(), &meta_key, &dir_key, &lease.key];
-        let ttl = jittered_secs(self.ttls.list);
-        match self.redis.write_list_head(keys, &lease.token, &bytes, &ids, ttl).await {
+        let ttl = jittered_secs(self.ttl);
+        match self
+            .core
+            .redis
+            .write_list_head(keys, &lease.token, &bytes, &ids, ttl)
+            .await
+        {
             Some(true) => Filled::Stored(CachedMeta { meta, bytes }),
             Some(false) => {
-                self.count_refused(Kind::List);
+                self.core.count_refused(Kind::List);
                 Filled::Refused
             }
             None => Filled::Unanswered,
@@ -208,8 +237,9 @@ impl Cache {
     /// The (name, id) at every chunk start of the list `meta` describes, if cached.
     pub async fn list_directory(&self, category: &CategoryId, meta: &CachedMeta) -> Option<Vec<(String, ProductId)>> {
         let bytes = self
+            .core
             .redis
-            .get_many(&[self.keys.list_dir(category)])
+            .get_many(&[self.core.keys.list_dir(category)])
             .await?
             .pop()
             .flatten()?;
@@ -233,26 +263,32 @@ impl Cache {
         let Ok(bytes) = codec::encode(&dir, self.compress_threshold) else {
             return;
         };
-        let (dir_key, meta_key) = (self.keys.list_dir(category), self.keys.list_meta(category));
-        if self.redis.set_beside(&dir_key, &meta_key, &meta.bytes, &bytes).await == Some(false) {
-            self.count_refused(Kind::List);
+        let (dir_key, meta_key) = (self.core.keys.list_dir(category), self.core.keys.list_meta(category));
+        if self
+            .core
+            .redis
+            .set_beside(&dir_key, &meta_key, &meta.bytes, &bytes)
+            .await
+            == Some(false)
+        {
+            self.core.count_refused(Kind::List);
         }
     }
 
     /// Caches ids at positions from `first`, if `meta` still describes the cached list.
     pub async fn put_list_chunk(&self, category: &CategoryId, meta: &CachedMeta, first: u64, ids: &[ProductId]) {
-        let ids_key = self.keys.list_ids(category);
-        failpoint!(self, before_fill, &ids_key);
+        let ids_key = self.core.keys.list_ids(category);
+        failpoint!(self.core, before_fill, &ids_key);
         let ids: Vec<String> = ids.iter().map(ProductId::to_string).collect();
-        let keys = [ids_key.as_str(), &self.keys.list_meta(category)];
-        if self.redis.write_list_chunk(keys, &meta.bytes, first, &ids).await == Some(false) {
-            self.count_refused(Kind::List);
+        let keys = [ids_key.as_str(), &self.core.keys.list_meta(category)];
+        if self.core.redis.write_list_chunk(keys, &meta.bytes, first, &ids).await == Some(false) {
+            self.core.count_refused(Kind::List);
         }
     }
 
     /// The keys to delete when a category's membership or order changes, in
     /// each epoch an instance may be reading (see `cache::epochs`).
     pub fn list_keys(&self, category: &CategoryId) -> KeyGroup {
-        self.keys.list_group(category)
+        self.core.keys.list_group(category)
     }
 }

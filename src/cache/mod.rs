@@ -19,14 +19,13 @@
 //! - `fence.rs`: writes whose invalidation is pending (Redis unreachable);
 //! - `keys.rs`: key names; `codec.rs`: value encoding; `near.rs`: the
 //!   in-process near cache;
-//! - `redis.rs`: fail-open Redis commands (one Redis, Sentinel or a
-//!   cluster), with the Lua scripts in `scripts/`; `connections.rs`: the
-//!   connections; `breaker.rs`: the circuit breaker;
+//! - `redis/`: the Redis commands (`mod.rs`), how they run: deadline,
+//!   breaker, fail open (`execute.rs`), where they go: one Redis, Sentinel
+//!   or a cluster (`topology.rs`), the shared connections, the circuit
+//!   breaker and the Lua scripts;
 //! - `failpoints.rs`: named points where tests pause the work (`failpoint!`).
 
-mod breaker;
 pub mod codec;
-mod connections;
 mod entries;
 mod epochs;
 mod events;
@@ -38,7 +37,6 @@ mod leases;
 mod lists;
 pub mod near;
 mod redis;
-mod scripts;
 
 use std::{
     sync::Arc,
@@ -53,22 +51,21 @@ use crate::{
     config::Config,
     domain::{CategoryId, Product, ProductId, User, UserId},
     store::replicas,
-    telemetry::Throttle,
 };
-pub use connections::Handle as RedisConnection;
-pub use entries::{Cached, Entry, Filled};
-pub use epochs::{Bump, EPOCH_TRUST};
-pub use events::{Event, EventFeed};
+pub use entries::{Cached, Entries, Entry, Filled};
+pub use epochs::{Bump, EPOCH_TRUST, KeyEpochs};
+pub use events::{Event, EventFeed, EventName};
 use failpoints::failpoint;
 #[cfg(feature = "test-hooks")]
 pub use failpoints::{Hook, Hooks};
 pub use fence::{FENCE_POLL, FENCE_TRUST, Fence};
-pub use invalidation::{INVALIDATION_SAMPLE, KeyGroup, NewestWrite, WriteMarks};
+pub use invalidation::{INVALIDATION_SAMPLE, Invalidation, KeyGroup, NewestWrite, WriteMarks};
 pub use keys::Keys;
-pub use leases::{Claim, KeptLeases, Lease, Waited};
-pub use lists::{CachedMeta, ListMeta, ListRead};
+pub use leases::{Claim, KeptLeases, Lease, Leases, Waited};
+pub use lists::{CachedMeta, ListMeta, ListRead, Lists};
 use redis::Purpose;
-pub use redis::RedisClient;
+pub use redis::connections::Handle as RedisConnection;
+pub use redis::{RedisClient, Topology};
 
 /// What the cache holds, as the `entity` label of metrics names it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -166,113 +163,47 @@ impl Cacheable for Product {
 pub struct Ttls {
     pub user: Duration,
     pub product: Duration,
-    pub list: Duration,
     /// How long "no such id" is cached.
     pub negative: Duration,
 }
 
+/// The shared Redis cache, as a handle for each job over one core: a
+/// caller sees from the handle it uses what that work may touch.
 pub struct Cache {
+    pub entries: Entries,
+    pub leases: Leases,
+    pub lists: Lists,
+    pub invalidation: Invalidation,
+    pub epochs: KeyEpochs,
+    core: Arc<Core>,
+}
+
+/// What every handle shares: the Redis clients, the key names (with the
+/// epochs they are at), the fence, and the hit and miss counters.
+struct Core {
     /// What requests use: shared connections, behind the breaker.
     redis: Arc<RedisClient>,
     /// Background work: the relay's batches, leases given back.
     background: Arc<RedisClient>,
     keys: Keys,
     fence: Fence,
-    ttls: Ttls,
-    lease_ttl: Duration,
-    write_marker_ttl: Duration,
-    compress_threshold: usize,
     enabled: bool,
-    refresh_ahead: bool,
     #[cfg(feature = "test-hooks")]
     hooks: std::sync::OnceLock<Hooks>,
     /// Indexed by `Kind`.
     outcomes: [Outcomes; 3],
-    uncacheable_log: Throttle,
-    invalidation_log: Throttle,
     /// Reads that may go to PostgreSQL at once because Redis did not answer.
     fallbacks: Arc<tokio::sync::Semaphore>,
 }
 
-/// Leave to read PostgreSQL instead of an unavailable Redis (see `Cache::fallback`).
-pub struct Fallback(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
-
-impl Cache {
-    pub fn new(config: &Config) -> anyhow::Result<Self> {
-        let keys = Keys::new(&config.cache.namespace);
-        let cluster = !config.cache.redis_cluster_urls.is_empty();
-        let client = |purpose| RedisClient::new(&config.cache, purpose, epochs::on_connect(keys.clone(), cluster));
-        Ok(Self {
-            redis: Arc::new(client(Purpose::Requests)?),
-            background: Arc::new(client(Purpose::Background)?),
-            keys,
-            fence: Fence::default(),
-            ttls: Ttls {
-                user: config.cache.user_ttl,
-                product: config.cache.product_ttl,
-                list: config.cache.list_ttl,
-                negative: config.cache.negative_ttl,
-            },
-            lease_ttl: config.cache.lease,
-            write_marker_ttl: replicas::marker_ttl(&config.replicas),
-            compress_threshold: config.cache.compress_threshold_bytes,
-            enabled: config.cache.enabled,
-            refresh_ahead: config.cache.refresh_ahead,
-            #[cfg(feature = "test-hooks")]
-            hooks: std::sync::OnceLock::new(),
-            outcomes: Kind::ALL.map(Outcomes::of),
-            uncacheable_log: Throttle::default(),
-            invalidation_log: Throttle::default(),
-            fallbacks: Arc::new(tokio::sync::Semaphore::new(config.cache.fallback_limit as usize)),
-        })
-    }
-
+impl Core {
     fn outcomes(&self, kind: Kind) -> &Outcomes {
         &self.outcomes[kind as usize]
     }
 
-    /// Leave for a read that found Redis unavailable to go to PostgreSQL:
-    /// one of `DATABASE_FALLBACK_LIMIT`, waited for at most a Redis deadline
-    /// (no longer than the read would have waited for Redis), or `None`, and
-    /// the caller is turned away (UNAVAILABLE), so that a Redis outage cannot
-    /// send the whole read load to PostgreSQL. The wait lets a short burst
-    /// (a breaker opening for a moment) through at PostgreSQL's pace. With
-    /// the cache switched off, PostgreSQL is the read path itself and is not
-    /// limited here.
-    pub async fn fallback(&self) -> Option<Fallback> {
-        if !self.enabled {
-            return Some(Fallback(None));
-        }
-        let waited = tokio::time::timeout(self.redis.timeout(), self.fallbacks.clone().acquire_owned()).await;
-        match waited {
-            Ok(Ok(permit)) => Some(Fallback(Some(permit))),
-            // Timed out (or closed, which it never is).
-            _ => {
-                metrics::counter!("readthrough_db_fallbacks_shed_total").increment(1);
-                None
-            }
-        }
-    }
-
-    pub fn keys(&self) -> &Keys {
-        &self.keys
-    }
-
-    /// Whether reads can be answered from Redis now: the cache is on, a
-    /// connection is up, the breaker lets commands through, and the key
-    /// epochs are known.
-    pub fn can_serve(&self) -> bool {
-        self.enabled && self.redis.connected() > 0 && self.redis.breaker_closed() && self.epochs_trusted()
-    }
-
-    /// What this instance knows of fenced writes (see `cache::fence`).
-    pub fn fence(&self) -> &Fence {
-        &self.fence
-    }
-
-    /// How many of the shared Redis connections are up.
-    pub fn connections_up(&self) -> usize {
-        self.redis.connected()
+    /// A fill refused because its lease (or list generation) was gone: a write came first.
+    fn count_refused(&self, kind: Kind) {
+        metrics::counter!("readthrough_cache_fills_refused_total", "entity" => kind.label()).increment(1);
     }
 
     /// Whether values read from Redis may be used now (see `cache::epochs`).
@@ -285,14 +216,92 @@ impl Cache {
     fn trusted(&self, kind: Kind) -> bool {
         self.epochs_trusted() && self.fence.trusts(kind)
     }
+}
+
+/// Leave to read PostgreSQL instead of an unavailable Redis (see `Cache::fallback`).
+pub struct Fallback(#[allow(dead_code)] Option<tokio::sync::OwnedSemaphorePermit>);
+
+impl Cache {
+    pub fn new(config: &Config) -> anyhow::Result<Self> {
+        let keys = Keys::new(&config.cache.namespace);
+        let topology = Topology::from_config(&config.cache)?;
+        let on_connect = epochs::on_connect(keys.clone(), topology.is_cluster());
+        let client = |purpose| RedisClient::new(&config.cache, &topology, purpose, on_connect.clone());
+        let core = Arc::new(Core {
+            redis: Arc::new(client(Purpose::Requests)?),
+            background: Arc::new(client(Purpose::Background)?),
+            keys,
+            fence: Fence::default(),
+            enabled: config.cache.enabled,
+            #[cfg(feature = "test-hooks")]
+            hooks: std::sync::OnceLock::new(),
+            outcomes: Kind::ALL.map(Outcomes::of),
+            fallbacks: Arc::new(tokio::sync::Semaphore::new(config.cache.fallback_limit as usize)),
+        });
+        let leases = Leases::new(core.clone(), config.cache.lease);
+        Ok(Self {
+            entries: Entries::new(core.clone(), leases.clone(), &config.cache),
+            lists: Lists::new(core.clone(), leases.clone(), &config.cache),
+            leases,
+            invalidation: Invalidation::new(core.clone(), replicas::marker_ttl(&config.replicas)),
+            epochs: KeyEpochs::new(core.clone()),
+            core,
+        })
+    }
+
+    /// Leave for a read that found Redis unavailable to go to PostgreSQL:
+    /// one of `DATABASE_FALLBACK_LIMIT`, waited for at most a Redis deadline
+    /// (no longer than the read would have waited for Redis), or `None`, and
+    /// the caller is turned away (UNAVAILABLE), so that a Redis outage cannot
+    /// send the whole read load to PostgreSQL. The wait lets a short burst
+    /// (a breaker opening for a moment) through at PostgreSQL's pace. With
+    /// the cache switched off, PostgreSQL is the read path itself and is not
+    /// limited here.
+    pub async fn fallback(&self) -> Option<Fallback> {
+        let core = &self.core;
+        if !core.enabled {
+            return Some(Fallback(None));
+        }
+        let waited = tokio::time::timeout(core.redis.timeout(), core.fallbacks.clone().acquire_owned()).await;
+        match waited {
+            Ok(Ok(permit)) => Some(Fallback(Some(permit))),
+            // Timed out (or closed, which it never is).
+            _ => {
+                metrics::counter!("readthrough_db_fallbacks_shed_total").increment(1);
+                None
+            }
+        }
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.core.keys
+    }
+
+    /// Whether reads can be answered from Redis now: the cache is on, a
+    /// connection is up, the breaker lets commands through, and the key
+    /// epochs are known.
+    pub fn can_serve(&self) -> bool {
+        let core = &self.core;
+        core.enabled && core.redis.connected() > 0 && core.redis.breaker_closed() && core.epochs_trusted()
+    }
+
+    /// What this instance knows of fenced writes (see `cache::fence`).
+    pub fn fence(&self) -> &Fence {
+        &self.core.fence
+    }
+
+    /// How many of the shared Redis connections are up.
+    pub fn connections_up(&self) -> usize {
+        self.core.redis.connected()
+    }
 
     /// Opens the Redis connections (see `RedisClient::open_connections`).
     /// Then reads the key epochs, without which no value read is used.
     pub async fn open_connections(&self) {
-        if self.enabled {
-            self.redis.open_connections().await;
-            self.background.open_connections().await;
-            self.learn_epochs().await;
+        if self.core.enabled {
+            self.core.redis.open_connections().await;
+            self.core.background.open_connections().await;
+            self.epochs.learn().await;
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use readthrough::{
-    cache::Event,
+    cache::{Event, EventName},
     domain::{ProductId, UserId},
 };
 use readthrough_client::proto::{CreateProductRequest, GetUserRequest};
@@ -129,13 +129,13 @@ async fn every_write_is_published_as_an_event_to_every_instance() {
         events,
         [
             Event {
-                event: "product.created".into(),
+                event: EventName::ProductCreated,
                 id,
                 categories: vec!["lamps".into()]
             },
             // A price change leaves the product's place in its list: no category.
             Event {
-                event: "product.price.changed".into(),
+                event: EventName::ProductPriceChanged,
                 id,
                 categories: vec![]
             },
@@ -191,7 +191,7 @@ async fn the_relay_publishes_one_event_per_entity_for_a_burst_of_changes() {
     assert_eq!(
         events,
         [Event {
-            event: "user.updated".into(),
+            event: EventName::UserUpdated,
             id,
             categories: vec![],
         }],
