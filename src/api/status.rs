@@ -5,7 +5,7 @@
 
 use tonic::Status;
 
-use crate::{domain::ValidationError, service::ServiceError, store::StoreError};
+use crate::{domain::ValidationError, service::ServiceError};
 
 impl From<ValidationError> for Status {
     fn from(error: ValidationError) -> Self {
@@ -21,7 +21,7 @@ impl From<ServiceError> for Status {
             ServiceError::VersionMismatch { .. } | ServiceError::Aborted(_) => Status::aborted(error.to_string()),
             ServiceError::Invalid(invalid) => invalid.into(),
             // Shed on purpose, counted in readthrough_db_fallbacks_shed_total: no log line each.
-            ServiceError::Unavailable(StoreError::FallbackLimit) => {
+            ServiceError::FallbackLimit => {
                 Status::unavailable("cache unavailable and the database fallback is at its limit; retry with backoff")
             }
             ServiceError::Unavailable(ref cause) => {

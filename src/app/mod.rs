@@ -71,7 +71,7 @@ impl Application {
                 .context("migrating the database")?;
         }
         let services = Services::connect(&config.config).await?;
-        let page_tokens = page_tokens(&config, services.replicas.primary()).await?;
+        let page_tokens = page_tokens(&config, services.database.primary()).await?;
         let grpc_listener = TcpListener::bind(config.server.grpc_addr)
             .await
             .with_context(|| format!("binding GRPC_ADDR {}", config.server.grpc_addr))?;
@@ -127,13 +127,13 @@ impl Application {
             users,
             products,
             cache,
-            replicas,
+            database,
             ..
         } = services.clone();
         let admin = CacheAdminApi::new(cache.clone());
         let retire_after = self.config.config.cache.outbox_retire_after;
         let mut background = vec![
-            tokio::spawn(relay::run(cache.clone(), replicas, retire_after)),
+            tokio::spawn(relay::run(cache.clone(), database, retire_after)),
             tokio::spawn({
                 let services = services.clone();
                 async move { services.report_gauges().await }

@@ -145,7 +145,7 @@ async fn commit_and_invalidate(services: &Services, mut tx: Transaction<'_, Post
     }
     let planned = relay::Invalidations {
         events: Vec::new(),
-        ..relay::invalidations(cache, &rows, services.replicas.write_position().await)
+        ..relay::invalidations(cache, &rows, services.database.write_position().await)
     };
     if !relay::carry_out_batch(cache, &planned).await {
         return Ok(rows.len() as u64);

@@ -22,10 +22,7 @@ use super::{
 use crate::{
     cache::{Cache, CachedMeta, Claim, Filled, Lease, ListRead, Waited},
     domain::{CategoryId, Cursor, PageRequest, PageStart, ProductId},
-    store::{
-        StoreError,
-        products::{self, RangeStart},
-    },
+    store::products::{self, RangeStart},
 };
 
 /// The ids of one page of a category, and what the next page's token needs.
@@ -110,7 +107,7 @@ impl Lists {
 
     /// The page at `position`.
     async fn at(&self, category: &CategoryId, position: u64, size: u64) -> Result<IdPage, ServiceError> {
-        let read = self.cache.read_list(category, position, size).await;
+        let read = self.cache.lists.read_list(category, position, size).await;
         if let Some(page) = self.read_cached(category, position, size, read).await? {
             return Ok(page);
         }
@@ -118,7 +115,7 @@ impl Lists {
         match self.load_head(category).await? {
             HeadLoad::Loaded(head) => self.read_head_page(category, position, size, head).await,
             HeadLoad::FilledElsewhere => {
-                let read = self.cache.read_list(category, position, size).await;
+                let read = self.cache.lists.read_list(category, position, size).await;
                 match self.read_cached(category, position, size, read).await? {
                     Some(page) => Ok(page),
                     None => self.uncached(category, position, size).await,
@@ -198,7 +195,7 @@ impl Lists {
         // A cursor from a keyset page (generation 0) has no position to read by.
         let mut current = None;
         if cursor.generation != 0 {
-            let read = self.cache.read_list(category, cursor.position, size).await;
+            let read = self.cache.lists.read_list(category, cursor.position, size).await;
             if let ListRead::Hit { meta, .. } | ListRead::Partial { meta, .. } = &read {
                 current = Some(meta.meta);
                 if meta.meta.generation == cursor.generation {
@@ -239,7 +236,7 @@ impl Lists {
 
     /// A page by number with the cache unavailable: PostgreSQL alone.
     async fn uncached(&self, category: &CategoryId, position: u64, size: u64) -> Result<IdPage, ServiceError> {
-        let _fallback = self.cache.fallback().await.ok_or(StoreError::FallbackLimit)?;
+        let _fallback = self.cache.fallback().await.ok_or(ServiceError::FallbackLimit)?;
         let ids = products::list_at_offset(&self.pool, category, position, size).await?;
         let total = products::count_in_category(&self.pool, category).await?;
         Ok(IdPage {
@@ -264,7 +261,8 @@ impl Lists {
                 // The shared load predates this caller: its fill is usually
                 // there now; if not, the next flight serves this caller.
                 Joined::Missed => {
-                    if let ListRead::Hit { .. } | ListRead::Partial { .. } = self.cache.read_list(category, 0, 1).await
+                    if let ListRead::Hit { .. } | ListRead::Partial { .. } =
+                        self.cache.lists.read_list(category, 0, 1).await
                     {
                         return Ok(HeadLoad::FilledElsewhere);
                     }
@@ -280,12 +278,12 @@ impl Lists {
             value: HeadLoad::FilledElsewhere,
             as_of: looked,
         });
-        let lease = match self.cache.claim_list(category).await {
+        let lease = match self.cache.lists.claim_list(category).await {
             Some(Claim::Found(())) => return filled_elsewhere,
             Some(Claim::Leased(lease)) => Some(lease),
             // Redis did not answer: read without filling.
             None => None,
-            Some(Claim::Busy) => match self.cache.wait_for_list(category).await {
+            Some(Claim::Busy) => match self.cache.lists.wait_for_list(category).await {
                 Waited::Filled((), _) => return filled_elsewhere,
                 Waited::Leased(lease) => Some(lease),
                 Waited::GaveUp => None,
@@ -302,12 +300,17 @@ impl Lists {
     /// as of the read's start, or of the fill when it was stored.
     async fn read_head(&self, category: &CategoryId, lease: Option<Lease>) -> Result<Fresh<Head>, ServiceError> {
         // Kept alive for a big category's scan, count and write; given back if dropped.
-        let kept = self.cache.keep(&lease);
+        let kept = self.cache.leases.keep(&lease);
         let started = Instant::now();
         let (ids, total) = products::list_head(&self.pool, category, self.max_ids).await?;
         let fill_sent = Instant::now();
         let filled = match &lease {
-            Some(lease) => self.cache.put_list_head(category, &ids, total, self.chunk, lease).await,
+            Some(lease) => {
+                self.cache
+                    .lists
+                    .put_list_head(category, &ids, total, self.chunk, lease)
+                    .await
+            }
             None => Filled::Refused,
         };
         kept.settle(&filled);
@@ -349,6 +352,7 @@ impl Lists {
                     .map(|rows| Arc::new(rows.into_iter().map(|(id, _)| id).collect::<Vec<_>>()));
                 if let Some(ids) = &ids {
                     self.cache
+                        .lists
                         .put_list_chunk(category, meta, chunk * meta.meta.chunk, ids)
                         .await;
                 }
@@ -375,7 +379,7 @@ impl Lists {
     /// The directory of the list `meta` describes: from the cache, or built
     /// (one pass over the category's index entries) and cached.
     async fn directory(&self, category: &CategoryId, meta: &CachedMeta) -> Result<Directory, ServiceError> {
-        if let Some(starts) = self.cache.list_directory(category, meta).await {
+        if let Some(starts) = self.cache.lists.list_directory(category, meta).await {
             return Ok(Arc::new(starts));
         }
         let load = async {
@@ -384,7 +388,7 @@ impl Lists {
                 .ok()
                 .map(Arc::new);
             if let Some(starts) = &starts {
-                self.cache.put_list_directory(category, meta, starts).await;
+                self.cache.lists.put_list_directory(category, meta, starts).await;
             }
             Fresh {
                 value: starts.map_or(Outcome::Failed, Outcome::Loaded),

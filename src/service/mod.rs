@@ -24,7 +24,7 @@ use crate::{
     cache::{Cache, EventFeed, Kind, near::NearCache},
     config::Config,
     domain::ValidationError,
-    store::{self, StoreError, replicas::Replicas},
+    store::{self, StoreError, replicas::Database},
 };
 use written::invalidate_written;
 
@@ -37,14 +37,11 @@ pub struct Services {
     pub users: Users,
     pub products: Products,
     pub cache: Arc<Cache>,
-    pub replicas: Arc<Replicas>,
+    pub database: Arc<Database>,
     /// Keeps the cache's key epochs, the fence and what is known of the
     /// replicas current while any clone lives.
     _followers: Arc<[AbortOnDrop; 3]>,
 }
-
-/// The primary, for writes, and the replicas that may serve cache misses.
-pub type Database = Arc<Replicas>;
 
 /// Stops a background task when dropped.
 struct AbortOnDrop(tokio::task::AbortHandle);
@@ -65,11 +62,11 @@ impl Services {
         let pool = store::connect(&config.database)
             .await
             .context("connecting to PostgreSQL")?;
-        let replicas: Database = Arc::new(Replicas::new(&config.database, &config.replicas, pool)?);
+        let database = Arc::new(Database::new(&config.database, &config.replicas, pool)?);
         let cache = Arc::new(cache);
-        let users = Users::new(replicas.clone(), cache.clone(), near_cache(config));
+        let users = Users::new(database.clone(), cache.clone(), near_cache(config));
         let products = Products::new(
-            replicas.clone(),
+            database.clone(),
             cache.clone(),
             near_cache(config),
             config.cache.list_cache_max_ids,
@@ -87,29 +84,29 @@ impl Services {
         };
         cache.fence().on_raise(forget.clone());
         if config.cache.enabled {
-            follow_epochs_in(&cache, replicas.primary(), &config.cache.namespace, forget).await;
+            follow_epochs_in(&cache, database.primary(), &config.cache.namespace, forget).await;
         }
         cache.open_connections().await;
         let epochs = tokio::spawn({
             let cache = cache.clone();
-            async move { cache.follow_epochs().await }
+            async move { cache.epochs.follow().await }
         });
         if config.cache.enabled {
-            written::check_fence(&cache, replicas.primary()).await;
+            written::check_fence(&cache, database.primary()).await;
         }
         let fence = tokio::spawn({
-            let (cache, replicas) = (cache.clone(), replicas.clone());
-            async move { written::follow_fence(&cache, replicas.primary()).await }
+            let (cache, database) = (cache.clone(), database.clone());
+            async move { written::follow_fence(&cache, database.primary()).await }
         });
         let probe = tokio::spawn({
-            let replicas = replicas.clone();
-            async move { replicas.follow().await }
+            let database = database.clone();
+            async move { database.follow().await }
         });
         Ok(Self {
             users,
             products,
             cache,
-            replicas,
+            database,
             _followers: Arc::new([
                 AbortOnDrop(epochs.abort_handle()),
                 AbortOnDrop(fence.abort_handle()),
@@ -120,7 +117,7 @@ impl Services {
 
     /// The primary database, for writes and what must see them.
     pub fn pool(&self) -> &PgPool {
-        self.replicas.primary()
+        self.database.primary()
     }
 
     /// Sets the gauges of what the dependencies hold, every `GAUGE_INTERVAL`,
@@ -158,9 +155,7 @@ impl Services {
                 self.products.listening(false);
             }
             EventFeed::Event(event) => {
-                // Every entity of the kind changed: a TRUNCATE, or a backlog retired.
-                let truncated = event.event.ends_with(".truncated") || event.event.ends_with(".retired");
-                match (event.event.split('.').next().and_then(Kind::parse), truncated) {
+                match (event.event.entity(), event.event.covers_every_entity()) {
                     (Some(Kind::User), false) => self.users.forget(event.id),
                     (Some(Kind::Product), false) => self.products.forget(event.id),
                     (Some(Kind::User), true) => self.users.forget_all(),
@@ -229,6 +224,9 @@ pub enum ServiceError {
     Invalid(#[from] ValidationError),
     #[error("database unavailable")]
     Unavailable(#[source] StoreError),
+    /// Redis is unavailable and `DATABASE_FALLBACK_LIMIT` reads fall back to PostgreSQL already.
+    #[error("cache unavailable and the database fallback is at its limit")]
+    FallbackLimit,
     #[error("transaction aborted by the database (a conflict); retry")]
     Aborted(#[source] StoreError),
     #[error("internal error")]
@@ -243,7 +241,7 @@ impl ServiceError {
             StoreError::AlreadyExists(what) => Self::AlreadyExists(what),
             StoreError::VersionMismatch { expected, actual } => Self::VersionMismatch { expected, actual },
             StoreError::Invalid(invalid) => Self::Invalid(invalid),
-            error @ (StoreError::Unavailable(_) | StoreError::FallbackLimit) => Self::Unavailable(error),
+            error @ StoreError::Unavailable(_) => Self::Unavailable(error),
             error @ StoreError::Aborted(_) => Self::Aborted(error),
             error @ StoreError::Other(_) => Self::Internal(error),
         }

@@ -4,13 +4,14 @@
 use std::sync::Arc;
 
 use super::{
-    Database, ServiceError, invalidate_written,
+    ServiceError, invalidate_written,
     lists::{IdPage, Lists},
     read_through::ReadThrough,
 };
 use crate::{
     cache::{Cache, near::NearCache},
     domain::{CategoryId, Cursor, NewProduct, PageRequest, PageStart, Product, ProductId, ProductPatch},
+    store::replicas::Database,
     store::{outbox::OutboxRow, products},
 };
 
@@ -25,7 +26,7 @@ pub struct ProductPage {
 
 #[derive(Clone)]
 pub struct Products {
-    database: Database,
+    database: Arc<Database>,
     cache: Arc<Cache>,
     reads: Arc<ReadThrough<Product>>,
     lists: Arc<Lists>,
@@ -33,7 +34,7 @@ pub struct Products {
 
 impl Products {
     pub fn new(
-        database: Database,
+        database: Arc<Database>,
         cache: Arc<Cache>,
         near: Option<NearCache<ProductId, Option<Product>>>,
         list_cache_max_ids: u32,
@@ -82,7 +83,7 @@ impl Products {
 
     /// The product for each id, in order; `None` where no such product exists.
     pub async fn get_many(&self, ids: &[ProductId]) -> Result<Vec<Option<Product>>, ServiceError> {
-        Ok(self.reads.get_many(ids).await?)
+        self.reads.get_many(ids).await
     }
 
     /// A page of a category in (name, id) order.

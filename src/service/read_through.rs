@@ -13,12 +13,13 @@ use sqlx::PgPool;
 use tracing::{Instrument, Span};
 
 use super::{
-    Database,
+    ServiceError,
     single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, Outcome, SingleFlight},
 };
 use crate::{
     cache::{Cache, Cacheable, Cached, Claim, Filled, Lease, NewestWrite, Waited, near::NearCache},
     domain::{Product, User},
+    store::replicas::Database,
     store::{self, StoreError},
 };
 
@@ -41,7 +42,7 @@ impl Loadable for Product {
 }
 
 pub struct ReadThrough<E: Loadable> {
-    database: Database,
+    database: Arc<Database>,
     cache: Arc<Cache>,
     flights: SingleFlight<E::Id, Outcome<Option<E>>>,
     /// In front of Redis when configured (see `cache::near`).
@@ -49,7 +50,7 @@ pub struct ReadThrough<E: Loadable> {
 }
 
 impl<E: Loadable> ReadThrough<E> {
-    pub fn new(database: Database, cache: Arc<Cache>, near: Option<NearCache<E::Id, Option<E>>>) -> Arc<Self> {
+    pub fn new(database: Arc<Database>, cache: Arc<Cache>, near: Option<NearCache<E::Id, Option<E>>>) -> Arc<Self> {
         Arc::new(Self {
             database,
             cache,
@@ -59,7 +60,7 @@ impl<E: Loadable> ReadThrough<E> {
     }
 
     /// The entity for each id, in order; `None` where no such entity exists.
-    pub async fn get_many(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
+    pub async fn get_many(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, ServiceError> {
         // The cache outcome, for traces: `cache.outcome` is hit, miss, or
         // unavailable (Redis did not answer, or the cache is off); a miss
         // may add `cache.lease_wait` (another caller was loading it) and
@@ -76,7 +77,7 @@ impl<E: Loadable> ReadThrough<E> {
         self.get_many_near(ids).instrument(span).await
     }
 
-    async fn get_many_near(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
+    async fn get_many_near(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, ServiceError> {
         let Some(near) = &self.near else {
             return self.get_many_shared(ids).await;
         };
@@ -93,7 +94,9 @@ impl<E: Loadable> ReadThrough<E> {
                 }
             }
         }
-        self.cache.count_near_hits::<E>((ids.len() - unknown.len()) as u64);
+        self.cache
+            .entries
+            .count_near_hits::<E>((ids.len() - unknown.len()) as u64);
         if unknown.is_empty() {
             note("cache.outcome", "near_hit");
             return Ok(found);
@@ -137,12 +140,12 @@ impl<E: Loadable> ReadThrough<E> {
     ///
     /// The hit path is kept small: what a miss needs runs in a boxed future of
     /// its own, so that a hit does not carry (and move around) its state.
-    async fn get_many_shared(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
-        let Some(cached) = self.cache.get_many::<E>(ids).await else {
+    async fn get_many_shared(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, ServiceError> {
+        let Some(cached) = self.cache.entries.get_many::<E>(ids).await else {
             // Cache off or Redis unavailable: PostgreSQL answers (within the
             // fallback limit), nothing is filled.
             note("cache.outcome", "unavailable");
-            let _fallback = self.cache.fallback().await.ok_or(StoreError::FallbackLimit)?;
+            let _fallback = self.cache.fallback().await.ok_or(ServiceError::FallbackLimit)?;
             return Box::pin(self.read_uncached(ids)).await;
         };
         let mut found = Vec::with_capacity(ids.len());
@@ -169,7 +172,7 @@ impl<E: Loadable> ReadThrough<E> {
         Box::pin(self.fill_missing(ids, found, missing)).await
     }
 
-    async fn read_uncached(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, StoreError> {
+    async fn read_uncached(self: &Arc<Self>, ids: &[E::Id]) -> Result<Vec<Option<E>>, ServiceError> {
         match ids {
             [id] => Ok(vec![self.load_one(*id, false).await?]),
             _ => Ok(self.load_and_fill(ids, &[]).await?.value),
@@ -182,11 +185,11 @@ impl<E: Loadable> ReadThrough<E> {
         ids: &[E::Id],
         mut found: Vec<Option<E>>,
         missing: Vec<E::Id>,
-    ) -> Result<Vec<Option<E>>, StoreError> {
+    ) -> Result<Vec<Option<E>>, ServiceError> {
         let loaded = match missing.as_slice() {
             [id] => vec![self.load_one(*id, true).await?],
             _ => {
-                let leases = self.cache.acquire_leases::<E>(&missing).await;
+                let leases = self.cache.leases.acquire_leases::<E>(&missing).await;
                 self.load_and_fill(&missing, &leases).await?.value
             }
         };
@@ -201,7 +204,7 @@ impl<E: Loadable> ReadThrough<E> {
 
     /// One missing id: single flight in this process and, when the cache is
     /// usable, a lease across instances.
-    async fn load_one(self: &Arc<Self>, id: E::Id, cache_usable: bool) -> Result<Option<E>, StoreError> {
+    async fn load_one(self: &Arc<Self>, id: E::Id, cache_usable: bool) -> Result<Option<E>, ServiceError> {
         let arrived = Instant::now();
         // Set only when this caller led a flight whose load failed.
         let mut own_error = None;
@@ -230,7 +233,7 @@ impl<E: Loadable> ReadThrough<E> {
                 // usually there now; if not, the next flight serves this caller.
                 Joined::Missed if cache_usable => {
                     if let Some(Cached::Hit { value, .. }) =
-                        self.cache.get_many::<E>(&[id]).await.and_then(|mut c| c.pop())
+                        self.cache.entries.get_many::<E>(&[id]).await.and_then(|mut c| c.pop())
                     {
                         return Ok(value);
                     }
@@ -241,9 +244,9 @@ impl<E: Loadable> ReadThrough<E> {
         Ok(self.load_and_fill(&[id], &[]).await.map(single)?.value)
     }
 
-    async fn load_one_once(&self, id: E::Id) -> Result<Fresh<Option<E>>, StoreError> {
+    async fn load_one_once(&self, id: E::Id) -> Result<Fresh<Option<E>>, ServiceError> {
         let looked = Instant::now();
-        let lease = match self.cache.get_or_lease::<E>(id).await {
+        let lease = match self.cache.leases.get_or_lease::<E>(id).await {
             // Filled since this caller's miss (by the flight before, or another instance).
             Some(Claim::Found(value)) => return Ok(Fresh { value, as_of: looked }),
             Some(Claim::Leased(lease)) => Some(lease),
@@ -252,7 +255,7 @@ impl<E: Loadable> ReadThrough<E> {
             Some(Claim::Busy) => {
                 metrics::counter!("readthrough_cache_lease_waits_total", "entity" => E::KIND.label()).increment(1);
                 note("cache.lease_wait", true);
-                match self.cache.wait_for_fill::<E>(id).await {
+                match self.cache.leases.wait_for_fill::<E>(id).await {
                     Waited::Filled(value, as_of) => return Ok(Fresh { value, as_of }),
                     Waited::Leased(lease) => Some(lease),
                     Waited::GaveUp => None,
@@ -273,8 +276,8 @@ impl<E: Loadable> ReadThrough<E> {
         &self,
         ids: &[E::Id],
         leases: &[Option<Lease>],
-    ) -> Result<Fresh<Vec<Option<E>>>, StoreError> {
-        let kept = self.cache.keep(leases.iter().flatten());
+    ) -> Result<Fresh<Vec<Option<E>>>, ServiceError> {
+        let kept = self.cache.leases.keep(leases.iter().flatten());
         let started = Instant::now();
         let loaded = self.load(ids).await?;
         let load_time = started.elapsed();
@@ -287,7 +290,7 @@ impl<E: Loadable> ReadThrough<E> {
             .filter_map(|((&id, value), lease)| Some((id, value.as_ref(), lease.as_ref()?)))
             .collect();
         let fill_sent = Instant::now();
-        let filled = self.cache.fill(&fills, load_time).await;
+        let filled = self.cache.entries.fill(&fills, load_time).await;
         kept.settle(&filled);
         let stored = filled == Filled::Stored(());
         if !fills.is_empty() {
@@ -301,9 +304,9 @@ impl<E: Loadable> ReadThrough<E> {
     /// Reads `ids` from a replica that has every write to them (see
     /// `store::replicas`), or else from the primary. A replica that fails is
     /// left out, and the primary answers instead.
-    async fn load(&self, ids: &[E::Id]) -> Result<Vec<E>, StoreError> {
+    async fn load(&self, ids: &[E::Id]) -> Result<Vec<E>, ServiceError> {
         let replica = if self.database.any_usable() {
-            match self.cache.newest_write::<E>(ids).await {
+            match self.cache.invalidation.newest_write::<E>(ids).await {
                 NewestWrite::Unknown => None,
                 NewestWrite::Unmarked => self.database.for_read(None),
                 NewestWrite::At(position) => self.database.for_read(Some(position)),
@@ -326,7 +329,7 @@ impl<E: Loadable> ReadThrough<E> {
             }
         }
         count_read("primary");
-        E::load(self.database.primary(), ids).await
+        Ok(E::load(self.database.primary(), ids).await?)
     }
 
     /// Refresh ahead: reload a hot entry in the background before it expires.
@@ -334,7 +337,7 @@ impl<E: Loadable> ReadThrough<E> {
     fn refresh(self: &Arc<Self>, id: E::Id) {
         let this = self.clone();
         tokio::spawn(async move {
-            if let Some(lease) = this.cache.acquire_leases::<E>(&[id]).await.pop().flatten() {
+            if let Some(lease) = this.cache.leases.acquire_leases::<E>(&[id]).await.pop().flatten() {
                 metrics::counter!("readthrough_cache_refreshes_total", "entity" => E::KIND.label()).increment(1);
                 let _ = this.load_and_fill(&[id], &[Some(lease)]).await;
             }

@@ -35,12 +35,12 @@ use sqlx::postgres::PgListener;
 use uuid::Uuid;
 
 use crate::{
-    cache::{Bump, Cache, EPOCH_TRUST, Event, KeyGroup, Kind, WriteMarks},
+    cache::{Bump, Cache, EPOCH_TRUST, Event, EventName, KeyGroup, Kind, WriteMarks},
     domain::{CategoryId, Product, ProductId, User, UserId},
     store::{
         StoreError,
         outbox::{self, OutboxRow, Taken},
-        replicas::{Lsn, Replicas},
+        replicas::{Database, Lsn},
     },
 };
 
@@ -60,14 +60,14 @@ const RETIRE_ROWS: i64 = 10_000;
 const OVERDUE_LOOK: Duration = Duration::from_millis(250);
 
 /// Runs until the task is dropped.
-pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>, retire_after: Duration) {
+pub async fn run(cache: Arc<Cache>, database: Arc<Database>, retire_after: Duration) {
     let mut relay = Relay {
         cache,
-        replicas,
+        database,
         retire_after,
         batch: BATCH,
     };
-    let me = relay.replicas.instance();
+    let me = relay.database.instance();
     let mut listener: Option<PgListener> = None;
     let mut grace = WRITER_GRACE;
     loop {
@@ -78,7 +78,7 @@ pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>, retire_after: Durat
                 // relays, which may reach Redis, take it now (a writer may
                 // be waiting), while this one keeps its hands off for a
                 // poll interval and the notifications meanwhile.
-                if let Err(error) = outbox::hand_over(relay.replicas.primary(), me).await {
+                if let Err(error) = outbox::hand_over(relay.database.primary(), me).await {
                     tracing::debug!(%error, "could not hand a failed batch over");
                 }
                 tokio::time::sleep(POLL_INTERVAL).await;
@@ -89,7 +89,7 @@ pub async fn run(cache: Arc<Cache>, replicas: Arc<Replicas>, retire_after: Durat
             Err(error) => tracing::warn!(%error, "outbox relay could not read the outbox"),
         }
         if listener.is_none() {
-            listener = listen(relay.replicas.primary()).await;
+            listener = listen(relay.database.primary()).await;
         }
         grace = match listener.as_mut() {
             Some(notifications) => match next_wake(notifications, me).await {
@@ -145,7 +145,7 @@ enum Drained {
 
 struct Relay {
     cache: Arc<Cache>,
-    replicas: Arc<Replicas>,
+    database: Arc<Database>,
     retire_after: Duration,
     /// Rows the next claim takes (see the module comment).
     batch: i64,
@@ -154,7 +154,7 @@ struct Relay {
 impl Relay {
     /// Processes rows at least `grace` old until none are left or Redis fails.
     async fn drain(&mut self, grace: Duration) -> Result<Drained, StoreError> {
-        let pool = self.replicas.primary();
+        let pool = self.database.primary();
         // Where the next take starts (see `outbox::take`): past the rows
         // this pass has taken. Rows left behind (held by another relay, or
         // committed late with a lower id) are found by the next pass.
@@ -193,17 +193,17 @@ impl Relay {
                 continue;
             };
             let last = last.id;
-            let truncated: Vec<&str> = rows
+            let truncations: Vec<(&OutboxRow, EventName)> = rows
                 .iter()
-                .filter(|row| row.event.ends_with(".truncated"))
-                .map(|row| row.entity.as_str())
+                .map(|row| (row, EventName::parse(&row.event)))
+                .filter(|(_, name)| name.is_truncation())
                 .collect();
-            if !truncated.is_empty() {
-                let events: Vec<Event> = rows
+            if !truncations.is_empty() {
+                let truncated: Vec<&str> = truncations.iter().map(|(row, _)| row.entity.as_str()).collect();
+                let events: Vec<Event> = truncations
                     .iter()
-                    .filter(|row| row.event.ends_with(".truncated"))
-                    .map(|row| Event {
-                        event: row.event.clone(),
+                    .map(|(row, name)| Event {
+                        event: *name,
                         id: row.entity_id,
                         categories: Vec::new(),
                     })
@@ -224,7 +224,7 @@ impl Relay {
                 continue;
             }
             // Taken after the claim: the rows' writes are committed, so at or before it.
-            let position = self.replicas.write_position().await;
+            let position = self.database.write_position().await;
             if carry_out_batch(&self.cache, &invalidations(&self.cache, &rows, position)).await {
                 tx.commit().await?;
                 metrics::counter!("readthrough_outbox_relayed_total").increment(rows.len() as u64);
@@ -245,12 +245,12 @@ impl Relay {
     /// them committed before the bump. False when the bump could not be made
     /// now (too soon after the last, or Redis unreachable).
     async fn retire(&self, entities: &[String], events: &[Event]) -> Result<bool, StoreError> {
-        let pool = self.replicas.primary();
+        let pool = self.database.primary();
         let finished = outbox::finished_before_now(pool).await?;
         // Taken after the snapshot: at or after every write the bump retires.
-        let position = self.replicas.write_position().await;
+        let position = self.database.write_position().await;
         let kinds = retired_kinds(entities);
-        match self.cache.retire_written(&kinds, position).await {
+        match self.cache.epochs.retire_written(&kinds, position).await {
             Some(Bump::Done(epochs)) => {
                 tracing::info!(entities = ?entities, ?epochs, "outbox backlog retired with new key epochs");
             }
@@ -259,13 +259,15 @@ impl Relay {
         tokio::time::sleep(EPOCH_TRUST).await;
         let retired: Vec<Event> = entities
             .iter()
-            .map(|entity| Event {
-                event: format!("{entity}.retired"),
+            .filter_map(|entity| Kind::parse(entity))
+            .map(|kind| Event {
+                event: EventName::retired(kind),
                 id: Uuid::nil(),
                 categories: Vec::new(),
             })
             .collect();
         self.cache
+            .invalidation
             .publish(if events.is_empty() { &retired } else { events })
             .await;
         let entities: Vec<&str> = entities.iter().map(String::as_str).collect();
@@ -345,7 +347,8 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow], position: Option<Lsn>) -
                 continue;
             }
         };
-        if row.event.ends_with(".truncated") {
+        let name = EventName::parse(&row.event);
+        if name.is_truncation() {
             continue;
         }
         // A category written by hand that is not a valid id has no cached list.
@@ -353,13 +356,13 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow], position: Option<Lsn>) -
             if lists.insert(category)
                 && let Ok(category) = CategoryId::parse(category)
             {
-                planned.groups.push(cache.list_keys(&category));
+                planned.groups.push(cache.lists.list_keys(&category));
             }
         }
         match event_of.entry((kind, row.entity_id)) {
             Entry::Occupied(index) => {
                 let event = &mut planned.events[*index.get()];
-                event.event.clone_from(&row.event);
+                event.event = name;
                 for category in &row.categories {
                     if !event.categories.contains(category) {
                         event.categories.push(category.clone());
@@ -370,17 +373,17 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow], position: Option<Lsn>) -
                 slot.insert(planned.events.len());
                 let (user, product) = (UserId::from_uuid(row.entity_id), ProductId::from_uuid(row.entity_id));
                 planned.groups.push(match kind {
-                    Kind::User => cache.entity_keys::<User>(user),
-                    _ => cache.entity_keys::<Product>(product),
+                    Kind::User => cache.invalidation.entity_keys::<User>(user),
+                    _ => cache.invalidation.entity_keys::<Product>(product),
                 });
                 if let Some((_, marked)) = &mut planned.marks {
                     marked.push(match kind {
-                        Kind::User => cache.write_marker::<User>(user),
-                        _ => cache.write_marker::<Product>(product),
+                        Kind::User => cache.invalidation.write_marker::<User>(user),
+                        _ => cache.invalidation.write_marker::<Product>(product),
                     });
                 }
                 planned.events.push(Event {
-                    event: row.event.clone(),
+                    event: name,
                     id: row.entity_id,
                     categories: row.categories.clone(),
                 });
@@ -394,13 +397,17 @@ pub fn invalidations(cache: &Cache, rows: &[OutboxRow], position: Option<Lsn>) -
 /// key groups and events in one round trip on the shared connections. True
 /// when Redis confirmed all of it.
 pub async fn carry_out(cache: &Cache, planned: &Invalidations) -> bool {
-    cache.invalidate(&planned.groups, marks(planned), &planned.events).await
+    cache
+        .invalidation
+        .invalidate(&planned.groups, marks(planned), &planned.events)
+        .await
 }
 
 /// `carry_out` for a batch (the relay's, a seed's), on the background
 /// connection, within a deadline sized to it.
 pub async fn carry_out_batch(cache: &Cache, planned: &Invalidations) -> bool {
     cache
+        .invalidation
         .invalidate_batch(&planned.groups, marks(planned), &planned.events)
         .await
 }
@@ -449,9 +456,15 @@ mod tests {
         groups.sort();
         marked.sort();
         let mut expected_marked = vec![
-            cache.write_marker::<User>(UserId::from_uuid(Uuid::from_u128(7))),
-            cache.write_marker::<Product>(ProductId::from_uuid(Uuid::from_u128(9))),
-            cache.write_marker::<Product>(ProductId::from_uuid(Uuid::from_u128(10))),
+            cache
+                .invalidation
+                .write_marker::<User>(UserId::from_uuid(Uuid::from_u128(7))),
+            cache
+                .invalidation
+                .write_marker::<Product>(ProductId::from_uuid(Uuid::from_u128(9))),
+            cache
+                .invalidation
+                .write_marker::<Product>(ProductId::from_uuid(Uuid::from_u128(10))),
         ];
         expected_marked.sort();
         assert_eq!(marked, expected_marked, "each written entity's marker once");
@@ -459,11 +472,17 @@ mod tests {
         let books = CategoryId::parse("books").unwrap();
         let games = CategoryId::parse("games").unwrap();
         let mut expected = vec![
-            cache.entity_keys::<User>(UserId::from_uuid(Uuid::from_u128(7))),
-            cache.entity_keys::<Product>(ProductId::from_uuid(Uuid::from_u128(9))),
-            cache.entity_keys::<Product>(ProductId::from_uuid(Uuid::from_u128(10))),
-            cache.list_keys(&books),
-            cache.list_keys(&games),
+            cache
+                .invalidation
+                .entity_keys::<User>(UserId::from_uuid(Uuid::from_u128(7))),
+            cache
+                .invalidation
+                .entity_keys::<Product>(ProductId::from_uuid(Uuid::from_u128(9))),
+            cache
+                .invalidation
+                .entity_keys::<Product>(ProductId::from_uuid(Uuid::from_u128(10))),
+            cache.lists.list_keys(&books),
+            cache.lists.list_keys(&games),
         ];
         expected.sort();
         assert_eq!(groups, expected, "each key group once");
@@ -471,17 +490,17 @@ mod tests {
             events,
             [
                 Event {
-                    event: "user.updated".into(),
+                    event: EventName::UserUpdated,
                     id: Uuid::from_u128(7),
                     categories: vec![],
                 },
                 Event {
-                    event: "product.moved".into(),
+                    event: EventName::ProductMoved,
                     id: Uuid::from_u128(9),
                     categories: vec!["books".into(), "games".into()],
                 },
                 Event {
-                    event: "product.deleted".into(),
+                    event: EventName::ProductDeleted,
                     id: Uuid::from_u128(10),
                     categories: vec!["books".into()],
                 },

@@ -2,22 +2,23 @@
 
 use std::sync::Arc;
 
-use super::{Database, ServiceError, invalidate_written, read_through::ReadThrough};
+use super::{ServiceError, invalidate_written, read_through::ReadThrough};
 use crate::{
     cache::{Cache, near::NearCache},
     domain::{NewUser, User, UserId, UserPatch},
+    store::replicas::Database,
     store::{outbox::OutboxRow, users},
 };
 
 #[derive(Clone)]
 pub struct Users {
-    database: Database,
+    database: Arc<Database>,
     cache: Arc<Cache>,
     reads: Arc<ReadThrough<User>>,
 }
 
 impl Users {
-    pub fn new(database: Database, cache: Arc<Cache>, near: Option<NearCache<UserId, Option<User>>>) -> Self {
+    pub fn new(database: Arc<Database>, cache: Arc<Cache>, near: Option<NearCache<UserId, Option<User>>>) -> Self {
         Self {
             reads: ReadThrough::new(database.clone(), cache.clone(), near),
             database,
@@ -55,7 +56,7 @@ impl Users {
 
     /// The user for each id, in order; `None` where no such user exists.
     pub async fn get_many(&self, ids: &[UserId]) -> Result<Vec<Option<User>>, ServiceError> {
-        Ok(self.reads.get_many(ids).await?)
+        self.reads.get_many(ids).await
     }
 
     /// The ids of the `limit` most recently modified users.

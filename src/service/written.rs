@@ -9,9 +9,10 @@ use std::time::{Duration, Instant};
 use sqlx::PgPool;
 use uuid::Uuid;
 
-use super::{Database, ServiceError, relay};
+use super::{ServiceError, relay};
 use crate::{
     cache::{Cache, FENCE_POLL, FENCE_TRUST, Kind},
+    store::replicas::Database,
     store::{StoreError, outbox},
     telemetry::Throttle,
 };

@@ -36,9 +36,6 @@ pub enum StoreError {
     Invalid(#[from] ValidationError),
     #[error("database unavailable: {0}")]
     Unavailable(#[source] sqlx::Error),
-    /// Redis is unavailable and `DATABASE_FALLBACK_LIMIT` reads fall back to PostgreSQL already.
-    #[error("cache unavailable and the database fallback is at its limit")]
-    FallbackLimit,
     /// A serialization failure or deadlock: the transaction may simply be retried.
     #[error("transaction aborted: {0}")]
     Aborted(#[source] sqlx::Error),

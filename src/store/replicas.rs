@@ -62,7 +62,7 @@ impl Lsn {
 }
 
 /// The primary and its replicas, with what the probe last saw of each.
-pub struct Replicas {
+pub struct Database {
     primary: PgPool,
     replicas: Vec<Replica>,
     max_lag: Duration,
@@ -92,7 +92,7 @@ struct Seen {
     answering: bool,
 }
 
-impl Replicas {
+impl Database {
     /// Pools for each replica. Connections open lazily: a replica that is
     /// down at start is simply left out until the probe reaches it.
     pub fn new(database: &DatabaseConfig, config: &ReplicaConfig, primary: PgPool) -> Result<Self, sqlx::Error> {
