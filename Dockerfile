@@ -15,16 +15,17 @@ FROM rust:1.94-bookworm AS builder
 WORKDIR /app
 
 COPY Cargo.toml Cargo.lock build.rs ./
-# Build flags (tokio's unstable runtime options; see src/app.rs).
+# Build flags (tokio's unstable runtime options; see src/app/runtime.rs).
 COPY .cargo ./.cargo
 # The protos live in the client crate, a workspace member the server's build.rs compiles them from.
 COPY client ./client
 COPY migrations ./migrations
 COPY src ./src
-# Cargo.toml declares a [[bench]] and the bench/ workspace member, so their
-# sources must exist for any build.
+# Cargo.toml declares a [[bench]] and the bench/ and testkit/ workspace
+# members, so their sources must exist for any build.
 COPY benches ./benches
 COPY bench ./bench
+COPY testkit ./testkit
 
 RUN cargo build --release --locked --bin readthrough
 

@@ -13,17 +13,10 @@
 //! CHECKER_SECONDS=60 CHECKER_CLIENTS=32 cargo bench --bench cache_correctness
 //! ```
 
-#[allow(dead_code)]
-#[path = "../tests/it/checker.rs"]
-mod checker;
-#[allow(dead_code)]
-#[path = "../tests/it/helpers.rs"]
-mod helpers;
-
 use std::time::{Duration, Instant};
 
-use helpers::spawn_app_with;
 use readthrough::domain::UserId;
+use readthrough_testkit::{checker, spawn_app_with};
 
 #[tokio::main]
 async fn main() {

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::helpers::{RedisProxy, Sandbox, TestApp, spawn_app_with};
+use readthrough_testkit::{RedisProxy, Sandbox, TestApp, spawn_app_with};
 
 /// `count` users, created and read once through `app` (cached).
 async fn cached_users(app: &TestApp, count: usize) -> Vec<String> {

@@ -4,7 +4,7 @@
 use readthrough::domain::{CategoryId, ProductId, UserId};
 use tonic::Code;
 
-use crate::helpers::{RedisProxy, Sandbox, TestApp, spawn_app, spawn_app_with};
+use readthrough_testkit::{RedisProxy, Sandbox, TestApp, spawn_app, spawn_app_with};
 
 /// This app's cached keys whose entity part is `entity` (e.g. `product`).
 async fn keys_of(app: &mut TestApp, entity: &str) -> Vec<String> {
@@ -233,7 +233,7 @@ async fn a_dry_run_samples_at_most_100_keys_but_counts_all() {
 async fn fill_namespace(app: &TestApp, count: usize) {
     let mut redis = app.redis.clone();
     for start in (0..count).step_by(10_000) {
-        let mut pipe = crate::helpers::redis::pipe();
+        let mut pipe = readthrough_testkit::redis::pipe();
         for i in start..count.min(start + 10_000) {
             let category = CategoryId::parse(&format!("c{i}")).unwrap();
             pipe.cmd("SET").arg(app.keys.list_meta(&category)).arg("x").ignore();

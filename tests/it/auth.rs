@@ -17,7 +17,7 @@ use readthrough_client::proto::{CreateUserRequest, GetUserRequest, user_service_
 use sha2::{Digest, Sha256};
 use tonic::{Code, Request, transport::Channel};
 
-use crate::helpers::{Sandbox, TestApp, eventually, spawn_app_with, spawn_app_with_hooks};
+use readthrough_testkit::{Sandbox, TestApp, eventually, spawn_app_with, spawn_app_with_hooks};
 
 const READER: &str = "reader-token-0123456789";
 const WRITER: &str = "writer-token-0123456789";

@@ -6,7 +6,7 @@ use readthrough_client::proto::{
 };
 use tonic::Code;
 
-use crate::helpers::{TestApp, spawn_app};
+use readthrough_testkit::{TestApp, spawn_app};
 
 /// Asserts the call failed with INVALID_ARGUMENT and a message naming `field`.
 #[track_caller]
@@ -155,7 +155,7 @@ async fn invisible_and_reordering_characters_are_refused_in_emails_and_names() {
 async fn an_unknown_update_mask_path_is_quoted_back_only_in_part() {
     let mut app = spawn_app().await;
     let user = app.create_user("mask@example.com").await;
-    let mut request = crate::helpers::rename_request(&user.id, "new@example.com");
+    let mut request = readthrough_testkit::rename_request(&user.id, "new@example.com");
     request.update_mask = Some(prost_types::FieldMask {
         paths: vec!["x".repeat(50_000)],
     });

@@ -38,10 +38,7 @@ use rand::{
 use readthrough_client::{Client, proto};
 use sqlx::PgPool;
 
-use crate::{
-    helpers::{OwnRedis, RedisProxy, redis, test_client},
-    own_postgres::OwnPostgres,
-};
+use readthrough_testkit::{OwnRedis, RedisProxy, own_postgres::OwnPostgres, redis, test_client};
 
 const INSTANCES: usize = 3;
 const CLIENTS: usize = 8;
@@ -340,7 +337,7 @@ async fn read(client: &Client, key: &Key) -> Result<i64, tonic::Status> {
 async fn write(client: &Client, key: &Key, n: u64) -> Result<i64, tonic::Status> {
     match key {
         Key::User(id) => {
-            let change = crate::helpers::email_change(id, &format!("chaos-{n}@example.com"));
+            let change = readthrough_testkit::email_change(id, &format!("chaos-{n}@example.com"));
             client.update_user(change, &["email"], 0).await.map(|user| user.version)
         }
         Key::Product(id) => {

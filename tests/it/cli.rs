@@ -19,7 +19,7 @@ use opentelemetry_proto::tonic::{
     trace::v1::{Span as OtlpSpan, span::SpanKind},
 };
 
-use crate::helpers::{Sandbox, free_port};
+use readthrough_testkit::{Sandbox, free_port};
 
 struct Server {
     child: Child,

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use readthrough_client::{Backoff, Client, Page};
 use tonic::Code;
 
-use crate::helpers::{free_port, spawn_app, spawn_app_with};
+use readthrough_testkit::{free_port, spawn_app, spawn_app_with};
 
 /// Many quick retries: enough to outlast an app starting up.
 fn patient() -> Backoff {

@@ -13,10 +13,8 @@ use std::{
 use readthrough::{cache::Kind, domain::UserId};
 use readthrough_client::proto::Product;
 
-use crate::{
-    checker,
-    helpers::{OwnCluster, TestApp, redis, spawn_app_with},
-};
+use readthrough_testkit::checker;
+use readthrough_testkit::{OwnCluster, TestApp, redis, spawn_app_with};
 
 async fn on_cluster(cluster: &OwnCluster) -> TestApp {
     let urls: Vec<_> = cluster.urls.iter().map(|url| url.parse().unwrap()).collect();
@@ -316,7 +314,7 @@ async fn an_event_is_published_only_once_the_deletes_it_announces_are_done() {
     const HEARD: &str = r#"readthrough_events_received_total{event="user.updated"}"#;
     let write = tokio::spawn({
         let client = writer.client.clone();
-        let change = crate::helpers::email_change(&user.id, "renamed@example.com");
+        let change = readthrough_testkit::email_change(&user.id, "renamed@example.com");
         async move { client.update_user(change, &["email"], 0).await.unwrap() }
     });
     // The reader reads the moment it hears of the change.

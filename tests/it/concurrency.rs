@@ -17,7 +17,7 @@ use readthrough_client::proto::GetUserRequest;
 use tokio::sync::Notify;
 use tonic::Code;
 
-use crate::helpers::{redis, spawn_app_with, spawn_app_with_hooks};
+use readthrough_testkit::{redis, spawn_app_with, spawn_app_with_hooks};
 
 const USER_LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;
 

@@ -15,7 +15,7 @@ use tokio::{
 use tonic::transport::Channel;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::helpers::{eventually, spawn_app_with};
+use readthrough_testkit::{eventually, spawn_app_with};
 
 /// Where the silent sockets come from: another loopback address than the
 /// real clients' 127.0.0.1, as an attacker's would be.

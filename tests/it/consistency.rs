@@ -19,12 +19,10 @@ use readthrough_client::proto::{GetUserRequest, ListProductsRequest};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tonic::Code;
 
-use crate::{
+use readthrough_testkit::{
+    OwnCluster, OwnRedis, RedisProxy, Sandbox, TestApp,
     checker::{self, Settings},
-    helpers::{
-        OwnCluster, OwnRedis, RedisProxy, Sandbox, TestApp, eventually, rename_request, spawn_app, spawn_app_with,
-        spawn_app_with_hooks,
-    },
+    eventually, rename_request, spawn_app, spawn_app_with, spawn_app_with_hooks,
 };
 
 const USER_LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;

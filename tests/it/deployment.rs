@@ -21,19 +21,33 @@ use yaml_serde::Value;
 /// Read outside clap, by the log filter (`EnvFilter`).
 const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG"];
 
-/// What `cargo build` needs from the build context: the workspace's members
-/// (`client` holds the protos) and the `[[bench]]` the manifest declares.
+/// What `cargo build` needs from the build context besides the workspace's
+/// members (read from `Cargo.toml`): the `[[bench]]` the manifest declares.
 const BUILD_INPUTS: &[&str] = &[
     "Cargo.toml",
     "Cargo.lock",
     "build.rs",
-    "client",
     "migrations",
     "src",
     "benches",
-    "bench",
     ".cargo",
 ];
+
+/// The workspace's members, from `members = [...]` in `Cargo.toml`: cargo
+/// refuses to build if one is missing (`client` also holds the protos).
+fn workspace_members() -> Vec<String> {
+    let manifest = read_project_file("Cargo.toml");
+    let line = manifest
+        .lines()
+        .find(|line| line.starts_with("members = ["))
+        .expect("Cargo.toml lists the workspace's members");
+    line["members = [".len()..]
+        .trim_end_matches(']')
+        .split(',')
+        .map(|member| member.trim().trim_matches('"').to_string())
+        .filter(|member| !member.is_empty())
+        .collect()
+}
 
 /// The instances of the service in compose.
 const INSTANCES: &[&str] = &["readthrough", "readthrough-a", "readthrough-b"];
@@ -348,9 +362,11 @@ fn the_docker_build_context_has_what_cargo_build_needs() {
         .map(|line| line.trim_matches('/').to_string())
         .collect();
     assert!(ignored.contains(&"target".to_string()), ".dockerignore drops target/");
-    for input in BUILD_INPUTS {
+    let members = workspace_members();
+    assert!(members.contains(&"client".to_string()), "{members:?}");
+    for input in BUILD_INPUTS.iter().copied().chain(members.iter().map(String::as_str)) {
         assert!(
-            copied.contains(*input) || copied.contains("."),
+            copied.contains(input) || copied.contains("."),
             "the Dockerfile never copies {input}"
         );
         assert!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use readthrough::{cache::Kind, domain::UserId};
 
-use crate::helpers::{OwnRedis, eventually, free_port, redis, spawn_app, spawn_app_with};
+use readthrough_testkit::{OwnRedis, eventually, free_port, redis, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn an_instance_that_cannot_read_the_key_epochs_uses_nothing_it_reads_from_redis() {

@@ -3,7 +3,7 @@
 use readthrough_client::proto::{CreateProductRequest, ListProductsRequest, UpdateUserRequest};
 use tonic::Code;
 
-use crate::helpers::{OwnRedis, free_port, rename_request, spawn_app_with};
+use readthrough_testkit::{OwnRedis, free_port, rename_request, spawn_app_with};
 
 #[tokio::test]
 async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {

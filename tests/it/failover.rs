@@ -12,7 +12,9 @@ use std::{
 
 use readthrough::cache::Kind;
 
-use crate::helpers::{Load, OwnRedis, OwnSentinel, RedisProxy, TestApp, eventually, redis, spawn_app_with, warm_users};
+use readthrough_testkit::{
+    Load, OwnRedis, OwnSentinel, RedisProxy, TestApp, eventually, redis, spawn_app_with, warm_users,
+};
 
 /// Every user's version as PostgreSQL has it.
 async fn stored_versions(app: &TestApp, ids: &[String]) -> Vec<i64> {
@@ -132,7 +134,7 @@ async fn a_sentinel_failover_under_reads_and_writes_fails_no_read_and_leaves_not
             let mut writes = 0;
             while writing.load(Ordering::Relaxed) {
                 let id = &ids[writes % ids.len()];
-                let change = crate::helpers::email_change(id, &format!("write-{writes}@example.com"));
+                let change = readthrough_testkit::email_change(id, &format!("write-{writes}@example.com"));
                 client.update_user(change, &["email"], 0).await.expect("writes go on");
                 writes += 1;
             }

@@ -12,7 +12,7 @@ use readthrough::{
     domain::{User, UserId},
 };
 
-use crate::helpers::{
+use readthrough_testkit::{
     Load, OwnRedis, READERS, RedisProxy, Sandbox, TestApp, eventually, spawn_app_with, spawn_app_with_hooks, warm_users,
 };
 

@@ -13,7 +13,7 @@ use tonic::{
     codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder},
 };
 
-use crate::helpers::{TestApp, redis, rename_request, spawn_app};
+use readthrough_testkit::{TestApp, redis, rename_request, spawn_app};
 
 type Call<'a> = Pin<Box<dyn Future<Output = Result<(), Status>> + 'a>>;
 

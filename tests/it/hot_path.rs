@@ -13,7 +13,7 @@ use readthrough_client::proto::GetUserRequest;
 use tonic::Code;
 use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 
-use crate::helpers::{OwnRedis, eventually, redis, spawn_app, spawn_app_with, spawn_app_with_hooks};
+use readthrough_testkit::{OwnRedis, eventually, redis, spawn_app, spawn_app_with, spawn_app_with_hooks};
 
 /// Per command, the calls `INFO commandstats` counted since the last reset.
 async fn command_calls(conn: &mut impl redis::aio::ConnectionLike) -> Vec<(String, u64)> {

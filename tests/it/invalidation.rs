@@ -9,7 +9,7 @@ use readthrough::{
 };
 use readthrough_client::proto::{CreateProductRequest, GetUserRequest};
 
-use crate::helpers::{RedisProxy, Sandbox, eventually, redis, spawn_app, spawn_app_with};
+use readthrough_testkit::{RedisProxy, Sandbox, eventually, redis, spawn_app, spawn_app_with};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {

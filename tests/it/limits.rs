@@ -9,7 +9,7 @@ use readthrough_client::proto::GetUserRequest;
 use sqlx::{Connection, PgConnection};
 use tonic::Code;
 
-use crate::helpers::{RedisProxy, Sandbox, spawn_app, spawn_app_with, spawn_app_with_hooks};
+use readthrough_testkit::{RedisProxy, Sandbox, spawn_app, spawn_app_with, spawn_app_with_hooks};
 
 fn preferences(key: &str, value: &str) -> Struct {
     Struct {

@@ -7,10 +7,7 @@ use std::time::{Duration, Instant};
 use readthrough::domain::UserId;
 use tonic::Code;
 
-use crate::{
-    helpers::{email_change, eventually, spawn_app_with, use_database},
-    own_postgres::OwnPostgres,
-};
+use readthrough_testkit::{email_change, eventually, own_postgres::OwnPostgres, spawn_app_with, use_database};
 
 /// Longest a miss or a write may take to fail while PostgreSQL is down.
 const FAIL_FAST: Duration = Duration::from_secs(2);

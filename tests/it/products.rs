@@ -7,7 +7,7 @@ use readthrough::{
 use readthrough_client::proto::{self, CreateProductRequest};
 use tonic::Code;
 
-use crate::helpers::{TestApp, redis, spawn_app, spawn_app_with};
+use readthrough_testkit::{TestApp, redis, spawn_app, spawn_app_with};
 
 /// Every page of the category concatenated, checking each page's `total_count`.
 async fn list_all(app: &mut TestApp, category: &str, page_size: i32) -> (Vec<proto::Product>, i64) {

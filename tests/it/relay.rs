@@ -12,7 +12,7 @@ use readthrough::{
 use sqlx::{PgPool, postgres::PgPoolOptions};
 use tonic::Code;
 
-use crate::helpers::{Load, RedisProxy, Sandbox, TestApp, eventually, spawn_app, spawn_app_with};
+use readthrough_testkit::{Load, RedisProxy, Sandbox, TestApp, eventually, spawn_app, spawn_app_with};
 
 const TO_OPEN: &str = r#"readthrough_cache_breaker_transitions_total{to="open"}"#;
 const GET_ERRORS: &str = r#"readthrough_cache_errors_total{operation="get"}"#;

@@ -9,11 +9,13 @@ use readthrough::domain::UserId;
 use readthrough_client::proto;
 use sqlx::PgPool;
 
-use crate::{
+use crate::consistency::assert_consistent;
+use readthrough_testkit::{
+    TestApp,
     checker::{self, Settings},
-    consistency::assert_consistent,
-    helpers::{TestApp, eventually, spawn_app_with, use_database},
+    eventually,
     own_postgres::OwnPostgres,
+    spawn_app_with, use_database,
 };
 
 const REPLICA_READS: &str = r#"readthrough_db_miss_reads_total{server="replica"}"#;

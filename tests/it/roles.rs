@@ -4,7 +4,7 @@
 use readthrough_client::proto::ListProductsRequest;
 use sqlx::{Connection, Executor, PgConnection, postgres::PgConnectOptions};
 
-use crate::helpers::{Sandbox, spawn_app_with, use_database};
+use readthrough_testkit::{Sandbox, spawn_app_with, use_database};
 
 /// A role like compose's `readthrough` and a database it owns; dropped on Drop.
 struct OwnedDatabase {

@@ -11,7 +11,7 @@ use std::{
 use readthrough_client::proto::{GetUserRequest, user_service_client::UserServiceClient};
 use sqlx::{PgPool, postgres::PgPoolOptions};
 
-use crate::helpers::{Sandbox, eventually, free_port};
+use readthrough_testkit::{Sandbox, eventually, free_port};
 
 /// A `readthrough serve` process, killed when dropped.
 struct Instance {

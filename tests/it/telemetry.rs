@@ -11,9 +11,8 @@ use tonic_health::{
     pb::{HealthCheckRequest, health_client::HealthClient},
 };
 
-use crate::{
-    helpers::{OwnRedis, eventually, spawn_app, spawn_app_with, spawn_app_with_hooks, use_database},
-    own_postgres::OwnPostgres,
+use readthrough_testkit::{
+    OwnRedis, eventually, own_postgres::OwnPostgres, spawn_app, spawn_app_with, spawn_app_with_hooks, use_database,
 };
 
 fn rpc_count(service: &str, method: &str, code: &str) -> String {

@@ -19,9 +19,8 @@ use readthrough::{
 use readthrough_client::proto::{CreateUserRequest, GetUserRequest, user_service_client::UserServiceClient};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
-use crate::{
-    helpers::{OwnRedis, TestApp, free_port, redis, spawn_app_with, use_database},
-    own_postgres::OwnPostgres,
+use readthrough_testkit::{
+    OwnRedis, TestApp, free_port, own_postgres::OwnPostgres, redis, spawn_app_with, use_database,
 };
 
 /// Longest a refused or failed connection may take to say so.
@@ -377,7 +376,7 @@ async fn cache_works_through(app: &mut TestApp, redis: &mut (impl redis::aio::Co
         .spawn_sibling_with(|config| config.config.cache.near_cache_enabled = true)
         .await;
     let events = app.keys.events();
-    let subscribed = crate::helpers::eventually(Duration::from_secs(5), || {
+    let subscribed = readthrough_testkit::eventually(Duration::from_secs(5), || {
         let (mut redis, events) = (redis.clone(), events.clone());
         async move { subscribers(&mut redis, &events).await >= 1 }
     })

@@ -8,7 +8,7 @@ use readthrough::{
 use readthrough_client::proto;
 use tonic::Code;
 
-use crate::helpers::{TestApp, email_change, redis, spawn_app};
+use readthrough_testkit::{TestApp, email_change, redis, spawn_app};
 
 fn preferences(theme: &str) -> Struct {
     Struct {

@@ -16,7 +16,7 @@ use std::{
     process::{Command, Output},
 };
 
-use crate::helpers::free_port;
+use crate::free_port;
 
 pub struct OwnPostgres {
     pub port: u16,

@@ -8,7 +8,7 @@
 //!   acknowledged before that read began (and nothing, after a delete).
 //!
 //! A small run is a test (`consistency.rs`); a larger one is the benchmark
-//! `cargo bench --bench consistency`.
+//! `cargo bench --bench cache_correctness`.
 
 use std::{
     collections::HashMap,
@@ -28,7 +28,7 @@ use readthrough_client::{
 };
 use tonic::Code;
 
-use super::helpers::{TestApp, email_change, redis, spawn_app_with_hooks, use_database};
+use crate::{TestApp, email_change, redis, spawn_app_with_hooks, use_database};
 
 pub struct Settings {
     pub clients: usize,
