@@ -31,7 +31,7 @@ async fn main() {
 /// scheduler cannot trip while 1000 client tasks share its two cores.
 async fn stampede(redis_timeout_ms: u64) {
     let first =
-        spawn_app_with(|config| config.config.cache.redis_timeout = Duration::from_millis(redis_timeout_ms)).await;
+        spawn_app_with(|config| config.backends.cache.redis_timeout = Duration::from_millis(redis_timeout_ms)).await;
     let second = first.spawn_sibling().await;
     let id = first.create_user("hot@example.com").await.id;
 
@@ -90,8 +90,8 @@ const LOADS: &str = r#"readthrough_db_queries_total{query="user.get_many"}"#;
 
 async fn refresh_ahead(enabled: bool) {
     let app = spawn_app_with(|config| {
-        config.config.cache.user_ttl = Duration::from_secs(2);
-        config.config.cache.refresh_ahead = enabled;
+        config.backends.cache.user_ttl = Duration::from_secs(2);
+        config.backends.cache.refresh_ahead = enabled;
     })
     .await;
     let id = app.create_user("steady@example.com").await.id;

@@ -366,7 +366,7 @@ pub struct CacheConfig {
 #[derive(Debug, Clone, Parser)]
 pub struct ServeConfig {
     #[command(flatten)]
-    pub config: Config,
+    pub backends: Config,
 
     #[command(flatten)]
     pub server: ServerConfig,

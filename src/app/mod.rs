@@ -66,11 +66,11 @@ impl Application {
             config.server.tls_client_ca_file.as_deref(),
         )?;
         if config.server.migrate_on_start {
-            store::migrate(&config.config.database)
+            store::migrate(&config.backends.database)
                 .await
                 .context("migrating the database")?;
         }
-        let services = Services::connect(&config.config).await?;
+        let services = Services::connect(&config.backends).await?;
         let page_tokens = page_tokens(&config, services.database.primary()).await?;
         let grpc_listener = TcpListener::bind(config.server.grpc_addr)
             .await
@@ -131,7 +131,7 @@ impl Application {
             ..
         } = services.clone();
         let admin = CacheAdminApi::new(cache.clone());
-        let retire_after = self.config.config.cache.outbox_retire_after;
+        let retire_after = self.config.backends.cache.outbox_retire_after;
         let mut background = vec![
             tokio::spawn(relay::run(cache.clone(), database, retire_after)),
             tokio::spawn({
@@ -141,7 +141,7 @@ impl Application {
         ];
         // Events only tell near caches what to forget: without one, receiving
         // every instance's events (a million in a bulk change) is wasted work.
-        if self.config.config.cache.near_cache_enabled {
+        if self.config.backends.cache.near_cache_enabled {
             background.push(tokio::spawn({
                 let services = services.clone();
                 async move { cache.receive_events(|feed| services.on_event(&feed)).await }

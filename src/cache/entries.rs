@@ -26,6 +26,14 @@ pub struct Entry<E> {
     pub expires_at_ms: u64,
 }
 
+/// What PostgreSQL returned for a leased id, to store under its lease.
+pub struct Fill<'a, E: Cacheable> {
+    pub id: E::Id,
+    /// `None`: no such id (cached as such).
+    pub value: Option<&'a E>,
+    pub lease: &'a Lease,
+}
+
 /// How a fill under leases went.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Filled<T = ()> {
@@ -148,27 +156,27 @@ impl Entries {
 
     /// Stores what PostgreSQL returned for leased ids (`None`: no such id), each
     /// only if its lease is still held. `load_time` is how long the read took.
-    pub async fn fill<E: Cacheable>(&self, fills: &[(E::Id, Option<&E>, &Lease)], load_time: Duration) -> Filled {
+    pub async fn fill<E: Cacheable>(&self, fills: &[Fill<'_, E>], load_time: Duration) -> Filled {
         if fills.is_empty() {
             return Filled::Stored(());
         }
         let keys: Vec<String> = fills
             .iter()
-            .map(|(id, _, _)| self.core.keys.entry(E::KIND, *id))
+            .map(|fill| self.core.keys.entry(E::KIND, fill.id))
             .collect();
         failpoint!(self.core, before_fill, &keys[0]);
         let now = now_ms();
         let load_ms = load_time.as_millis().min(u128::from(u32::MAX)) as u32;
         let mut guarded = Vec::with_capacity(fills.len());
         let mut invalid = Vec::new();
-        for ((id, value, lease), key) in fills.iter().zip(&keys) {
+        for (&Fill { id, value, lease }, key) in fills.iter().zip(&keys) {
             if lease.key != self.core.keys.lease(key) {
                 // Taken in an epoch retired since: what it guards is never read again.
                 self.core.count_refused(E::KIND);
                 continue;
             }
-            if value.is_some_and(|value| !value.is_valid_for(*id)) {
-                invalid.push(*lease);
+            if value.is_some_and(|value| !value.is_valid_for(id)) {
+                invalid.push(lease);
                 continue;
             }
             let ttl = match value {
@@ -177,7 +185,7 @@ impl Entries {
             };
             let ttl_secs = jittered_secs(ttl);
             let entry = Entry {
-                value: *value,
+                value,
                 load_ms,
                 expires_at_ms: now + ttl_secs * 1000,
             };

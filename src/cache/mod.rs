@@ -52,7 +52,7 @@ use crate::{
     domain::{CategoryId, Product, ProductId, User, UserId},
     store::replicas,
 };
-pub use entries::{Cached, Entries, Entry, Filled};
+pub use entries::{Cached, Entries, Entry, Fill, Filled};
 pub use epochs::{Bump, EPOCH_TRUST, KeyEpochs};
 pub use events::{Event, EventFeed, EventName};
 use failpoints::failpoint;

@@ -17,7 +17,7 @@ use super::{
     single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, Outcome, SingleFlight},
 };
 use crate::{
-    cache::{Cache, Cacheable, Cached, Claim, Filled, Lease, NewestWrite, Waited, near::NearCache},
+    cache::{Cache, Cacheable, Cached, Claim, Fill, Filled, Lease, NewestWrite, Waited, near::NearCache},
     domain::{Product, User},
     store::replicas::Database,
     store::{self, StoreError},
@@ -283,11 +283,17 @@ impl<E: Loadable> ReadThrough<E> {
         let load_time = started.elapsed();
         let by_id: HashMap<E::Id, E> = loaded.into_iter().map(|value| (value.id(), value)).collect();
         let values: Vec<Option<E>> = ids.iter().map(|id| by_id.get(id).cloned()).collect();
-        let fills: Vec<(E::Id, Option<&E>, &Lease)> = ids
+        let fills: Vec<Fill<'_, E>> = ids
             .iter()
             .zip(&values)
             .zip(leases)
-            .filter_map(|((&id, value), lease)| Some((id, value.as_ref(), lease.as_ref()?)))
+            .filter_map(|((&id, value), lease)| {
+                Some(Fill {
+                    id,
+                    value: value.as_ref(),
+                    lease: lease.as_ref()?,
+                })
+            })
             .collect();
         let fill_sent = Instant::now();
         let filled = self.cache.entries.fill(&fills, load_time).await;

@@ -70,15 +70,15 @@ pub async fn spawn_app_with(customize: impl FnOnce(&mut ServeConfig)) -> TestApp
 pub async fn spawn_app_with_hooks(hooks: Hooks, customize: impl FnOnce(&mut ServeConfig)) -> TestApp {
     let sandbox = Arc::new(Sandbox::new());
     let mut config = ServeConfig::from_env();
-    config.config.database.name = Some(sandbox.database_name.clone());
-    config.config.cache.namespace = sandbox.namespace.clone();
+    config.backends.database.name = Some(sandbox.database_name.clone());
+    config.backends.cache.namespace = sandbox.namespace.clone();
     start(config, customize, sandbox, hooks).await
 }
 
 /// Points an app at the database `url` names, instead of its test's own.
 pub fn use_database(config: &mut ServeConfig, url: &str) {
-    config.config.database.url = url.parse().unwrap();
-    config.config.database.name = None;
+    config.backends.database.url = url.parse().unwrap();
+    config.backends.database.name = None;
 }
 
 impl TestApp {
@@ -155,11 +155,11 @@ impl TestApp {
     /// Every key of this app's namespace (on a cluster: of every node that
     /// answers, once).
     pub async fn namespace_keys(&mut self) -> Vec<String> {
-        if self.config.config.cache.redis_cluster_urls.is_empty() {
+        if self.config.backends.cache.redis_cluster_urls.is_empty() {
             return scan_namespace(&mut self.redis, &self.sandbox.namespace).await;
         }
         let mut keys = Vec::new();
-        for url in &self.config.config.cache.redis_cluster_urls {
+        for url in &self.config.backends.cache.redis_cluster_urls {
             let client = redis::Client::open(url.expose()).unwrap();
             // A node a test killed is skipped: its replica holds its keys.
             if let Ok(mut node) = client.get_multiplexed_async_connection().await {
@@ -346,7 +346,7 @@ pub(crate) async fn start(
     } else {
         endpoint.connect().await.expect("connects to the app")
     };
-    let redis = if config.config.cache.redis_cluster_urls.is_empty() {
+    let redis = if config.backends.cache.redis_cluster_urls.is_empty() {
         let client = redis::Client::open(sandbox.redis_url.as_str()).unwrap();
         RedisConnection::Single(
             client
@@ -356,7 +356,7 @@ pub(crate) async fn start(
         )
     } else {
         let urls: Vec<&str> = config
-            .config
+            .backends
             .cache
             .redis_cluster_urls
             .iter()
@@ -369,7 +369,7 @@ pub(crate) async fn start(
         client: test_client(Client::builder("")).with_channel(channel.clone()).unwrap(),
         users: UserServiceClient::new(channel.clone()),
         products: ProductServiceClient::new(channel),
-        db: PgPool::connect_with(config.config.database.connect_options().unwrap())
+        db: PgPool::connect_with(config.backends.database.connect_options().unwrap())
             .await
             .unwrap(),
         redis,

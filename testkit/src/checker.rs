@@ -119,10 +119,10 @@ pub async fn run(settings: Settings) -> Report {
         .map(|url| url.parse().unwrap())
         .collect();
     let mut first = spawn_app_with_hooks(hooks(), |config| {
-        config.config.cache.redis_cluster_urls = cluster_urls;
+        config.backends.cache.redis_cluster_urls = cluster_urls;
         if let Some((primary, replicas)) = &settings.database {
             use_database(config, primary);
-            config.config.replicas.read_urls = replicas.iter().map(|url| url.parse().unwrap()).collect();
+            config.backends.replicas.read_urls = replicas.iter().map(|url| url.parse().unwrap()).collect();
         }
     })
     .await;

@@ -27,7 +27,7 @@ impl Default for Sandbox {
 impl Sandbox {
     pub fn new() -> Self {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
-        let config = ServeConfig::from_env().config;
+        let config = ServeConfig::from_env().backends;
         Self {
             server: config.database.connect_options().unwrap(),
             database_url: config.database.url.expose().to_string(),

@@ -23,10 +23,10 @@ async fn a_write_by_an_instance_cut_off_from_redis_is_seen_at_once_through_anoth
     let sandbox = Sandbox::new();
     let proxy = RedisProxy::start(&sandbox.redis_url).await;
     let url = proxy.url.clone();
-    let writer = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let writer = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let direct = sandbox.redis_url.clone();
     let reader = writer
-        .spawn_sibling_with(|config| config.config.cache.redis_url = direct.parse().unwrap())
+        .spawn_sibling_with(|config| config.backends.cache.redis_url = direct.parse().unwrap())
         .await;
     let ids = cached_users(&reader, 20).await;
     reader.outbox_drained().await;
@@ -59,7 +59,7 @@ async fn a_write_by_an_instance_cut_off_from_redis_is_seen_at_once_through_anoth
 async fn writes_made_while_no_instance_reaches_redis_are_never_contradicted_once_it_is_back() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let first = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let first = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let second = first.spawn_sibling().await;
     let ids = cached_users(&first, 20).await;
     first.outbox_drained().await;

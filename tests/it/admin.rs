@@ -310,7 +310,7 @@ async fn bad_input_is_invalid_argument() {
 async fn redis_down_is_unavailable_not_success() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let admin = app.admin().await;
     proxy.cut();
 

@@ -410,8 +410,8 @@ async fn jwts_must_name_the_configured_audience_and_issuer_and_live_at_most_the_
 async fn a_jwt_key_without_an_audience_refuses_to_start_unless_any_audience_is_allowed() {
     let sandbox = Sandbox::new();
     let mut config = ServeConfig::from_env();
-    config.config.database.name = Some(sandbox.database_name.clone());
-    config.config.cache.namespace = sandbox.namespace.clone();
+    config.backends.database.name = Some(sandbox.database_name.clone());
+    config.backends.cache.namespace = sandbox.namespace.clone();
     for addr in [
         &mut config.server.grpc_addr,
         &mut config.server.admin_addr,
@@ -475,8 +475,8 @@ async fn es256_jwts_are_checked_with_the_public_key_file() {
 async fn without_authentication_only_loopback_addresses_are_served() {
     let sandbox = Sandbox::new();
     let mut config = ServeConfig::from_env();
-    config.config.database.name = Some(sandbox.database_name.clone());
-    config.config.cache.namespace = sandbox.namespace.clone();
+    config.backends.database.name = Some(sandbox.database_name.clone());
+    config.backends.cache.namespace = sandbox.namespace.clone();
     config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
     config.server.admin_addr = "127.0.0.1:0".parse().unwrap();
     config.server.grpc_addr = "0.0.0.0:0".parse().unwrap();

@@ -21,8 +21,8 @@ async fn on_cluster(cluster: &OwnCluster) -> TestApp {
     // These tests check routing, not deadlines: a generous one keeps a busy
     // machine from turning a slow GET into a fail-open read that fills nothing.
     spawn_app_with(move |config| {
-        config.config.cache.redis_cluster_urls = urls;
-        config.config.cache.redis_timeout = Duration::from_millis(1000);
+        config.backends.cache.redis_cluster_urls = urls;
+        config.backends.cache.redis_timeout = Duration::from_millis(1000);
     })
     .await
 }
@@ -282,7 +282,7 @@ async fn an_event_is_published_only_once_the_deletes_it_announces_are_done() {
     let cluster = OwnCluster::start().await;
     let writer = on_cluster(&cluster).await;
     let reader = writer
-        .spawn_sibling_with(|config| config.config.cache.near_cache_enabled = true)
+        .spawn_sibling_with(|config| config.backends.cache.near_cache_enabled = true)
         .await;
     let channel_master = cluster.master_of(&writer.keys.events()).await;
     // A user whose entry lives on another master than the events channel.

@@ -27,8 +27,8 @@ async fn a_thousand_concurrent_misses_on_two_instances_load_the_row_once() {
     // would measure the scheduler, and this test is about stampedes, not timeouts.
     // For the same reason, leases get time enough for the holder to fill.
     let first = spawn_app_with(|config| {
-        config.config.cache.redis_timeout = Duration::from_millis(1000);
-        config.config.cache.lease = Duration::from_secs(5);
+        config.backends.cache.redis_timeout = Duration::from_millis(1000);
+        config.backends.cache.lease = Duration::from_secs(5);
     })
     .await;
     let second = first.spawn_sibling().await;
@@ -148,7 +148,7 @@ async fn without_the_lease_guard_the_same_race_caches_the_old_version() {
 
 #[tokio::test]
 async fn an_absent_id_is_cached_briefly() {
-    let app = spawn_app_with(|config| config.config.cache.negative_ttl = Duration::from_secs(1)).await;
+    let app = spawn_app_with(|config| config.backends.cache.negative_ttl = Duration::from_secs(1)).await;
     let id = uuid::Uuid::new_v4().to_string();
     let mut users = app.users.clone();
     for _ in 0..3 {
@@ -168,7 +168,7 @@ async fn an_absent_id_is_cached_briefly() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hot_key_is_refreshed_before_it_expires() {
-    let app = spawn_app_with(|config| config.config.cache.user_ttl = Duration::from_secs(1)).await;
+    let app = spawn_app_with(|config| config.backends.cache.user_ttl = Duration::from_secs(1)).await;
     let user = app.create_user("refresh@example.com").await;
     let started = tokio::time::Instant::now();
     while started.elapsed() < Duration::from_millis(2500) {

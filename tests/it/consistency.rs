@@ -132,7 +132,7 @@ async fn every_invalidation_deletes_the_lease_no_later_than_the_entry() {
     // between (Redis does not run a pipeline's commands as one).
     let own = OwnRedis::start().await;
     let url = own.url.clone();
-    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("lease@example.com").await;
     let mut monitor = Monitor::start(&own.url).await;
     let marker_client = redis::Client::open(own.url.as_str()).unwrap();
@@ -190,7 +190,7 @@ async fn a_reader_dropped_by_its_deadline_gives_its_lease_back() {
         })),
         ..Hooks::default()
     };
-    let app = spawn_app_with_hooks(hooks, |config| config.config.cache.lease = Duration::from_secs(10)).await;
+    let app = spawn_app_with_hooks(hooks, |config| config.backends.cache.lease = Duration::from_secs(10)).await;
     let user = app.create_user("deadline@example.com").await;
     let lease = app.keys.lease(&app.keys.user(UserId::parse(&user.id).unwrap()));
 
@@ -240,8 +240,8 @@ async fn slow_pair(part: &'static str) -> (TestApp, TestApp) {
     // Hundreds of client tasks and two servers share two cores: a 50 ms Redis deadline
     // would measure the scheduler (the h2load test in stampede.rs keeps the default).
     let first = spawn_app_with_hooks(slow(), |config| {
-        config.config.cache.lease = lease;
-        config.config.cache.redis_timeout = Duration::from_millis(1000);
+        config.backends.cache.lease = lease;
+        config.backends.cache.redis_timeout = Duration::from_millis(1000);
     })
     .await;
     let second = first.spawn_sibling_with_hooks(slow()).await;
@@ -381,9 +381,9 @@ async fn a_stalled_event_subscription_is_noticed_and_replaced() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| {
-        config.config.cache.redis_url = url.parse().unwrap();
+        config.backends.cache.redis_url = url.parse().unwrap();
         // The near cache is what subscribes.
-        config.config.cache.near_cache_enabled = true;
+        config.backends.cache.near_cache_enabled = true;
     })
     .await;
     let channel = app.keys.events();

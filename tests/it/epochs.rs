@@ -31,7 +31,7 @@ async fn an_instance_that_cannot_read_the_key_epochs_uses_nothing_it_reads_from_
     )
     .await;
     let url = format!("redis://readthrough:s3cret@127.0.0.1:{port}");
-    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("epochless@example.com").await;
     for _ in 0..3 {
         let read = app.get_user(&user.id).await;

@@ -8,7 +8,7 @@ use readthrough_testkit::{OwnRedis, free_port, rename_request, spawn_app_with};
 #[tokio::test]
 async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
     let dead_redis = format!("redis://127.0.0.1:{}", free_port());
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = dead_redis.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.backends.cache.redis_url = dead_redis.parse().unwrap()).await;
 
     let user = app.client.create_user("offline@example.com", None).await.unwrap();
     let read = app.get_user(&user.id).await;
@@ -75,7 +75,7 @@ async fn reads_and_writes_succeed_with_nothing_listening_on_the_redis_port() {
 async fn reads_keep_working_when_redis_dies_mid_run() {
     let mut redis_server = OwnRedis::start().await;
     let url = redis_server.url.clone();
-    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let user = app.client.create_user("survivor@example.com", None).await.unwrap();
     app.client.get_user(&user.id).await.unwrap();
     assert_eq!(

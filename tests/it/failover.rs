@@ -55,7 +55,7 @@ async fn a_replica_promoted_behind_the_same_address_serves_nothing_deleted_after
     let replica = OwnRedis::replica_of(master.port).await;
     let proxy = RedisProxy::start(&master.url).await;
     let url = proxy.url.clone();
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let sibling = app.spawn_sibling().await;
     let ids = warm_users(&mut app, 10).await;
     app.outbox_drained().await;
@@ -120,7 +120,7 @@ async fn a_sentinel_failover_under_reads_and_writes_fails_no_read_and_leaves_not
     assert!(ready, "the sentinels know each other and the replica");
     let urls: Vec<String> = sentinels.iter().map(|sentinel| sentinel.url.clone()).collect();
     let mut app = spawn_app_with(|config| {
-        config.config.cache.redis_sentinel_urls = urls.iter().map(|url| url.parse().unwrap()).collect();
+        config.backends.cache.redis_sentinel_urls = urls.iter().map(|url| url.parse().unwrap()).collect();
     })
     .await;
     let ids = warm_users(&mut app, 20).await;
@@ -184,7 +184,7 @@ async fn a_sentinel_failover_under_reads_and_writes_fails_no_read_and_leaves_not
 async fn an_instance_started_after_redis_restarted_empty_starts_above_every_epoch_used() {
     let mut redis_server = OwnRedis::start().await;
     let url = redis_server.url.clone();
-    let first = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let first = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let bumped = first.admin().await.invalidate_all("user", false).await.unwrap();
     assert_eq!(bumped.epochs["user"], 1);
 

@@ -80,7 +80,7 @@ fn first_window_above(
 async fn redis_stopped_for_3_s_under_read_load_fails_no_read_and_hits_return_within_2_s() {
     let mut redis_server = OwnRedis::start().await;
     let url = redis_server.url.clone();
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let ids = warm_users(&mut app, 50).await;
 
     let load = Load::start(&app, &ids);
@@ -128,16 +128,16 @@ async fn a_black_holed_redis_costs_a_request_at_most_one_deadline_and_then_none(
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let mut app = spawn_app_with(|config| {
-        config.config.cache.redis_url = url.parse().unwrap();
-        config.config.cache.redis_timeout = DEADLINE;
+        config.backends.cache.redis_url = url.parse().unwrap();
+        config.backends.cache.redis_timeout = DEADLINE;
     })
     .await;
     // The same database and requests, read without Redis: what the breaker should come close to.
     let cache_off = app
-        .spawn_sibling_with(|config| config.config.cache.enabled = false)
+        .spawn_sibling_with(|config| config.backends.cache.enabled = false)
         .await;
     let ids = warm_users(&mut app, 50).await;
-    let failures = f64::from(app.config.config.cache.redis_breaker_failures);
+    let failures = f64::from(app.config.backends.cache.redis_breaker_failures);
 
     proxy.black_hole();
     let load = Load::start(&app, &ids);
@@ -201,10 +201,10 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let app = spawn_app_with(|config| {
-        config.config.cache.redis_url = url.parse().unwrap();
-        config.config.cache.redis_timeout = DEADLINE;
-        config.config.cache.redis_breaker_failures = 3;
-        config.config.cache.redis_breaker_cooldown = COOLDOWN;
+        config.backends.cache.redis_url = url.parse().unwrap();
+        config.backends.cache.redis_timeout = DEADLINE;
+        config.backends.cache.redis_breaker_failures = 3;
+        config.backends.cache.redis_breaker_cooldown = COOLDOWN;
     })
     .await;
     let user = app.create_user("cycle@example.com").await;
@@ -307,7 +307,7 @@ async fn the_breaker_opens_skips_probes_once_and_closes_when_redis_answers_again
 async fn an_update_made_while_the_breaker_is_open_is_invalidated_once_redis_returns() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let user = app.create_user("before@example.com").await;
     let key = app.keys.user(UserId::parse(&user.id).unwrap());
     assert!(
@@ -316,7 +316,7 @@ async fn an_update_made_while_the_breaker_is_open_is_invalidated_once_redis_retu
     );
 
     proxy.cut();
-    for _ in 0..app.config.config.cache.redis_breaker_failures {
+    for _ in 0..app.config.backends.cache.redis_breaker_failures {
         app.get_user(&user.id).await;
     }
     assert_eq!(app.metric(BREAKER_STATE).await, OPEN);
@@ -382,13 +382,13 @@ async fn a_fill_the_open_breaker_skips_gives_its_lease_back() {
     };
     let url = proxy.url.clone();
     let app = spawn_app_with_hooks(hooks, |config| {
-        config.config.cache.redis_url = url.parse().unwrap();
-        config.config.cache.lease = Duration::from_secs(10);
+        config.backends.cache.redis_url = url.parse().unwrap();
+        config.backends.cache.lease = Duration::from_secs(10);
     })
     .await;
     let direct = sandbox.redis_url.clone();
     let other = app
-        .spawn_sibling_with(|config| config.config.cache.redis_url = direct.parse().unwrap())
+        .spawn_sibling_with(|config| config.backends.cache.redis_url = direct.parse().unwrap())
         .await;
     // Five users too big to come through a slow link within the deadline
     // (about 7 KB each, compressed), cached by the other instance.

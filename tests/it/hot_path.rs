@@ -30,7 +30,7 @@ async fn command_calls(conn: &mut impl redis::aio::ConnectionLike) -> Vec<(Strin
 #[tokio::test]
 async fn a_warm_get_user_costs_exactly_one_redis_get() {
     let own = OwnRedis::start().await;
-    let app = spawn_app_with(|config| config.config.cache.redis_url = own.url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.backends.cache.redis_url = own.url.parse().unwrap()).await;
     let user = app.create_user("hot@example.com").await;
     app.get_user(&user.id).await; // miss, fill
     let mut conn = redis::Client::open(own.url.as_str())
@@ -174,8 +174,8 @@ async fn past_the_admission_limit_requests_wait_then_are_shed_but_health_answers
 async fn the_near_cache_serves_hot_reads_and_drops_entries_on_any_instances_write() {
     // A TTL far longer than the test: only invalidation events can drop entries.
     let near = |config: &mut readthrough::config::ServeConfig| {
-        config.config.cache.near_cache_enabled = true;
-        config.config.cache.near_cache_ttl = Duration::from_secs(600);
+        config.backends.cache.near_cache_enabled = true;
+        config.backends.cache.near_cache_ttl = Duration::from_secs(600);
     };
     let a = spawn_app_with(near).await;
     let b = a.spawn_sibling_with(near).await;
@@ -222,7 +222,7 @@ async fn seed_invalidates_what_it_inserts_itself_and_leaves_the_relay_nothing() 
         Code::NotFound
     );
 
-    let services = Services::connect(&app.config.config).await.unwrap();
+    let services = Services::connect(&app.config.backends).await.unwrap();
     // A real seed runs for longer than a read of the key epochs is trusted:
     // its invalidations count only because it keeps reading them.
     tokio::time::sleep(readthrough::cache::EPOCH_TRUST * 2).await;

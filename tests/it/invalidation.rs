@@ -15,7 +15,7 @@ use readthrough_testkit::{RedisProxy, Sandbox, eventually, redis, spawn_app, spa
 async fn a_write_that_could_not_invalidate_is_invalidated_once_redis_is_back() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let user = app.client.create_user("before@example.com", None).await.unwrap();
     let key = app.keys.user(UserId::parse(&user.id).unwrap());
     assert!(
@@ -93,12 +93,12 @@ async fn an_absent_id_inserted_by_hand_is_found_within_a_second() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_write_is_published_as_an_event_to_every_instance() {
     // Instances subscribe to events for their near caches.
-    let mut app = spawn_app_with(|config| config.config.cache.near_cache_enabled = true).await;
+    let mut app = spawn_app_with(|config| config.backends.cache.near_cache_enabled = true).await;
     let _sibling = app.spawn_sibling().await;
     let client = redis::Client::open(Sandbox::new().redis_url.as_str()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub
-        .subscribe(format!("{}:v1:events", app.config.config.cache.namespace))
+        .subscribe(format!("{}:v1:events", app.config.backends.cache.namespace))
         .await
         .unwrap();
 
@@ -164,7 +164,7 @@ async fn the_relay_publishes_one_event_per_entity_for_a_burst_of_changes() {
     let client = redis::Client::open(Sandbox::new().redis_url.as_str()).unwrap();
     let mut pubsub = client.get_async_pubsub().await.unwrap();
     pubsub
-        .subscribe(format!("{}:v1:events", app.config.config.cache.namespace))
+        .subscribe(format!("{}:v1:events", app.config.backends.cache.namespace))
         .await
         .unwrap();
 
@@ -228,7 +228,7 @@ async fn a_relay_batch_nobody_subscribes_to_deletes_its_keys_and_publishes_nothi
 async fn only_an_instance_with_a_near_cache_subscribes_to_events() {
     let mut app = spawn_app().await; // no near cache
     let with_near_cache = app
-        .spawn_sibling_with(|config| config.config.cache.near_cache_enabled = true)
+        .spawn_sibling_with(|config| config.backends.cache.near_cache_enabled = true)
         .await;
     let channel = app.keys.events();
     let user = app.create_user("heard@example.com").await;

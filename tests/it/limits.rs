@@ -55,9 +55,9 @@ async fn a_request_over_64_kib_is_refused_before_it_is_decoded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_past_its_timeout_is_unavailable_and_changes_nothing() {
-    let app = spawn_app_with(|config| config.config.database.statement_timeout = Duration::from_millis(200)).await;
+    let app = spawn_app_with(|config| config.backends.database.statement_timeout = Duration::from_millis(200)).await;
     let user = app.create_user("locked@example.com").await;
-    let mut holder = PgConnection::connect_with(&app.config.config.database.connect_options().unwrap())
+    let mut holder = PgConnection::connect_with(&app.config.backends.database.connect_options().unwrap())
         .await
         .unwrap();
     let mut lock = holder.begin().await.unwrap();
@@ -146,7 +146,7 @@ async fn database_errors_say_whether_to_fix_the_input_retry_or_wait() {
     ] {
         sqlx::query(statement).execute(&app.db).await.unwrap();
     }
-    let options = app.config.config.database.connect_options().unwrap();
+    let options = app.config.backends.database.connect_options().unwrap();
     let lock_in_order = |first: i32, second: i32| {
         let options = options.clone();
         async move {
@@ -205,9 +205,9 @@ async fn fallbacks_while_users_are_locked(redis_timeout: Duration, locked: Durat
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let app = spawn_app_with(|config| {
-        config.config.cache.redis_url = url.parse().unwrap();
-        config.config.cache.redis_timeout = redis_timeout;
-        config.config.cache.fallback_limit = 2;
+        config.backends.cache.redis_url = url.parse().unwrap();
+        config.backends.cache.redis_timeout = redis_timeout;
+        config.backends.cache.fallback_limit = 2;
     })
     .await;
     let mut ids = Vec::new();
@@ -217,7 +217,7 @@ async fn fallbacks_while_users_are_locked(redis_timeout: Duration, locked: Durat
     proxy.cut();
     // Reads of users block behind this lock until it is released: the first
     // two fallbacks stay busy while the others arrive.
-    let mut holder = PgConnection::connect_with(&app.config.config.database.connect_options().unwrap())
+    let mut holder = PgConnection::connect_with(&app.config.backends.database.connect_options().unwrap())
         .await
         .unwrap();
     let mut lock = holder.begin().await.unwrap();

@@ -229,8 +229,8 @@ async fn cached_list_len(app: &mut TestApp, category: &CategoryId) -> i64 {
 #[tokio::test]
 async fn a_huge_category_caches_its_head_then_the_chunks_deep_pages_need() {
     let mut app = spawn_app_with(|config| {
-        config.config.cache.list_cache_max_ids = 100;
-        config.config.cache.list_chunk_ids = 50;
+        config.backends.cache.list_cache_max_ids = 100;
+        config.backends.cache.list_chunk_ids = 50;
     })
     .await;
     let category = CategoryId::parse("bulk").unwrap();
@@ -268,8 +268,8 @@ async fn a_huge_category_caches_its_head_then_the_chunks_deep_pages_need() {
 #[tokio::test]
 async fn a_cold_deep_page_is_one_range_scan_never_an_offset() {
     let app = spawn_app_with(|config| {
-        config.config.cache.list_cache_max_ids = 100;
-        config.config.cache.list_chunk_ids = 50;
+        config.backends.cache.list_cache_max_ids = 100;
+        config.backends.cache.list_chunk_ids = 50;
     })
     .await;
     let expected = insert_products(&app, "deep", 1_000).await;
@@ -311,8 +311,8 @@ async fn a_cold_deep_page_is_one_range_scan_never_an_offset() {
 #[tokio::test]
 async fn page_tokens_walk_every_product_exactly_once() {
     let mut app = spawn_app_with(|config| {
-        config.config.cache.list_cache_max_ids = 100;
-        config.config.cache.list_chunk_ids = 20;
+        config.backends.cache.list_cache_max_ids = 100;
+        config.backends.cache.list_chunk_ids = 20;
     })
     .await;
     let expected = insert_products(&app, "walk", 230).await;

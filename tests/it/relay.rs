@@ -51,12 +51,12 @@ async fn a_relay_batch_that_misses_its_deadline_leaves_reads_and_the_breaker_alo
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
     let app = spawn_app_with(|config| {
-        config.config.cache.redis_url = url.parse().unwrap();
+        config.backends.cache.redis_url = url.parse().unwrap();
         // Carried out key by key, however long that takes.
-        config.config.cache.outbox_retire_after = Duration::from_secs(600);
+        config.backends.cache.outbox_retire_after = Duration::from_secs(600);
         // Reads' deadline with room for a parallel test run's scheduling
         // delays; still below the relay's (250 ms and up), which a batch misses.
-        config.config.cache.redis_timeout = Duration::from_millis(200);
+        config.backends.cache.redis_timeout = Duration::from_millis(200);
     })
     .await;
     let ids = users_in_bulk(&app, 1000, 50).await;
@@ -112,7 +112,7 @@ async fn a_relay_batch_that_misses_its_deadline_leaves_reads_and_the_breaker_alo
 async fn a_backlog_left_while_redis_was_unreachable_is_retired_with_a_new_key_epoch() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     let ids = users_in_bulk(&app, 12_000, 100).await;
     let epoch = app.keys.epochs_known().of(Kind::User);
 
@@ -155,7 +155,7 @@ async fn a_backlog_left_while_redis_was_unreachable_is_retired_with_a_new_key_ep
 async fn the_backlog_gauge_counts_every_waiting_row() {
     let proxy = RedisProxy::start(&Sandbox::new().redis_url).await;
     let url = proxy.url.clone();
-    let app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
     proxy.cut(); // nothing is relayed meanwhile
     sqlx::query(
         "INSERT INTO cache_outbox (entity, entity_id, event) \
@@ -283,7 +283,7 @@ async fn outbox_statements_first_run_on_an_empty_outbox_use_its_indexes_once_it_
 /// instance (so no relay) on it; a pool of `connections` to it.
 async fn outbox_only(connections: u32) -> (Sandbox, PgPool) {
     let sandbox = Sandbox::new();
-    let mut database = ServeConfig::from_env().config.database;
+    let mut database = ServeConfig::from_env().backends.database;
     database.name = Some(sandbox.database_name.clone());
     store::migrate(&database).await.unwrap();
     let pool = PgPoolOptions::new()

@@ -48,7 +48,7 @@ impl Topology {
         let database_url = self.database_url();
         spawn_app_with(|config| {
             use_database(config, &database_url);
-            config.config.replicas.read_urls = vec![read_url.parse().unwrap()];
+            config.backends.replicas.read_urls = vec![read_url.parse().unwrap()];
         })
         .await
     }
@@ -248,7 +248,7 @@ async fn a_writes_marker_covers_its_commit_even_when_the_log_is_written_out_late
     // Any read URL makes writes mark their keys; this one (the primary) is never read as a replica.
     let mut app = spawn_app_with(|config| {
         use_database(config, &database_url);
-        config.config.replicas.read_urls = vec![read_url.parse().unwrap()];
+        config.backends.replicas.read_urls = vec![read_url.parse().unwrap()];
     })
     .await;
     let user = app.create_user("marked@example.com").await;

@@ -156,7 +156,7 @@ async fn serve_runs_as_a_role_that_may_only_read_and_write_rows() {
     // The owner migrates, granting the service role its privileges.
     let migrated = spawn_app_with(|config| {
         use_database(config, &owner_url);
-        config.config.database.service_role = service_name;
+        config.backends.database.service_role = service_name;
     })
     .await;
     drop(migrated);

@@ -129,7 +129,7 @@ async fn health_turns_not_serving_only_when_neither_postgres_nor_the_cache_answe
     let (database_url, redis_url) = (postgres.url("readthrough"), redis.url.clone());
     let app = spawn_app_with(|config| {
         use_database(config, &database_url);
-        config.config.cache.redis_url = redis_url.parse().unwrap();
+        config.backends.cache.redis_url = redis_url.parse().unwrap();
     })
     .await;
     let channel = tonic::transport::Channel::from_shared(format!("http://127.0.0.1:{}", app.grpc_port))

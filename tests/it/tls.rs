@@ -322,7 +322,7 @@ async fn postgres_with_a_certificate_from_another_ca_fails_the_start() {
     let mut config = ServeConfig::from_env();
     config.server.grpc_addr = "127.0.0.1:0".parse().unwrap();
     config.server.metrics_addr = "127.0.0.1:0".parse().unwrap();
-    config.config.database.url = format!(
+    config.backends.database.url = format!(
         "{}?sslmode=verify-full&sslrootcert={}",
         postgres.url("readthrough"),
         other_ca.display()
@@ -373,7 +373,7 @@ async fn cache_works_through(app: &mut TestApp, redis: &mut (impl redis::aio::Co
     let exists: i64 = redis::cmd("EXISTS").arg(&key).query_async(redis).await.unwrap();
     assert_eq!(exists, 1, "{key} is cached in this Redis");
     let _sibling = app
-        .spawn_sibling_with(|config| config.config.cache.near_cache_enabled = true)
+        .spawn_sibling_with(|config| config.backends.cache.near_cache_enabled = true)
         .await;
     let events = app.keys.events();
     let subscribed = readthrough_testkit::eventually(Duration::from_secs(5), || {
@@ -414,8 +414,8 @@ async fn the_cache_works_through_redis_over_tls_with_a_private_ca() {
     .await;
     let url = format!("rediss://127.0.0.1:{port}");
     let mut app = spawn_app_with(|config| {
-        config.config.cache.redis_url = url.parse().unwrap();
-        config.config.cache.redis_tls_ca_file = Some(pki.ca.clone());
+        config.backends.cache.redis_url = url.parse().unwrap();
+        config.backends.cache.redis_tls_ca_file = Some(pki.ca.clone());
     })
     .await;
 
@@ -452,7 +452,7 @@ async fn the_cache_works_through_redis_as_an_acl_user() {
     )
     .await;
     let url = format!("redis://readthrough:s3cret@127.0.0.1:{port}");
-    let mut app = spawn_app_with(|config| config.config.cache.redis_url = url.parse().unwrap()).await;
+    let mut app = spawn_app_with(|config| config.backends.cache.redis_url = url.parse().unwrap()).await;
 
     let anonymous = redis::Client::open(format!("redis://127.0.0.1:{port}")).unwrap();
     let refused = async {
