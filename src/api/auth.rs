@@ -35,35 +35,8 @@ use sha2::{Digest, Sha256};
 use tonic::{Status, body::Body};
 use tower::{Layer, Service};
 
-use super::methods::{self, Access};
+use super::methods::{self, Access, Role};
 use crate::config::{AuthConfig, same_digest};
-
-/// A role a token grants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Read,
-    Write,
-    Admin,
-}
-
-impl Role {
-    fn parse(raw: &str) -> Option<Self> {
-        match raw {
-            "read" => Some(Self::Read),
-            "write" => Some(Self::Write),
-            "admin" => Some(Self::Admin),
-            _ => None,
-        }
-    }
-
-    fn bit(self) -> u8 {
-        match self {
-            Self::Read => 1,
-            Self::Write => 2,
-            Self::Admin => 4,
-        }
-    }
-}
 
 /// The roles one token grants. Roles do not imply each other: a token for a
 /// service that only reads should not be able to write, and an operator's

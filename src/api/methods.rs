@@ -8,8 +8,6 @@ use std::{collections::HashMap, sync::OnceLock};
 
 use prost::Message;
 
-use super::auth::Role;
-
 /// An RPC as the edge sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Method {
@@ -19,6 +17,33 @@ pub struct Method {
     pub name: &'static str,
     pub access: Access,
     pub cost: Cost,
+}
+
+/// A role a call may need, and a token grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Read,
+    Write,
+    Admin,
+}
+
+impl Role {
+    pub(super) fn parse(raw: &str) -> Option<Self> {
+        match raw {
+            "read" => Some(Self::Read),
+            "write" => Some(Self::Write),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
+    pub(super) fn bit(self) -> u8 {
+        match self {
+            Self::Read => 1,
+            Self::Write => 2,
+            Self::Admin => 4,
+        }
+    }
 }
 
 /// What a call needs.

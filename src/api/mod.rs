@@ -23,7 +23,8 @@ use tonic::{Response, Status};
 
 pub use admin::CacheAdminApi;
 pub use admission::AdmissionLayer;
-pub use auth::{AuthLayer, Authenticator, Role};
+pub use auth::{AuthLayer, Authenticator};
+pub use methods::Role;
 pub use page_token::PageTokens;
 pub use products::ProductApi;
 pub use rpc_metrics::{RpcMetricsLayer, code_name};
