@@ -21,9 +21,8 @@ COPY .cargo ./.cargo
 COPY client ./client
 COPY migrations ./migrations
 COPY src ./src
-# Cargo.toml declares a [[bench]] and the bench/ and testkit/ workspace
-# members, so their sources must exist for any build.
-COPY benches ./benches
+# Cargo.toml declares the bench/ and testkit/ workspace members, so their
+# sources must exist for any build.
 COPY bench ./bench
 COPY testkit ./testkit
 

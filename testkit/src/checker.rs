@@ -8,7 +8,7 @@
 //!   acknowledged before that read began (and nothing, after a delete).
 //!
 //! A small run is a test (`consistency.rs`); a larger one is the benchmark
-//! `cargo bench --bench cache_correctness`.
+//! `cargo run --release -p readthrough-bench --bin cache_correctness`.
 
 use std::{
     collections::HashMap,

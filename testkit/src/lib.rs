@@ -4,7 +4,8 @@
 //! Sentinel and Redis Cluster servers of a test's own (`own_redis`), a
 //! PostgreSQL of a test's own (`own_postgres`), a steady read load (`load`)
 //! and the consistency checker (`checker`). The integration tests
-//! (`tests/it`) and the correctness benchmark (`benches/`) use it.
+//! (`tests/it`) and the correctness benchmark (`bench/src/bin/cache_correctness.rs`)
+//! use it.
 
 mod app;
 pub mod checker;

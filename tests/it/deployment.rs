@@ -22,16 +22,8 @@ use yaml_serde::Value;
 const READ_OUTSIDE_CLAP: &[&str] = &["RUST_LOG"];
 
 /// What `cargo build` needs from the build context besides the workspace's
-/// members (read from `Cargo.toml`): the `[[bench]]` the manifest declares.
-const BUILD_INPUTS: &[&str] = &[
-    "Cargo.toml",
-    "Cargo.lock",
-    "build.rs",
-    "migrations",
-    "src",
-    "benches",
-    ".cargo",
-];
+/// members (read from `Cargo.toml`).
+const BUILD_INPUTS: &[&str] = &["Cargo.toml", "Cargo.lock", "build.rs", "migrations", "src", ".cargo"];
 
 /// The workspace's members, from `members = [...]` in `Cargo.toml`: cargo
 /// refuses to build if one is missing (`client` also holds the protos).

@@ -9,8 +9,8 @@
 //!    entries, read-rule violations.
 //!
 //! ```text
-//! cargo bench --bench cache_correctness
-//! CHECKER_SECONDS=60 CHECKER_CLIENTS=32 cargo bench --bench cache_correctness
+//! cargo run --release -p readthrough-bench --bin cache_correctness
+//! CHECKER_SECONDS=60 CHECKER_CLIENTS=32 cargo run --release -p readthrough-bench --bin cache_correctness
 //! ```
 
 use std::time::{Duration, Instant};
