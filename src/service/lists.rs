@@ -17,7 +17,7 @@ use sqlx::PgPool;
 
 use super::{
     ServiceError,
-    single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, Outcome, SingleFlight},
+    single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, SingleFlight},
 };
 use crate::{
     cache::{Cache, CachedMeta, Claim, Filled, Lease, ListRead, Waited},
@@ -62,11 +62,11 @@ pub struct Lists {
     pool: PgPool,
     cache: Arc<Cache>,
     /// Cold pages of one category share one head load.
-    heads: SingleFlight<CategoryId, Outcome<HeadLoad>>,
+    heads: SingleFlight<CategoryId, HeadLoad>,
     /// Keyed by category and generation: a result is valid for as long as its
     /// generation is cached, whenever it was read.
-    directories: SingleFlight<(CategoryId, u64), Outcome<Directory>>,
-    chunks: SingleFlight<(CategoryId, u64, u64), Outcome<Chunk>>,
+    directories: SingleFlight<(CategoryId, u64), Directory>,
+    chunks: SingleFlight<(CategoryId, u64, u64), Chunk>,
     /// How many ids one fill loads at most: the head, and the cap on a chunk.
     max_ids: u64,
     /// Ids per chunk past the head.
@@ -253,11 +253,11 @@ impl Lists {
     async fn load_head(&self, category: &CategoryId) -> Result<HeadLoad, ServiceError> {
         let arrived = Instant::now();
         for _ in 0..FLIGHT_ATTEMPTS {
-            let load = async { Fresh::shared(self.load_head_once(category).await) };
+            let load = async { self.load_head_once(category).await.ok() };
             match self.heads.run(category.clone(), arrived, load).await {
-                Joined::Got(Outcome::Loaded(head)) => return Ok(head),
+                Joined::Loaded(head) => return Ok(head),
                 // The shared load failed: load alone below, to report our own error.
-                Joined::Got(Outcome::Failed) => break,
+                Joined::Failed => break,
                 // The shared load predates this caller: its fill is usually
                 // there now; if not, the next flight serves this caller.
                 Joined::Missed => {
@@ -356,16 +356,16 @@ impl Lists {
                         .put_list_chunk(category, meta, chunk * meta.meta.chunk, ids)
                         .await;
                 }
-                Fresh {
-                    value: ids.map_or(Outcome::Failed, Outcome::Loaded),
+                ids.map(|ids| Fresh {
+                    value: ids,
                     as_of: Instant::now(),
-                }
+                })
             };
             let key = (category.clone(), meta.meta.generation, chunk);
             let ids = match self.chunks.run(key, Instant::now(), load).await {
-                Joined::Got(Outcome::Loaded(ids)) => ids,
+                Joined::Loaded(ids) => ids,
                 // Failed or cancelled: this caller reads the range itself.
-                Joined::Got(Outcome::Failed) | Joined::Missed => {
+                Joined::Failed | Joined::Missed => {
                     let rows =
                         products::list_range(&self.pool, category, RangeStart::At(name, *id), meta.meta.chunk).await?;
                     Arc::new(rows.into_iter().map(|(id, _)| id).collect())
@@ -390,15 +390,15 @@ impl Lists {
             if let Some(starts) = &starts {
                 self.cache.lists.put_list_directory(category, meta, starts).await;
             }
-            Fresh {
-                value: starts.map_or(Outcome::Failed, Outcome::Loaded),
+            starts.map(|starts| Fresh {
+                value: starts,
                 as_of: Instant::now(),
-            }
+            })
         };
         let key = (category.clone(), meta.meta.generation);
         match self.directories.run(key, Instant::now(), load).await {
-            Joined::Got(Outcome::Loaded(starts)) => Ok(starts),
-            Joined::Got(Outcome::Failed) | Joined::Missed => Ok(Arc::new(
+            Joined::Loaded(starts) => Ok(starts),
+            Joined::Failed | Joined::Missed => Ok(Arc::new(
                 products::list_directory(&self.pool, category, meta.meta.chunk).await?,
             )),
         }

@@ -14,7 +14,7 @@ use tracing::{Instrument, Span};
 
 use super::{
     ServiceError,
-    single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, Outcome, SingleFlight},
+    single_flight::{FLIGHT_ATTEMPTS, Fresh, Joined, SingleFlight},
 };
 use crate::{
     cache::{Cache, Cacheable, Cached, Claim, Fill, Filled, Lease, NewestWrite, Waited, near::NearCache},
@@ -44,7 +44,7 @@ impl Loadable for Product {
 pub struct ReadThrough<E: Loadable> {
     database: Arc<Database>,
     cache: Arc<Cache>,
-    flights: SingleFlight<E::Id, Outcome<Option<E>>>,
+    flights: SingleFlight<E::Id, Option<E>>,
     /// In front of Redis when configured (see `cache::near`).
     near: Option<NearCache<E::Id, Option<E>>>,
 }
@@ -217,11 +217,11 @@ impl<E: Loadable> ReadThrough<E> {
                 } else {
                     this.load_and_fill(&[id], &[]).await.map(single)
                 };
-                Fresh::shared(loaded.map_err(|error| *error_slot = Some(error)))
+                loaded.map_err(|error| *error_slot = Some(error)).ok()
             };
             match self.flights.run(id, arrived, load).await {
-                Joined::Got(Outcome::Loaded(value)) => return Ok(value),
-                Joined::Got(Outcome::Failed) => match own_error.take() {
+                Joined::Loaded(value) => return Ok(value),
+                Joined::Failed => match own_error.take() {
                     // Our own load failed: report it. Loading again would double
                     // what a failing database costs (a statement timeout, a pool
                     // that cannot connect) before the caller hears of it.

@@ -25,40 +25,23 @@ pub struct Fresh<V> {
     pub as_of: Instant,
 }
 
-/// A load's outcome as a flight shares it.
-#[derive(Debug, Clone)]
-pub enum Outcome<V> {
-    Loaded(V),
-    /// The load failed: each waiter then reads for itself, to report its own error.
-    Failed,
-}
-
-impl<V> Fresh<Outcome<V>> {
-    pub fn shared<E>(loaded: Result<Fresh<V>, E>) -> Self {
-        match loaded {
-            Ok(fresh) => Fresh {
-                value: Outcome::Loaded(fresh.value),
-                as_of: fresh.as_of,
-            },
-            Err(_) => Fresh {
-                value: Outcome::Failed,
-                as_of: Instant::now(),
-            },
-        }
-    }
-}
-
 /// What a caller of `SingleFlight::run` gets.
 #[derive(Debug, PartialEq)]
 pub enum Joined<V> {
-    /// The flight's result, current for this caller.
-    Got(V),
+    /// The flight's value, current for this caller.
+    Loaded(V),
+    /// The flight's load failed: each caller then reads for itself, to
+    /// report its own error.
+    Failed,
     /// The flight was cancelled, or its result predates this caller's arrival.
     Missed,
 }
 
+/// A flight's result as its waiters receive it: `None` when the load failed.
+type Shared<V> = Fresh<Option<V>>;
+
 pub struct SingleFlight<K, V> {
-    calls: Mutex<HashMap<K, broadcast::Sender<Fresh<V>>>>,
+    calls: Mutex<HashMap<K, broadcast::Sender<Shared<V>>>>,
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
@@ -68,13 +51,14 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         }
     }
 
-    /// Runs `work` unless a call for `key` is already running, in which case
-    /// its result is awaited and shared. `Missed` when that call was cancelled or
+    /// Runs `work` (`None`: the load failed) unless a call for `key` is
+    /// already running, in which case its result is awaited and shared.
+    /// `Missed` when that call was cancelled or
     /// its result is older than `joined`, when the caller arrived: the caller
     /// then looks again itself, or runs again with the same `joined`. A call
     /// running by then began after the caller arrived, so its result serves
     /// the caller: one burst of callers costs at most two executions.
-    pub async fn run(&self, key: K, joined: Instant, work: impl Future<Output = Fresh<V>>) -> Joined<V> {
+    pub async fn run(&self, key: K, joined: Instant, work: impl Future<Output = Option<Fresh<V>>>) -> Joined<V> {
         let waiting = {
             let mut calls = self.lock();
             match calls.get(&key) {
@@ -87,7 +71,7 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         };
         match waiting {
             Some(mut result) => match result.recv().await {
-                Ok(shared) if shared.as_of >= joined => Joined::Got(shared.value),
+                Ok(shared) if shared.as_of >= joined => shared.value.map_or(Joined::Failed, Joined::Loaded),
                 _ => Joined::Missed,
             },
             None => {
@@ -95,15 +79,24 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
                     flight: self,
                     key: Some(key),
                 };
-                let result = work.await;
-                let value = result.value.clone();
-                leader.finish(result);
-                Joined::Got(value)
+                let shared = match work.await {
+                    Some(fresh) => Fresh {
+                        value: Some(fresh.value),
+                        as_of: fresh.as_of,
+                    },
+                    None => Fresh {
+                        value: None,
+                        as_of: Instant::now(),
+                    },
+                };
+                let value = shared.value.clone();
+                leader.finish(shared);
+                value.map_or(Joined::Failed, Joined::Loaded)
             }
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<K, broadcast::Sender<Fresh<V>>>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<K, broadcast::Sender<Shared<V>>>> {
         self.calls.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
@@ -116,7 +109,7 @@ struct Leader<'a, K: Eq + Hash + Clone, V: Clone> {
 }
 
 impl<K: Eq + Hash + Clone, V: Clone> Leader<'_, K, V> {
-    fn finish(mut self, value: Fresh<V>) {
+    fn finish(mut self, value: Shared<V>) {
         if let Some(sender) = self.key.take().and_then(|key| self.flight.lock().remove(&key)) {
             let _ = sender.send(value);
         }
@@ -155,17 +148,17 @@ mod tests {
                         .run("key", Instant::now(), async {
                             let as_of = Instant::now();
                             tokio::time::sleep(Duration::from_millis(50)).await;
-                            Fresh {
+                            Some(Fresh {
                                 value: runs.fetch_add(1, Ordering::SeqCst) + 100,
                                 as_of: as_of + Duration::from_secs(1),
-                            }
+                            })
                         })
                         .await
                 })
             })
             .collect();
         for call in calls {
-            assert_eq!(call.await.unwrap(), Joined::Got(100));
+            assert_eq!(call.await.unwrap(), Joined::Loaded(100));
         }
         assert_eq!(runs.load(Ordering::SeqCst), 1);
         assert!(flight.lock().is_empty(), "finished calls are forgotten");
@@ -181,10 +174,10 @@ mod tests {
                     .run("key", Instant::now(), async {
                         let as_of = Instant::now();
                         tokio::time::sleep(Duration::from_millis(50)).await;
-                        Fresh {
+                        Some(Fresh {
                             value: "read before the follower came",
                             as_of,
-                        }
+                        })
                     })
                     .await
             })
@@ -192,14 +185,14 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(10)).await;
         let follower = flight
             .run("key", Instant::now(), async {
-                Fresh {
+                Some(Fresh {
                     value: "own read",
                     as_of: Instant::now(),
-                }
+                })
             })
             .await;
         assert_eq!(follower, Joined::Missed, "the follower must look again");
-        assert_eq!(leader.await.unwrap(), Joined::Got("read before the follower came"));
+        assert_eq!(leader.await.unwrap(), Joined::Loaded("read before the follower came"));
     }
 
     #[tokio::test]
@@ -209,7 +202,7 @@ mod tests {
             let flight = flight.clone();
             tokio::spawn(async move {
                 flight
-                    .run("key", Instant::now(), std::future::pending::<Fresh<&str>>())
+                    .run("key", Instant::now(), std::future::pending::<Option<Fresh<&str>>>())
                     .await
             })
         };
@@ -219,10 +212,10 @@ mod tests {
             tokio::spawn(async move {
                 flight
                     .run("key", Instant::now(), async {
-                        Fresh {
+                        Some(Fresh {
                             value: "own",
                             as_of: Instant::now(),
-                        }
+                        })
                     })
                     .await
             })
@@ -243,12 +236,12 @@ mod tests {
                     let started = Instant::now();
                     tokio::time::sleep(Duration::from_millis(30)).await;
                     // Known current only as of its start, like a load whose fill was refused.
-                    Fresh {
+                    Some(Fresh {
                         value: runs.fetch_add(1, Ordering::SeqCst),
                         as_of: started,
-                    }
+                    })
                 };
-                if let Joined::Got(value) = flight.run("key", joined, work).await {
+                if let Joined::Loaded(value) = flight.run("key", joined, work).await {
                     return value;
                 }
             }
@@ -263,5 +256,36 @@ mod tests {
             assert_eq!(caller.await.unwrap(), 1, "every late caller takes the second run");
         }
         assert_eq!(runs.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn a_failed_load_is_shared_as_failed() {
+        let flight = Arc::new(SingleFlight::<&str, &str>::new());
+        let leader = {
+            let flight = flight.clone();
+            tokio::spawn(async move {
+                flight
+                    .run("key", Instant::now(), async {
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        None
+                    })
+                    .await
+            })
+        };
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let waiter = flight
+            .run("key", Instant::now(), async {
+                Some(Fresh {
+                    value: "own",
+                    as_of: Instant::now(),
+                })
+            })
+            .await;
+        assert_eq!(
+            waiter,
+            Joined::Failed,
+            "the waiter reads for itself, to report its own error"
+        );
+        assert_eq!(leader.await.unwrap(), Joined::Failed);
     }
 }
