@@ -151,11 +151,6 @@ impl RedisClient {
         self.exec.timeout
     }
 
-    /// Whether this client talks to a Redis Cluster.
-    pub fn is_cluster(&self) -> bool {
-        self.topology.is_cluster()
-    }
-
     /// GET for one key, MGET for several (against a cluster, a GET per key
     /// in one pipeline per slot); `None` when Redis could not answer.
     pub async fn get_many(&self, keys: &[String]) -> Option<Vec<Option<Vec<u8>>>> {
